@@ -1,0 +1,3 @@
+"""llmtap: see, secure and account for every LLM API call on this machine."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,147 @@
+"""llmtap's certificate authority, name-constrained to the target hosts, and the upstream bundle.
+
+The CA may only vouch for the targets (X.509 permitted DNS subtrees) and never for an IP address
+(excluded 0.0.0.0/0 and ::/0), so even a stolen key cannot impersonate any other site. mitmproxy
+reads it from its confdir as `mitmproxy-ca.pem` (key and certificate together).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import ssl
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+from llmtap.errors import RuntimeFailure
+
+MITM_BASENAME = "mitmproxy"
+KEY_AND_CERT = f"{MITM_BASENAME}-ca.pem"  # what mitmproxy loads: private key + certificate
+PUBLIC_CERT = "llmtap-ca.pem"  # what users and trust stores get: the certificate alone
+CA_VALIDITY = datetime.timedelta(days=3650)
+
+# Where the OS keeps its roots, per distribution (the first that exists wins).
+SYSTEM_ROOT_BUNDLES = (
+    "/etc/ssl/certs/ca-certificates.crt",  # Debian, Ubuntu, Arch, Alpine
+    "/etc/pki/tls/certs/ca-bundle.crt",  # Fedora, RHEL
+    "/etc/ssl/ca-bundle.pem",  # openSUSE
+    "/etc/ssl/cert.pem",  # macOS, BSDs
+)
+
+
+def public_cert_path(ca_dir: Path) -> Path:
+    return ca_dir / PUBLIC_CERT
+
+
+def create_ca(hosts: tuple[str, ...], common_name: str = "llmtap local CA") -> tuple[bytes, bytes]:
+    """A new CA: (PEM private key, PEM certificate)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "llmtap"),
+        ]
+    )
+    now = datetime.datetime.now(datetime.UTC)
+    constraints = x509.NameConstraints(
+        permitted_subtrees=[x509.DNSName(h) for h in hosts],
+        excluded_subtrees=[
+            x509.IPAddress(ipaddress.ip_network("0.0.0.0/0")),
+            x509.IPAddress(ipaddress.ip_network("::/0")),
+        ],
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + CA_VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(constraints, critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    return key_pem, cert.public_bytes(serialization.Encoding.PEM)
+
+
+def ensure_ca(ca_dir: Path, hosts: tuple[str, ...], uid: int, gid: int) -> Path:
+    """Creates the CA once; the key is readable by the service user only. Returns the cert path."""
+    ca_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chown(ca_dir, uid, gid)
+    os.chmod(ca_dir, 0o700)
+    key_file = ca_dir / KEY_AND_CERT
+    cert_file = public_cert_path(ca_dir)
+    if not key_file.exists():
+        key_pem, cert_pem = create_ca(hosts)
+        _write(key_file, key_pem + cert_pem, 0o600, uid, gid)
+        _write(cert_file, cert_pem, 0o644, uid, gid)
+    return cert_file
+
+
+def uncovered_hosts(cert_file: Path, hosts: tuple[str, ...]) -> list[str]:
+    """Targets the existing CA may not vouch for (added after it was made): `llmtap ca rotate`."""
+    cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    try:
+        constraints = cert.extensions.get_extension_for_class(x509.NameConstraints).value
+    except x509.ExtensionNotFound:
+        return []
+    permitted = [str(n.value) for n in constraints.permitted_subtrees or [] if isinstance(n, x509.DNSName)]
+    return [h for h in hosts if not any(h == p or h.endswith("." + p) for p in permitted)]
+
+
+def system_roots() -> bytes:
+    """The OS's trusted roots as PEM (certifi's bundle when the OS has none)."""
+    candidates = [*SYSTEM_ROOT_BUNDLES, ssl.get_default_verify_paths().cafile or ""]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file():
+            return Path(candidate).read_bytes()
+    import certifi  # mitmproxy depends on it
+
+    return Path(certifi.where()).read_bytes()
+
+
+def write_upstream_bundle(dest: Path, extra_ca: str, uid: int, gid: int) -> Path:
+    """System roots plus `upstream.extra_ca`, in a file the unprivileged worker can read."""
+    bundle = system_roots()
+    if extra_ca:
+        try:
+            extra = Path(extra_ca).read_bytes()
+        except OSError as exc:
+            raise RuntimeFailure(f"cannot read upstream.extra_ca {extra_ca}: {exc.strerror}") from None
+        bundle = bundle.rstrip(b"\n") + b"\n" + extra
+    _write(dest, bundle, 0o644, uid, gid)
+    return dest
+
+
+def _write(path: Path, data: bytes, mode: int, uid: int, gid: int) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as out:
+        os.fchown(out.fileno(), uid, gid)
+        os.fchmod(out.fileno(), mode)
+        out.write(data)
+    os.replace(tmp, path)

@@ -1,0 +1,72 @@
+"""The service user and the privilege drop of the proxy worker."""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+from llmtap.errors import RuntimeFailure, UsageError
+
+
+@dataclass(frozen=True)
+class ServiceUser:
+    name: str
+    uid: int
+    gid: int
+
+
+def require_root(action: str) -> None:
+    if os.geteuid() != 0:
+        raise UsageError(f"{action} needs root: run it with sudo")
+
+
+def ensure_service_user(name: str) -> ServiceUser:
+    """The system user and group `name`, created if missing (no home, no login shell)."""
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        _create_system_user(name)
+        entry = pwd.getpwnam(name)
+    return ServiceUser(name, entry.pw_uid, entry.pw_gid)
+
+
+def _create_system_user(name: str) -> None:
+    useradd = shutil.which("useradd")
+    if not useradd:
+        raise RuntimeFailure(f"user {name!r} does not exist and useradd is missing: create it by hand")
+    command = [useradd, "--system", "--no-create-home", "--home-dir", "/nonexistent",
+               "--shell", "/usr/sbin/nologin"]
+    try:
+        grp.getgrnam(name)
+        command += ["--gid", name]
+    except KeyError:
+        command += ["--user-group"]
+    result = subprocess.run([*command, name], capture_output=True, text=True)
+    if result.returncode != 0:
+        reason = (result.stderr.strip().splitlines() or ["unknown error"])[-1]
+        raise RuntimeFailure(f"cannot create system user {name!r}: {reason}")
+
+
+def drop_privileges(user: ServiceUser) -> None:
+    """Becomes `user` for good: no supplementary groups, no way back to root."""
+    os.setgroups([])
+    os.setgid(user.gid)
+    os.setuid(user.uid)
+    if os.geteuid() == 0 or os.getegid() == 0:
+        raise RuntimeFailure("privilege drop failed: still root")
+
+
+def is_member(uid: int, group: str) -> bool:
+    """Whether the user with `uid` is root or in `group` (primary or supplementary)."""
+    if uid == 0:
+        return True
+    try:
+        group_entry = grp.getgrnam(group)
+        user_entry = pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return user_entry.pw_gid == group_entry.gr_gid or user_entry.pw_name in group_entry.gr_mem

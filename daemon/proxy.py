@@ -1,0 +1,81 @@
+"""Embeds mitmproxy: transparent listeners on loopback, our TLS policy, and the pipeline."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from llmtap import addons
+from llmtap.addons.scope import allow_patterns
+from mitmproxy import certs, master, options
+from mitmproxy.addons import core, disable_h2c, errorcheck, next_layer, proxyserver, tlsconfig
+from mitmproxy.proxy import context
+
+LOOPBACK_HOSTS = ("127.0.0.1", "::1")
+# Bodies larger than this are streamed through instead of held in memory.
+STREAM_LARGE_BODIES = "4m"
+
+
+class NameOnlyTlsConfig(tlsconfig.TlsConfig):
+    """Forged leaves carry the client's SNI and nothing else.
+
+    mitmproxy also adds the destination IP address; a CA name-constrained to the targets (with
+    every IP excluded) makes clients reject such a leaf with "permitted subtree violation".
+    """
+
+    def get_cert(self, conn_context: context.Context) -> certs.CertStoreEntry:
+        sni = conn_context.client.sni
+        if not sni:  # never intercepted (scope passes SNI-less connections through); be safe
+            return super().get_cert(conn_context)
+        return self.certstore.get_cert(sni, [x509.DNSName(sni)])
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    proxy_port: int
+    confdir: Path  # the CA lives here as mitmproxy-ca.pem
+    upstream_ca_bundle: Path  # system roots + upstream.extra_ca
+    targets: tuple[str, ...]
+    records_dir: Path | None
+    listen_hosts: tuple[str, ...] = LOOPBACK_HOSTS
+
+
+def transparent_modes(port: int, hosts: Iterable[str]) -> list[str]:
+    return [f"transparent@{host}:{port}" for host in hosts]
+
+
+def build_master(settings: ProxySettings, with_pipeline: bool = True) -> master.Master:
+    """A mitmproxy Master with only the addons llmtap needs. Call inside a running event loop.
+
+    Without the pipeline it is the "bare mitmproxy" of the benchmarks: same listeners and TLS.
+    """
+    opts = options.Options()
+    proxy = master.Master(opts, with_termlog=False)
+    proxy.addons.add(
+        core.Core(),
+        proxyserver.Proxyserver(),
+        next_layer.NextLayer(),
+        NameOnlyTlsConfig(),
+        disable_h2c.DisableH2C(),
+        errorcheck.ErrorCheck(repeat_errors_on_stderr=True),
+    )
+    if with_pipeline:
+        proxy.addons.add(*addons.pipeline())
+    opts.update(
+        mode=transparent_modes(settings.proxy_port, settings.listen_hosts),
+        confdir=str(settings.confdir),
+        upstream_cert=False,
+        ssl_insecure=False,
+        ssl_verify_upstream_trusted_ca=str(settings.upstream_ca_bundle),
+        stream_large_bodies=STREAM_LARGE_BODIES,
+    )
+    if with_pipeline:
+        opts.update(
+            llmtap_targets=list(settings.targets),
+            llmtap_records_dir=str(settings.records_dir or ""),
+        )
+    else:
+        opts.update(allow_hosts=allow_patterns(settings.targets))
+    return proxy

@@ -1,0 +1,278 @@
+"""The root supervisor: cleanup leftovers -> start worker -> install redirect -> watch -> remove.
+
+The worker starts before the redirect goes in, so no connection is ever sent to a port nobody
+listens on. The supervisor is the only root process; it owns the rules, and it makes sure they
+are gone whatever way it ends (see the RedirectBackend notes on `dies_with_owner`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+from types import FrameType
+from typing import Any
+
+from llmtap import ca, control, redirect
+from llmtap.config import Config
+from llmtap.errors import RuntimeFailure, UsageError
+from llmtap.platform.base import RedirectBackend, RedirectPlan, TargetAddresses
+from llmtap.privileges import ServiceUser, ensure_service_user, require_root
+from llmtap.proxy import LOOPBACK_HOSTS, ProxySettings
+from llmtap.targets import TargetResolver
+from llmtap.worker import WorkerHandle, start_worker
+
+log = logging.getLogger("llmtap")
+
+READY_TIMEOUT_S = 60.0
+WATCH_INTERVAL_S = 0.2
+
+
+def listen_hosts(port: int) -> tuple[str, ...]:
+    """The loopback addresses to listen on; refuses (exit 2) when the port is taken."""
+    hosts = []
+    for host in LOOPBACK_HOSTS:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise UsageError(
+                        f"port {port} on {host} is already in use: stop what uses it or set "
+                        "redirect.proxy_port"
+                    ) from None
+                if family == socket.AF_INET6:  # no IPv6 on this machine: IPv4 only
+                    continue
+                raise RuntimeFailure(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        hosts.append(host)
+    return tuple(hosts)
+
+
+def prepare_dirs(config: Config, user: ServiceUser) -> None:
+    for directory, mode in ((config.state_dir, 0o700), (config.records_dir, 0o750)):
+        directory.mkdir(parents=True, exist_ok=True)
+        os.chown(directory, user.uid, user.gid)
+        os.chmod(directory, mode)
+    config.run_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+
+
+def start_guardian(backend: type[RedirectBackend]) -> int:
+    """For rules the kernel does not remove by itself: a child that outlives the supervisor and
+    removes them if the supervisor dies without saying goodbye. Returns the pipe to write to."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setpgid(0, 0)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            os.closerange(3, read_fd)
+            os.closerange(read_fd + 1, 1024)
+            message = b""
+            while chunk := os.read(read_fd, 64):
+                message += chunk
+            if message != b"done":
+                backend.cleanup_leftovers()
+        finally:
+            os._exit(0)
+    os.close(read_fd)
+    return write_fd
+
+
+class Supervisor:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.stop = threading.Event()
+        self.started_at = datetime.datetime.now(datetime.UTC)
+        self.counters: dict[str, Any] = {}
+        self.listening: list[str] = []
+        self.worker_pid = 0
+        self.backend: RedirectBackend | None = None
+        self.resolver = TargetResolver(
+            config.targets.all_hosts,
+            grace_s=config.redirect.dns_grace_s,
+            refresh_max_s=config.redirect.dns_refresh_max_s,
+        )
+        self.addresses = TargetAddresses()
+        self.exit_reason = ""
+
+    def run(self) -> int:
+        config = self.config
+        require_root("llmtap run")
+        backend_cls = redirect.choose_backend(config.redirect.backend)
+        hosts = listen_hosts(config.redirect.proxy_port)
+        user = ensure_service_user(config.service_user)
+        prepare_dirs(config, user)
+        if removed := redirect.cleanup_all():
+            log.info("removed llmtap rules left by an earlier run (%s)", ", ".join(removed))
+        cert = ca.ensure_ca(config.ca_dir, config.targets.all_hosts, user.uid, user.gid)
+        if missing := ca.uncovered_hosts(cert, config.targets.all_hosts):
+            log.warning("the CA does not cover %s: run `llmtap ca rotate`", ", ".join(missing))
+        bundle = ca.write_upstream_bundle(
+            config.run_dir / "upstream-ca.pem", config.upstream.extra_ca, user.uid, user.gid
+        )
+        self.addresses, next_refresh = self.resolver.refresh()
+        settings = ProxySettings(
+            proxy_port=config.redirect.proxy_port,
+            confdir=config.ca_dir,
+            upstream_ca_bundle=bundle,
+            targets=config.targets.all_hosts,
+            records_dir=config.records_dir,
+            listen_hosts=hosts,
+        )
+        worker = start_worker(settings, user)
+        guardian_fd = -1
+        control_server = None
+        try:
+            self._wait_ready(worker)
+            if not backend_cls.dies_with_owner:
+                guardian_fd = start_guardian(backend_cls)
+            self._install_signal_handlers()
+            self.backend = backend_cls(self._plan(user))
+            self.backend.install(self.addresses)
+            threading.Thread(target=self._read_reports, args=(worker,), daemon=True).start()
+            threading.Thread(target=self._refresh, args=(next_refresh,), daemon=True).start()
+            control_server = control.ControlServer(
+                config.control_socket, config.service_user, user.gid, self._handle
+            )
+            self._write_pidfile()
+            log.info(
+                "intercepting with %s (scope %s, %d target addresses); proxy on %s",
+                backend_cls.name, config.redirect.scope, len(self.addresses),
+                ", ".join(self.listening),
+            )
+            return self._watch(worker)
+        finally:
+            if self.backend is not None:
+                self.backend.remove()
+            if guardian_fd >= 0:
+                os.write(guardian_fd, b"done")
+                os.close(guardian_fd)
+            worker.stop()
+            if control_server is not None:
+                control_server.close()
+            with contextlib.suppress(FileNotFoundError):
+                (config.run_dir / "llmtap.pid").unlink()
+
+    def _plan(self, user: ServiceUser) -> RedirectPlan:
+        r = self.config.redirect
+        return RedirectPlan(
+            proxy_port=r.proxy_port,
+            service_uid=user.uid,
+            ports=r.ports,
+            scope=r.scope,
+            block_quic=r.block_quic,
+        )
+
+    def _wait_ready(self, worker: WorkerHandle) -> None:
+        readable, _, _ = select.select([worker.events], [], [], READY_TIMEOUT_S)
+        event = worker.next_event() if readable else None
+        if not event or event.get("event") != "ready":
+            raise RuntimeFailure("the proxy worker did not start (its reason is printed above)")
+        self.listening = list(event.get("listening", []))
+        self.worker_pid = worker.pid
+
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum: int, _frame: FrameType | None) -> None:
+            self.exit_reason = signal.Signals(signum).name
+            self.stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, request_stop)
+
+    def _watch(self, worker: WorkerHandle) -> int:
+        assert self.backend is not None
+        while not self.stop.wait(WATCH_INTERVAL_S):
+            status = worker.exited()
+            if status is not None:
+                log.error("the proxy worker exited (%s); redirect removed", _describe(status))
+                return 1
+            if not self.backend.alive():
+                log.error("the redirect rules were lost (the %s helper exited)", self.backend.name)
+                return 1
+        log.info("stopping (%s); removing the redirect", self.exit_reason or "requested")
+        return 0
+
+    def _read_reports(self, worker: WorkerHandle) -> None:
+        while (event := worker.next_event()) is not None:
+            if event.get("event") == "counters":
+                self.counters = event.get("counters", {})
+
+    def _refresh(self, first_in: float) -> None:
+        wait = first_in
+        while not self.stop.wait(wait):
+            try:
+                addresses, wait = self.resolver.refresh()
+                if addresses != self.addresses and self.backend is not None:
+                    self.backend.update_targets(addresses)
+                self.addresses = addresses
+            except Exception as exc:  # keep refreshing; the old set stays in force
+                log.warning("target refresh failed: %s", exc)
+                wait = 30.0
+
+    def _write_pidfile(self) -> None:
+        (self.config.run_dir / "llmtap.pid").write_text(f"{os.getpid()}\n")
+
+    def _handle(self, message: dict[str, Any]) -> dict[str, Any]:
+        if message.get("cmd") == "status":
+            return self.status()
+        return {"error": f"unknown command {message.get('cmd')!r}"}
+
+    def status(self) -> dict[str, Any]:
+        r = self.config.redirect
+        return {
+            "running": True,
+            "pid": os.getpid(),
+            "worker_pid": self.worker_pid,
+            "started_at": self.started_at.isoformat(timespec="seconds").replace("+00:00", "Z"),
+            "backend": self.backend.name if self.backend else None,
+            "scope": r.scope,
+            "ports": list(r.ports),
+            "proxy_port": r.proxy_port,
+            "listening": self.listening,
+            "rules_present": bool(self.backend and self.backend.alive()),
+            "block_quic": r.block_quic,
+            "targets": self.resolver.by_host,
+            "addresses": {"v4": sorted(self.addresses.v4), "v6": sorted(self.addresses.v6)},
+            "counters": self.counters,
+            "ca_cert": str(ca.public_cert_path(self.config.ca_dir)),
+            "records_dir": str(self.config.records_dir),
+        }
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit code {os.waitstatus_to_exitcode(status)}"
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="llmtap: %(message)s", stream=sys.stderr)
+
+
+def run(config: Config) -> int:
+    configure_logging()
+    return Supervisor(config).run()
+
+
+def offline_status(config: Config) -> dict[str, Any]:
+    """What `status` can tell without a daemon: which rules (leftovers) are on the machine."""
+    present = redirect.rules_present()
+    return {
+        "running": False,
+        "rules_present": any(present.values()),
+        "rules_by_backend": present,
+        "ca_cert": str(ca.public_cert_path(config.ca_dir)),
+        "records_dir": str(config.records_dir),
+        "control_socket": str(config.control_socket),
+    }
+

@@ -1,0 +1,178 @@
+"""The proxy worker: a child forked by the root supervisor that drops to the service user.
+
+It is forked rather than executed because the interpreter may live where the service user cannot
+read (pyenv under /root): everything it needs is imported before the fork, and the few modules
+Python or mitmproxy import lazily are imported here up front. The worker reports to the
+supervisor with JSON lines on a pipe: one "ready" when its listeners are up, then counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import IO, Any
+
+from llmtap.errors import LlmtapError
+from llmtap.platform.linux.proc import parent_death_signal
+from llmtap.privileges import ServiceUser, drop_privileges
+from llmtap.proxy import ProxySettings, build_master
+from mitmproxy import ctx
+
+log = logging.getLogger("llmtap.worker")
+
+REPORT_INTERVAL_S = 1.0
+# Imported lazily by Python or mitmproxy on first use, which would fail after the drop when the
+# interpreter's directory is unreadable to the service user.
+LAZY_IMPORTS = (
+    "encodings.idna",
+    "encodings.latin_1",
+    "encodings.ascii",
+    "encodings.utf_8_sig",
+    "mitmproxy.net.encoding",
+    "mitmproxy.proxy.layers.http",
+    "mitmproxy.proxy.layers.tls",
+    "mitmproxy.proxy.layers.tcp",
+    "mitmproxy.proxy.layers.websocket",
+    "mitmproxy.proxy.layers.quic",
+    "mitmproxy.addons.dns_resolver",
+    "mitmproxy.utils.asyncio_utils",
+    "brotli",
+    "zstandard",
+    "gzip",
+    "zlib",
+    "h2.connection",
+    "h11",
+    "wsproto",
+    "OpenSSL.SSL",
+    "cryptography.hazmat.primitives.asymmetric.rsa",
+    "asyncio.unix_events",
+)
+
+
+def preload() -> None:
+    for name in LAZY_IMPORTS:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    "x".encode("idna")  # registers the codec in the codec cache
+
+
+@dataclass
+class WorkerHandle:
+    pid: int
+    events: IO[str]
+
+    def next_event(self) -> dict[str, Any] | None:
+        """The next report from the worker, or None when its pipe is closed (it exited)."""
+        line = self.events.readline()
+        if not line:
+            return None
+        try:
+            event: dict[str, Any] = json.loads(line)
+        except ValueError:
+            return {"event": "garbled"}
+        return event
+
+    def exited(self) -> int | None:
+        """The exit status if the worker has exited (reaped), else None."""
+        pid, status = os.waitpid(self.pid, os.WNOHANG)
+        if pid == 0:
+            return None
+        self.pid = -1
+        return status
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.pid <= 0:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.exited() is not None:
+                return
+            time.sleep(0.05)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
+        self.pid = -1
+
+
+def start_worker(settings: ProxySettings, user: ServiceUser) -> WorkerHandle:
+    """Forks the worker. Call before the supervisor starts any thread."""
+    preload()
+    read_fd, write_fd = os.pipe()
+    supervisor = os.getpid()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the worker
+        os.close(read_fd)
+        code = 1
+        try:
+            os.setpgid(0, 0)  # terminal signals go to the supervisor, which stops us in order
+            drop_privileges(user)
+            parent_death_signal(supervisor)  # after the drop: a credential change clears it
+            with os.fdopen(write_fd, "w", buffering=1) as report:
+                code = asyncio.run(serve(settings, report))
+        except SystemExit as exc:  # mitmproxy's startup error check has printed the reason
+            code = exc.code if isinstance(exc.code, int) else 1
+        except LlmtapError as exc:
+            print(f"llmtap: proxy worker: {exc}", file=sys.stderr)
+        except BaseException as exc:  # never a traceback: one line, then exit
+            print(f"llmtap: proxy worker failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(write_fd)
+    return WorkerHandle(pid, os.fdopen(read_fd, "r"))
+
+
+class Reporter:
+    """Worker-only addon: tells the supervisor when listeners are up, then sends counters."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self.out = out
+        self._task: asyncio.Task[None] | None = None
+
+    def _send(self, event: dict[str, Any]) -> None:
+        with contextlib.suppress(BrokenPipeError, ValueError):
+            self.out.write(json.dumps(event) + "\n")
+
+    async def running(self) -> None:
+        server = ctx.master.addons.get("proxyserver")
+        listening = [f"{h}:{p}" for h, p, *_ in server.listen_addrs()]
+        self._send({"event": "ready", "listening": listening, "pid": os.getpid()})
+        self._task = asyncio.create_task(self._report_forever())
+
+    async def _report_forever(self) -> None:
+        live = ctx.master.addons.get("live")
+        recorder = ctx.master.addons.get("recorder")
+        while True:
+            counters = live.snapshot() if live else {}
+            if recorder and recorder.writer:
+                counters["records_written"] = recorder.writer.written
+                counters["records_dropped"] = recorder.writer.dropped
+            self._send({"event": "counters", "counters": counters})
+            await asyncio.sleep(REPORT_INTERVAL_S)
+
+    def done(self) -> None:
+        if self._task:
+            self._task.cancel()
+
+
+async def serve(settings: ProxySettings, report: IO[str]) -> int:
+    logging.basicConfig(level=logging.WARNING, format="llmtap worker: %(message)s", force=True)
+    proxy = build_master(settings)
+    proxy.addons.add(Reporter(report))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, proxy.shutdown)
+    await proxy.run()
+    return 0

@@ -1,0 +1,206 @@
+"""nftables redirect: one table `inet llmtap` with `flags owner`, held by a long-lived `nft -i`.
+
+The table is owned by the netlink socket of the `nft -i` child, which reads its commands from our
+pipe. When the supervisor dies, even by SIGKILL, the pipe closes, `nft` exits (it also gets
+SIGTERM through PR_SET_PDEATHSIG) and the kernel deletes the table: no rule outlives the daemon.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+
+from llmtap.platform.base import RedirectBackend, RedirectPlan, TargetAddresses
+from llmtap.platform.linux.proc import parent_death_signal
+
+TABLE = "llmtap"
+FAMILY = "inet"
+
+
+class NftError(RuntimeError):
+    """nft refused a command; the message is nft's own first error line."""
+
+
+def render_ruleset(plan: RedirectPlan) -> str:
+    """The whole table, applied in one batch (so it exists completely or not at all)."""
+    ports = ", ".join(str(p) for p in plan.ports)
+    if plan.scope == "all":
+        redirect = [f"meta l4proto tcp th dport {{ {ports} }} redirect to :{plan.proxy_port}"]
+    else:
+        redirect = [
+            f"ip daddr @targets4 tcp dport {{ {ports} }} redirect to :{plan.proxy_port}",
+            f"ip6 daddr @targets6 tcp dport {{ {ports} }} redirect to :{plan.proxy_port}",
+        ]
+    lines = [
+        f"table {FAMILY} {TABLE} {{",
+        "\tflags owner",
+        "\tset targets4 { type ipv4_addr; }",
+        "\tset targets6 { type ipv6_addr; }",
+        "\tchain redirect_output {",
+        "\t\ttype nat hook output priority -100; policy accept;",
+        f"\t\tmeta skuid {plan.service_uid} return",
+        "\t\tfib daddr type local return",
+        *(f"\t\t{rule}" for rule in redirect),
+        "\t}",
+    ]
+    if plan.block_quic:
+        lines += [
+            "\tchain block_quic {",
+            "\t\ttype filter hook output priority filter; policy accept;",
+            f"\t\tmeta skuid {plan.service_uid} return",
+            "\t\tip daddr @targets4 udp dport 443 reject",
+            "\t\tip6 daddr @targets6 udp dport 443 reject",
+            "\t}",
+        ]
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def render_set_update(old: TargetAddresses, new: TargetAddresses) -> str:
+    """Commands turning the sets from `old` into `new` (deleting only what is there)."""
+    commands = []
+    for set_name, before, after in (("targets4", old.v4, new.v4), ("targets6", old.v6, new.v6)):
+        if gone := sorted(before - after):
+            commands.append(f"delete element {FAMILY} {TABLE} {set_name} {{ {', '.join(gone)} }}")
+        if added := sorted(after - before):
+            commands.append(f"add element {FAMILY} {TABLE} {set_name} {{ {', '.join(added)} }}")
+    return "; ".join(commands)
+
+
+class NftSession:
+    """A long-lived `nft -i`: the owner of our table. Commands are synchronous.
+
+    After each command we send one that is sure to fail (listing a table that does not exist) and
+    read stderr up to its echo: any error printed before it belongs to our command.
+    """
+
+    def __init__(self) -> None:
+        self._proc = subprocess.Popen(
+            ["nft", "-i"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+            preexec_fn=functools.partial(parent_death_signal, os.getpid()),
+        )
+        self._lock = threading.Lock()
+        self._sync = itertools.count(1)
+
+    def run(self, command: str) -> None:
+        marker = f"{TABLE}_sync_{next(self._sync)}"
+        assert self._proc.stdin and self._proc.stderr
+        with self._lock:
+            try:
+                self._proc.stdin.write(f"{command}\nlist table {FAMILY} {marker}\n")
+                self._proc.stdin.flush()
+            except BrokenPipeError:
+                raise NftError("the nft helper process has exited") from None
+            errors: list[str] = []
+            while True:
+                line = self._proc.stderr.readline()
+                if not line:
+                    raise NftError("the nft helper process has exited")
+                if marker in line:
+                    self._proc.stderr.readline()  # the caret line under the echo
+                    break
+                if "Error:" in line:
+                    errors.append(line.strip())
+            # The sentinel's own "No such file or directory" is the last error: drop it.
+            errors = errors[:-1]
+        if errors:
+            raise NftError(errors[0])
+
+    def alive(self) -> bool:
+        return self._proc.poll() is None
+
+    def close(self) -> None:
+        """Closing stdin ends nft, and with it the table."""
+        if self._proc.stdin:
+            with contextlib.suppress(BrokenPipeError):
+                self._proc.stdin.close()
+        try:
+            self._proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+
+
+class NftBackend(RedirectBackend):
+    name = "nft"
+    dies_with_owner = True
+
+    def __init__(self, plan: RedirectPlan) -> None:
+        super().__init__(plan)
+        self._session: NftSession | None = None
+        self._addresses = TargetAddresses()
+
+    @classmethod
+    def available(cls) -> bool:
+        if not shutil.which("nft"):
+            return False
+        probe = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True)
+        return probe.returncode == 0
+
+    def install(self, addresses: TargetAddresses) -> None:
+        session = NftSession()
+        try:
+            # `include` lets the whole table go in as one multi-line batch through the owner socket.
+            with tempfile.NamedTemporaryFile("w", suffix=".nft", prefix="llmtap-") as rules:
+                rules.write(render_ruleset(self.plan))
+                rules.flush()
+                session.run(f'include "{rules.name}"')
+            if len(addresses):
+                session.run(render_set_update(TargetAddresses(), addresses))
+        except BaseException:
+            session.close()
+            raise
+        self._session = session
+        self._addresses = addresses
+
+    def update_targets(self, addresses: TargetAddresses) -> None:
+        if self._session is None:
+            raise NftError("the redirect is not installed")
+        commands = render_set_update(self._addresses, addresses)
+        if commands:
+            self._session.run(commands)
+        self._addresses = addresses
+
+    def remove(self) -> None:
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+    def alive(self) -> bool:
+        return self._session is not None and self._session.alive()
+
+    @classmethod
+    def rules_present(cls) -> bool:
+        if not shutil.which("nft"):
+            return False
+        listing = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True)
+        return f"table {FAMILY} {TABLE}" in listing.stdout.split("\n")
+
+    @classmethod
+    def cleanup_leftovers(cls) -> bool:
+        """Deletes a table left by something other than a live owner (e.g. `nft -f` by hand)."""
+        if not cls.rules_present():
+            return False
+        result = subprocess.run(
+            ["nft", "delete", "table", FAMILY, TABLE], capture_output=True, text=True
+        )
+        if result.returncode != 0:
+            if "Operation not permitted" in result.stderr:
+                raise NftError(
+                    f"table {FAMILY} {TABLE} is owned by a running process: another llmtap is "
+                    "running (stop it first)"
+                )
+            raise NftError(result.stderr.strip().splitlines()[0])
+        return True
+

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The README's test command. On a fresh machine, as root: installs the system packages and the
+# Python environment, then runs the linters and the whole suite (end-to-end tests included).
+#   sudo scripts/test.sh [pytest args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(nftables iptables curl iproute2 procps passwd)
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  missing=()
+  for pkg in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "test.sh: installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+fi
+
+python=$(scripts/find-python.sh)
+if [ ! -x .venv/bin/python ]; then
+  "$python" -m venv .venv
+fi
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+
+.venv/bin/ruff check .
+scripts/typecheck.sh .venv/bin/mypy
+.venv/bin/pytest "$@"

@@ -1,0 +1,71 @@
+"""Fixtures: the network-namespace test bed (root only) and llmtap daemons inside it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from testbed import Daemon, Testbed, make_workdir, remove_stale_namespaces, start_daemon
+
+ROOT_TOOLS = ("ip", "nft", "iptables", "curl")
+
+
+def root_skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (network namespaces, nft)"
+    missing = [tool for tool in ROOT_TOOLS if not shutil.which(tool)]
+    if missing:
+        return f"needs {', '.join(missing)} (the README's test command installs them)"
+    return None
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    reason = root_skip_reason()
+    if reason is None:
+        return
+    for item in items:
+        if "root" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def testbed() -> Iterator[Testbed]:
+    if reason := root_skip_reason():
+        pytest.skip(reason)
+    remove_stale_namespaces()
+    bed = Testbed(tag=f"{os.getpid() % 10000}", subnet=os.getpid() % 200 + 10,
+                  workdir=make_workdir())
+    try:
+        bed.create()
+        bed.start_upstream()
+        yield bed
+    finally:
+        bed.destroy()
+        shutil.rmtree(bed.workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def llmtap(testbed: Testbed) -> Iterator[Callable[..., Daemon]]:
+    """Starts `llmtap run` in the client namespace (ready); always stopped and cleaned after."""
+    daemons: list[Daemon] = []
+
+    def start(wait: bool = True, **redirect: Any) -> Daemon:
+        daemon = start_daemon(testbed, **redirect)
+        daemons.append(daemon)
+        if wait:
+            daemon.wait_ready()
+        return daemon
+
+    testbed.upstream_log.write_text("")
+    try:
+        yield start
+    finally:
+        for daemon in daemons:
+            if daemon.proc.poll() is None:
+                daemon.stop()
+            shutil.rmtree(daemon.root, ignore_errors=True)
+        # A test that left rules behind must not break the next one (the test itself asserts).
+        testbed.ns_exec(testbed.client_ns, "nft", "delete", "table", "inet", "llmtap", check=False)

@@ -1,0 +1,95 @@
+"""Each pipeline addon alone, with mitmproxy's test helpers."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from llmtap import addons
+from llmtap.addons.live import Live
+from llmtap.addons.protocols import Protocols
+from llmtap.addons.recorder import Recorder
+from llmtap.addons.scope import NOTHING, Scope, allow_patterns
+from mitmproxy import exceptions
+from mitmproxy.test import taddons, tflow
+
+
+def test_pipeline_follows_spec_order():
+    names = [type(a).__name__.lower() for a in addons.pipeline()]
+    assert names == [s for s in addons.PIPELINE if s in names]
+    assert addons.PIPELINE[0] == "scope" and addons.PIPELINE[-1] == "live"
+
+
+def test_scope_sets_anchored_allow_hosts():
+    scope = Scope()
+    with taddons.context(scope) as tctx:
+        tctx.configure(scope, llmtap_targets=["API.openai.com", "api.anthropic.com"])
+        patterns = tctx.options.allow_hosts
+    assert patterns == allow_patterns(["api.openai.com", "api.anthropic.com"])
+    matches = [h for h in ("api.openai.com:443", "api.openai.com.evil.example:443",
+                           "xapi.openai.com:443", "10.0.0.2:443")
+               if any(re.search(p, h, re.IGNORECASE) for p in patterns)]
+    assert matches == ["api.openai.com:443"]
+
+
+def test_scope_without_targets_decrypts_nothing():
+    scope = Scope()
+    with taddons.context(scope) as tctx:
+        tctx.configure(scope, llmtap_targets=[])
+        assert tctx.options.allow_hosts == [NOTHING]
+        assert not re.search(NOTHING, "api.openai.com:443")
+
+
+def test_scope_refuses_bad_targets():
+    scope = Scope()
+    with taddons.context(scope) as tctx, pytest.raises(exceptions.OptionsError, match="not a host"):
+        tctx.configure(scope, llmtap_targets=["bad host"])
+
+
+def test_protocols_streams_event_streams_only():
+    protocols = Protocols()
+    sse = tflow.tflow(resp=True)
+    sse.response.headers["content-type"] = "text/event-stream; charset=utf-8"
+    plain = tflow.tflow(resp=True)
+    with taddons.context(protocols):
+        protocols.responseheaders(sse)
+        protocols.responseheaders(plain)
+    assert sse.response.stream is True and not plain.response.stream
+
+
+def test_recorder_writes_one_json_record_without_headers(tmp_path):
+    recorder = Recorder()
+    with taddons.context(recorder) as tctx:
+        tctx.configure(recorder, llmtap_records_dir=str(tmp_path))
+        flow = tflow.tflow(resp=True)
+        flow.request.headers["authorization"] = "Bearer sk-secret-value"
+        recorder.response(flow)
+        recorder.done()
+    [path] = tmp_path.glob("*.json")
+    record = json.loads(path.read_text())
+    assert record["id"] == flow.id and record["status"] == 200
+    assert path.name.endswith(f"_unknown_{flow.id}.json")
+    assert "sk-secret-value" not in path.read_text()
+
+
+def test_recorder_refuses_unwritable_directory():
+    recorder = Recorder()
+    with taddons.context(recorder) as tctx, pytest.raises(exceptions.OptionsError):
+        tctx.configure(recorder, llmtap_records_dir="/nonexistent/records")
+
+
+def test_live_counts_connections_and_passthrough():
+    live = Live()
+    flow = tflow.tflow(resp=True)
+    live.client_connected(flow.client_conn)
+    live.client_connected(flow.client_conn)
+    live.requestheaders(flow)
+    live.response(flow)
+
+    class Hello:
+        ignore_connection = False
+
+    live.tls_clienthello(Hello())  # type: ignore[arg-type]
+    assert live.snapshot() == {"connections": 2, "intercepted": 1, "requests": 1,
+                               "responses": 1, "errors": 0, "passthrough": 1}
