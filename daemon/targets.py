@@ -34,24 +34,41 @@ def system_lookup(host: str) -> Lookup:
         log.warning("cannot resolve target %s: %s", host, exc)
         return Lookup(frozenset(), None)
     addresses = frozenset(str(info[4][0]).split("%")[0] for info in infos)
-    return Lookup(addresses, _dns_ttl(host))
+    return Lookup(addresses, DNS_TTLS.ttl(host))
 
 
-def _dns_ttl(host: str) -> int | None:
-    try:
+class DnsTtls:
+    """TTLs asked of DNS directly. When no name server answers (answers come from /etc/hosts, or
+    the network is down) it stops asking for a while, so a refresh never waits on timeouts."""
+
+    LIFETIME_S = 1.0
+    BACKOFF_S = 300.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._silent_until = 0.0
+
+    def ttl(self, host: str) -> int | None:
         import dns.exception
         import dns.resolver
-    except ImportError:  # pragma: no cover - dnspython is a dependency
-        return None
-    ttls = []
-    for rdtype in ("A", "AAAA"):
-        try:
-            answer = dns.resolver.resolve(host, rdtype, lifetime=2.0)
-        except (dns.exception.DNSException, OSError):
-            continue
-        if answer.rrset is not None:
-            ttls.append(answer.rrset.ttl)
-    return min(ttls) if ttls else None
+
+        if self._clock() < self._silent_until:
+            return None
+        ttls = []
+        for rdtype in ("A", "AAAA"):
+            try:
+                answer = dns.resolver.resolve(host, rdtype, lifetime=self.LIFETIME_S)
+            except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+                continue
+            except (dns.exception.DNSException, OSError):
+                self._silent_until = self._clock() + self.BACKOFF_S
+                return None
+            if answer.rrset is not None:
+                ttls.append(answer.rrset.ttl)
+        return min(ttls) if ttls else None
+
+
+DNS_TTLS = DnsTtls()
 
 
 class TargetResolver:

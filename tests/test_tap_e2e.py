@@ -11,6 +11,7 @@ import json
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from testbed import OTHER_HOST, SHARED_HOST, Daemon, Testbed
@@ -242,3 +243,21 @@ def test_startup_refusals_are_one_line_with_exit_2(testbed, llmtap):
     assert no_tools.returncode == 2
     assert no_tools.stderr.strip().startswith("llmtap: neither nft nor iptables is usable here")
     assert "llmtap" not in testbed.nft_tables()
+
+
+def test_target_addresses_follow_dns_changes(testbed, llmtap):
+    hosts_file = Path(f"/etc/netns/{testbed.client_ns}/hosts")
+    original = hosts_file.read_text()
+    daemon = llmtap(dns_refresh_max_s=1, dns_grace_s=2)
+    try:
+        with open(hosts_file, "a") as hosts:  # in place: the daemon sees it through a bind mount
+            hosts.write(f"{testbed.other_v4} api.openai.com\n")
+        assert wait_until(lambda: testbed.other_v4 in daemon.status()["addresses"]["v4"])
+        nft_set = testbed.ns_exec(testbed.client_ns, "nft", "list", "set", "inet", "llmtap",
+                                  "targets4").stdout
+        assert testbed.other_v4 in nft_set
+    finally:
+        hosts_file.write_text(original)
+    # Gone from DNS: kept for the grace period, then dropped.
+    assert testbed.other_v4 in daemon.status()["addresses"]["v4"]
+    assert wait_until(lambda: testbed.other_v4 not in daemon.status()["addresses"]["v4"])

@@ -30,13 +30,25 @@ def rfc3339(timestamp: float | None) -> str | None:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+RECORD_FIELDS = "llmtap.record"
+
+
+def fields(flow: http.HTTPFlow) -> dict[str, Any]:
+    """The record fields other addons contribute (model, usage, credential, rules_hit, ...).
+
+    Each addon writes what it knows here; the recorder merges it over the base record.
+    """
+    contributed: dict[str, Any] = flow.metadata.setdefault(RECORD_FIELDS, {})
+    return contributed
+
+
 def build_record(flow: http.HTTPFlow) -> dict[str, Any]:
     request, response = flow.request, flow.response
     started = request.timestamp_start
     ended = (response.timestamp_end if response else None) or (
         flow.error.timestamp if flow.error else None
     )
-    return {
+    record: dict[str, Any] = {
         "id": flow.id,
         "started_at": rfc3339(started),
         "ended_at": rfc3339(ended),
@@ -45,11 +57,19 @@ def build_record(flow: http.HTTPFlow) -> dict[str, Any]:
         "path": request.path,
         "status": response.status_code if response else None,
         "http_version": request.http_version,
+        "provider": None,
+        "api": None,
+        "model": None,
         "stream": bool(flow.metadata.get(STREAM_FLAG)),
         "duration_ms": round((ended - started) * 1000, 3) if ended else None,
-        "process": flow.metadata.get("llmtap.process"),
+        "process": None,
+        "credential": None,
+        "rules_hit": [],
+        "dlp_hits": [],
         "error": flow.error.msg if flow.error else None,
     }
+    record.update(flow.metadata.get(RECORD_FIELDS, {}))
+    return record
 
 
 def record_name(record: dict[str, Any]) -> str:
