@@ -1,0 +1,109 @@
+"""Request side: what an intercepted request asks for, read without ever raising.
+
+The record keeps the model, stream flag, temperature, max tokens (whatever the API calls it:
+max_tokens, max_completion_tokens, max_output_tokens, maxOutputTokens), the SHA-256 of the system
+prompt (never the prompt itself) and the tool names. Headers are never read here: nothing from a
+request's credentials can reach a record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmtap.parsers import anthropic, gemini, openai_chat, openai_responses
+from llmtap.parsers.base import as_dict
+from llmtap.parsers.classify import classify
+from llmtap.parsers.encoding import decode_all
+
+MAX_REQUEST_BYTES = 64 * 1024 * 1024  # raw or decoded; a larger body is relayed but not read
+
+
+@dataclass
+class RequestInfo:
+    """What a request asks for. `system_sha256` is the SHA-256 (hex) of the system prompt's
+    UTF-8 text: Anthropic's `system` (text blocks joined by a blank line), OpenAI's system and
+    developer messages (joined by a blank line), Responses' `instructions`, Gemini's
+    `systemInstruction` parts (joined by a blank line); None when there is none."""
+
+    provider: str
+    api: str
+    model: str | None = None
+    stream: bool = False
+    temperature: float | None = None
+    max_tokens: int | None = None
+    system_sha256: str | None = None
+    tools: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # reasoning effort, batch size, ...
+    error: str | None = None
+
+    def record(self) -> dict[str, Any]:
+        """The record's `request` object."""
+        fields = {
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+            "system_sha256": self.system_sha256,
+            "tools": list(self.tools),
+        }
+        return {**fields, **{k: v for k, v in self.extra.items() if v is not None}}
+
+
+def sha256_text(text: str | None) -> str | None:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest() if text else None
+
+
+def _fields(provider: str, api: str, body: dict[str, Any], path: str) -> dict[str, Any]:
+    if provider == "anthropic" and api == "messages.batches":
+        return anthropic.batch_request_fields(body)
+    if provider == "anthropic":
+        return anthropic.request_fields(body)
+    if api in ("responses", "responses.input_tokens"):
+        return openai_responses.request_fields(body)
+    if provider == "openai":
+        return openai_chat.request_fields(body)
+    if provider == "google":
+        return gemini.request_fields(body, path)
+    return {}
+
+
+def _number(value: Any) -> Any:
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def parse_request(
+    host: str,
+    method: str,
+    path: str,
+    body: bytes,
+    content_encoding: str | None = None,
+) -> RequestInfo:
+    """Classifies and reads a request; problems end up in `.error`, never as an exception."""
+    provider, api = classify(host, method, path)
+    info = RequestInfo(provider, api)
+    if provider == "google":
+        info.model = gemini.model_from_path(path)
+        info.stream = api == "streamGenerateContent"
+    if api == "unknown" or not body:
+        return info
+    if len(body) > MAX_REQUEST_BYTES:
+        info.error = f"llmtap: request body over {MAX_REQUEST_BYTES} bytes, not read"
+        return info
+    try:
+        obj = as_dict(json.loads(decode_all(body, content_encoding, MAX_REQUEST_BYTES)))
+        _fill(info, _fields(provider, api, obj, path))
+    except Exception as exc:
+        info.error = f"llmtap: request not understood: {type(exc).__name__}: {exc}"[:300]
+    return info
+
+
+def _fill(info: RequestInfo, fields: dict[str, Any]) -> None:
+    model = fields.pop("model", None)
+    info.model = str(model) if isinstance(model, str) and model else info.model
+    info.stream = bool(fields.pop("stream", info.stream))
+    info.temperature = _number(fields.pop("temperature", None))
+    info.max_tokens = _number(fields.pop("max_tokens", None))
+    info.system_sha256 = sha256_text(fields.pop("system", None))
+    info.tools = [str(name) for name in fields.pop("tools", []) or []]
+    info.extra = {k: v for k, v in fields.items() if v is not None}
