@@ -39,6 +39,8 @@ class ProxySettings:
     upstream_ca_bundle: Path  # system roots + upstream.extra_ca
     targets: tuple[str, ...]
     records_dir: Path | None
+    state_dir: Path | None = None  # secrets, rules, price overrides: read by the addons
+    config_file: Path | None = None  # addons with their own config section read it from here
     listen_hosts: tuple[str, ...] = LOOPBACK_HOSTS
 
 
@@ -72,9 +74,12 @@ def build_master(settings: ProxySettings, with_pipeline: bool = True) -> master.
         stream_large_bodies=STREAM_LARGE_BODIES,
     )
     if with_pipeline:
-        opts.update(
+        # Deferred: each llmtap_* option is declared by the addon that owns it, in its load().
+        opts.update_defer(
             llmtap_targets=list(settings.targets),
             llmtap_records_dir=str(settings.records_dir or ""),
+            llmtap_state_dir=str(settings.state_dir or ""),
+            llmtap_config_file=str(settings.config_file or ""),
         )
     else:
         opts.update(allow_hosts=allow_patterns(settings.targets))

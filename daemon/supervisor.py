@@ -127,6 +127,8 @@ class Supervisor:
             upstream_ca_bundle=bundle,
             targets=config.targets.all_hosts,
             records_dir=config.records_dir,
+            state_dir=config.state_dir,
+            config_file=config.source,
             listen_hosts=hosts,
         )
         worker = start_worker(settings, user)

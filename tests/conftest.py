@@ -52,8 +52,8 @@ def llmtap(testbed: Testbed) -> Iterator[Callable[..., Daemon]]:
     """Starts `llmtap run` in the client namespace (ready); always stopped and cleaned after."""
     daemons: list[Daemon] = []
 
-    def start(wait: bool = True, **redirect: Any) -> Daemon:
-        daemon = start_daemon(testbed, **redirect)
+    def start(wait: bool = True, extra_toml: str = "", **redirect: Any) -> Daemon:
+        daemon = start_daemon(testbed, extra_toml, **redirect)
         daemons.append(daemon)
         if wait:
             daemon.wait_ready()

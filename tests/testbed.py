@@ -175,9 +175,10 @@ class Testbed:
     # --- clients, all inside the client namespace and with no proxy variables ---
 
     def client(self, *args: str, check: bool = True, timeout: float = 60,
-               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+               env: dict[str, str] | None = None, input: str | None = None,
+               ) -> subprocess.CompletedProcess[str]:
         return sh("ip", "netns", "exec", self.client_ns, *args, check=check, timeout=timeout,
-                  env=clean_env(env))
+                  env=clean_env(env), input=input)
 
     def curl(self, url: str, cacert: Path, *extra: str, check: bool = True
              ) -> subprocess.CompletedProcess[str]:
@@ -230,9 +231,11 @@ class Daemon:
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
 
-    def llmtap(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return self.bed.client(LLMTAP, *args, "--config",
-                               str(self.config_path), check=check)
+    def llmtap(self, *args: str, check: bool = True, input: str | None = None,
+               ) -> subprocess.CompletedProcess[str]:
+        """A CLI command against this daemon's config (every command takes --config)."""
+        return self.bed.client(LLMTAP, *args, "--config", str(self.config_path), check=check,
+                               input=input)
 
     def status(self) -> dict[str, Any]:
         return json.loads(self.llmtap("status", "--json").stdout)
@@ -272,7 +275,9 @@ def make_workdir() -> Path:
     return path
 
 
-def write_config(path: Path, root: Path, bed: Testbed, **redirect: Any) -> Path:
+def write_config(path: Path, root: Path, bed: Testbed, extra_toml: str = "", **redirect: Any
+                 ) -> Path:
+    """The daemon's config; `extra_toml` (whole tables, e.g. "[dlp]\n...") is appended."""
     settings = {"backend": "auto", "scope": "targets", "proxy_port": 8443,
                 "dns_refresh_max_s": 30, **redirect}
     lines = [
@@ -286,13 +291,13 @@ def write_config(path: Path, root: Path, bed: Testbed, **redirect: Any) -> Path:
         "[upstream]",
         f'extra_ca = "{bed.upstream_ca_pem}"',
     ]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n" + textwrap.dedent(extra_toml) + "\n")
     return path
 
 
-def start_daemon(bed: Testbed, **redirect: Any) -> Daemon:
+def start_daemon(bed: Testbed, extra_toml: str = "", **redirect: Any) -> Daemon:
     root = make_workdir()
-    config_path = write_config(root / "config.toml", root, bed, **redirect)
+    config_path = write_config(root / "config.toml", root, bed, extra_toml, **redirect)
     stderr = open(root / "daemon.stderr", "wb")  # noqa: SIM115 - the daemon keeps writing to it
     proc = subprocess.Popen(
         ["ip", "netns", "exec", bed.client_ns, LLMTAP, "run",
