@@ -38,11 +38,15 @@ def _root(
 
 
 @app.command()
-def run(config: str | None = ConfigOption) -> None:
+def run(
+    config: str | None = ConfigOption,
+    bare: bool = typer.Option(False, "--bare", hidden=True,
+                              help="No pipeline: the bare mitmproxy of the benchmarks."),
+) -> None:
     """Run the daemon in the foreground until SIGINT/SIGTERM, then remove everything it added."""
     from llmtap import supervisor  # imports mitmproxy: only the daemon pays for it
 
-    raise typer.Exit(supervisor.run(load_config(config)))
+    raise typer.Exit(supervisor.run(load_config(config), bare))
 
 
 @app.command()

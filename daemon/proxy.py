@@ -9,7 +9,7 @@ from pathlib import Path
 from cryptography import x509
 from llmtap import addons
 from llmtap.addons.scope import allow_patterns
-from mitmproxy import certs, master, options
+from mitmproxy import certs, http, master, options
 from mitmproxy.addons import core, disable_h2c, errorcheck, next_layer, proxyserver, tlsconfig
 from mitmproxy.proxy import context
 
@@ -32,6 +32,15 @@ class NameOnlyTlsConfig(tlsconfig.TlsConfig):
         return self.certstore.get_cert(sni, [x509.DNSName(sni)])
 
 
+class StreamEverything:
+    """The bare proxy's only addon: relay every response as it arrives. Without it mitmproxy
+    buffers whole responses, and a benchmark against that would flatter any streaming pipeline."""
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        assert flow.response
+        flow.response.stream = True
+
+
 @dataclass(frozen=True)
 class ProxySettings:
     proxy_port: int
@@ -42,6 +51,7 @@ class ProxySettings:
     state_dir: Path | None = None  # secrets, rules, price overrides: read by the addons
     config_file: Path | None = None  # addons with their own config section read it from here
     listen_hosts: tuple[str, ...] = LOOPBACK_HOSTS
+    pipeline: bool = True  # False: the "bare mitmproxy" of the benchmarks
 
 
 def transparent_modes(port: int, hosts: Iterable[str]) -> list[str]:
@@ -65,6 +75,8 @@ def build_master(settings: ProxySettings, with_pipeline: bool = True) -> master.
     )
     if with_pipeline:
         proxy.addons.add(*addons.pipeline())
+    else:
+        proxy.addons.add(StreamEverything())
     opts.update(
         mode=transparent_modes(settings.proxy_port, settings.listen_hosts),
         confdir=str(settings.confdir),

@@ -89,8 +89,9 @@ def start_guardian(backend: type[RedirectBackend]) -> int:
 
 
 class Supervisor:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, bare: bool = False) -> None:
         self.config = config
+        self.bare = bare
         self.stop = threading.Event()
         self.started_at = datetime.datetime.now(datetime.UTC)
         self.counters: dict[str, Any] = {}
@@ -130,6 +131,7 @@ class Supervisor:
             state_dir=config.state_dir,
             config_file=config.source,
             listen_hosts=hosts,
+            pipeline=not self.bare,
         )
         worker = start_worker(settings, user)
         guardian_fd = -1
@@ -261,9 +263,9 @@ def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="llmtap: %(message)s", stream=sys.stderr)
 
 
-def run(config: Config) -> int:
+def run(config: Config, bare: bool = False) -> int:
     configure_logging()
-    return Supervisor(config).run()
+    return Supervisor(config, bare).run()
 
 
 def offline_status(config: Config) -> dict[str, Any]:

@@ -169,7 +169,7 @@ class Reporter:
 
 async def serve(settings: ProxySettings, report: IO[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="llmtap worker: %(message)s", force=True)
-    proxy = build_master(settings)
+    proxy = build_master(settings, with_pipeline=settings.pipeline)
     proxy.addons.add(Reporter(report))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

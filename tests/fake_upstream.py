@@ -146,6 +146,24 @@ async def stream(send: Send, body: bytes, headers: list[tuple[bytes, bytes]]) ->
     await send({"type": "http.response.body", "body": b""})
 
 
+async def bench(scope: Scope, send: Send) -> None:
+    """/bench/json: a small body at once. /bench/stream?n=N&gap_ms=G&size=S: N SSE events, G ms
+    apart, each stamped with its send time so the client can measure each chunk's delay."""
+    query = dict(p.split("=", 1) for p in scope.get("query_string", b"").decode().split("&") if "=" in p)
+    if scope["path"] == "/bench/json":
+        await respond(send, 200, b'{"ok": true}', JSON_HEADERS)
+        return
+    events, size = int(query.get("n", "20")), int(query.get("size", "64"))
+    gap = float(query.get("gap_ms", "10"))
+    await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+    for i in range(events):
+        event = json.dumps({"i": i, "t": time.time(), "pad": ""})
+        padded = event[:-2] + "x" * max(0, size - len(event)) + '"}'
+        await send({"type": "http.response.body", "body": f"data: {padded}\n\n".encode(), "more_body": True})
+        await asyncio.sleep(gap / 1000)
+    await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
                (b"cache-control", b"no-cache")]
 JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -161,6 +179,9 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
     body = await read_body(receive)
+    if scope["path"].startswith("/bench/"):  # benchmarks: not logged, so every mode pays the same
+        await bench(scope, send)
+        return
     log_request(scope, body)
     path = scope["path"]
     try:

@@ -295,13 +295,14 @@ def write_config(path: Path, root: Path, bed: Testbed, extra_toml: str = "", **r
     return path
 
 
-def start_daemon(bed: Testbed, extra_toml: str = "", **redirect: Any) -> Daemon:
+def start_daemon(bed: Testbed, extra_toml: str = "", run_args: tuple[str, ...] = (),
+                 **redirect: Any) -> Daemon:
     root = make_workdir()
     config_path = write_config(root / "config.toml", root, bed, extra_toml, **redirect)
     stderr = open(root / "daemon.stderr", "wb")  # noqa: SIM115 - the daemon keeps writing to it
     proc = subprocess.Popen(
         ["ip", "netns", "exec", bed.client_ns, LLMTAP, "run",
-         "--config", str(config_path)],
+         "--config", str(config_path), *run_args],
         stdout=stderr, stderr=stderr, env=clean_env(),
     )
     return Daemon(bed, root, proc, config_path)
