@@ -30,8 +30,7 @@ from testbed import (  # noqa: E402 - the test bed lives with the tests
     OTHER_HOST,
     Daemon,
     Testbed,
-    make_workdir,
-    remove_stale_namespaces,
+    new_testbed,
     start_daemon,
 )
 
@@ -233,8 +232,7 @@ def main() -> None:
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench/run.py needs root (network namespaces): sudo .venv/bin/python bench/run.py")
-    remove_stale_namespaces()
-    bed = Testbed(tag=f"b{os.getpid() % 1000}", subnet=os.getpid() % 200 + 10, workdir=make_workdir())
+    bed = new_testbed()
     began = time.perf_counter()
     try:
         bed.create()

@@ -7,7 +7,12 @@ import sys
 from typing import Any
 
 import typer
-from llmtap import __version__, control, redirect
+from llmtap import __version__, cli_install, control, gateway, redirect
+from llmtap.cli_history import history_app
+from llmtap.cli_prices import prices_app
+from llmtap.cli_rules import rules_app
+from llmtap.cli_secrets import env_command, secrets_app
+from llmtap.cli_tunnel import tunnel_command
 from llmtap.config import Config, load_config
 from llmtap.errors import LlmtapError
 from llmtap.privileges import require_root
@@ -20,6 +25,16 @@ app = typer.Typer(
 )
 ca_app = typer.Typer(no_args_is_help=True, help="llmtap's certificate authority.")
 app.add_typer(ca_app, name="ca")
+app.command()(cli_install.install)
+app.command()(cli_install.uninstall)
+app.command()(cli_install.doctor)
+ca_app.command("rotate")(cli_install.ca_rotate)
+app.add_typer(history_app)  # logs, show, stats, export, reindex, dashboard: top-level commands
+app.add_typer(prices_app, name="prices")
+app.add_typer(rules_app, name="rules")
+app.add_typer(secrets_app, name="secrets")
+app.command("env")(env_command)
+app.command("tunnel")(tunnel_command)
 
 ConfigOption = typer.Option(None, "--config", help="Config file (default /etc/llmtap/config.toml).")
 
@@ -52,9 +67,11 @@ def run(
 @app.command()
 def cleanup(config: str | None = ConfigOption) -> None:
     """Remove any llmtap redirect rules left on this machine. Safe to run any time."""
-    load_config(config)  # a bad config is reported even here, where nothing else needs it
+    settings = load_config(config)  # a bad config is reported even here, where nothing else needs it
     require_root("llmtap cleanup")
     removed = redirect.cleanup_all()
+    if gateway.restore(gateway.record_path(settings.run_dir)):
+        removed.append("route_localnet")
     typer.echo(f"removed llmtap rules ({', '.join(removed)})" if removed else "no llmtap rules found")
 
 
@@ -89,6 +106,8 @@ def _print_status(report: dict[str, Any]) -> None:
                f"{','.join(map(str, report['ports']))} -> {report['proxy_port']}, "
                f"rules {'present' if report['rules_present'] else 'MISSING'}")
     typer.echo(f"  listening: {', '.join(report['listening'])}")
+    if report.get("gateway_interfaces"):
+        typer.echo(f"  gateway: traffic forwarded from {', '.join(report['gateway_interfaces'])}")
     for host, addresses in report["targets"].items():
         typer.echo(f"  {host}: {', '.join(addresses) or 'unresolved'}")
     counters = report.get("counters", {})

@@ -7,6 +7,7 @@ field is an error naming the key (exit 2), and each value is checked against the
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
@@ -16,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmtap.dlp import ACTIONS, BUILTIN, NAME_RE, PatternError, check_pattern
 from llmtap.errors import UsageError
+from llmtap.rules.strings import DEFAULT_PROTECTED_FIELDS, parse_field_spec
 
 DEFAULT_CONFIG_PATH = Path("/etc/llmtap/config.toml")
 CONFIG_ENV = "LLMTAP_CONFIG"
@@ -35,6 +38,8 @@ DEFAULT_TARGET_HOSTS: tuple[str, ...] = (
 
 BACKENDS = ("auto", "nft", "iptables", "pf", "windivert")
 SCOPES = ("targets", "all")
+# Linux interface names: at most 15 characters, no slash, no space (net/core/dev.c).
+IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
 
 
@@ -49,6 +54,9 @@ class RedirectConfig:
     # an address that vanished from DNS this long (clients may hold it in their own caches).
     dns_refresh_max_s: int = 300
     dns_grace_s: int = 900
+    # Gateway mode: TCP forwarded from containers/VMs behind these interfaces (docker0, virbr0)
+    # is redirected too, IPv4 only (see llmtap.gateway for IPv6).
+    gateway_interfaces: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,113 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True)
+class RecordsConfig:
+    max_files: int = 10_000  # records in records_dir before the oldest 20% go to archive/
+    archive_after_days: int = 30  # archived records older than this are folded into YYYY-MM.tar.gz
+    delete_after_days: int = 0  # 0 keeps everything; else monthly archives older than this go
+    max_body_bytes: int = 262_144  # of each body kept for the Markdown twin
+    markdown: bool = True
+    queue_size: int = 1024  # records waiting for the writer; beyond it they are dropped and counted
+
+
+@dataclass(frozen=True)
+class DashboardConfig:
+    daily_budget_usd: float = 0.0  # 0: no budget gauge or alerts
+    alert_at: tuple[float, ...] = (0.5, 0.8, 1.0)  # fractions of the budget that alert once a day
+    bell: bool = True
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    otlp_endpoint: str = ""  # OTLP/HTTP traces URL, e.g. http://collector:4318/v1/traces; "" = off
+    headers: tuple[str, ...] = ()  # "name=value" pairs sent with every export (auth tokens)
+    service_name: str = "llmtap"
+    timeout_s: int = 5
+    spool_max_files: int = 1000  # batches kept on disk while the collector is down
+
+
+@dataclass(frozen=True)
+class InstallConfig:
+    """Where `llmtap install` puts things. `root` is prepended to every system path it touches
+    (these, the trust store, /etc/passwd, /etc/os-release, users' NSS databases): tests install
+    into a temporary tree. state_dir, records_dir and run_dir are used as they are."""
+
+    root: Path = Path("/")
+    public_dir: Path = Path("/etc/llmtap")  # world-readable copy of the CA and the CA bundle
+    profile_script: Path = Path("/etc/profile.d/llmtap.sh")
+    environment_file: Path = Path("/etc/environment.d/90-llmtap.conf")  # systemd user sessions
+    unit_dir: Path = Path("/etc/systemd/system")
+    log_file: Path = Path("/var/log/llmtap.log")  # the detached service's output (no systemd)
+    service: str = "auto"  # auto | systemd | detached
+    trust: str = "auto"  # auto | debian | fedora | arch
+    nss: bool = True  # also the NSS databases of local users (Chrome, Firefox) if certutil exists
+    command: str = ""  # the llmtap executable the service runs; "" = the one running install
+
+
+@dataclass(frozen=True)
+class ExplicitConfig:
+    """A regular HTTP/CONNECT proxy with the same pipeline ("" = off), e.g. "127.0.0.1:8890"."""
+
+    listen: str = ""
+    # Loopback only unless this is set too: on any other address the proxy is open to whoever can
+    # reach it, and it injects this machine's real keys into their requests (SPEC: nothing listens
+    # on a non-loopback address). Remote machines get it through `llmtap tunnel` instead.
+    allow_non_loopback: bool = False
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        return parse_listen(self.listen) if self.listen else None
+
+
+@dataclass(frozen=True)
+class RulesConfig:
+    """Request filter rules live in state_dir/rules.db (`llmtap rules`); this is how they run.
+    Protected fields are never changed by text_replace rules nor scanned by DLP; the syntax is
+    "key", "key.key" or "type:key" (see llmtap.rules.strings)."""
+
+    protected_fields: tuple[str, ...] = DEFAULT_PROTECTED_FIELDS
+    extra_protected_fields: tuple[str, ...] = ()
+
+    @property
+    def all_protected_fields(self) -> tuple[str, ...]:
+        return (*self.protected_fields, *self.extra_protected_fields)
+
+
+@dataclass(frozen=True)
+class DlpActions:
+    """Per built-in detector: redact | block | alert | off; "" = dlp.default_action."""
+
+    aws_access_key: str = ""
+    aws_secret_key: str = ""
+    gcp_service_account: str = ""
+    github_token: str = ""
+    gitlab_token: str = ""
+    slack_token: str = ""
+    private_key: str = ""
+    jwt: str = ""
+    llm_api_key: str = ""
+    credit_card: str = ""
+
+
+@dataclass(frozen=True)
+class DlpPattern:
+    """A user-defined detector ([[dlp.patterns]]): an RE2 regex; a group named `secret`
+    narrows what is redacted."""
+
+    name: str = ""
+    pattern: str = ""
+    action: str = ""  # "" = dlp.default_action
+
+
+@dataclass(frozen=True)
+class DlpConfig:
+    enabled: bool = True
+    default_action: str = "redact"  # redact | block | alert | off
+    actions: DlpActions = field(default_factory=DlpActions)
+    patterns: tuple[DlpPattern, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: Path = Path("/var/lib/llmtap")
     records_dir: Path = Path("/var/lib/llmtap/records")
@@ -75,6 +190,13 @@ class Config:
     redirect: RedirectConfig = field(default_factory=RedirectConfig)
     targets: TargetsConfig = field(default_factory=TargetsConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    explicit: ExplicitConfig = field(default_factory=ExplicitConfig)
+    records: RecordsConfig = field(default_factory=RecordsConfig)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    install: InstallConfig = field(default_factory=InstallConfig)
+    rules: RulesConfig = field(default_factory=RulesConfig)
+    dlp: DlpConfig = field(default_factory=DlpConfig)
     source: Path | None = field(default=None, compare=False)
 
     @property
@@ -134,6 +256,87 @@ def validate(config: Config) -> None:
         raise UsageError("targets.hosts and targets.extra_hosts are both empty")
     if config.upstream.extra_ca and not Path(config.upstream.extra_ca).is_file():
         raise UsageError(f"upstream.extra_ca: {config.upstream.extra_ca} is not a file")
+    validate_reach(config)
+    validate_history(config)
+    validate_filters(config)
+
+
+def validate_filters(config: Config) -> None:
+    """The rules and dlp sections (regexes are compiled by RE2, as the proxy will)."""
+    for spec in config.rules.all_protected_fields:
+        try:
+            parse_field_spec(spec)
+        except ValueError as exc:
+            raise UsageError(f"rules.protected_fields: {exc}") from None
+    dlp = config.dlp
+    if dlp.default_action not in ACTIONS:
+        raise UsageError(f"dlp.default_action must be one of {', '.join(ACTIONS)}")
+    for name in BUILTIN:
+        if getattr(dlp.actions, name) not in ("", *ACTIONS):
+            raise UsageError(f"dlp.actions.{name} must be one of {', '.join(ACTIONS)}")
+    seen: set[str] = set()
+    for pattern in dlp.patterns:
+        if not NAME_RE.match(pattern.name) or pattern.name in BUILTIN or pattern.name in seen:
+            raise UsageError(f"dlp.patterns: name {pattern.name!r} must be lowercase letters, digits "
+                             "and _, unique, and not a built-in detector's")
+        seen.add(pattern.name)
+        if pattern.action not in ("", *ACTIONS):
+            raise UsageError(f"dlp.patterns.{pattern.name}.action must be one of {', '.join(ACTIONS)}")
+        try:
+            check_pattern(pattern.pattern)
+        except PatternError as exc:
+            raise UsageError(f"dlp.patterns.{pattern.name}.pattern {exc}") from None
+
+
+def validate_history(config: Config) -> None:
+    """The records, dashboard and export sections."""
+    rec, export = config.records, config.export
+    for name in ("max_files", "archive_after_days", "max_body_bytes", "queue_size"):
+        if getattr(rec, name) < 1:
+            raise UsageError(f"records.{name} must be at least 1")
+    if rec.delete_after_days < 0:
+        raise UsageError("records.delete_after_days must be 0 (keep) or more")
+    if config.dashboard.daily_budget_usd < 0:
+        raise UsageError("dashboard.daily_budget_usd must not be negative")
+    if export.otlp_endpoint and not re.match(r"^https?://[^/\s]+", export.otlp_endpoint):
+        raise UsageError(f"export.otlp_endpoint must be an http(s) URL, not {export.otlp_endpoint!r}")
+    for header in export.headers:
+        if "=" not in header or not header.split("=", 1)[0].strip():
+            raise UsageError("export.headers entries must look like \"name=value\"")
+    if export.timeout_s < 1 or export.spool_max_files < 1:
+        raise UsageError("export.timeout_s and export.spool_max_files must be at least 1")
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """"127.0.0.1:8890" or "[::1]:8890" -> (ip, port); anything else is a usage error."""
+    match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d{1,5})|([0-9.]+):(\d{1,5})", value.strip())
+    if not match:
+        raise UsageError(f"explicit.listen must look like \"127.0.0.1:8890\" or \"[::1]:8890\", "
+                         f"not {value!r}")
+    host, port = (match[1], match[2]) if match[1] else (match[3], match[4])
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise UsageError(f"explicit.listen: {host!r} is not an IP address") from None
+    if not 1 <= int(port) <= 65535:
+        raise UsageError(f"explicit.listen port {port} is out of range 1-65535")
+    return str(address), int(port)
+
+
+def validate_reach(config: Config) -> None:
+    """The explicit listener and the gateway interfaces."""
+    for name in config.redirect.gateway_interfaces:
+        if not IFNAME_RE.match(name) or name == "lo":
+            raise UsageError(f"redirect.gateway_interfaces: {name!r} is not a network interface name")
+    if (address := config.explicit.address) is None:
+        return
+    host, port = address
+    if not ipaddress.ip_address(host).is_loopback and not config.explicit.allow_non_loopback:
+        raise UsageError(f"explicit.listen {config.explicit.listen} is not a loopback address: anyone "
+                         "who can reach it could use this machine's keys (set "
+                         "explicit.allow_non_loopback = true if you mean it)")
+    if port == config.redirect.proxy_port:
+        raise UsageError(f"explicit.listen port {port} is redirect.proxy_port: choose another")
 
 
 def _build(cls: type, table: dict[str, Any], prefix: str) -> Any:
@@ -161,6 +364,8 @@ def _convert(hint: Any, value: Any, name: str) -> Any:
         return tuple(_convert(item_type, item, name) for item in value)
     if origin in (types.UnionType, typing.Union):  # Path | None
         return _convert(typing.get_args(hint)[0], value, name)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)  # TOML's 10 is as good as 10.0 for a float key
     expected = {Path: str}.get(hint, hint)
     # bool is an int in Python; TOML keeps them apart and so do we.
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
@@ -169,6 +374,7 @@ def _convert(hint: Any, value: Any, name: str) -> Any:
 
 
 def _type_name(hint: Any) -> str:
-    return {str: "a string", int: "an integer", bool: "true or false", Path: "a path"}.get(
+    return {str: "a string", int: "an integer", bool: "true or false", Path: "a path",
+            float: "a number"}.get(
         hint, str(hint)
     )

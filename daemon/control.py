@@ -12,7 +12,7 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from llmtap.privileges import is_member
 log = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
+Stream = Callable[[socket.socket], None]  # a command that keeps the connection (e.g. subscribe)
 
 
 def peer_uid(conn: socket.socket) -> int:
@@ -31,10 +32,12 @@ def peer_uid(conn: socket.socket) -> int:
 
 
 class ControlServer:
-    def __init__(self, path: Path, group: str, gid: int, handler: Handler) -> None:
+    def __init__(self, path: Path, group: str, gid: int, handler: Handler,
+                 streams: dict[str, Stream] | None = None) -> None:
         self.path = path
         self.group = group
         self.handler = handler
+        self.streams = streams or {}
         path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -63,6 +66,9 @@ class ControlServer:
             try:
                 with conn.makefile("r") as lines:
                     request = json.loads(lines.readline() or "{}")
+                if stream := self.streams.get(str(request.get("cmd"))):
+                    stream(conn)
+                    return
                 reply = self.handler(request)
             except (ValueError, OSError) as exc:
                 reply = {"error": f"bad request: {exc}"}
@@ -92,3 +98,38 @@ def request(path: Path, message: dict[str, Any], timeout_s: float = 5.0) -> dict
     if reply.get("error") == "permission denied":
         raise RuntimeFailure("the daemon refused: run as root or join group llmtap")
     return reply
+
+
+def subscribe(path: Path, connect_timeout_s: float = 5.0) -> Iterator[dict[str, Any]] | None:
+    """The daemon's live events, one dict per JSON line; None when no daemon is listening.
+
+    The iterator ends when the daemon goes away.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(connect_timeout_s)
+        sock.connect(str(path))
+        sock.sendall(b'{"cmd": "subscribe"}\n')
+        sock.settimeout(None)
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
+        return None
+    except PermissionError:
+        sock.close()
+        raise RuntimeFailure(f"no permission to use {path}: run as root or join group llmtap") from None
+    except OSError as exc:
+        sock.close()
+        raise RuntimeFailure(f"the daemon did not answer on {path}: {exc}") from None
+    return _events(sock)
+
+
+def _events(sock: socket.socket) -> Iterator[dict[str, Any]]:
+    with sock, sock.makefile("r", encoding="utf-8") as lines:
+        for line in lines:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("error") == "permission denied":
+                raise RuntimeFailure("the daemon refused: run as root or join group llmtap")
+            yield event

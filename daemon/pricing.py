@@ -340,3 +340,27 @@ def _litellm_tiers(row: Mapping[str, Any], base: Rates) -> tuple[Tier, ...]:
         if rates:
             tiers.append(Tier(k * 1000, Rates.from_json(rates, base=base)))
     return tuple(tiers)
+
+
+# -- the override written by `llmtap prices import` -------------------------------------------
+
+OVERRIDE_NAME = "prices.json"
+
+
+def override_path(state_dir: Path) -> Path:
+    """Where `llmtap prices import` puts its table; its rows win over the shipped ones."""
+    return Path(state_dir) / OVERRIDE_NAME
+
+
+def effective_table(override: Path | None) -> tuple[PriceTable, PriceTable | None]:
+    """(the table to price with, the override merged into it or None when there is none).
+
+    Raises OSError or ValueError when the override exists but cannot be read.
+    """
+    if override is None or not override.exists():
+        return default_table(), None
+    try:
+        table = load_table(override)
+    except (KeyError, TypeError, AttributeError, ArithmeticError) as exc:
+        raise ValueError(f"{override} is not a price table: {exc!r}") from None
+    return table.merged_over(default_table()), table

@@ -52,10 +52,24 @@ class ProxySettings:
     config_file: Path | None = None  # addons with their own config section read it from here
     listen_hosts: tuple[str, ...] = LOOPBACK_HOSTS
     pipeline: bool = True  # False: the "bare mitmproxy" of the benchmarks
+    explicit_listen: tuple[str, int] | None = None  # (ip, port) of the regular HTTP/CONNECT proxy
 
 
 def transparent_modes(port: int, hosts: Iterable[str]) -> list[str]:
     return [f"transparent@{host}:{port}" for host in hosts]
+
+
+def proxy_modes(settings: ProxySettings) -> list[str]:
+    """The transparent listeners, plus the explicit one: same Master, same addons, same pipeline.
+
+    In regular mode a CONNECT to a non-target is relayed blind like any other non-target: the
+    scope addon's allow_hosts is checked against the CONNECT host and the SNI before any TLS.
+    """
+    modes = transparent_modes(settings.proxy_port, settings.listen_hosts)
+    if settings.explicit_listen:
+        host, port = settings.explicit_listen
+        modes.append(f"regular@{host}:{port}")  # mitmproxy takes IPv6 unbracketed: regular@::1:8890
+    return modes
 
 
 def build_master(settings: ProxySettings, with_pipeline: bool = True) -> master.Master:
@@ -78,7 +92,7 @@ def build_master(settings: ProxySettings, with_pipeline: bool = True) -> master.
     else:
         proxy.addons.add(StreamEverything())
     opts.update(
-        mode=transparent_modes(settings.proxy_port, settings.listen_hosts),
+        mode=proxy_modes(settings),
         confdir=str(settings.confdir),
         upstream_cert=False,
         ssl_insecure=False,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import functools
 import logging
 import os
 import select
@@ -17,15 +18,18 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from llmtap import ca, control, redirect
+from llmtap import ca, control, gateway, livehub, proclookup, redirect
+from llmtap.addons import attribution
 from llmtap.config import Config
-from llmtap.errors import RuntimeFailure, UsageError
+from llmtap.errors import LlmtapError, RuntimeFailure, UsageError
 from llmtap.platform.base import RedirectBackend, RedirectPlan, TargetAddresses
 from llmtap.privileges import ServiceUser, ensure_service_user, require_root
 from llmtap.proxy import LOOPBACK_HOSTS, ProxySettings
+from llmtap.secrets_store import resolve_at_start
 from llmtap.targets import TargetResolver
 from llmtap.worker import WorkerHandle, start_worker
 
@@ -33,28 +37,36 @@ log = logging.getLogger("llmtap")
 
 READY_TIMEOUT_S = 60.0
 WATCH_INTERVAL_S = 0.2
+GATEWAY_CHECK_S = 5.0  # how soon a gateway interface created after the start is tapped
 
 
-def listen_hosts(port: int) -> tuple[str, ...]:
-    """The loopback addresses to listen on; refuses (exit 2) when the port is taken."""
-    hosts = []
-    for host in LOOPBACK_HOSTS:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((host, port))
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    raise UsageError(
-                        f"port {port} on {host} is already in use: stop what uses it or set "
-                        "redirect.proxy_port"
-                    ) from None
-                if family == socket.AF_INET6:  # no IPv6 on this machine: IPv4 only
-                    continue
-                raise RuntimeFailure(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-        hosts.append(host)
+def listen_hosts(port: int, explicit: tuple[str, int] | None = None) -> tuple[str, ...]:
+    """The loopback addresses to listen on; refuses (exit 2) when the port, or the explicit
+    listener's address, is taken."""
+    hosts = [host for host in LOOPBACK_HOSTS if _can_bind(host, port, "redirect.proxy_port")]
+    if explicit and not _can_bind(*explicit, "explicit.listen"):
+        raise UsageError(f"explicit.listen {explicit[0]}: this machine has no IPv6")
     return tuple(hosts)
+
+
+def _can_bind(host: str, port: int, key: str) -> bool:
+    """False when the machine has no IPv6 (the v6 listener is then left out)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise UsageError(
+                    f"port {port} on {host} is already in use: stop what uses it or set {key}"
+                ) from None
+            if exc.errno == errno.EADDRNOTAVAIL and key == "explicit.listen":
+                raise UsageError(f"explicit.listen: {host} is not an address of this machine") from None
+            if family == socket.AF_INET6:
+                return False
+            raise RuntimeFailure(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    return True
 
 
 def prepare_dirs(config: Config, user: ServiceUser) -> None:
@@ -65,9 +77,10 @@ def prepare_dirs(config: Config, user: ServiceUser) -> None:
     config.run_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
 
 
-def start_guardian(backend: type[RedirectBackend]) -> int:
-    """For rules the kernel does not remove by itself: a child that outlives the supervisor and
-    removes them if the supervisor dies without saying goodbye. Returns the pipe to write to."""
+def start_guardian(cleanup: Callable[[], object]) -> int:
+    """For what the kernel does not undo by itself (iptables rules, route_localnet): a child that
+    outlives the supervisor and runs `cleanup` if the supervisor dies without saying goodbye.
+    Returns the pipe to write to."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -81,7 +94,7 @@ def start_guardian(backend: type[RedirectBackend]) -> int:
             while chunk := os.read(read_fd, 64):
                 message += chunk
             if message != b"done":
-                backend.cleanup_leftovers()
+                cleanup()
         finally:
             os._exit(0)
     os.close(read_fd)
@@ -105,16 +118,22 @@ class Supervisor:
         )
         self.addresses = TargetAddresses()
         self.exit_reason = ""
+        self.localnet = gateway.RouteLocalnet(config.redirect.gateway_interfaces,
+                                              gateway.record_path(config.run_dir))
+        self.hub = livehub.LiveHub(lambda: self.counters)
 
     def run(self) -> int:
         config = self.config
         require_root("llmtap run")
         backend_cls = redirect.choose_backend(config.redirect.backend)
-        hosts = listen_hosts(config.redirect.proxy_port)
+        hosts = listen_hosts(config.redirect.proxy_port, config.explicit.address)
         user = ensure_service_user(config.service_user)
         prepare_dirs(config, user)
+        resolve_at_start(config.state_dir, user.uid, user.name)  # as root, before the fork
         if removed := redirect.cleanup_all():
             log.info("removed llmtap rules left by an earlier run (%s)", ", ".join(removed))
+        if restored := gateway.restore(self.localnet.record):
+            log.info("restored route_localnet left by an earlier run (%s)", ", ".join(restored))
         cert = ca.ensure_ca(config.ca_dir, config.targets.all_hosts, user.uid, user.gid)
         if missing := ca.uncovered_hosts(cert, config.targets.all_hosts):
             log.warning("the CA does not cover %s: run `llmtap ca rotate`", ", ".join(missing))
@@ -132,21 +151,27 @@ class Supervisor:
             config_file=config.source,
             listen_hosts=hosts,
             pipeline=not self.bare,
+            explicit_listen=config.explicit.address,
         )
+        lookup = proclookup.LookupService()  # the worker asks it which process is connecting
+        attribution.CHANNEL = lookup.client
         worker = start_worker(settings, user)
+        lookup.start()
         guardian_fd = -1
         control_server = None
         try:
             self._wait_ready(worker)
-            if not backend_cls.dies_with_owner:
-                guardian_fd = start_guardian(backend_cls)
+            if not backend_cls.dies_with_owner or self.localnet.interfaces:
+                guardian_fd = start_guardian(functools.partial(self._undo_leftovers, backend_cls))
             self._install_signal_handlers()
+            self._enable_gateway()
             self.backend = backend_cls(self._plan(user))
             self.backend.install(self.addresses)
             threading.Thread(target=self._read_reports, args=(worker,), daemon=True).start()
             threading.Thread(target=self._refresh, args=(next_refresh,), daemon=True).start()
             control_server = control.ControlServer(
-                config.control_socket, config.service_user, user.gid, self._handle
+                config.control_socket, config.service_user, user.gid, self._handle,
+                streams={"subscribe": self.hub.serve},
             )
             self._write_pidfile()
             log.info(
@@ -158,10 +183,12 @@ class Supervisor:
         finally:
             if self.backend is not None:
                 self.backend.remove()
+            gateway.restore(self.localnet.record)
             if guardian_fd >= 0:
                 os.write(guardian_fd, b"done")
                 os.close(guardian_fd)
             worker.stop()
+            lookup.close()
             if control_server is not None:
                 control_server.close()
             with contextlib.suppress(FileNotFoundError):
@@ -175,7 +202,31 @@ class Supervisor:
             ports=r.ports,
             scope=r.scope,
             block_quic=r.block_quic,
+            gateway_interfaces=r.gateway_interfaces,
         )
+
+    def _enable_gateway(self) -> None:
+        """route_localnet on the gateway interfaces, now and whenever one (re)appears."""
+        if not self.localnet.interfaces:
+            return
+        _, missing = self.localnet.enable()
+        if missing:
+            log.warning("gateway interface %s not found: tapped once it appears", ", ".join(missing))
+        threading.Thread(target=self._keep_gateway, daemon=True).start()
+
+    def _keep_gateway(self) -> None:
+        while not self.stop.wait(GATEWAY_CHECK_S):
+            try:
+                if changed := self.localnet.enable()[0]:
+                    log.info("gateway interface %s: route_localnet set", ", ".join(changed))
+            except (OSError, LlmtapError) as exc:
+                log.warning("gateway interfaces: %s", exc)
+
+    def _undo_leftovers(self, backend_cls: type[RedirectBackend]) -> None:
+        """What the guardian runs when the supervisor died without cleaning up."""
+        if not backend_cls.dies_with_owner:
+            backend_cls.cleanup_leftovers()
+        gateway.restore(self.localnet.record)
 
     def _wait_ready(self, worker: WorkerHandle) -> None:
         readable, _, _ = select.select([worker.events], [], [], READY_TIMEOUT_S)
@@ -210,6 +261,8 @@ class Supervisor:
         while (event := worker.next_event()) is not None:
             if event.get("event") == "counters":
                 self.counters = event.get("counters", {})
+            elif event.get("event") == "live":
+                self.hub.publish(event.get("events", []))
 
     def _refresh(self, first_in: float) -> None:
         wait = first_in
@@ -243,6 +296,8 @@ class Supervisor:
             "ports": list(r.ports),
             "proxy_port": r.proxy_port,
             "listening": self.listening,
+            "explicit": self.config.explicit.listen or None,
+            "gateway_interfaces": list(r.gateway_interfaces),
             "rules_present": bool(self.backend and self.backend.alive()),
             "block_quic": r.block_quic,
             "targets": self.resolver.by_host,

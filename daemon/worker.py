@@ -29,6 +29,7 @@ from mitmproxy import ctx
 log = logging.getLogger("llmtap.worker")
 
 REPORT_INTERVAL_S = 1.0
+LIVE_INTERVAL_S = 0.2
 # Imported lazily by Python or mitmproxy on first use, which would fail after the drop when the
 # interpreter's directory is unreadable to the service user.
 LAZY_IMPORTS = (
@@ -143,7 +144,7 @@ class Reporter:
 
     def _send(self, event: dict[str, Any]) -> None:
         with contextlib.suppress(BrokenPipeError, ValueError):
-            self.out.write(json.dumps(event) + "\n")
+            self.out.write(json.dumps(event, default=str) + "\n")
 
     async def running(self) -> None:
         server = ctx.master.addons.get("proxyserver")
@@ -154,13 +155,19 @@ class Reporter:
     async def _report_forever(self) -> None:
         live = ctx.master.addons.get("live")
         recorder = ctx.master.addons.get("recorder")
+        attribution = ctx.master.addons.get("attribution")
+        ticks = 0
         while True:
-            counters = live.snapshot() if live else {}
-            if recorder and recorder.writer:
-                counters["records_written"] = recorder.writer.written
-                counters["records_dropped"] = recorder.writer.dropped
-            self._send({"event": "counters", "counters": counters})
-            await asyncio.sleep(REPORT_INTERVAL_S)
+            if live and (events := live.drain()):  # dashboard events: batched, a few a second
+                self._send({"event": "live", "events": events})
+            if ticks % round(REPORT_INTERVAL_S / LIVE_INTERVAL_S) == 0:
+                counters = live.snapshot() if live else {}
+                counters.update(recorder.counters() if recorder else {})
+                if attribution:
+                    counters["attribution_unanswered"] = attribution.unanswered
+                self._send({"event": "counters", "counters": counters})
+            ticks += 1
+            await asyncio.sleep(LIVE_INTERVAL_S)
 
     def done(self) -> None:
         if self._task:

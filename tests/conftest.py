@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from testbed import Daemon, Testbed, make_workdir, remove_stale_namespaces, start_daemon
+from testbed import Daemon, Testbed, new_testbed, start_daemon
 
 ROOT_TOOLS = ("ip", "nft", "iptables", "curl")
 
@@ -35,9 +35,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def testbed() -> Iterator[Testbed]:
     if reason := root_skip_reason():
         pytest.skip(reason)
-    remove_stale_namespaces()
-    bed = Testbed(tag=f"{os.getpid() % 10000}", subnet=os.getpid() % 200 + 10,
-                  workdir=make_workdir())
+    bed = new_testbed()
     try:
         bed.create()
         bed.start_upstream()

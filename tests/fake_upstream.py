@@ -18,6 +18,8 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import fake_providers  # wire-accurate fixture replies (tests/fake_providers.py)
+
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -169,6 +171,24 @@ SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
 JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
+async def echo_headers(scope: Scope, send: Send) -> None:
+    """Credentials tests: an upstream that echoes the request's headers (keys included) back, in
+    response headers and in the body, streamed in awkward chunks with `?stream=1&pause=S`."""
+    headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+    echo = [(f"x-echo-{n}".encode(), headers[n].encode()) for n in ("x-api-key", "authorization")
+            if n in headers]
+    body = json.dumps({"headers": headers}).encode()
+    query = dict(p.split("=", 1) for p in scope.get("query_string", b"").decode().split("&") if "=" in p)
+    if query.get("stream") != "1":
+        await respond(send, 200, body, [*JSON_HEADERS, *echo])
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, *echo]})
+    for chunk in awkward_chunks(b"data: " + body + b"\n\nevent: done\ndata: {}\n\n"):
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await asyncio.sleep(float(query.get("pause", CHUNK_PAUSE_S)))
+    await send({"type": "http.response.body", "body": b""})
+
+
 async def app(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] == "lifespan":
         while True:
@@ -178,11 +198,16 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
             elif message["type"] == "lifespan.shutdown":
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+    if scope["type"] == "websocket":
+        await fake_providers.websocket(scope, receive, send, log_request)
+        return
     body = await read_body(receive)
     if scope["path"].startswith("/bench/"):  # benchmarks: not logged, so every mode pays the same
         await bench(scope, send)
         return
     log_request(scope, body)
+    if await fake_providers.handle(scope, body, send):
+        return
     path = scope["path"]
     try:
         request = json.loads(body) if body else {}
@@ -204,6 +229,8 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
     elif path == "/gzip":
         await respond(send, 200, gzip.compress(b'{"compressed": true}'),
                       [*JSON_HEADERS, (b"content-encoding", b"gzip")])
+    elif path == "/llmtap-test/echo-headers":
+        await echo_headers(scope, send)
     elif path.startswith("/bytes/"):
         size = int(path.rsplit("/", 1)[1])
         await respond(send, 200, b"x" * size, [(b"content-type", b"application/octet-stream")])

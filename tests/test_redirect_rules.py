@@ -128,3 +128,111 @@ def test_auto_backend_without_any_tool_is_a_usage_error(monkeypatch):
 def test_backend_of_another_os_is_refused():
     with pytest.raises(UsageError, match="'pf' does not exist on linux"):
         redirect.choose_backend("pf")
+
+
+GATEWAY = RedirectPlan(proxy_port=8443, service_uid=999, ports=(443,), scope="targets",
+                       gateway_interfaces=("docker0", "virbr0"))
+
+NFT_GATEWAY_CHAINS = """\
+\tchain gateway_prerouting {
+\t\ttype nat hook prerouting priority dstnat; policy accept;
+\t\tiifname != { "docker0", "virbr0" } return
+\t\tfib daddr type local return
+\t\tip daddr @targets4 tcp dport { 443 } dnat ip to 127.0.0.1:8443
+\t}
+\tchain gateway_input {
+\t\ttype filter hook input priority filter; policy accept;
+\t\tiifname != { "docker0", "virbr0" } return
+\t\tct status dnat return
+\t\tip daddr 127.0.0.0/8 drop
+\t}
+\tchain gateway_forward {
+\t\ttype filter hook forward priority filter; policy accept;
+\t\tiifname != { "docker0", "virbr0" } return
+\t\tip6 daddr @targets6 tcp dport { 443 } reject with tcp reset
+\t\tip daddr @targets4 udp dport 443 reject
+\t\tip6 daddr @targets6 udp dport 443 reject
+\t}
+}
+"""
+
+
+def test_nft_gateway_chains_dnat_forwarded_ipv4_to_loopback_and_reset_ipv6():
+    # The same owner-flagged table: the gateway chains die with it. gateway_input keeps
+    # route_localnet from opening every loopback service to the containers (CVE-2020-8558).
+    assert render_ruleset(GATEWAY) == NFT_TARGETS.removesuffix("}\n") + NFT_GATEWAY_CHAINS
+
+
+def test_nft_gateway_in_scope_all_without_quic_block():
+    plan = RedirectPlan(proxy_port=9000, service_uid=5, scope="all", block_quic=False,
+                        gateway_interfaces=("docker0",))
+    rules = render_ruleset(plan)
+    assert "\t\tmeta nfproto ipv4 tcp dport { 443 } dnat ip to 127.0.0.1:9000\n" in rules
+    assert rules.endswith(
+        "\tchain gateway_forward {\n"
+        "\t\ttype filter hook forward priority filter; policy accept;\n"
+        '\t\tiifname != { "docker0" } return\n'
+        "\t\tip6 daddr @targets6 tcp dport { 443 } reject with tcp reset\n"
+        "\t}\n}\n"
+    )
+
+
+def test_iptables_gateway_batch_for_ipv4():
+    batch = render_restore(GATEWAY, frozenset({"10.0.0.1"}), IPV4, jumps=True)
+    assert batch == (
+        "*nat\n"
+        ":LLMTAP - [0:0]\n"
+        ":LLMTAP_GW - [0:0]\n"
+        "-A LLMTAP -m owner --uid-owner 999 -j RETURN\n"
+        "-A LLMTAP -m addrtype --dst-type LOCAL -j RETURN\n"
+        "-A LLMTAP -d 10.0.0.1/32 -p tcp -m multiport --dports 443 -j REDIRECT --to-ports 8443\n"
+        '-A OUTPUT -p tcp -m comment --comment "llmtap" -j LLMTAP\n'
+        "-A LLMTAP_GW -m addrtype --dst-type LOCAL -j RETURN\n"
+        "-A LLMTAP_GW -d 10.0.0.1/32 -p tcp -m multiport --dports 443 -j DNAT "
+        "--to-destination 127.0.0.1:8443\n"
+        '-A PREROUTING -i docker0 -p tcp -m comment --comment "llmtap" -j LLMTAP_GW\n'
+        '-A PREROUTING -i virbr0 -p tcp -m comment --comment "llmtap" -j LLMTAP_GW\n'
+        "COMMIT\n"
+        "*filter\n"
+        ":LLMTAP_QUIC - [0:0]\n"
+        ":LLMTAP_GW_IN - [0:0]\n"
+        ":LLMTAP_GW_FWD - [0:0]\n"
+        "-A LLMTAP_QUIC -m owner --uid-owner 999 -j RETURN\n"
+        "-A LLMTAP_QUIC -d 10.0.0.1/32 -p udp --dport 443 -j REJECT\n"
+        '-A OUTPUT -p udp -m comment --comment "llmtap" -j LLMTAP_QUIC\n'
+        "-A LLMTAP_GW_IN -d 127.0.0.0/8 -m conntrack ! --ctstate DNAT -j DROP\n"
+        '-A INPUT -i docker0 -m comment --comment "llmtap" -j LLMTAP_GW_IN\n'
+        '-A INPUT -i virbr0 -m comment --comment "llmtap" -j LLMTAP_GW_IN\n'
+        "-A LLMTAP_GW_FWD -d 10.0.0.1/32 -p udp --dport 443 -j REJECT\n"
+        '-A FORWARD -i docker0 -m comment --comment "llmtap" -j LLMTAP_GW_FWD\n'
+        '-A FORWARD -i virbr0 -m comment --comment "llmtap" -j LLMTAP_GW_FWD\n'
+        "COMMIT\n"
+    )
+
+
+def test_iptables_gateway_batch_for_ipv6_rejects_instead_of_dnat():
+    batch = render_restore(GATEWAY, frozenset({"fd00::1"}), IPV6, jumps=False)
+    assert "LLMTAP_GW " not in batch and "DNAT" not in batch and "LLMTAP_GW_IN" not in batch
+    assert ("-A LLMTAP_GW_FWD -d fd00::1/128 -p tcp -m multiport --dports 443 "
+            "-j REJECT --reject-with tcp-reset\n") in batch
+    assert "-A FORWARD" not in batch  # a refresh never stacks jumps
+
+
+def test_iptables_gateway_jumps_and_chains_are_removed_by_tag():
+    saved = (
+        "*nat\n:PREROUTING ACCEPT [0:0]\n:LLMTAP_GW - [0:0]\n"
+        "-A PREROUTING -i docker0 -p tcp -m comment --comment llmtap -j LLMTAP_GW\n"
+        "-A PREROUTING -i docker0 -j DOCKER\n"
+        "COMMIT\n*filter\n:FORWARD ACCEPT [0:0]\n:LLMTAP_GW_FWD - [0:0]\n"
+        "-A FORWARD -i docker0 -m comment --comment llmtap -j LLMTAP_GW_FWD\nCOMMIT\n"
+    )
+    assert tagged_deletions(saved) == [
+        ["-t", "nat", "-D", "PREROUTING", "-i", "docker0", "-p", "tcp", "-m", "comment",
+         "--comment", "llmtap", "-j", "LLMTAP_GW"],
+        ["-t", "filter", "-D", "FORWARD", "-i", "docker0", "-m", "comment", "--comment", "llmtap",
+         "-j", "LLMTAP_GW_FWD"],
+        ["-t", "nat", "-F", "LLMTAP_GW"],
+        ["-t", "filter", "-F", "LLMTAP_GW_FWD"],
+        ["-t", "nat", "-X", "LLMTAP_GW"],
+        ["-t", "filter", "-X", "LLMTAP_GW_FWD"],
+    ]

@@ -51,11 +51,31 @@ def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def remove_stale_namespaces() -> None:
+    """Deletes namespaces left by test runs that died; a live run's (its pid is in the name) stay."""
     for line in sh("ip", "netns", "list", check=False).stdout.splitlines():
         name = line.split()[0] if line.strip() else ""
-        if name.startswith(f"{PREFIX}-"):
+        parts = name.split("-")
+        if len(parts) < 3 or parts[0] != PREFIX or not parts[1].isdigit():
+            continue
+        if not _alive(int(parts[1])):
             sh("ip", "netns", "del", name, check=False)
             shutil.rmtree(f"/etc/netns/{name}", ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def new_testbed() -> Testbed:
+    """A test bed named after this process (so concurrent runs never clean up each other's)."""
+    remove_stale_namespaces()
+    return Testbed(tag=str(os.getpid()), subnet=os.getpid() % 200 + 10, workdir=make_workdir())
 
 
 @dataclass

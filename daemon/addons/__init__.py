@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from llmtap.addons.attribution import Attribution
+from llmtap.addons.credentials import Credentials
+from llmtap.addons.dlp import Dlp
+from llmtap.addons.filters import Filters
 from llmtap.addons.live import Live
+from llmtap.addons.pricing import Pricing
 from llmtap.addons.protocols import Protocols
 from llmtap.addons.recorder import Recorder
 from llmtap.addons.scope import Scope
@@ -22,7 +27,12 @@ PIPELINE = (
 
 STAGES: dict[str, type] = {
     "scope": Scope,
+    "attribution": Attribution,
+    "credentials": Credentials,
+    "filters": Filters,
+    "dlp": Dlp,
     "protocols": Protocols,
+    "pricing": Pricing,
     "recorder": Recorder,
     "live": Live,
 }

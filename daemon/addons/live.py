@@ -1,10 +1,25 @@
-"""Counters of what the proxy saw, for `llmtap status` (and the live dashboard later)."""
+"""Counters of what the proxy saw (for `llmtap status`) and live events for the dashboard.
+
+Events (`start`, `update` while a response streams, `end`) are only queued here; the worker's
+reporter drains them a few times a second and sends them to the supervisor in one write, which
+fans them out to the control socket's subscribers. Streaming updates are throttled per request,
+so the hot path costs a counter increment and a clock read per chunk.
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from typing import Any
 
-from mitmproxy import connection, http, tls
+from llmtap.addons.recorder import fields
+from llmtap.parsers.base import as_dict
+from mitmproxy import connection, ctx, http, tls
+
+UPDATE_EVERY_S = 0.25
+MAX_PENDING = 5000  # events kept when nobody drains them (the oldest go first)
+PARSER = "llmtap.parser"  # flow.metadata: a protocol parser with a live `usage`, if exposed
 
 
 @dataclass
@@ -16,9 +31,39 @@ class Counters:
     errors: int = 0
 
 
+def process_summary(process: Any) -> dict[str, Any] | None:
+    if not isinstance(process, dict):
+        return None
+    return {k: process.get(k) for k in ("pid", "name", "tool", "user")}
+
+
+class StreamMeter:
+    """Counts a streamed response's chunks, bytes and SSE data lines (a token estimate)."""
+
+    def __init__(self, live: Live, flow: http.HTTPFlow, inner: Any) -> None:
+        self.live, self.flow, self.inner = live, flow, inner
+        self.chunks = 0
+        self.bytes = 0
+        self.data_lines = 0
+        self.last_sent = 0.0
+
+    def __call__(self, data: bytes) -> Iterable[bytes] | bytes:
+        if data:
+            self.chunks += 1
+            self.bytes += len(data)
+            self.data_lines += data.count(b"data:")
+            now = time.monotonic()
+            if now - self.last_sent >= UPDATE_EVERY_S:
+                self.last_sent = now
+                self.live.stream_update(self.flow, self)
+        return self.inner(data) if callable(self.inner) else data
+
+
 class Live:
     def __init__(self) -> None:
         self.counters = Counters()
+        self.pending: list[dict[str, Any]] = []
+        self._updates: dict[str, dict[str, Any]] = {}  # the latest update per flow, coalesced
 
     def client_connected(self, client: connection.Client) -> None:
         self.counters.connections += 1
@@ -30,13 +75,94 @@ class Live:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         self.counters.requests += 1
 
+    def request(self, flow: http.HTTPFlow) -> None:
+        known = fields(flow)
+        request = as_dict(known.get("request"))
+        self._queue({
+            "type": "start", "id": flow.id, "ts": flow.request.timestamp_start,
+            "host": flow.request.pretty_host, "method": flow.request.method,
+            "path": flow.request.path.split("?", 1)[0], "model": known.get("model"),
+            "provider": known.get("provider"), "api": known.get("api"),
+            "max_tokens": request.get("max_tokens"), "process": self._process(flow),
+        })
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None and flow.response.stream:
+            flow.response.stream = StreamMeter(self, flow, flow.response.stream)
+
+    def stream_update(self, flow: http.HTTPFlow, meter: StreamMeter) -> None:
+        event: dict[str, Any] = {"type": "update", "id": flow.id, "ts": time.time(),
+                                 "chunks": meter.chunks, "bytes": meter.bytes,
+                                 "output_tokens_estimate": meter.data_lines}
+        parser = flow.metadata.get(PARSER)
+        usage = getattr(parser, "usage", None)
+        if usage is not None:
+            event["input_tokens"] = getattr(usage, "input_tokens", None)
+            event["output_tokens"] = getattr(usage, "output_tokens", None)
+        if flow.id not in self._updates:
+            self._queue(event)
+        self._updates.setdefault(flow.id, event).update(event)
+
     def response(self, flow: http.HTTPFlow) -> None:
         self.counters.responses += 1
+        self._end(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
         self.counters.errors += 1
+        self._end(flow)
+
+    def _end(self, flow: http.HTTPFlow) -> None:
+        known = fields(flow)
+        started = flow.request.timestamp_start
+        ended = (flow.response.timestamp_end if flow.response else None) or time.time()
+        self._updates.pop(flow.id, None)
+        meter = flow.response.stream if flow.response is not None else None
+        self._queue({
+            "type": "end", "id": flow.id, "ts": ended,
+            "status": flow.response.status_code if flow.response else None,
+            "model": known.get("model"), "provider": known.get("provider"),
+            "usage": known.get("usage"), "cost_usd": _number(known.get("cost_usd")),
+            "ttft_ms": known.get("ttft_ms"), "duration_ms": round((ended - started) * 1000, 1),
+            "chunks": known.get("chunks") or (meter.chunks if isinstance(meter, StreamMeter) else None),
+            "error": known.get("error") or (flow.error.msg if flow.error else None),
+            "process": process_summary(known.get("process")) or self._process(flow),
+            "host": flow.request.pretty_host,
+        })
+
+    def _process(self, flow: http.HTTPFlow) -> dict[str, Any] | None:
+        known = process_summary(fields(flow).get("process"))
+        if known:
+            return known
+        attribution = ctx.master.addons.get("attribution") if _has_master() else None
+        return process_summary(attribution.process_of(flow)) if attribution else None
+
+    def _queue(self, event: dict[str, Any]) -> None:
+        self.pending.append(event)
+        if len(self.pending) > MAX_PENDING:
+            del self.pending[: len(self.pending) - MAX_PENDING]
+
+    def drain(self) -> list[dict[str, Any]]:
+        """The queued events, oldest first; updates carry their latest counters."""
+        events, self.pending = self.pending, []
+        self._updates = {}  # each was queued when first made: the next update starts afresh
+        return events
 
     def snapshot(self) -> dict[str, int]:
         counters = asdict(self.counters)
         counters["passthrough"] = max(0, self.counters.connections - self.counters.intercepted)
         return counters
+
+
+def _number(value: Any) -> float | None:
+    try:
+        return None if value is None or isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _has_master() -> bool:
+    try:
+        return ctx.master is not None
+    except AttributeError:
+        return False
+

@@ -1,26 +1,52 @@
-"""Writes one JSON record per intercepted exchange under `records_dir`.
+"""Writes each intercepted exchange under `records_dir`: a JSON record, its Markdown twin, the
+system prompt (once per distinct text), a row in the SQLite index; rotates; exports to OTLP.
 
-Writes never block the proxy: records go through a bounded queue to a writer thread; when the
-queue is full or the disk refuses, the record is dropped and counted, and relaying goes on.
+Writes never block the proxy: the event loop only copies (bounded) and queues; a writer thread
+does the rest. When the queue is full or the disk refuses, the record is dropped and counted
+(`llmtap status`), and relaying goes on.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import logging
 import os
 import queue
+import sqlite3
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmtap.addons.protocols import STREAM_FLAG
+from llmtap.config import Config, ExportConfig, RecordsConfig, load_config
+from llmtap.errors import LlmtapError
+from llmtap.parsers import request as request_parser
+from llmtap.parsers.classify import classify
+from llmtap.parsers.encoding import decode_all
+from llmtap.records import markdown, rotation, store
+from llmtap.records.capture import (
+    BodyCapture,
+    Exchange,
+    bounded,
+    mask_path,
+    masked_headers,
+    tee_stream,
+)
+from llmtap.records.index import Index, index_path, row_of
+from llmtap.records.otlp import OtlpExporter
 from mitmproxy import ctx, exceptions, http
 
 log = logging.getLogger(__name__)
 
 QUEUE_SIZE = 1024
+STREAM_FLAG = "llmtap.stream"  # flow.metadata: the response was relayed as a stream
+CAPTURE = "llmtap.capture"  # flow.metadata: the BodyCapture of a streamed response
+# flow.metadata: the text a protocol parser assembled from a streamed response, if it does.
+RESPONSE_TEXT = "llmtap.response_text"
+PROCESS_WAIT_S = 2.0  # how long a record waits for its process lookup
+LOG_EVERY = 100  # a full disk would otherwise log a line per request
 
 
 def rfc3339(timestamp: float | None) -> str | None:
@@ -54,14 +80,21 @@ def build_record(flow: http.HTTPFlow) -> dict[str, Any]:
         "ended_at": rfc3339(ended),
         "host": request.pretty_host,
         "method": request.method,
-        "path": request.path,
+        "path": mask_path(request.path),
         "status": response.status_code if response else None,
         "http_version": request.http_version,
         "provider": None,
         "api": None,
         "model": None,
         "stream": bool(flow.metadata.get(STREAM_FLAG)),
+        "request": None,
+        "usage": None,
+        "cost_usd": None,
+        "stop_reason": None,
+        "ttft_ms": None,
         "duration_ms": round((ended - started) * 1000, 3) if ended else None,
+        "chunks": None,
+        "timeline": None,
         "process": None,
         "credential": None,
         "rules_hit": [],
@@ -73,64 +106,207 @@ def build_record(flow: http.HTTPFlow) -> dict[str, Any]:
 
 
 def record_name(record: dict[str, Any]) -> str:
-    stamp = (record["started_at"] or "unknown").replace(":", "").replace("-", "")
-    model = str(record.get("model") or "unknown").replace("/", "_")
-    return f"{stamp}_{model}_{record['id']}"
+    return store.record_name(record)
+
+
+def capture_exchange(flow: http.HTTPFlow, limit: int) -> Exchange:
+    """Bounded copies of what the Markdown twin shows; cheap enough for the event loop."""
+    request, response = flow.request, flow.response
+    streamed: BodyCapture | None = flow.metadata.get(CAPTURE)
+    if response is None:
+        response_body = bounded(None, limit, None, "")
+    elif streamed is not None and response.raw_content is None:
+        response_body = bounded(bytes(streamed.data), limit, response.headers.get(
+            "content-encoding"), response.headers.get("content-type", ""))
+        response_body.size = streamed.size
+    else:
+        response_body = bounded(response.raw_content, limit, response.headers.get(
+            "content-encoding"), response.headers.get("content-type", ""))
+    return Exchange(
+        request_headers=masked_headers(request.headers.items(multi=True)),
+        response_headers=masked_headers(response.headers.items(multi=True)) if response else [],
+        request_body=bounded(request.raw_content, limit, request.headers.get("content-encoding"),
+                             request.headers.get("content-type", "")),
+        response_body=response_body,
+        response_text=flow.metadata.get(RESPONSE_TEXT),
+    )
+
+
+def system_prompt(record: dict[str, Any], exchange: Exchange) -> tuple[str, str] | None:
+    """(sha256, text) of the request's system prompt, as the request parser defines it."""
+    body = exchange.request_body
+    if body.data is None or body.truncated:
+        return None
+    try:
+        raw = decode_all(body.data, body.encoding, 64 * 1024 * 1024)
+        obj = json.loads(raw)
+        provider, api = classify(record["host"], record["method"], record["path"])
+        text = request_parser._fields(provider, api, obj, record["path"]).get("system")
+    except Exception:  # an odd body has no system prompt to archive; the record is still written
+        return None
+    sha = request_parser.sha256_text(text) if isinstance(text, str) else None
+    return (sha, text) if sha and isinstance(text, str) else None
+
+
+@dataclass(frozen=True)
+class WriterSettings:
+    records: RecordsConfig = field(default_factory=RecordsConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    spool_dir: Path | None = None
 
 
 class RecordWriter:
     """The writer thread behind the bounded queue."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, settings: WriterSettings | None = None) -> None:
         self.directory = directory
+        self.settings = settings or WriterSettings()
         self.dropped = 0
         self.written = 0
-        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(QUEUE_SIZE)
+        self.index_errors = 0
+        self._queue: queue.Queue[tuple[dict[str, Any], Exchange | None] | None] = queue.Queue(
+            self.settings.records.queue_size)
+        self._policy = rotation.Policy(self.settings.records.max_files,
+                                       self.settings.records.archive_after_days,
+                                       self.settings.records.delete_after_days)
+        self.exporter: OtlpExporter | None = None
+        if self.settings.export.otlp_endpoint:
+            self.exporter = OtlpExporter(self.settings.export,
+                                         self.settings.spool_dir or directory / ".otlp-spool")
+        self._index: Index | None = None
+        self._live = 0  # records in the directory (for rotation)
         self._thread = threading.Thread(target=self._run, name="llmtap-recorder", daemon=True)
         self._thread.start()
 
-    def submit(self, record: dict[str, Any]) -> None:
+    def submit(self, record: dict[str, Any], exchange: Exchange | None = None) -> None:
         try:
-            self._queue.put_nowait(record)
+            self._queue.put_nowait((record, exchange))
         except queue.Full:
             self.dropped += 1
 
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=10)
+        if self.exporter:
+            self.exporter.close()
+
+    def counters(self) -> dict[str, int]:
+        counters = {"records_written": self.written, "records_dropped": self.dropped,
+                    "records_index_errors": self.index_errors}
+        if self.exporter:
+            counters.update(export_spans=self.exporter.exported,
+                            export_dropped=self.exporter.dropped,
+                            export_spooled=self.exporter.spooled())
+        return counters
 
     def _run(self) -> None:
-        while (record := self._queue.get()) is not None:
+        self._start()
+        while (item := self._queue.get()) is not None:
+            record, exchange = item
             try:
-                self._write(record)
-                self.written += 1
+                self._write(record, exchange)
             except OSError as exc:
                 self.dropped += 1
-                log.warning("record %s not written: %s", record["id"], exc.strerror)
+                if self.dropped % LOG_EVERY == 1:
+                    log.warning("record %s not written: %s (%d dropped so far)", record["id"],
+                                exc.strerror or exc, self.dropped)
+                continue
+            self.written += 1
+            if self.exporter:
+                self.exporter.submit(record)
+        if self._index:
+            self._index.close()
 
-    def _write(self, record: dict[str, Any]) -> None:
-        path = self.directory / f"{record_name(record)}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+    def _start(self) -> None:
+        try:
+            self._index = Index.open_writer(index_path(self.directory))
+        except sqlite3.Error as exc:
+            log.warning("the records index is unavailable (%s): run `llmtap reindex`", exc)
+        try:
+            self._live = len(rotation.live_records(self.directory))
+            if self._live > self._policy.max_files:
+                self._rotate()
+        except OSError as exc:
+            log.warning("cannot rotate the records: %s", exc.strerror or exc)
+
+    def _write(self, record: dict[str, Any], exchange: Exchange | None) -> None:
+        text = None
+        if exchange is not None:
+            prompt = system_prompt(record, exchange)
+            if prompt:
+                record["system_prompt"] = store.save_system_prompt(self.directory, *prompt)
+            if self.settings.records.markdown:
+                text = markdown.render(record, exchange)
+        location = store.write_exchange(self.directory, record, text)
+        self._index_add(record, location)
+        self._live += 1
+        if self._live > self._policy.max_files:
+            self._rotate()
+
+    def _index_add(self, record: dict[str, Any], location: str) -> None:
+        if self._index is None:
+            return
+        try:
+            self._index.add([row_of(record, location)])
+        except sqlite3.Error as exc:
+            self.index_errors += 1
+            if self.index_errors % LOG_EVERY == 1:
+                log.warning("record %s not indexed: %s", record["id"], exc)
+
+    def _rotate(self) -> None:
+        try:
+            moves = rotation.rotate(self.directory, self._policy)
+        except OSError as exc:
+            log.warning("rotation failed: %s", exc.strerror or exc)
+            moves = {}
+        self._live = len(rotation.live_records(self.directory))
+        if moves and self._index is not None:
+            try:
+                self._index.relocate(moves)
+            except sqlite3.Error as exc:
+                log.warning("index not updated after rotation (%s): run `llmtap reindex`", exc)
+
+
+def addon_config(path: str) -> Config:
+    """The daemon's config as an addon sees it ("" = the defaults)."""
+    try:
+        return load_config(path) if path else Config()
+    except LlmtapError as exc:
+        raise exceptions.OptionsError(str(exc)) from None
 
 
 class Recorder:
     def __init__(self) -> None:
         self.writer: RecordWriter | None = None
+        self.max_body_bytes = RecordsConfig().max_body_bytes
 
     def load(self, loader) -> None:  # type: ignore[no-untyped-def]
         loader.add_option("llmtap_records_dir", str, "", "Directory for the exchange records.")
+        loader.add_option("llmtap_state_dir", str, "", "llmtap's state directory.")
+        loader.add_option("llmtap_config_file", str, "", "llmtap's TOML config file.")
 
     def configure(self, updated: set[str]) -> None:
-        if "llmtap_records_dir" not in updated:
+        if not updated & {"llmtap_records_dir", "llmtap_config_file", "llmtap_state_dir"}:
             return
         directory = ctx.options.llmtap_records_dir
         if directory and not os.access(directory, os.W_OK):
             raise exceptions.OptionsError(f"records directory {directory} is not writable")
+        config = addon_config(ctx.options.llmtap_config_file)
+        state = ctx.options.llmtap_state_dir
+        settings = WriterSettings(config.records, config.export,
+                                  Path(state) / "otlp-spool" if state else None)
+        self.max_body_bytes = config.records.max_body_bytes
         if self.writer:
             self.writer.close()
-        self.writer = RecordWriter(Path(directory)) if directory else None
+        self.writer = RecordWriter(Path(directory), settings) if directory else None
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """A streamed response (another addon set `stream`): copy what passes, bounded."""
+        if self.writer is None or flow.response is None or not flow.response.stream:
+            return
+        capture = BodyCapture(self.max_body_bytes)
+        flow.metadata[CAPTURE] = capture
+        flow.response.stream = tee_stream(flow.response.stream, capture)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._record(flow)
@@ -139,8 +315,31 @@ class Recorder:
         self._record(flow)
 
     def _record(self, flow: http.HTTPFlow) -> None:
-        if self.writer is not None:
-            self.writer.submit(build_record(flow))
+        writer = self.writer
+        if writer is None:
+            return
+        record, exchange = build_record(flow), capture_exchange(flow, self.max_body_bytes)
+        attribution = ctx.master.addons.get("attribution")
+        pending = attribution.pending(flow) if attribution else None
+        if pending is None:
+            writer.submit(record, exchange)
+            return
+        # The process lookup is still under way (a short-lived client): write the record when
+        # it answers, or without it after a while. Nothing waits on the proxy's loop.
+        submitted = False
+
+        def submit(*_: object) -> None:
+            nonlocal submitted
+            if not submitted:
+                submitted = True
+                record["process"] = record.get("process") or fields(flow).get("process")
+                writer.submit(record, exchange)
+
+        pending.add_done_callback(submit)
+        asyncio.get_running_loop().call_later(PROCESS_WAIT_S, submit)
+
+    def counters(self) -> dict[str, int]:
+        return self.writer.counters() if self.writer else {}
 
     def done(self) -> None:
         if self.writer:

@@ -1,14 +1,17 @@
 """Incremental, bomb-safe decoding of HTTP content-encodings (gzip, deflate, br, zstd).
 
 Every codec produces output in bounded pieces (zlib's max_length, brotli's output_buffer_limit,
-zstandard's stream_writer with a small write size) and the total a compressed body inflates to
-is capped: a bomb raises DecodeError long before memory runs out. Identity bodies are not capped
-here (they cannot inflate); the parsers bound what they hold themselves.
+zstandard's stream_writer with a small write size), gzip, deflate and br lazily (each piece is made
+when the caller takes it, so memory holds one piece at a time), and the total a compressed body
+inflates to is capped: a bomb raises DecodeError long before memory runs out. A truncated body is
+a DecodeError at `finish()` for every codec (zstd's framing is followed to tell). Identity bodies
+are not capped here (they cannot inflate); the parsers bound what they hold themselves.
 """
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 PIECE = 256 * 1024  # the most any codec hands over at once
@@ -33,7 +36,7 @@ class Budget:
 
 
 class Codec(Protocol):
-    def decode(self, data: bytes) -> list[bytes]: ...
+    def decode(self, data: bytes) -> Iterable[bytes]: ...
     def finish(self) -> list[bytes]: ...
 
 
@@ -60,15 +63,23 @@ class Zlib:
         self._head = b""
         self._seen = False
 
-    def decode(self, data: bytes) -> list[bytes]:
+    def decode(self, data: bytes) -> Iterator[bytes]:
         if self._obj is None:
             data = self._start(data)
             if self._obj is None:
-                return []
-        out: list[bytes] = []
-        while data:
-            data = self._inflate(data, out)
-        return out
+                return
+        while True:
+            piece = self._inflate(data)
+            if piece:
+                yield self._budget.take(piece)
+            if self._obj.eof:
+                data = self._next_member()
+                if not data:
+                    return
+            else:
+                data = self._obj.unconsumed_tail
+                if not data and len(piece) < PIECE:
+                    return  # all input taken, and the window holds nothing more
 
     def _start(self, data: bytes) -> bytes:
         """Picks the wbits once two bytes are known (deflate: zlib header or raw)."""
@@ -86,21 +97,13 @@ class Zlib:
         is_zlib = head[0] & 0x0F == 8 and ((head[0] << 8) | head[1]) % 31 == 0
         return zlib.MAX_WBITS if is_zlib else -zlib.MAX_WBITS
 
-    def _inflate(self, data: bytes, out: list[bytes]) -> bytes:
+    def _inflate(self, data: bytes) -> bytes:
+        """At most one piece; called again with b"" while the window may hold more."""
         assert self._obj is not None
         try:
-            piece = self._obj.decompress(data, PIECE)
-            if piece:
-                out.append(self._budget.take(piece))
-            while len(piece) == PIECE and not self._obj.unconsumed_tail:
-                piece = self._obj.decompress(b"", PIECE)  # drain what the window still holds
-                if piece:
-                    out.append(self._budget.take(piece))
+            return self._obj.decompress(data, PIECE)
         except zlib.error as exc:
             raise DecodeError(f"corrupt {self._name} body: {exc}") from None
-        if self._obj.eof:
-            return self._next_member()
-        return self._obj.unconsumed_tail
 
     def _next_member(self) -> bytes:
         """gzip may hold several members back to back; anything else after the end is junk."""
@@ -128,25 +131,29 @@ class Brotli:
         self._budget = budget
         self._seen = False
 
-    def decode(self, data: bytes) -> list[bytes]:
+    def decode(self, data: bytes) -> Iterator[bytes]:
         if not data:
-            return []
+            return
         self._seen = True
-        out: list[bytes] = []
+        piece = self._process(data)
+        while True:
+            if piece:
+                yield self._budget.take(piece)
+            if self._can_accept():
+                return
+            piece = self._process(b"")
+
+    def _process(self, data: bytes) -> bytes:
         try:
-            piece = self._process(data)
-            out.append(self._budget.take(piece))
-            while not self._can_accept():
-                out.append(self._budget.take(self._process(b"")))
+            return self._process_limited(data)
         except self._error as exc:
             raise DecodeError(f"corrupt br body: {exc}") from None
-        return [piece for piece in out if piece]
 
     def _can_accept(self) -> bool:
         can_accept = getattr(self._obj, "can_accept_more_data", None)  # brotli >= 1.2
         return True if can_accept is None else bool(can_accept())
 
-    def _process(self, data: bytes) -> bytes:
+    def _process_limited(self, data: bytes) -> bytes:
         try:
             return bytes(self._obj.process(data, output_buffer_limit=PIECE))
         except TypeError:  # brotli < 1.2 has no output limit; the budget still applies after
@@ -165,6 +172,7 @@ class Zstd:
         import zstandard  # shipped with mitmproxy
 
         self._sink = _Sink(budget)
+        self._frames = ZstdFrames()
         self._error = zstandard.ZstdError
         self._writer = zstandard.ZstdDecompressor().stream_writer(
             self._sink,  # type: ignore[arg-type]  # any object with write() will do
@@ -173,6 +181,7 @@ class Zstd:
         )
 
     def decode(self, data: bytes) -> list[bytes]:
+        self._frames.feed(data)
         try:
             self._writer.write(data)
         except self._error as exc:
@@ -180,7 +189,66 @@ class Zstd:
         return self._sink.drain()
 
     def finish(self) -> list[bytes]:
+        if not self._frames.complete:
+            raise DecodeError("truncated zstd body")
         return []
+
+
+class ZstdFrames:
+    """Follows zstd's framing (RFC 8878: frame headers and block headers, not their content),
+    to tell a body that ended between frames from one cut inside a frame."""
+
+    MAGIC = 0xFD2FB528
+    SKIPPABLE = 0x184D2A50  # to 0x184D2A5F
+    _DID = (0, 1, 2, 4)
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._skip = 0  # bytes to pass over before the next header
+        self._state = "magic"
+        self._checksum = False
+        self._frames = 0
+
+    @property
+    def complete(self) -> bool:
+        return self._state == "magic" and self._skip == 0 and not self._buf
+
+    def feed(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            if self._skip:
+                step = min(self._skip, len(view))
+                self._skip -= step
+                view = view[step:]
+                continue
+            need = {"magic": 4, "size": 4, "fhd": 1, "block": 3}[self._state]
+            take = min(need - len(self._buf), len(view))
+            self._buf += view[:take]
+            view = view[take:]
+            if len(self._buf) == need:
+                header = int.from_bytes(self._buf, "little")
+                self._buf.clear()
+                self._header(header)
+
+    def _header(self, value: int) -> None:
+        if self._state == "magic":
+            skippable = value & 0xFFFFFFF0 == self.SKIPPABLE
+            self._state = "size" if skippable else "fhd"  # a bad magic is the decoder's to report
+        elif self._state == "size":
+            self._skip, self._state = value, "magic"
+        elif self._state == "fhd":
+            single_segment = bool(value & 0x20)
+            fcs = (1 if single_segment else 0, 2, 4, 8)[value >> 6]
+            self._skip = (0 if single_segment else 1) + self._DID[value & 3] + fcs
+            self._checksum = bool(value & 0x04)
+            self._state = "block"
+        else:
+            last, kind, size = value & 1, (value >> 1) & 3, value >> 3
+            self._skip = 1 if kind == 1 else size  # RLE blocks carry one byte
+            if last:
+                self._skip += 4 if self._checksum else 0
+                self._state = "magic"
+                self._frames += 1
 
 
 class _Sink:
@@ -220,11 +288,12 @@ class BodyDecoder:
             return Zstd(self.budget)
         raise DecodeError(f"unsupported content-encoding {name!r}")
 
-    def decode(self, data: bytes) -> list[bytes]:
-        pieces = [data]
+    def decode(self, data: bytes) -> Iterator[bytes]:
+        """The decoded pieces of `data`, made one at a time as they are taken."""
+        pieces: Iterable[bytes] = (data,)
         for codec in self._chain:
-            pieces = [out for piece in pieces for out in codec.decode(piece)]
-        return pieces
+            pieces = _through(codec, pieces)
+        return iter(pieces)
 
     def finish(self) -> list[bytes]:
         pieces: list[bytes] = []
@@ -233,7 +302,12 @@ class BodyDecoder:
         return pieces
 
 
+def _through(codec: Codec, pieces: Iterable[bytes]) -> Iterator[bytes]:
+    for piece in pieces:
+        yield from codec.decode(piece)
+
+
 def decode_all(data: bytes, content_encoding: str | None, max_bytes: int) -> bytes:
     """A whole body at once (request bodies), with the same cap and errors."""
     decoder = BodyDecoder(content_encoding, max_bytes)
-    return b"".join(decoder.decode(data) + decoder.finish())
+    return b"".join([*decoder.decode(data), *decoder.finish()])

@@ -19,6 +19,7 @@ from llmtap.parsers.base import ResponseParser, Usage, as_dict, as_int
 from llmtap.parsers.openai_chat import content_text, tool_names
 
 TERMINAL = ("response.completed", "response.failed", "response.incomplete")
+KEEP_MESSAGE_BYTES = 1024 * 1024  # of each exchange's messages, kept for its record
 
 
 def usage_from(raw: dict[str, Any]) -> Usage:
@@ -136,12 +137,19 @@ def request_fields(body: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class WebSocketExchange:
-    """One response over a Responses WebSocket: what the client asked, and the parser."""
+    """One response over a Responses WebSocket: what the client asked, the parser, and the
+    messages themselves (up to KEEP_MESSAGE_BYTES), so the connection need not keep them."""
 
     request: dict[str, Any]
     parser: ResponsesParser
     started: float
     done: bool = field(default=False)
+    sent: bytes = b""  # the client's response.create
+    received: list[bytes] = field(default_factory=list)  # the server's messages
+
+    def keep(self, message: bytes) -> None:
+        if len(message) + sum(map(len, self.received)) + len(self.sent) <= KEEP_MESSAGE_BYTES:
+            self.received.append(message)
 
 
 class ResponsesWebSocket:
@@ -167,14 +175,22 @@ class ResponsesWebSocket:
         fields = request_fields(body)
         fields["stream"] = True  # implicit over WebSocket
         parser = ResponsesParser(self.api, started=now, model=fields.get("model"))
-        self._open.append(WebSocketExchange(fields, parser, now))
+        raw = message.encode() if isinstance(message, str) else message
+        sent = raw if len(raw) <= KEEP_MESSAGE_BYTES else b""
+        self._open.append(WebSocketExchange(fields, parser, now, sent=sent))
         return []
+
+    @property
+    def pending(self) -> int:
+        """Exchanges begun and not yet ended."""
+        return len(self._open)
 
     def server_message(self, message: bytes | str, now: float) -> list[WebSocketExchange]:
         if not self._open:
             self._open.append(self._orphan(now))
         exchange = self._open[0]
         exchange.parser.feed_message(message, now)
+        exchange.keep(message.encode() if isinstance(message, str) else message)
         if not (exchange.parser.terminal or self._ends_failed(exchange.parser, message)):
             return []
         exchange.parser.finish(now)

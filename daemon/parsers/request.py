@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,3 +108,27 @@ def _fill(info: RequestInfo, fields: dict[str, Any]) -> None:
     info.system_sha256 = sha256_text(fields.pop("system", None))
     info.tools = [str(name) for name in fields.pop("tools", []) or []]
     info.extra = {k: v for k, v in fields.items() if v is not None}
+
+
+def info_from_fields(provider: str, api: str, fields: dict[str, Any]) -> RequestInfo:
+    """A RequestInfo from a protocol's request_fields() (e.g. a WebSocket `response.create`)."""
+    info = RequestInfo(provider, api)
+    _fill(info, dict(fields))
+    return info
+
+
+_MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
+_STREAM = re.compile(rb'"stream"\s*:\s*true')
+
+
+def salvage_request(host: str, method: str, path: str, head: bytes, tail: bytes) -> RequestInfo:
+    """A body too large to hold (streamed upstream): model and stream flag from its ends."""
+    info = parse_request(host, method, path, b"")
+    if info.api == "unknown":
+        return info
+    for part in (head, tail):
+        if info.model is None and (found := _MODEL.search(part)):
+            info.model = found.group(1).decode("utf-8", "replace")
+        info.stream = info.stream or bool(_STREAM.search(part))
+    info.error = "llmtap: request body too large to hold: read best-effort"
+    return info

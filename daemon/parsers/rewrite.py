@@ -9,6 +9,7 @@ receives; every other byte reaches the client unchanged.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,7 @@ from llmtap.parsers.request import RequestInfo
 from llmtap.parsers.sse import DEFAULT_MAX_EVENT_BYTES, next_line
 
 _OPTION = b'"stream_options":{"include_usage":true}'
+_EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')  # cheap test before decoding any JSON
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,8 @@ def _replace_option(obj: dict[str, Any]) -> bytes:
 
 def is_usage_chunk(data: bytes) -> bool:
     """`data: {...}` of the usage-only chunk: empty choices and a usage object."""
+    if not _EMPTY_CHOICES.search(data):
+        return False
     try:
         obj = json.loads(data)
     except ValueError:
@@ -93,16 +97,19 @@ class UsageChunkStripper:
         self._skip_lf: bool | None = None  # CR ended an event at a chunk's end: drop its LF?
         self._lf_in_held = False  # CR ended a line inside an event at a chunk's end
         self._searched = 0  # held bytes before this hold no line end
+        self._chunk_held = False  # the chunk being fed is already in _held
 
     def feed(self, chunk: bytes) -> bytes:
         if not chunk:
             return self._flush()
         out = bytearray()
+        self._chunk_held = False
         if self._skip_lf is not None:
             chunk = self._after_cr(chunk, out)
         if self.stripped or self.gave_up:
             return bytes(out) + self._flush() + chunk
         self._held += chunk
+        self._chunk_held = True
         self._events(out)
         if len(self._held) > self.max_event_bytes:
             self.gave_up = True
@@ -163,6 +170,12 @@ class UsageChunkStripper:
         del self._held[: self._scan]
         self._scan = self._searched = 0
         self._data.clear()
+
+    def release(self, chunk: bytes) -> bytes:
+        """After `feed(chunk)` raised: everything held, and the chunk unless it is held too."""
+        self.gave_up = True
+        held = self._flush()
+        return held if self._chunk_held else held + chunk
 
     def _flush(self) -> bytes:
         held = bytes(self._held)

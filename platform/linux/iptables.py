@@ -18,6 +18,10 @@ from llmtap.platform.base import RedirectBackend, RedirectPlan, TargetAddresses
 TAG = "llmtap"
 NAT_CHAIN = "LLMTAP"
 QUIC_CHAIN = "LLMTAP_QUIC"
+GW_NAT_CHAIN = "LLMTAP_GW"  # gateway mode: forwarded IPv4 TCP, DNATed to the loopback proxy
+GW_FWD_CHAIN = "LLMTAP_GW_FWD"  # gateway mode: forwarded IPv6 TCP and QUIC to targets, rejected
+GW_IN_CHAIN = "LLMTAP_GW_IN"  # gateway mode: packets for 127.0.0.0/8 we did not DNAT, dropped
+OWN_CHAINS = (NAT_CHAIN, QUIC_CHAIN, GW_NAT_CHAIN, GW_FWD_CHAIN, GW_IN_CHAIN)
 
 
 class IptablesError(RuntimeError):
@@ -39,8 +43,8 @@ IPV6 = Family("ip6tables-save", "ip6tables-restore", "ip6tables", "/128")
 def render_restore(plan: RedirectPlan, addresses: frozenset[str], family: Family, jumps: bool) -> str:
     """iptables-restore input (for `-n`): declaring our chains flushes them, then refills them.
 
-    With `jumps`, the tagged jumps from OUTPUT are added too (only at install: re-adding them on
-    each target refresh would stack duplicates).
+    With `jumps`, the tagged jumps from the built-in chains are added too (only at install:
+    re-adding them on each target refresh would stack duplicates).
     """
     ports = ",".join(str(p) for p in plan.ports)
     guard = f"-m owner --uid-owner {plan.service_uid} -j RETURN"
@@ -52,20 +56,19 @@ def render_restore(plan: RedirectPlan, addresses: frozenset[str], family: Family
             f"-j REDIRECT --to-ports {plan.proxy_port}"
             for addr in sorted(addresses)
         ]
-    lines = [
-        "*nat",
-        f":{NAT_CHAIN} - [0:0]",
+    nat = [
         f"-A {NAT_CHAIN} {guard}",
         f"-A {NAT_CHAIN} -m addrtype --dst-type LOCAL -j RETURN",
         *(f"-A {NAT_CHAIN} {rule}" for rule in redirects),
     ]
     if jumps:
-        lines.append(f'-A OUTPUT -p tcp -m comment --comment "{TAG}" -j {NAT_CHAIN}')
-    lines.append("COMMIT")
+        nat.append(f'-A OUTPUT -p tcp -m comment --comment "{TAG}" -j {NAT_CHAIN}')
+    nat_chains = [NAT_CHAIN]
+    filter_chains: list[str] = []
+    filters: list[str] = []
     if plan.block_quic:
-        lines += [
-            "*filter",
-            f":{QUIC_CHAIN} - [0:0]",
+        filter_chains.append(QUIC_CHAIN)
+        filters += [
             f"-A {QUIC_CHAIN} {guard}",
             *(
                 f"-A {QUIC_CHAIN} -d {addr}{family.host_mask} -p udp --dport 443 -j REJECT"
@@ -73,9 +76,60 @@ def render_restore(plan: RedirectPlan, addresses: frozenset[str], family: Family
             ),
         ]
         if jumps:
-            lines.append(f'-A OUTPUT -p udp -m comment --comment "{TAG}" -j {QUIC_CHAIN}')
-        lines.append("COMMIT")
+            filters.append(f'-A OUTPUT -p udp -m comment --comment "{TAG}" -j {QUIC_CHAIN}')
+    if plan.gateway_interfaces and family is IPV4:
+        nat_chains.append(GW_NAT_CHAIN)
+        nat += _gateway_dnat(plan, addresses, ports, jumps)
+        filter_chains.append(GW_IN_CHAIN)
+        filters += _gateway_loopback_guard(plan, jumps)
+    if plan.gateway_interfaces and (family is IPV6 or plan.block_quic):
+        filter_chains.append(GW_FWD_CHAIN)
+        filters += _gateway_rejects(plan, addresses, family, ports, jumps)
+    lines = ["*nat", *(f":{chain} - [0:0]" for chain in nat_chains), *nat, "COMMIT"]
+    if filter_chains:
+        lines += ["*filter", *(f":{chain} - [0:0]" for chain in filter_chains), *filters, "COMMIT"]
     return "\n".join(lines) + "\n"
+
+
+def _gateway_dnat(plan: RedirectPlan, addresses: frozenset[str], ports: str, jumps: bool) -> list[str]:
+    """Forwarded IPv4 TCP from the gateway interfaces -> the loopback proxy (see llmtap.gateway)."""
+    dnat = f"-p tcp -m multiport --dports {ports} -j DNAT --to-destination 127.0.0.1:{plan.proxy_port}"
+    rules = [dnat] if plan.scope == "all" else [f"-d {addr}/32 {dnat}" for addr in sorted(addresses)]
+    lines = [
+        f"-A {GW_NAT_CHAIN} -m addrtype --dst-type LOCAL -j RETURN",
+        *(f"-A {GW_NAT_CHAIN} {rule}" for rule in rules),
+    ]
+    if jumps:
+        lines += [f'-A PREROUTING -i {name} -p tcp -m comment --comment "{TAG}" -j {GW_NAT_CHAIN}'
+                  for name in plan.gateway_interfaces]
+    return lines
+
+
+def _gateway_loopback_guard(plan: RedirectPlan, jumps: bool) -> list[str]:
+    """route_localnet would let a container reach any loopback service here by sending packets
+    to 127.0.0.1 (CVE-2020-8558): only the connections we DNATed may arrive there."""
+    lines = [f"-A {GW_IN_CHAIN} -d 127.0.0.0/8 -m conntrack ! --ctstate DNAT -j DROP"]
+    if jumps:
+        lines += [f'-A INPUT -i {name} -m comment --comment "{TAG}" -j {GW_IN_CHAIN}'
+                  for name in plan.gateway_interfaces]
+    return lines
+
+
+def _gateway_rejects(plan: RedirectPlan, addresses: frozenset[str], family: Family, ports: str,
+                     jumps: bool) -> list[str]:
+    """Forwarded IPv6 TCP to targets is reset (clients fall back to IPv4), QUIC to targets rejected."""
+    rules = []
+    for addr in sorted(addresses):
+        if family is IPV6:
+            rules.append(f"-d {addr}{family.host_mask} -p tcp -m multiport --dports {ports} "
+                         "-j REJECT --reject-with tcp-reset")
+        if plan.block_quic:
+            rules.append(f"-d {addr}{family.host_mask} -p udp --dport 443 -j REJECT")
+    lines = [f"-A {GW_FWD_CHAIN} {rule}" for rule in rules]
+    if jumps:
+        lines += [f'-A FORWARD -i {name} -m comment --comment "{TAG}" -j {GW_FWD_CHAIN}'
+                  for name in plan.gateway_interfaces]
+    return lines
 
 
 def tagged_deletions(saved: str) -> list[list[str]]:
@@ -87,11 +141,11 @@ def tagged_deletions(saved: str) -> list[list[str]]:
     for line in saved.splitlines():
         if line.startswith("*"):
             table = line[1:].strip()
-        elif line.startswith(":") and line[1:].split()[0] in (NAT_CHAIN, QUIC_CHAIN):
+        elif line.startswith(":") and line[1:].split()[0] in OWN_CHAINS:
             chains.append((table, line[1:].split()[0]))
         elif line.startswith("-A "):
             args = shlex.split(line)
-            if _has_tag(args) and args[1] not in (NAT_CHAIN, QUIC_CHAIN):
+            if _has_tag(args) and args[1] not in OWN_CHAINS:
                 commands.append(["-t", table, "-D", *args[1:]])
     for table_name, chain in chains:
         commands.append(["-t", table_name, "-F", chain])

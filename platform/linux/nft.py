@@ -58,8 +58,49 @@ def render_ruleset(plan: RedirectPlan) -> str:
             "\t\tip6 daddr @targets6 udp dport 443 reject",
             "\t}",
         ]
+    if plan.gateway_interfaces:
+        lines += _gateway_chains(plan, ports)
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def _gateway_chains(plan: RedirectPlan, ports: str) -> list[str]:
+    """Traffic forwarded from the gateway interfaces: IPv4 TCP is DNATed to the loopback proxy
+    (needs route_localnet, see llmtap.gateway); IPv6 TCP to targets is reset so clients fall back
+    to IPv4 (::1 is unreachable from outside); QUIC to targets is rejected as for local clients.
+    route_localnet would also let a container send packets straight to 127.0.0.1 and reach any
+    loopback service here (CVE-2020-8558): gateway_input drops those unless we DNATed them.
+    The loop guard needs no rule here: the proxy's own connections never enter on these
+    interfaces, they leave through the output hook."""
+    names = ", ".join(f'"{name}"' for name in plan.gateway_interfaces)
+    proxy = f"dnat ip to 127.0.0.1:{plan.proxy_port}"
+    if plan.scope == "all":
+        dnat = f"meta nfproto ipv4 tcp dport {{ {ports} }} {proxy}"
+    else:
+        dnat = f"ip daddr @targets4 tcp dport {{ {ports} }} {proxy}"
+    forward = [f"ip6 daddr @targets6 tcp dport {{ {ports} }} reject with tcp reset"]
+    if plan.block_quic:
+        forward += ["ip daddr @targets4 udp dport 443 reject",
+                    "ip6 daddr @targets6 udp dport 443 reject"]
+    return [
+        "\tchain gateway_prerouting {",
+        "\t\ttype nat hook prerouting priority dstnat; policy accept;",
+        f"\t\tiifname != {{ {names} }} return",
+        "\t\tfib daddr type local return",
+        f"\t\t{dnat}",
+        "\t}",
+        "\tchain gateway_input {",
+        "\t\ttype filter hook input priority filter; policy accept;",
+        f"\t\tiifname != {{ {names} }} return",
+        "\t\tct status dnat return",
+        "\t\tip daddr 127.0.0.0/8 drop",
+        "\t}",
+        "\tchain gateway_forward {",
+        "\t\ttype filter hook forward priority filter; policy accept;",
+        f"\t\tiifname != {{ {names} }} return",
+        *(f"\t\t{rule}" for rule in forward),
+        "\t}",
+    ]
 
 
 def render_set_update(old: TargetAddresses, new: TargetAddresses) -> str:

@@ -1,0 +1,556 @@
+"""Credential injection: the AI tools hold placeholders; the real key is added on the way out.
+
+A registered placeholder in `x-api-key`, `Authorization: Bearer`, `api-key`, `x-goog-api-key` or
+the `key=` query parameter is replaced by its real key, but only toward the hosts its secret is
+bound to; toward any other host the request is answered with a provider-shaped 403 instead. Real
+keys a client sends itself are flagged (something on the machine holds one), real keys an upstream
+echoes back become placeholders again, and once a request has gone out its credentials are put
+back as the client sent them, so nothing that logs the flow later ever sees a real key.
+
+The store is re-read when its file changes (one stat per request), so a rotated key is used from
+the next request on; open streams keep going untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import pwd
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import unquote
+
+from llmtap import secrets_store as store
+from llmtap.addons.recorder import fields
+from llmtap.errors import LlmtapError
+from llmtap.parsers.classify import host_provider, normalise_host
+from mitmproxy import ctx, http
+
+log = logging.getLogger(__name__)
+
+STATE = "llmtap.credentials"
+KEY_HEADERS = ("x-api-key", "api-key", "x-goog-api-key")
+AUTH_HEADERS = (*KEY_HEADERS, "authorization")
+RETIRED_MAX = 64  # rotated-out keys still scrubbed and flagged (they may still be valid upstream)
+USAGE_FLUSH_S = 5.0
+
+StreamFn = Callable[[bytes], "Iterable[bytes] | bytes"]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One secret as the worker uses it."""
+
+    name: str
+    id: str
+    hosts: frozenset[str]
+    header: str
+    when_absent: bool
+    placeholder: str
+    value: str | None  # None: its reference could not be resolved
+    problem: str = ""
+
+    def allows(self, hosts: set[str]) -> bool:
+        return hosts <= self.hosts
+
+
+@dataclass(frozen=True)
+class Table:
+    by_placeholder: dict[str, Entry] = field(default_factory=dict)
+    by_value: dict[str, Entry] = field(default_factory=dict)  # current and retired keys
+    absent: dict[str, Entry] = field(default_factory=dict)  # host -> secret added when none sent
+    pairs: tuple[tuple[bytes, bytes], ...] = ()  # (real key, placeholder) for scrubbing
+
+    @classmethod
+    def build(cls, entries: list[Entry], retired: dict[str, Entry]) -> Table:
+        current = {e.value: e for e in entries if e.value}
+        by_value = {**retired, **current}
+        absent: dict[str, Entry] = {}
+        for entry in entries:
+            for host in entry.hosts if entry.when_absent and entry.value else ():
+                absent.setdefault(host, entry)  # the first created wins
+        return cls(
+            by_placeholder={e.placeholder: e for e in entries},
+            by_value=by_value,
+            absent=absent,
+            pairs=tuple((v.encode(), e.placeholder.encode()) for v, e in by_value.items()),
+        )
+
+
+@dataclass
+class FlowState:
+    """Set on a flow that carried a registered real key (injected, or sent by the client)."""
+
+    path: str | None = None  # the client's own path, when llmtap changed its query
+    added: str | None = None  # the header llmtap added to a request that had none
+    restored: bool = False
+
+
+# --- where credentials are in a request ---
+
+
+def query_keys(path: str) -> list[str]:
+    _, sep, query = path.partition("?")
+    if not sep:
+        return []
+    return [unquote(v) for k, eq, v in (i.partition("=") for i in query.split("&")) if k == "key" and eq]
+
+
+def map_query_key(path: str, mapping: dict[str, str]) -> str:
+    base, sep, query = path.partition("?")
+    if not sep:
+        return path
+    items = []
+    for item in query.split("&"):
+        name, eq, value = item.partition("=")
+        if name == "key" and eq and unquote(value) in mapping:
+            item = f"key={mapping[unquote(value)]}"
+        items.append(item)
+    return f"{base}?{'&'.join(items)}"
+
+
+def bearer_token(value: str) -> str:
+    scheme, _, token = value.strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else value.strip()
+
+
+_AUTH_NAMES = {n.encode(): n for n in AUTH_HEADERS}
+
+
+def found_credentials(request: http.Request) -> list[tuple[str, str]]:
+    """(where, token) for every credential the client put where providers look for one."""
+    found = []
+    for raw_name, raw_value in request.headers.fields:  # one pass: this runs on every request
+        name = _AUTH_NAMES.get(raw_name.lower())
+        if name:
+            value = raw_value.decode("utf-8", "surrogateescape")  # as mitmproxy decodes them
+            found.append((name, bearer_token(value) if name == "authorization" else value.strip()))
+    if "?" in request.path:
+        found += [("query:key", v) for v in query_keys(request.path)]
+    return found
+
+
+def replace_tokens(request: http.Request, mapping: dict[str, str]) -> None:
+    """Replaces each token that is exactly a key of `mapping`, in place, wherever it is."""
+    changed, fields = False, []
+    for raw_name, raw_value in request.headers.fields:
+        name = _AUTH_NAMES.get(raw_name.lower())
+        if name:
+            value = raw_value.decode("utf-8", "surrogateescape")
+            new = _rebearer(value, mapping) if name == "authorization" else mapping.get(value.strip(), value)
+            if new != value:
+                raw_value, changed = new.encode("utf-8", "surrogateescape"), True
+        fields.append((raw_name, raw_value))
+    if changed:
+        request.headers.fields = tuple(fields)
+    if "?" in request.path:
+        request.path = map_query_key(request.path, mapping)
+
+
+def _rebearer(value: str, mapping: dict[str, str]) -> str:
+    token = bearer_token(value)
+    if token not in mapping:
+        return value
+    if token == value.strip():  # a bare token, no scheme
+        return mapping[token]
+    return f"{value.strip().partition(' ')[0]} {mapping[token]}"
+
+
+def add_credential(request: http.Request, header: str, value: str) -> None:
+    if header == "query:key":
+        request.path += f"{'&' if '?' in request.path else '?'}key={value}"
+    elif header == "authorization":
+        request.headers["authorization"] = f"Bearer {value}"
+    else:
+        request.headers[header] = value
+
+
+def destinations(flow: http.HTTPFlow) -> set[str]:
+    """Where the request really goes: its Host/authority and the TLS server name, both checked."""
+    hosts = {normalise_host(flow.request.pretty_host)}
+    if flow.client_conn.sni:
+        hosts.add(normalise_host(flow.client_conn.sni))
+    return hosts
+
+
+def blocked_response(host: str, message: str) -> http.Response:
+    """A 403 in the shape the destination's own SDKs parse, so tools show the reason."""
+    provider = host_provider(host)
+    body: dict[str, object]
+    if provider == "anthropic":
+        body = {"type": "error", "error": {"type": "permission_error", "message": message}}
+    elif provider == "google":
+        body = {"error": {"code": 403, "message": message, "status": "PERMISSION_DENIED"}}
+    else:  # OpenAI's shape, which the other providers' compatible APIs share
+        body = {"error": {"message": message, "type": "invalid_request_error", "param": None,
+                          "code": "llmtap_credential_blocked"}}
+    return http.Response.make(403, json.dumps(body), {"content-type": "application/json",
+                                                      "x-llmtap-blocked": "credentials"})
+
+
+# --- scrubbing what comes back ---
+
+
+def scrub(data: bytes, pairs: Iterable[tuple[bytes, bytes]]) -> bytes:
+    for value, placeholder in pairs:
+        if value in data:
+            data = data.replace(value, placeholder)
+    return data
+
+
+def held_suffix(data: bytes, pairs: Iterable[tuple[bytes, bytes]]) -> int:
+    """How many bytes at the end of `data` could be the start of a key split across chunks."""
+    best = 0
+    for value, _ in pairs:
+        i = data.find(value[:1], max(0, len(data) - len(value) + 1))
+        while i != -1:
+            if value.startswith(data[i:]):
+                best = max(best, len(data) - i)
+                break
+            i = data.find(value[:1], i + 1)
+    return best
+
+
+class StreamScrubber:
+    """A response `stream` callable that replaces keys chunk by chunk, never buffering the stream.
+
+    Only a chunk's tail that could begin a key is held back, until the next chunk shows whether
+    it does; everything else passes at once, to the inner callable (another addon's) if any.
+    """
+
+    def __init__(self, pairs: tuple[tuple[bytes, bytes], ...], inner: StreamFn | bool) -> None:
+        self.pairs = pairs
+        self.inner = inner
+        self.pending = b""
+
+    def __call__(self, data: bytes) -> Iterable[bytes] | bytes:
+        if not data:  # the end of the stream
+            out, self.pending = self.pending, b""
+            return self._pass(out, end=True)
+        data = scrub(self.pending + data, self.pairs)
+        hold = held_suffix(data, self.pairs)
+        self.pending = data[len(data) - hold:] if hold else b""
+        return self._pass(data[: len(data) - hold], end=False)
+
+    def _pass(self, out: bytes, end: bool) -> Iterable[bytes] | bytes:
+        if not callable(self.inner):
+            return out
+        chunks: list[bytes] = []
+        for piece in ([out] if out else []) + ([b""] if end else []):
+            result = self.inner(piece)
+            chunks += [result] if isinstance(result, bytes) else list(result)
+        return chunks
+
+
+# --- last-used times ---
+
+
+class UsageLog:
+    """Last-used times, in a file of the worker's own (it cannot write the root-managed store).
+
+    A secret's first use is written at once; later ones at most every USAGE_FLUSH_S seconds.
+    """
+
+    def __init__(self, paths: store.StorePaths) -> None:
+        self.paths = paths
+        self.stamps = store.read_usage(paths)
+        self.written: set[str] = set()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def touch(self, secret_id: str) -> None:
+        self.stamps[secret_id] = store.now()
+        if secret_id not in self.written:
+            self.flush()
+        elif self._timer is None:
+            try:
+                self._timer = asyncio.get_running_loop().call_later(USAGE_FLUSH_S, self.flush)
+            except RuntimeError:  # no event loop (tests): write now
+                self.flush()
+
+    def flush(self) -> None:
+        self._timer = None
+        data = json.dumps(self.stamps, indent=2).encode() + b"\n"
+        try:
+            # Not synced: a last-used time lost in a crash is not worth a disk flush on the loop.
+            store.write_private(self.paths.usage, data, os.getuid(), os.getgid(), durable=False)
+        except OSError as exc:
+            log.warning("cannot write %s: %s", self.paths.usage, exc.strerror)
+        self.written.update(self.stamps)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self.flush()
+
+
+# --- the addon ---
+
+
+class Credentials:
+    def __init__(self) -> None:
+        self.paths: store.StorePaths | None = None
+        self.table = Table()
+        self.usage: UsageLog | None = None
+        self._stamp: tuple[int, int, int] | None = None
+        self._store_file = ""
+        self._retired: dict[str, Entry] = {}
+        self._reported: set[str] = set()
+
+    def load(self, loader) -> None:  # type: ignore[no-untyped-def]
+        loader.add_option("llmtap_state_dir", str, "", "llmtap's state directory.")
+
+    def configure(self, updated: set[str]) -> None:
+        if "llmtap_state_dir" not in updated:
+            return
+        state_dir = ctx.options.llmtap_state_dir
+        self.paths = store.StorePaths.under(Path(state_dir)) if state_dir else None
+        self._store_file = str(self.paths.store) if self.paths else ""
+        self.usage = UsageLog(self.paths) if self.paths else None
+        self._stamp = None
+        self.table = Table()
+        self.refresh()
+
+    def running(self) -> None:
+        # Later stages choose whether and how a response streams (protocols, recorder): the
+        # scrubber must wrap whatever they chose, so it is added behind all of them.
+        if ctx.master.addons.get("credentialstreams") is None:
+            ctx.master.addons.add(CredentialStreams(self))
+
+    # -- the store --
+
+    def refresh(self) -> None:
+        """Re-reads the store when its file changed (inode, mtime or size): one stat per call."""
+        if self.paths is None:
+            return
+        try:
+            info = os.stat(self._store_file)
+            stamp: tuple[int, int, int] | None = (info.st_ino, info.st_mtime_ns, info.st_size)
+        except OSError:
+            stamp = None
+        if stamp != self._stamp:
+            self._stamp = stamp
+            self._reload()
+
+    def _reload(self) -> None:
+        assert self.paths is not None
+        try:
+            store.check_permissions(self.paths, os.getuid(), _user_name())
+            items = store.read_store(self.paths)
+            key = store.read_key(self.paths) if any(i.sealed for i in items) else None
+        except LlmtapError as exc:  # keep the secrets in force; say why once
+            self._report(f"secret store not reloaded: {exc}")
+            return
+        entries = [self._entry(item, key) for item in items]
+        new_values = {e.value for e in entries}
+        for old in self.table.by_value.values():
+            if old.value and old.value not in new_values:
+                self._retired[old.value] = old
+        while len(self._retired) > RETIRED_MAX:
+            self._retired.pop(next(iter(self._retired)))
+        self.table = Table.build(entries, self._retired)
+
+    def _entry(self, item: store.Secret, key: bytes | None) -> Entry:
+        value, problem = None, ""
+        try:
+            if item.ref:
+                value = store.resolve(item.ref)
+            elif item.sealed and key:
+                value = store.unseal(key, item.id, item.sealed)
+            else:
+                problem = "its store.key is missing"
+        except store.ResolutionError as exc:
+            problem = f"cannot resolve {item.ref}: {exc}"
+        except LlmtapError as exc:
+            problem = str(exc)
+        if problem:
+            self._report(f"secret {item.name!r}: {problem}")
+        return Entry(item.name, item.id, frozenset(item.hosts), item.header, item.when_absent,
+                     item.placeholder, value, problem)
+
+    def _report(self, message: str) -> None:
+        # A warning: mitmproxy's startup check stops the proxy at any error logged while it
+        # starts, and one broken secret must not take every other call down with it.
+        if message not in self._reported:
+            self._reported.add(message)
+            log.warning("%s", message)
+
+    # -- requests --
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        self.refresh()
+        if not self.table.by_placeholder and not self.table.by_value:
+            return
+        hosts = destinations(flow)
+        found = found_credentials(flow.request)
+        inject: dict[str, Entry] = {}
+        sent = False
+        for where, token in found:
+            if entry := self.table.by_placeholder.get(token):
+                if not entry.allows(hosts):
+                    return self._block(flow, entry, hosts, "unbound")
+                if entry.value is None:
+                    return self._block(flow, entry, hosts, "unresolved")
+                inject[token] = entry
+            elif entry := self.table.by_value.get(token):
+                self._flag(flow, entry, hosts, where)
+                if not entry.allows(hosts):
+                    return self._block(flow, entry, hosts, "real key")
+                sent = True
+        absent = None if found else self._absent(hosts)
+        if inject or absent:
+            self._inject(flow, inject, absent)
+        elif sent:
+            flow.metadata[STATE] = FlowState()
+
+    def _absent(self, hosts: set[str]) -> Entry | None:
+        """The secret to add to a request that carries no credential, if one is set up for it."""
+        entry = next((self.table.absent[h] for h in hosts if h in self.table.absent), None)
+        return entry if entry and entry.allows(hosts) else None
+
+    def _inject(self, flow: http.HTTPFlow, inject: dict[str, Entry], absent: Entry | None) -> None:
+        request = flow.request
+        state = FlowState(path=request.path)
+        replace_tokens(request, {token: e.value for token, e in inject.items() if e.value})
+        if absent and absent.value:
+            add_credential(request, absent.header, absent.value)
+            state.added = None if absent.header == "query:key" else absent.header
+        if state.path == request.path:
+            state.path = None
+        flow.metadata[STATE] = state
+        used = [*inject.values(), *([absent] if absent else [])]
+        fields(flow)["credential"] = used[0].name
+        if self.usage:
+            for entry in {e.id: e for e in used}.values():
+                self.usage.touch(entry.id)
+
+    def _block(self, flow: http.HTTPFlow, entry: Entry, hosts: set[str], why: str) -> None:
+        host = normalise_host(flow.request.pretty_host)
+        allowed = ", ".join(sorted(entry.hosts))
+        message = {
+            "unbound": f"llmtap blocked this request: the placeholder of secret {entry.name!r} may "
+                       f"only be sent to {allowed}, not {host}",
+            "unresolved": f"llmtap blocked this request: secret {entry.name!r} has no value "
+                          f"({entry.problem})",
+            "real key": f"llmtap blocked this request: the real key of secret {entry.name!r} may "
+                        f"only be sent to {allowed}, not {host}",
+        }[why]
+        flow.request.stream = False  # a response and a streamed request cannot go together
+        flow.response = blocked_response(host, message)
+        record = fields(flow)
+        record["credential"] = entry.name
+        record["error"] = message
+        log.warning("%s%s", message.removeprefix("llmtap "), _process(flow))
+
+    def _flag(self, flow: http.HTTPFlow, entry: Entry, hosts: set[str], where: str) -> None:
+        fields(flow).setdefault("credential_alerts", []).append(
+            {"secret": entry.name, "where": where, "alert": "real key sent by the client"})
+        log.warning("a client sent the real key of secret %r (in %s) to %s%s: something on this "
+                    "machine holds it", entry.name, where, ", ".join(sorted(hosts)), _process(flow))
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        """A real key in a request body (a prompt, a config upload) is flagged too."""
+        if not self.table.by_value or flow.response or not flow.request.raw_content:
+            return
+        content = flow.request.get_content(strict=False) or b""
+        for value, entry in self.table.by_value.items():
+            if value.encode() in content:
+                self._flag(flow, entry, destinations(flow), "the body")
+                flow.metadata.setdefault(STATE, FlowState())  # so an echo of it is scrubbed
+
+    # -- responses --
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        self._restore(flow)
+        response = flow.response
+        if response is None or not self.table.pairs:
+            return
+        if any(v in value for _, value in response.headers.fields for v, _ in self.table.pairs):
+            response.headers.fields = tuple(
+                (name, scrub(value, self.table.pairs)) for name, value in response.headers.fields)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        state = flow.metadata.get(STATE)
+        response = flow.response
+        if not state or response is None or response.raw_content is None:
+            return
+        content = response.get_content(strict=False) or b""
+        scrubbed = scrub(content, self.table.pairs)
+        if scrubbed != content:
+            response.content = scrubbed
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._restore(flow)
+
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        assert flow.websocket is not None
+        message = flow.websocket.messages[-1]
+        if message.from_client:
+            for value, entry in self.table.by_value.items():
+                if value.encode() in message.content:
+                    self._flag(flow, entry, destinations(flow), "a WebSocket message")
+                    flow.metadata.setdefault(STATE, FlowState())
+            return
+        state = flow.metadata.get(STATE)
+        if state:
+            message.content = scrub(message.content, self.table.pairs)
+
+    def wrap_stream(self, flow: http.HTTPFlow) -> None:
+        """Called last of all responseheaders hooks: scrubs a streamed body of a key-bearing flow."""
+        state = flow.metadata.get(STATE)
+        response = flow.response
+        if not state or response is None or not response.stream:
+            return
+        if not self.table.pairs or flow.request.method == "HEAD":
+            return
+        response.stream = StreamScrubber(self.table.pairs, response.stream)
+        if "content-length" in response.headers:  # a placeholder and its key differ in length
+            del response.headers["content-length"]
+            if flow.client_conn.alpn != b"h2":
+                response.headers["transfer-encoding"] = "chunked"
+
+    def _restore(self, flow: http.HTTPFlow) -> None:
+        """The request has gone out: from now on the flow shows no real key to whoever logs it.
+
+        What llmtap changed goes back to what the client sent; a real key the client sent itself
+        is shown as its placeholder.
+        """
+        state = flow.metadata.get(STATE)
+        if not state or state.restored:
+            return
+        state.restored = True
+        if state.path is not None:
+            flow.request.path = state.path
+        if state.added:
+            del flow.request.headers[state.added]
+        replace_tokens(flow.request, {v: e.placeholder for v, e in self.table.by_value.items()})
+
+    def done(self) -> None:
+        if self.usage:
+            self.usage.close()
+
+
+class CredentialStreams:
+    """The tail of the pipeline, added by Credentials: wraps the stream the stages settled on."""
+
+    def __init__(self, owner: Credentials) -> None:
+        self.owner = owner
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        self.owner.wrap_stream(flow)
+
+
+def _user_name() -> str:
+    with contextlib.suppress(KeyError):
+        return pwd.getpwuid(os.getuid()).pw_name
+    return str(os.getuid())
+
+
+def _process(flow: http.HTTPFlow) -> str:
+    process = fields(flow).get("process")
+    if isinstance(process, dict) and process.get("pid"):
+        return f" (pid {process['pid']}, {process.get('name') or 'unknown'})"
+    return ""

@@ -1,0 +1,233 @@
+"""The "dlp" stage: secrets and sensitive data in request bodies (llmtap.dlp), after the rules.
+
+A held body (the common case) is scanned once, reusing the filters stage's parse: `block` answers
+the client with a 403 shaped like the provider's own errors (the SDKs raise their
+PermissionDenied error) and nothing reaches the provider; `redact` rewrites the body; `alert`
+only records and logs. A body streamed because it is too large to hold is redacted on the fly
+(StreamRedactor, installed after the protocols stage so both see it); a `block` finding there
+cannot stop what has left, so it is redacted and the exchange is cut when the response starts.
+
+The record gets `dlp_hits`: detector, action, location and count, never the matched value. What
+is kept of the request for the record (the recorder's Markdown twin) has no secret either: a
+blocked body is redacted in full, an alerted one once it has left.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmtap.addons.filters import load_body
+from llmtap.addons.recorder import addon_config, fields
+from llmtap.dlp import Finding, Scanner, StreamRedactor, detectors_from_config, redact_text
+from llmtap.parsers.classify import classify
+from llmtap.rules import Body, Protected
+from llmtap.rules.strings import BODY_CACHE, Strings
+from mitmproxy import ctx, http
+
+log = logging.getLogger(__name__)
+
+STREAMED = "body (streamed)"
+
+
+def block_response(provider: str, message: str) -> http.Response:
+    """A 403 each provider's SDK understands as "permission denied"."""
+    error: dict[str, Any]
+    if provider == "anthropic":
+        error = {"type": "error", "error": {"type": "permission_error", "message": message}}
+    elif provider == "google":
+        error = {"error": {"code": 403, "message": message, "status": "PERMISSION_DENIED"}}
+    else:  # OpenAI, and the OpenAI-compatible APIs of every other target
+        error = {"error": {"message": message, "type": "permission_error", "param": None,
+                           "code": "llmtap_dlp_blocked"}}
+    return http.Response.make(403, json.dumps(error).encode(),
+                              {"content-type": "application/json", "x-llmtap-blocked": "dlp"})
+
+
+def summarize(findings: Iterable[Finding], where: Callable[[Finding], str]) -> list[dict[str, Any]]:
+    counts = Counter((f.detector, f.action, where(f)) for f in findings)
+    return [{"detector": d, "action": a, "location": loc, "count": n}
+            for (d, a, loc), n in counts.items()]
+
+
+def redacted(strings: Strings, findings: Iterable[Finding]) -> dict[int, str]:
+    """The new value of each string with findings, all of them replaced by markers."""
+    by_leaf: dict[int, list[Finding]] = {}
+    for finding in findings:
+        by_leaf.setdefault(finding.leaf, []).append(finding)
+    return {leaf: redact_text(strings.values[leaf], found) for leaf, found in by_leaf.items()}
+
+
+def record_hits(flow: http.HTTPFlow, hits: list[dict[str, Any]]) -> None:
+    for hit in hits:
+        if hit["action"] != "redact":
+            log.warning("dlp: %s %s in %s %s", hit["action"], hit["detector"],
+                        flow.request.pretty_host, hit["location"])
+    contributed = fields(flow)
+    contributed["dlp_hits"] = [*contributed.get("dlp_hits", []), *hits]
+
+
+@dataclass
+class StreamState:
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def blocked(self) -> bool:
+        return any(f.action == "block" for f in self.findings)
+
+
+class Dlp:
+    def __init__(self) -> None:
+        self.scanner = Scanner([])
+        self.protected = Protected()
+        self.streams: dict[str, StreamState] = {}
+        self.scrub: dict[str, bytes] = {}  # flow id -> its sent body with the alerted secrets out
+
+    def load(self, loader) -> None:  # type: ignore[no-untyped-def]
+        loader.add_option("llmtap_config_file", str, "", "llmtap's TOML config file.")
+
+    def configure(self, updated: set[str]) -> None:
+        if "llmtap_config_file" in updated:
+            config = addon_config(ctx.options.llmtap_config_file)
+            self.scanner = Scanner(detectors_from_config(config.dlp))
+            self.protected = Protected(config.rules.all_protected_fields)
+
+    def running(self) -> None:
+        # Streamed bodies are wrapped after every other stage has set its own stream callable.
+        if ctx.master.addons.get("dlpstreams") is None:
+            ctx.master.addons.add(DlpStreams(self))
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        request = flow.request
+        # The body as the filters stage parsed (and maybe changed) it, if it did.
+        body: Body | str | None = BODY_CACHE.take(flow.id, request.raw_content)
+        if request.stream:
+            self._streamed(flow)
+            return
+        kept: dict[int, str] = {}
+        try:
+            if flow.response is None and self.scanner:
+                body = body or self._load(request)
+                if isinstance(body, Body):
+                    kept = self._scan(flow, body)
+        finally:  # the rules' changes and ours, written once
+            if isinstance(body, Body) and body.changed:
+                request.content = body.serialize()
+                body.changed = False
+        if kept and isinstance(body, Body):
+            strings = body.strings(self.protected)
+            for leaf, value in kept.items():
+                strings.replace(leaf, value)
+            self.scrub[flow.id] = body.serialize()
+
+    def _scan(self, flow: http.HTTPFlow, body: Body) -> dict[int, str]:
+        """Records, blocks or redacts what the detectors find; returns the strings to scrub
+        (alerts) once the request has left."""
+        strings = body.strings(self.protected)
+        findings = self.scanner.scan(strings)
+        if not findings:
+            return {}
+        record_hits(flow, summarize(findings, lambda f: f"body {strings.where(f.leaf)}"))
+        blocking = sorted({f"{f.detector} at {strings.where(f.leaf)}"
+                           for f in findings if f.action == "block"})
+        # What is kept of the request (the recorder's Markdown twin) never has a secret: a
+        # blocked body is redacted in full, and an alerted one once it has been sent.
+        sent = redacted(strings, [f for f in findings if f.action == "redact"])
+        alerts = any(f.action == "alert" for f in findings)
+        kept = redacted(strings, findings) if blocking or alerts else {}
+        if blocking:
+            self._block(flow, blocking)
+            sent, kept = kept, {}
+        for leaf, value in sent.items():
+            strings.replace(leaf, value)
+        body.changed = body.changed or bool(sent)
+        return kept
+
+    def _load(self, request: http.Request) -> Body | str | None:
+        """The body, parsed, unless one look at the raw bytes shows there is nothing to find."""
+        try:
+            content = request.get_content(strict=True)
+        except ValueError:
+            content = None
+        if content is not None and not self.scanner.may_find(content):
+            return None
+        return load_body(request)
+
+    def _block(self, flow: http.HTTPFlow, what: list[str]) -> None:
+        request = flow.request
+        provider, _ = classify(request.pretty_host, request.method, request.path)
+        message = (f"llmtap blocked this request: it contains a secret ({'; '.join(what)}). "
+                   "Remove it and try again.")
+        flow.response = block_response(provider, message)
+        fields(flow)["error"] = "blocked by DLP"
+
+    def _streamed(self, flow: http.HTTPFlow) -> None:
+        state = self.streams.get(flow.id)
+        if state is None:
+            if self.scanner and flow.response is None:
+                fields(flow)["dlp_skipped"] = "request body streamed before it could be scanned"
+            return
+        if state.findings:
+            record_hits(flow, summarize(state.findings, lambda f: STREAMED))
+
+    def _scrub(self, flow: http.HTTPFlow) -> None:
+        """The request has left: what stays in memory for the later stages loses its secrets."""
+        scrubbed = self.scrub.pop(flow.id, None)
+        if scrubbed is not None:
+            flow.request.content = scrubbed
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        self._scrub(flow)
+        state = self.streams.pop(flow.id, None)
+        if state is not None and state.blocked:
+            fields(flow)["error"] = "blocked by DLP (streamed request: redacted, exchange cut)"
+            flow.kill()
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._scrub(flow)
+        self.streams.pop(flow.id, None)
+
+
+class DlpStreams:
+    """Installs the StreamRedactor of a streamed request body, wrapping whatever stream callable
+    the later stages (protocols) set, so they see the redacted bytes."""
+
+    def __init__(self, dlp: Dlp) -> None:
+        self.dlp = dlp
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        request = flow.request
+        if not request.stream or flow.response is not None or not self.dlp.scanner:
+            return
+        if request.headers.get("content-encoding", "identity").strip().lower() != "identity":
+            return  # compressed on the wire: recorded as skipped by Dlp.request
+        state = StreamState()
+        self.dlp.streams[flow.id] = state
+        request.stream = chain(StreamRedactor(self.dlp.scanner, state.findings.append),
+                               request.stream)
+
+
+Stream = Callable[[bytes], "bytes | Iterable[bytes]"]
+
+
+def chain(first: StreamRedactor, then: Stream | bool) -> Stream:
+    """`then(first(chunk))`, keeping the end-of-body signal (an empty chunk) for the end only."""
+
+    def pieces(data: bytes) -> list[bytes]:
+        if not callable(then):
+            return [data]
+        out = then(data)
+        return [out] if isinstance(out, bytes) else list(out)
+
+    def stream(chunk: bytes) -> list[bytes]:
+        data = first(chunk)
+        out = pieces(data) if data else []
+        if chunk == b"" and callable(then):
+            out += pieces(b"")
+        return [piece for piece in out if piece]
+
+    return stream

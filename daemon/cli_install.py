@@ -1,0 +1,57 @@
+"""CLI: `install`, `uninstall`, `doctor` and `ca rotate` (registered in cli.py).
+
+The heavy modules are imported inside the commands: every other command starts faster for it.
+"""
+
+from __future__ import annotations
+
+import typer
+from llmtap.config import load_config
+
+ConfigOption = typer.Option(None, "--config", help="Config file (default /etc/llmtap/config.toml).")
+
+
+def install(
+    no_service: bool = typer.Option(False, "--no-service", help="Do not install or start the service."),
+    no_trust: bool = typer.Option(False, "--no-trust", help="Do not add the CA to any trust store."),
+    config: str | None = ConfigOption,
+) -> None:
+    """User, directories, CA, OS trust, runtime environment and the service (started). Idempotent;
+    a failure rolls back every step done."""
+    from llmtap.installer import Installer
+
+    Installer(load_config(config), config, report=typer.echo).install(
+        trust=not no_trust, service=not no_service)
+
+
+def uninstall(
+    purge: bool = typer.Option(False, "--purge", help="Also delete the CA, secrets, records, "
+                               "the config install wrote and the service user."),
+    config: str | None = ConfigOption,
+) -> None:
+    """Stops and removes the service, the rules, the CA's trust and the environment file."""
+    from llmtap.installer import Installer
+
+    Installer(load_config(config), config, report=typer.echo).uninstall(purge=purge)
+
+
+def doctor(
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    host: str | None = typer.Option(None, "--host", help="Target to handshake with."),
+    config: str | None = ConfigOption,
+) -> None:
+    """Checks the service, rules, DNS, the CA's trust, and each runtime by a real handshake."""
+    from llmtap.doctor import Doctor, render
+    from llmtap.doctor import as_json as to_json
+
+    checks = Doctor(load_config(config), config, host=host).run()
+    typer.echo(to_json(checks) if as_json else render(checks))
+    if any(check.status == "fail" for check in checks):
+        raise typer.Exit(1)
+
+
+def ca_rotate(config: str | None = ConfigOption) -> None:
+    """Issues a new CA for the current targets, trusts it where the old one was, removes the old."""
+    from llmtap.installer import Installer
+
+    Installer(load_config(config), config, report=typer.echo).rotate()

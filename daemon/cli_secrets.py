@@ -1,0 +1,215 @@
+"""`llmtap secrets set|list|rm` and `llmtap env`: real keys stay with llmtap, tools get placeholders.
+
+Values are read from stdin or a hidden prompt, never from the command line (where `ps`, shell
+history and audit logs would keep them). The store belongs to the service user, so these commands
+run as root (or as that user) and hand every file they write to it.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import pwd
+import sys
+from typing import Any
+
+import typer
+from llmtap import secrets_store as store
+from llmtap.config import Config, load_config
+from llmtap.errors import UsageError
+from llmtap.privileges import ServiceUser, ensure_service_user
+
+secrets_app = typer.Typer(
+    no_args_is_help=True,
+    help="Real API keys kept by llmtap; the AI tools only ever hold placeholders.",
+)
+ConfigOption = typer.Option(None, "--config", help="Config file (default /etc/llmtap/config.toml).")
+SHELLS = ("sh", "fish", "powershell")
+
+
+def service_owner(settings: Config, create: bool = False) -> ServiceUser:
+    if create and os.geteuid() == 0:
+        return ensure_service_user(settings.service_user)
+    try:
+        entry = pwd.getpwnam(settings.service_user)
+    except KeyError:
+        raise UsageError(f"the service user {settings.service_user!r} does not exist: "
+                         "run this with sudo (or `sudo llmtap install`) first") from None
+    return ServiceUser(entry.pw_name, entry.pw_uid, entry.pw_gid)
+
+
+def require_writer(owner: ServiceUser, action: str) -> None:
+    if os.geteuid() not in (0, owner.uid):
+        raise UsageError(f"{action} needs root: run it with sudo")
+
+
+def read_value(name: str) -> str:
+    """The key, from stdin when it is piped, else from a prompt that does not echo."""
+    try:
+        if sys.stdin is None or not sys.stdin.isatty():
+            value = sys.stdin.read() if sys.stdin else ""
+        else:
+            value = getpass.getpass(f"Key for {name} (input hidden): ")
+    except (EOFError, KeyboardInterrupt):
+        raise UsageError("no value given") from None
+    value = store.check_value(value)
+    return store.check_reference(value) if store.is_reference(value) else value
+
+
+def open_store(settings: Config) -> tuple[store.StorePaths, ServiceUser | None]:
+    """The store's paths, checked for ownership and modes (no owner when there is no store)."""
+    paths = store.StorePaths.under(settings.state_dir)
+    try:
+        if not paths.directory.exists():
+            return paths, None
+    except PermissionError:  # the state dir belongs to the service user
+        raise UsageError(f"cannot read the secret store in {paths.directory}: run it with sudo") from None
+    owner = service_owner(settings)
+    store.check_permissions(paths, owner.uid, owner.name)
+    return paths, owner
+
+
+@secrets_app.command("set")
+def set_secret(
+    name: str = typer.Argument(..., help="A name of your choice, e.g. anthropic."),
+    host: list[str] | None = typer.Option(
+        None, "--host", help="A host the key may be sent to (repeatable; required for a new secret)."),
+    header: str | None = typer.Option(
+        None, "--header", help=f"Where llmtap adds the key when it adds it: {', '.join(store.HEADERS)} "
+        "(default: the provider's usual header)."),
+    when_absent: bool | None = typer.Option(
+        None, "--when-absent/--not-when-absent",
+        help="Add the key to requests that carry no credential at all."),
+    replace: bool = typer.Option(
+        False, "--replace", help="Rotate an existing secret's value, keeping its placeholder."),
+    config: str | None = ConfigOption,
+) -> None:
+    """Store a key (read from stdin or a hidden prompt) or a reference env:VAR, file:PATH or
+    keyring:SERVICE/USER that the daemon resolves when it starts."""
+    settings = load_config(config)
+    store.check_name(name)
+    hosts = store.check_hosts(host or [])
+    chosen_header = store.check_header(header, hosts) if header else None
+    owner = service_owner(settings, create=True)
+    require_writer(owner, "llmtap secrets set")
+    value = read_value(name)
+    paths = store.StorePaths.under(settings.state_dir)
+    store.ensure_directory(paths, owner.uid, owner.gid)
+    with store.locked(paths, owner.uid, owner.gid):
+        store.check_permissions(paths, owner.uid, owner.name)
+        items = store.read_store(paths)
+        previous = next((s for s in items if s.name == name), None)
+        if previous and not replace:
+            raise UsageError(f"secret {name!r} already exists: add --replace to rotate its value "
+                             "(the placeholder stays the same)")
+        if not previous and not hosts:
+            raise UsageError("--host is required: name the host(s) this key may be sent to")
+        if clash := next((s.name for s in items if s.placeholder == value), None):
+            raise UsageError(f"that is the placeholder of secret {clash!r}, not a real key")
+        secret = store.new_secret(
+            name,
+            hosts or (previous.hosts if previous else ()),
+            chosen_header or (previous.header if previous else store.check_header(None, hosts)),
+            bool(when_absent if when_absent is not None else previous and previous.when_absent),
+            value,
+            store.ensure_key(paths, owner.uid, owner.gid),
+            previous,
+        )
+        items = [secret if s.name == name else s for s in items] if previous else [*items, secret]
+        store.write_store(paths, items, owner.uid, owner.gid)
+    _warn_non_targets(settings, secret.hosts)
+    verb = "rotated" if previous else "stored"
+    typer.echo(f"{verb} secret {name!r} for {', '.join(secret.hosts)} (header {secret.header})")
+    typer.echo(f"placeholder: {secret.placeholder}")
+    if previous:
+        typer.echo("the placeholder is unchanged; a running daemon uses the new value from the next request")
+
+
+def _warn_non_targets(settings: Config, hosts: tuple[str, ...]) -> None:
+    for host in hosts:
+        if host not in settings.targets.all_hosts:
+            print(f"llmtap: warning: {host} is not a target (targets.extra_hosts): llmtap does not see "
+                  "its traffic", file=sys.stderr)
+
+
+@secrets_app.command("list")
+def list_secrets(
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    config: str | None = ConfigOption,
+) -> None:
+    """Name, hosts, header, placeholder, created and last used, and the key's last four characters."""
+    paths, _ = open_store(load_config(config))
+    items = store.read_store(paths)
+    rows = [_row(paths, s, store.read_key(paths), store.read_usage(paths)) for s in items]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        typer.echo("no secrets (add one: sudo llmtap secrets set NAME --host HOST < keyfile)")
+    for row in rows:
+        absent = " (added when the client sends none)" if row["when_absent"] else ""
+        typer.echo(f"{row['name']}\n  hosts:       {', '.join(row['hosts'])}\n"
+                   f"  header:      {row['header']}{absent}\n  placeholder: {row['placeholder']}\n"
+                   f"  key:         {row['key']}\n  created:     {row['created_at']}"
+                   f"   last used: {row['last_used'] or 'never'}")
+
+
+def _row(paths: store.StorePaths, secret: store.Secret, key: bytes | None,
+         usage: dict[str, str]) -> dict[str, Any]:
+    if secret.ref:
+        shown = secret.ref
+    elif secret.sealed and key:
+        shown = "…" + store.unseal(key, secret.id, secret.sealed)[-4:]
+    else:
+        shown = "(store.key missing)"
+    return {"name": secret.name, "hosts": list(secret.hosts), "header": secret.header,
+            "when_absent": secret.when_absent, "placeholder": secret.placeholder, "key": shown,
+            "created_at": secret.created_at, "updated_at": secret.updated_at,
+            "last_used": usage.get(secret.id)}
+
+
+@secrets_app.command("rm")
+def remove_secret(
+    name: str = typer.Argument(..., help="The secret to remove."),
+    config: str | None = ConfigOption,
+) -> None:
+    """Remove a secret: its placeholder stops working at once."""
+    settings = load_config(config)
+    paths, owner = open_store(settings)
+    if owner is None:
+        raise UsageError(f"no secret named {name!r} (see `llmtap secrets list`)")
+    require_writer(owner, "llmtap secrets rm")
+    with store.locked(paths, owner.uid, owner.gid):
+        store.check_permissions(paths, owner.uid, owner.name)
+        items = store.read_store(paths)
+        if not any(s.name == name for s in items):
+            raise UsageError(f"no secret named {name!r} (see `llmtap secrets list`)")
+        store.write_store(paths, [s for s in items if s.name != name], owner.uid, owner.gid)
+    typer.echo(f"removed secret {name!r}")
+
+
+def env_command(
+    shell: str = typer.Option("sh", "--shell", help=f"Output syntax: {', '.join(SHELLS)}."),
+    config: str | None = ConfigOption,
+) -> None:
+    """Print the placeholder exports for the AI tools, e.g. eval "$(sudo llmtap env)"."""
+    if shell not in SHELLS:
+        raise UsageError(f"--shell must be one of {', '.join(SHELLS)}, not {shell!r}")
+    paths, _ = open_store(load_config(config))
+    for line in env_lines(store.read_store(paths), shell):
+        typer.echo(line)
+
+
+def env_lines(items: list[store.Secret], shell: str) -> list[str]:
+    exports: dict[str, str] = {}
+    lines = []
+    for secret in items:
+        names = [var for host in secret.hosts for var in store.ENV_VARS.get(host, ())]
+        for var in names:
+            exports.setdefault(var, secret.placeholder)  # the first secret for a provider wins
+        if not names:
+            lines.append(f"# secret {secret.name!r} ({', '.join(secret.hosts)}) has no standard "
+                         f"variable; its placeholder: {secret.placeholder}")
+    syntax = {"sh": "export {}='{}'", "fish": "set -gx {} '{}'", "powershell": "$env:{} = '{}'"}[shell]
+    return [syntax.format(var, value) for var, value in exports.items()] + lines

@@ -1,0 +1,434 @@
+"""The secret store: real API keys at rest under `state_dir/secrets/`, for the service user only.
+
+    state_dir/secrets/          0700, owned by the service user (the worker reads it)
+        secrets.json            0600: names, hosts, placeholders, sealed values or references
+        store.key               0600: the AES-GCM key that seals the values in secrets.json
+        usage.json              0600: last-used times, written by the worker (never by root)
+        .lock                   serialises the CLI's read-modify-write
+
+Values are sealed so that the plain key is in no file (a grep of the state dir, a backup of
+secrets.json alone or a pasted bug report does not reveal it); anyone who can read both files can
+unseal them, so the real protection is the ownership and modes, which are checked on every read.
+A value may instead be a reference (`env:VAR`, `file:PATH`, `keyring:SERVICE/USER`) that the
+daemon resolves when it starts, in the root supervisor, before the worker drops its privileges.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime
+import fcntl
+import json
+import os
+import re
+import secrets
+import stat
+import string
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from llmtap.config import HOSTNAME_RE
+from llmtap.errors import RuntimeFailure, UsageError
+
+SECRETS_DIR = "secrets"
+HEADERS = ("x-api-key", "authorization", "api-key", "x-goog-api-key", "query:key")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+REF_RE = re.compile(r"^(env|file|keyring):")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Keys are single tokens: anything else would corrupt a header or a query string.
+VALUE_RE = re.compile(r"^[\x21-\x7e]+$")
+
+# Where each provider's tools expect their key, and which variables they read it from.
+DEFAULT_HEADERS = {
+    "api.anthropic.com": "x-api-key",
+    "generativelanguage.googleapis.com": "x-goog-api-key",
+}
+ENV_VARS = {
+    "api.anthropic.com": ("ANTHROPIC_API_KEY",),
+    "api.openai.com": ("OPENAI_API_KEY", "CODEX_API_KEY"),
+    "generativelanguage.googleapis.com": ("GEMINI_API_KEY", "GOOGLE_API_KEY"),
+    "api.mistral.ai": ("MISTRAL_API_KEY",),
+    "api.x.ai": ("XAI_API_KEY",),
+    "api.deepseek.com": ("DEEPSEEK_API_KEY",),
+    "api.groq.com": ("GROQ_API_KEY",),
+    "openrouter.ai": ("OPENROUTER_API_KEY",),
+}
+
+_URLSAFE = string.ascii_letters + string.digits + "-_"
+_ALNUM = string.ascii_letters + string.digits
+_HEX = "0123456789abcdef"
+
+
+def _random(alphabet: str, length: int) -> str:
+    return "".join(secrets.choice(alphabet) for _ in range(length))
+
+
+# Placeholders have the shape of the provider's real keys (client-side format checks pass) and
+# at least 190 random bits, so nobody can guess one that llmtap would fill in.
+_FORMATS = {
+    "anthropic": lambda: "sk-ant-api03-" + _random(_URLSAFE, 93) + "AA",
+    "openai": lambda: "sk-proj-" + _random(_URLSAFE, 74) + "T3BlbkFJ" + _random(_URLSAFE, 74),
+    "google": lambda: "AIza" + _random(_URLSAFE, 35),
+    "mistral": lambda: _random(_ALNUM, 32),
+    "xai": lambda: "xai-" + _random(_ALNUM, 80),
+    "deepseek": lambda: "sk-" + _random(_HEX, 48),
+    "groq": lambda: "gsk_" + _random(_ALNUM, 52),
+    "openrouter": lambda: "sk-or-v1-" + _random(_HEX, 64),
+    "generic": lambda: "sk-" + _random(_ALNUM, 48),
+}
+_FORMAT_BY_HOST = {
+    "api.anthropic.com": "anthropic",
+    "api.openai.com": "openai",
+    "generativelanguage.googleapis.com": "google",
+    "api.mistral.ai": "mistral",
+    "api.x.ai": "xai",
+    "api.deepseek.com": "deepseek",
+    "api.groq.com": "groq",
+    "openrouter.ai": "openrouter",
+}
+_FORMAT_BY_PREFIX = (("sk-ant-", "anthropic"), ("sk-or-", "openrouter"), ("sk-", "openai"),
+                     ("AIza", "google"), ("xai-", "xai"), ("gsk_", "groq"))
+
+
+def make_placeholder(hosts: tuple[str, ...], value: str | None) -> str:
+    """A placeholder shaped like the key the first host expects (else like the value itself)."""
+    kind = _FORMAT_BY_HOST.get(hosts[0]) if hosts else None
+    if kind is None and value:
+        kind = next((k for prefix, k in _FORMAT_BY_PREFIX if value.startswith(prefix)), None)
+    return _FORMATS[kind or "generic"]()
+
+
+@dataclass(frozen=True)
+class Secret:
+    name: str
+    id: str  # random; keys the usage file, so a re-created name starts as "never used"
+    hosts: tuple[str, ...]
+    header: str  # where the key goes when llmtap adds it (`when_absent`)
+    when_absent: bool
+    placeholder: str
+    created_at: str
+    updated_at: str
+    sealed: str | None = None  # base64(nonce + AES-GCM ciphertext) of a literal value
+    ref: str | None = None  # env:VAR | file:PATH | keyring:SERVICE/USER, resolved at start
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Secret:
+        return cls(**{**raw, "hosts": tuple(raw["hosts"])})
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+# --- input checks (each failure is one line naming the flag) ---
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise UsageError(f"secret name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
+    return name
+
+
+def check_hosts(hosts: list[str]) -> tuple[str, ...]:
+    cleaned = tuple(dict.fromkeys(h.strip().lower().rstrip(".") for h in hosts))
+    for host in cleaned:
+        if not HOSTNAME_RE.match(host):
+            raise UsageError(f"--host {host!r} is not a host name")
+    return cleaned
+
+
+def check_header(header: str | None, hosts: tuple[str, ...]) -> str:
+    if header is None:
+        return DEFAULT_HEADERS.get(hosts[0], "authorization") if hosts else "authorization"
+    if header.lower() not in HEADERS:
+        raise UsageError(f"--header must be one of {', '.join(HEADERS)}, not {header!r}")
+    return header.lower()
+
+
+def check_value(value: str) -> str:
+    value = value.strip()
+    if not value:
+        raise UsageError("empty value: pipe the key on stdin or type it at the prompt")
+    if not VALUE_RE.match(value):
+        raise UsageError("the value must be one token of printable ASCII (no spaces or newlines)")
+    return value
+
+
+def check_reference(ref: str) -> str:
+    kind, _, rest = ref.partition(":")
+    if kind == "env" and ENV_NAME_RE.match(rest):
+        return ref
+    if kind == "file" and rest.startswith("/"):
+        return ref
+    if kind == "keyring" and keyring_parts(ref) is not None:
+        return ref
+    raise UsageError(f"bad reference {ref!r}: use env:VAR, file:/absolute/path or keyring:SERVICE/USER")
+
+
+def keyring_parts(ref: str) -> tuple[str, str] | None:
+    service, _, user = ref.removeprefix("keyring:").rpartition("/")
+    return (service, user) if service and user else None
+
+
+def is_reference(value: str) -> bool:
+    return bool(REF_RE.match(value))
+
+
+# --- files, ownership and modes ---
+
+
+@dataclass(frozen=True)
+class StorePaths:
+    directory: Path
+
+    @classmethod
+    def under(cls, state_dir: Path) -> StorePaths:
+        return cls(Path(state_dir) / SECRETS_DIR)
+
+    @property
+    def store(self) -> Path:
+        return self.directory / "secrets.json"
+
+    @property
+    def key(self) -> Path:
+        return self.directory / "store.key"
+
+    @property
+    def usage(self) -> Path:
+        return self.directory / "usage.json"
+
+    @property
+    def lock(self) -> Path:
+        return self.directory / ".lock"
+
+
+def check_permissions(paths: StorePaths, owner_uid: int, owner_name: str) -> None:
+    """Refuses (exit 2) a store anyone but the service user could read, naming the fix."""
+    for path, mode in ((paths.directory, 0o700), (paths.store, 0o600), (paths.key, 0o600)):
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        except PermissionError:
+            raise UsageError(f"cannot read the secret store in {paths.directory}: run it with sudo") from None
+        wrong = []
+        if stat.S_ISLNK(info.st_mode):
+            raise UsageError(f"{path} is a symbolic link: the secret store must be a plain file")
+        if info.st_uid != owner_uid:
+            wrong.append(f"owned by uid {info.st_uid}")
+        if stat.S_IMODE(info.st_mode) & 0o077:
+            wrong.append(f"mode {stat.S_IMODE(info.st_mode):04o}")
+        if wrong:
+            raise UsageError(
+                f"refusing the secret store: {path} is {' and '.join(wrong)} (must be {owner_name}, "
+                f"{mode:04o}); fix: sudo chown {owner_name}: {path} && sudo chmod {mode:o} {path}"
+            )
+
+
+def ensure_directory(paths: StorePaths, uid: int, gid: int) -> None:
+    state_dir = paths.directory.parent
+    if not state_dir.exists():
+        state_dir.mkdir(mode=0o700, parents=True)
+        os.chown(state_dir, uid, gid)
+    if not paths.directory.exists():
+        paths.directory.mkdir(mode=0o700)
+        os.chown(paths.directory, uid, gid)
+
+
+@contextlib.contextmanager
+def locked(paths: StorePaths, uid: int, gid: int) -> Iterator[None]:
+    """Serialises the CLI's read-modify-write of the store (the worker only reads)."""
+    try:
+        fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except PermissionError:
+        raise UsageError(f"cannot write the secret store in {paths.directory}: run it with sudo") from None
+    try:
+        if os.geteuid() == 0:
+            os.fchown(fd, uid, gid)  # the service user may manage the store too
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def write_private(path: Path, data: bytes, uid: int, gid: int, durable: bool = True) -> None:
+    """Atomically replaces `path` with a 0600 file owned by uid:gid (synced if `durable`)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            if os.geteuid() == 0:
+                os.fchown(out.fileno(), uid, gid)
+            if durable:
+                os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def read_store(paths: StorePaths) -> list[Secret]:
+    try:
+        raw = json.loads(paths.store.read_text(encoding="utf-8"))
+        return [Secret.from_json(item) for item in raw["secrets"]]
+    except FileNotFoundError:
+        return []
+    except PermissionError:
+        raise UsageError(f"cannot read the secret store in {paths.directory}: run it with sudo") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RuntimeFailure(f"secret store {paths.store} is damaged ({type(exc).__name__})") from None
+
+
+def write_store(paths: StorePaths, items: list[Secret], uid: int, gid: int) -> None:
+    document = {"version": 1, "secrets": [asdict(s) for s in items]}
+    write_private(paths.store, (json.dumps(document, indent=2) + "\n").encode(), uid, gid)
+
+
+# --- sealing ---
+
+
+def read_key(paths: StorePaths) -> bytes | None:
+    try:
+        key = base64.b64decode(paths.key.read_bytes().strip(), validate=True)
+    except FileNotFoundError:
+        return None
+    except PermissionError:
+        raise UsageError(f"cannot read the secret store in {paths.directory}: run it with sudo") from None
+    except ValueError:
+        raise RuntimeFailure(f"{paths.key} is damaged") from None
+    if len(key) != 32:
+        raise RuntimeFailure(f"{paths.key} is damaged")
+    return key
+
+
+def ensure_key(paths: StorePaths, uid: int, gid: int) -> bytes:
+    key = read_key(paths)
+    if key is None:
+        key = AESGCM.generate_key(bit_length=256)
+        write_private(paths.key, base64.b64encode(key) + b"\n", uid, gid)
+    return key
+
+
+def seal(key: bytes, secret_id: str, value: str) -> str:
+    nonce = secrets.token_bytes(12)
+    return base64.b64encode(nonce + AESGCM(key).encrypt(nonce, value.encode(), secret_id.encode())).decode()
+
+
+def unseal(key: bytes, secret_id: str, sealed: str) -> str:
+    try:
+        blob = base64.b64decode(sealed)
+        return AESGCM(key).decrypt(blob[:12], blob[12:], secret_id.encode()).decode()
+    except (InvalidTag, ValueError):
+        raise RuntimeFailure("cannot unseal: store.key does not match secrets.json") from None
+
+
+def new_secret(name: str, hosts: tuple[str, ...], header: str, when_absent: bool,
+               value: str, key: bytes, previous: Secret | None = None) -> Secret:
+    """A secret for `value` (a key or a reference); a replaced one keeps its placeholder and id."""
+    stamp = now()
+    secret_id = previous.id if previous else secrets.token_hex(8)
+    ref = value if is_reference(value) else None
+    return Secret(
+        name=name,
+        id=secret_id,
+        hosts=hosts,
+        header=header,
+        when_absent=when_absent,
+        placeholder=previous.placeholder if previous else make_placeholder(hosts, None if ref else value),
+        created_at=previous.created_at if previous else stamp,
+        updated_at=stamp,
+        sealed=None if ref else seal(key, secret_id, value),
+        ref=ref,
+    )
+
+
+def read_usage(paths: StorePaths) -> dict[str, str]:
+    """Last-used times by secret id (written by the worker; missing or damaged: none)."""
+    try:
+        usage = json.loads(paths.usage.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in usage.items()} if isinstance(usage, dict) else {}
+
+
+# --- references, resolved at daemon start ---
+
+
+class ResolutionError(Exception):
+    """Why a reference gave no value. The message never contains a secret."""
+
+
+# Filled by the root supervisor before it forks the worker, which inherits it: the worker can
+# neither read root-only files nor reach root's keyring once it has dropped its privileges.
+_AT_START: dict[str, str | ResolutionError] = {}
+
+
+def resolve(ref: str, keyring_allowed: bool = False) -> str:
+    """The value a reference points to, in this process's environment (the daemon's)."""
+    if ref in _AT_START:
+        cached = _AT_START[ref]
+        if isinstance(cached, ResolutionError):
+            raise cached
+        return cached
+    kind, _, rest = ref.partition(":")
+    if kind == "env":
+        value = os.environ.get(rest)
+        if value is None:
+            raise ResolutionError("not set in the daemon's environment")
+    elif kind == "file":
+        try:
+            value = Path(rest).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ResolutionError(f"cannot read {rest}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ResolutionError(f"{rest} is not text") from None
+    elif kind == "keyring":
+        if not keyring_allowed:
+            raise ResolutionError("keyring references are resolved at start: restart the daemon")
+        value = _from_keyring(ref)
+    else:
+        raise ResolutionError("not a reference")
+    value = value.strip()
+    if not value or not VALUE_RE.match(value):
+        raise ResolutionError("the value it gives is empty or not one token")
+    return value
+
+
+def _from_keyring(ref: str) -> str:
+    # Imported here: only the root supervisor resolves keyring references (before the fork, so
+    # the worker never needs it) and the CLI should not pay for the import.
+    import keyring
+    import keyring.errors
+
+    service, user = keyring_parts(ref) or ("", "")
+    try:
+        value = keyring.get_password(service, user)
+    except keyring.errors.KeyringError as exc:
+        raise ResolutionError(f"keyring error: {type(exc).__name__}: {exc}") from None
+    if value is None:
+        raise ResolutionError(f"no password for service {service!r}, user {user!r} in the keyring")
+    return value
+
+
+def resolve_at_start(state_dir: Path, owner_uid: int, owner_name: str) -> None:
+    """In the supervisor, as root, before the fork: checks the store and resolves its references.
+
+    Failures are kept and reported by the worker, which answers that secret's placeholder with an
+    error; a store with wrong ownership or modes stops the daemon (exit 2, with the fix).
+    """
+    paths = StorePaths.under(state_dir)
+    check_permissions(paths, owner_uid, owner_name)
+    for item in read_store(paths):
+        if item.ref and item.ref not in _AT_START:
+            try:
+                _AT_START[item.ref] = resolve(item.ref, keyring_allowed=True)
+            except ResolutionError as exc:
+                _AT_START[item.ref] = exc

@@ -1,0 +1,1 @@
+"""Service unit templates and packaging files, shipped as `llmtap.installers` package data."""

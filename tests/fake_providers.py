@@ -1,0 +1,220 @@
+"""Wire-accurate provider replies for tests/fake_upstream.py, from the fixture streams.
+
+Any request may steer the reply with headers:
+    x-fake-fixture: NAME        serve tests/fixtures/streams/NAME with its status and content type
+                                (streams.FIXTURES); openai_chat_stream.sse loses its usage-only
+                                event unless the request set stream_options.include_usage
+    x-fake-encoding: E          gzip | deflate | br | zstd (a stream is flushed chunk by chunk)
+    x-fake-truncate: N          only the first N bytes of the body, then a clean end
+    x-fake-abort: N             N bytes of the (encoded) body, then the connection is reset
+    x-fake-lie-encoding: E      claim content-encoding E while sending the body as it is
+    x-fake-body: TEXT           this body (200, application/json) instead of a fixture
+    x-fake-big: N               an N-byte Messages reply (its usage at the very end)
+    x-fake-bomb: N              a gzip body that inflates to N bytes
+    x-fake-pause-ms: N          pause between stream chunks (default 10)
+Without them these paths get their fixture: POST /v1/responses, /v1/messages/count_tokens, and
+Gemini's :generateContent, :streamGenerateContent (alt=sse or the JSON array) and :countTokens.
+The Responses WebSocket (GET /v1/responses, upgraded) answers each `response.create` with the
+fixture's events, one text message each. Error fixtures come with their rate-limit headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import re
+import zlib
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import brotli
+import streams
+import zstandard
+
+Scope = dict[str, Any]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Headers = list[tuple[bytes, bytes]]
+
+SIZES = (1, 7, 3, 64, 2, 31, 5, 128)  # cut lines, events and characters apart
+BIG_PIECE = 1024 * 1024
+RATE_LIMIT_HEADERS: dict[str, Headers] = {
+    "api.anthropic.com": [(b"retry-after", b"7"), (b"anthropic-ratelimit-requests-remaining", b"0"),
+                          (b"request-id", b"req_011CSHoEeqs5C35K2UUqR7Fy"), (b"x-should-retry", b"true")],
+    "api.openai.com": [(b"retry-after-ms", b"2000"), (b"x-ratelimit-remaining-tokens", b"0"),
+                       (b"x-ratelimit-reset-tokens", b"2s"), (b"x-request-id", b"req_fake429")],
+    "generativelanguage.googleapis.com": [(b"retry-after", b"30")],
+}
+_GEMINI = re.compile(r"/models/[^/:]+:(generateContent|streamGenerateContent|countTokens)$")
+
+
+@dataclass
+class Reply:
+    status: int
+    content_type: str
+    body: bytes
+    streamed: bool  # sent in small pieces with pauses, no content-length
+    headers: Headers = field(default_factory=list)
+
+
+def chunks_of(data: bytes) -> Iterator[bytes]:
+    position, i = 0, 0
+    while position < len(data):
+        yield data[position : position + SIZES[i % len(SIZES)]]
+        position += SIZES[i % len(SIZES)]
+        i += 1
+
+
+class Encoder:
+    """Incremental content-encoding: each piece is flushed so the client can decode it at once."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        if name in ("gzip", "deflate"):
+            self._zlib = zlib.compressobj(6, zlib.DEFLATED, 31 if name == "gzip" else 15)
+        elif name == "br":
+            self._br = brotli.Compressor()
+        elif name == "zstd":
+            self._zstd = zstandard.ZstdCompressor().compressobj()
+        else:
+            raise ValueError(f"unknown encoding {name}")
+
+    def piece(self, data: bytes) -> bytes:
+        if self.name in ("gzip", "deflate"):
+            return self._zlib.compress(data) + self._zlib.flush(zlib.Z_SYNC_FLUSH)
+        if self.name == "br":
+            return bytes(self._br.process(data)) + bytes(self._br.flush())
+        return self._zstd.compress(data) + self._zstd.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+
+    def end(self) -> bytes:
+        if self.name in ("gzip", "deflate"):
+            return self._zlib.flush()
+        if self.name == "br":
+            return bytes(self._br.finish())
+        return self._zstd.flush()
+
+
+def wire_pieces(reply: Reply, encoding: str | None) -> list[bytes]:
+    pieces = list(chunks_of(reply.body)) if reply.streamed else [reply.body]
+    if not encoding:
+        return pieces
+    encoder = Encoder(encoding)
+    encoded = [encoder.piece(p) for p in pieces] + [encoder.end()]
+    return [p for p in encoded if p]
+
+
+def fixture_reply(name: str, request: dict[str, Any], host: str) -> Reply:
+    if name == "openai_chat_stream.sse" and not (request.get("stream_options") or {}).get("include_usage"):
+        name = "openai_chat_stream_stripped.sse"  # what OpenAI sends a client that did not ask
+    fixture = streams.FIXTURES[name]
+    streamed = fixture.content_type == streams.SSE or name == "gemini_stream.json"
+    headers = RATE_LIMIT_HEADERS.get(host, []) if fixture.status in (429, 529) else []
+    return Reply(fixture.status, fixture.content_type, fixture.body, streamed, list(headers))
+
+
+def default_fixture(method: str, path: str, query: str, request: dict[str, Any]) -> str | None:
+    """The fixture a path gets without asking; None leaves it to fake_upstream."""
+    streamed = bool(request.get("stream"))
+    if method == "POST" and path == "/v1/responses":
+        return "openai_responses_stream.sse" if streamed else "openai_responses.json"
+    if method == "POST" and path == "/v1/messages/count_tokens":
+        return "anthropic_count_tokens.json"
+    if (match := _GEMINI.search(path)) and method == "POST":
+        kind = match.group(1)
+        if kind == "streamGenerateContent":
+            return "gemini_stream.sse" if "alt=sse" in query else "gemini_stream.json"
+        return "gemini_count_tokens.json" if kind == "countTokens" else "gemini_generate.json"
+    return None
+
+
+def big_reply(size: int) -> Reply:
+    head = (b'{"id": "msg_big", "type": "message", "role": "assistant", '
+            b'"model": "claude-sonnet-4-5-20250929", "content": [{"type": "text", "text": "')
+    tail = (b'"}], "stop_reason": "max_tokens", "stop_sequence": null, "usage": {"input_tokens": 100, '
+            b'"cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": 64000}}')
+    return Reply(200, streams.JSON, head + b"a" * (size - len(head) - len(tail)) + tail, False)
+
+
+@functools.cache
+def bomb(size: int) -> bytes:
+    encoder = zlib.compressobj(9, zlib.DEFLATED, 31)
+    block = b" " * BIG_PIECE
+    parts = [encoder.compress(b'{"type": "message", "text": "')]
+    parts += [encoder.compress(block) for _ in range(size // BIG_PIECE)]
+    return b"".join(parts) + encoder.compress(b'"}') + encoder.flush()
+
+
+def choose(scope: Scope, request: dict[str, Any], headers: dict[str, str]) -> Reply | None:
+    host = headers.get("host", headers.get(":authority", "")).split(":")[0]
+    if "x-fake-body" in headers:
+        return Reply(200, streams.JSON, headers["x-fake-body"].encode(), False)
+    if "x-fake-big" in headers:
+        return big_reply(int(headers["x-fake-big"]))
+    if "x-fake-bomb" in headers:
+        reply = Reply(200, streams.JSON, bomb(int(headers["x-fake-bomb"])), False)
+        reply.headers.append((b"content-encoding", b"gzip"))
+        return reply
+    name = headers.get("x-fake-fixture") or default_fixture(
+        scope["method"], scope["path"], scope.get("query_string", b"").decode(), request)
+    return fixture_reply(name, request, host) if name else None
+
+
+async def handle(scope: Scope, body: bytes, send: Send) -> bool:
+    """Answers the request if a fixture applies; False leaves it to fake_upstream."""
+    headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+    try:
+        request = json.loads(body) if body else {}
+    except ValueError:
+        request = {}
+    reply = choose(scope, request if isinstance(request, dict) else {}, headers)
+    if reply is None:
+        return False
+    if "x-fake-truncate" in headers:
+        reply.body = reply.body[: int(headers["x-fake-truncate"])]
+    await send_reply(send, reply, headers)
+    return True
+
+
+async def send_reply(send: Send, reply: Reply, headers: dict[str, str]) -> None:
+    encoding = headers.get("x-fake-encoding")
+    pieces = wire_pieces(reply, encoding)
+    out: Headers = [(b"content-type", reply.content_type.encode()), *reply.headers]
+    if encoding or "x-fake-lie-encoding" in headers:
+        out.append((b"content-encoding", (encoding or headers["x-fake-lie-encoding"]).encode()))
+    if not reply.streamed:
+        out.append((b"content-length", str(sum(map(len, pieces))).encode()))
+    await send({"type": "http.response.start", "status": reply.status, "headers": out})
+    abort = int(headers["x-fake-abort"]) if "x-fake-abort" in headers else None
+    pause = int(headers.get("x-fake-pause-ms", "10")) / 1000 if reply.streamed else 0
+    sent = 0
+    for piece in pieces:
+        for part in (piece[i : i + BIG_PIECE] for i in range(0, len(piece), BIG_PIECE)):
+            if abort is not None and sent + len(part) > abort:
+                await send({"type": "http.response.body", "body": part[: abort - sent], "more_body": True})
+                raise ConnectionAbortedError("x-fake-abort")  # hypercorn resets the connection
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+            sent += len(part)
+        if pause:
+            await asyncio.sleep(pause)
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def websocket(scope: Scope, receive: Receive, send: Send,
+                    log: Callable[[Scope, bytes], None]) -> None:
+    """The Responses WebSocket: every response.create gets the fixture's server events."""
+    log({**scope, "method": "WEBSOCKET"}, b"")
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.connect":
+            await send({"type": "websocket.accept"})
+        elif message["type"] == "websocket.disconnect":
+            return
+        elif message["type"] == "websocket.receive":
+            text = message.get("text") or (message.get("bytes") or b"").decode()
+            log({**scope, "method": "WEBSOCKET"}, text.encode())
+            if json.loads(text).get("type") == "response.create":
+                for line in streams.openai_responses_ws_messages():
+                    await send({"type": "websocket.send", "text": line.decode()})
+                    await asyncio.sleep(0.005)

@@ -1,0 +1,197 @@
+"""The name-constrained CA as real runtimes see it: curl, Python and Node accept a leaf it signs for
+a target and reject one it signs for any other name (or one carrying an IP address), whoever holds
+the key. A TLS server on loopback picks the leaf by SNI; clients reach it with --resolve / an
+explicit address, so no name is ever looked up.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from llmtap.ca import create_ca
+
+TARGET = "api.anthropic.com"
+SUBDOMAIN = "eu.api.anthropic.com"  # covered: inside the permitted subtree
+OTHER = "www.example.com"
+WITH_IP = "api.openai.com"  # a target, but its leaf also names an IP address (excluded subtree)
+NODE = shutil.which("node")
+
+
+def issue(ca_key_pem: bytes, ca_cert_pem: bytes, names: list[x509.GeneralName]) -> tuple[bytes, bytes]:
+    """A server leaf signed by the CA, as anyone holding the CA key could make one."""
+    ca_key = serialization.load_pem_private_key(ca_key_pem, None)
+    ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    first = next(str(n.value) for n in names if isinstance(n, x509.DNSName))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, first)]))
+        .issuer_name(ca_cert.subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+            ca_cert.public_key()), critical=False)  # type: ignore[arg-type]
+        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return key_pem, cert.public_bytes(serialization.Encoding.PEM)
+
+
+class SniServer:
+    """TLS on 127.0.0.1: the leaf for the client's SNI, then a tiny HTTP answer."""
+
+    def __init__(self, leaves: dict[str, tuple[Path, Path]]) -> None:
+        self.contexts = {}
+        for name, (cert, key) in leaves.items():
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(cert, key)
+            self.contexts[name] = ctx
+        self.default = next(iter(self.contexts.values()))
+        self.default.sni_callback = self._pick
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _pick(self, conn: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
+        conn.context = self.contexts.get(name or "", self.default)
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                raw, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(raw,), daemon=True).start()
+
+    def _answer(self, raw: socket.socket) -> None:
+        raw.settimeout(10)
+        try:
+            with self.default.wrap_socket(raw, server_side=True) as tls:
+                tls.recv(4096)
+                tls.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+        except (OSError, ssl.SSLError):
+            pass  # the client refused our certificate: exactly what some tests expect
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def bed(tmp_path_factory) -> Iterator[tuple[SniServer, Path]]:
+    directory = tmp_path_factory.mktemp("nc-ca")
+    ca_key, ca_cert = create_ca((TARGET, WITH_IP))
+    ca_file = directory / "ca.pem"
+    ca_file.write_bytes(ca_cert)
+    names: dict[str, list[x509.GeneralName]] = {
+        TARGET: [x509.DNSName(TARGET)],
+        SUBDOMAIN: [x509.DNSName(SUBDOMAIN)],
+        OTHER: [x509.DNSName(OTHER)],
+        WITH_IP: [x509.DNSName(WITH_IP), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+    }
+    leaves = {}
+    for name, sans in names.items():
+        key_pem, cert_pem = issue(ca_key, ca_cert, sans)
+        cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+        cert.write_bytes(cert_pem)
+        key.write_bytes(key_pem)
+        leaves[name] = (cert, key)
+    server = SniServer(leaves)
+    yield server, ca_file
+    server.close()
+
+
+def curl(bed: tuple[SniServer, Path], host: str) -> subprocess.CompletedProcess[str]:
+    server, ca_file = bed
+    return subprocess.run(
+        ["curl", "-sS", "--max-time", "10", "--noproxy", "*", "--cacert", str(ca_file),
+         "--resolve", f"{host}:{server.port}:127.0.0.1", f"https://{host}:{server.port}/"],
+        capture_output=True, text=True)
+
+
+def python_handshake(bed: tuple[SniServer, Path], host: str) -> str:
+    server, ca_file = bed
+    ctx = ssl.create_default_context(cafile=str(ca_file))
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw, \
+                ctx.wrap_socket(raw, server_hostname=host):
+            return "ok"
+    except ssl.SSLCertVerificationError as exc:
+        return exc.verify_message
+
+
+NODE_CLIENT = """
+const tls = require("tls"), fs = require("fs");
+const [port, host, ca] = process.argv.slice(1);
+const s = tls.connect({host: "127.0.0.1", port: +port, servername: host, ca: fs.readFileSync(ca)},
+  () => { console.log(JSON.stringify({ok: s.authorized})); s.end(); });
+s.on("error", (e) => console.log(JSON.stringify({ok: false, code: e.code, message: e.message})));
+"""
+
+
+def node_handshake(bed: tuple[SniServer, Path], host: str) -> dict[str, object]:
+    server, ca_file = bed
+    result = subprocess.run([NODE or "node", "-e", NODE_CLIENT, str(server.port), host, str(ca_file)],
+                            capture_output=True, text=True, timeout=30)
+    answer: dict[str, object] = json.loads(result.stdout.strip().splitlines()[-1])
+    return answer
+
+
+@pytest.mark.skipif(not shutil.which("curl"), reason="needs curl")
+def test_curl_accepts_targets_and_rejects_other_names(bed):
+    for host in (TARGET, SUBDOMAIN):
+        result = curl(bed, host)
+        assert (result.returncode, result.stdout) == (0, "ok"), result.stderr
+    for host, reason in ((OTHER, "permitted subtree violation"),
+                         (WITH_IP, "excluded subtree violation")):
+        result = curl(bed, host)
+        assert result.returncode == 60 and reason in result.stderr, result.stderr
+
+
+def test_python_accepts_targets_and_rejects_other_names(bed):
+    assert python_handshake(bed, TARGET) == "ok"
+    assert python_handshake(bed, SUBDOMAIN) == "ok"
+    assert python_handshake(bed, OTHER) == "permitted subtree violation"
+    assert python_handshake(bed, WITH_IP) == "excluded subtree violation"
+
+
+def test_httpx_accepts_a_target_and_rejects_another_name(bed):
+    httpx = pytest.importorskip("httpx")
+    server, ca_file = bed
+    # httpx cannot be told an address for a name: connect to 127.0.0.1 and name the host in SNI.
+    transport = httpx.HTTPTransport(verify=ssl.create_default_context(cafile=str(ca_file)))
+    with httpx.Client(transport=transport, trust_env=False) as client:
+        response = client.get(f"https://127.0.0.1:{server.port}/",
+                              extensions={"sni_hostname": TARGET})
+        assert response.text == "ok"
+        with pytest.raises(httpx.ConnectError, match="permitted subtree violation"):
+            client.get(f"https://127.0.0.1:{server.port}/", extensions={"sni_hostname": OTHER})
+
+
+@pytest.mark.skipif(NODE is None, reason="needs Node (apt-get install nodejs)")
+def test_node_accepts_targets_and_rejects_other_names(bed):
+    assert node_handshake(bed, TARGET) == {"ok": True}
+    assert node_handshake(bed, SUBDOMAIN) == {"ok": True}
+    # Node maps these OpenSSL errors to code "UNSPECIFIED"; the message is OpenSSL's own.
+    other = node_handshake(bed, OTHER)
+    assert other["ok"] is False and other["message"] == "permitted subtree violation", other
+    with_ip = node_handshake(bed, WITH_IP)
+    assert with_ip["ok"] is False and with_ip["message"] == "excluded subtree violation", with_ip

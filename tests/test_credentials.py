@@ -1,0 +1,362 @@
+"""The Credentials addon alone, with mitmproxy's test helpers and a store in a temporary dir."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from llmtap import secrets_store as store
+from llmtap.addons import credentials as cred
+from llmtap.addons.credentials import Credentials, CredentialStreams, StreamScrubber
+from llmtap.addons.recorder import fields
+from mitmproxy import ctx, http
+from mitmproxy.test import taddons, tflow
+from mitmproxy.websocket import WebSocketMessage
+
+ANTHROPIC = "sk-ant-api03-REALanthropicKEY0123456789"
+OPENAI = "sk-proj-REALopenaiKEY0123456789"
+GOOGLE = "AIzaREALgoogleKEY0123456789"
+AZURE = "azureREALkey0123456789"
+
+
+def write_secrets(state_dir: Path, *specs: tuple[str, tuple[str, ...], str, bool, str]) -> dict[str, str]:
+    """Writes the store; returns each secret's placeholder by name."""
+    paths = store.StorePaths.under(state_dir)
+    uid, gid = os.getuid(), os.getgid()
+    store.ensure_directory(paths, uid, gid)
+    key = store.ensure_key(paths, uid, gid)
+    old = {s.name: s for s in store.read_store(paths)}
+    items = [store.new_secret(name, hosts, header, absent, value, key, old.get(name))
+             for name, hosts, header, absent, value in specs]
+    store.write_store(paths, items, uid, gid)
+    return {s.name: s.placeholder for s in items}
+
+
+DEFAULT = (
+    ("anthropic", ("api.anthropic.com",), "x-api-key", False, ANTHROPIC),
+    ("openai", ("api.openai.com",), "authorization", False, OPENAI),
+    ("gemini", ("generativelanguage.googleapis.com",), "x-goog-api-key", False, GOOGLE),
+    ("azure", ("api.openai.com",), "api-key", False, AZURE),
+)
+
+
+@pytest.fixture
+def addon(tmp_path: Path) -> Iterator[tuple[Credentials, dict[str, str], Path]]:
+    placeholders = write_secrets(tmp_path, *DEFAULT)
+    addon = Credentials()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, llmtap_state_dir=str(tmp_path))
+        yield addon, placeholders, tmp_path
+
+
+def flow_to(host: str, path: str = "/v1/messages", headers: dict[str, str] | None = None,
+            http2: bool = False, method: str = "POST", content: bytes = b"{}") -> http.HTTPFlow:
+    request = http.Request.make(method, f"https://{host}{path}", content, headers or {})
+    request.http_version = "HTTP/2.0" if http2 else "HTTP/1.1"
+    request.headers["host"] = host
+    flow = tflow.tflow(req=request)
+    flow.client_conn.sni = host
+    flow.client_conn.alpn = b"h2" if http2 else b"http/1.1"
+    return flow
+
+
+def respond(addon: Credentials, flow: http.HTTPFlow, body: bytes = b"ok",
+            headers: dict[str, str] | None = None) -> http.Response:
+    flow.response = http.Response.make(200, body, headers or {})
+    addon.responseheaders(flow)
+    addon.response(flow)
+    return flow.response
+
+
+@pytest.mark.parametrize("http2", [False, True])
+def test_placeholder_becomes_the_real_key_then_goes_back(addon, http2):
+    credentials, ph, _ = addon
+    flow = flow_to("api.anthropic.com", headers={"x-api-key": ph["anthropic"]}, http2=http2)
+    credentials.requestheaders(flow)
+    assert flow.request.headers["x-api-key"] == ANTHROPIC
+    assert fields(flow)["credential"] == "anthropic"
+    respond(credentials, flow)
+    # Once sent, the flow shows what the client sent: nothing that logs it sees the key.
+    assert flow.request.headers["x-api-key"] == ph["anthropic"]
+
+
+def test_every_supported_location(addon):
+    credentials, ph, _ = addon
+    bearer = flow_to("api.openai.com", "/v1/chat/completions",
+                     headers={"Authorization": f"Bearer {ph['openai']}"})
+    azure = flow_to("api.openai.com", "/v1/chat/completions", headers={"api-key": ph["azure"]})
+    goog = flow_to("generativelanguage.googleapis.com", "/v1beta/models/g:generateContent",
+                   headers={"x-goog-api-key": ph["gemini"]})
+    query_path = f"/v1beta/models/g:streamGenerateContent?alt=sse&key={ph['gemini']}&x=a%20b"
+    query = flow_to("generativelanguage.googleapis.com", query_path)
+    for flow in (bearer, azure, goog, query):
+        credentials.requestheaders(flow)
+    assert bearer.request.headers["authorization"] == f"Bearer {OPENAI}"
+    assert azure.request.headers["api-key"] == AZURE
+    assert goog.request.headers["x-goog-api-key"] == GOOGLE
+    assert query.request.path == f"/v1beta/models/g:streamGenerateContent?alt=sse&key={GOOGLE}&x=a%20b"
+    respond(credentials, query)
+    assert query.request.path == query_path  # restored byte for byte
+
+
+def test_websocket_upgrade_is_injected_and_server_messages_scrubbed(addon):
+    credentials, ph, _ = addon
+    flow = flow_to("api.openai.com", "/v1/responses", method="GET", content=b"", headers={
+        "connection": "Upgrade", "upgrade": "websocket", "sec-websocket-version": "13",
+        "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==", "authorization": f"Bearer {ph['openai']}"})
+    credentials.requestheaders(flow)
+    assert flow.request.headers["authorization"] == f"Bearer {OPENAI}"
+    flow.response = http.Response.make(101, b"", {"upgrade": "websocket"})
+    credentials.responseheaders(flow)
+    assert flow.request.headers["authorization"] == f"Bearer {ph['openai']}"
+    flow.websocket = tflow.twebsocket()
+    flow.websocket.messages = [WebSocketMessage(1, False, f'{{"echo": "{OPENAI}"}}'.encode())]
+    credentials.websocket_message(flow)
+    assert flow.websocket.messages[-1].content == f'{{"echo": "{ph["openai"]}"}}'.encode()
+
+
+def test_only_an_exact_placeholder_is_replaced(addon):
+    credentials, ph, _ = addon
+    near = [ph["anthropic"] + "x", ph["anthropic"][:-1], "Bearer " + ph["anthropic"]]
+    for value in near:
+        flow = flow_to("api.anthropic.com", headers={"x-api-key": value})
+        credentials.requestheaders(flow)
+        assert flow.request.headers["x-api-key"] == value and flow.response is None
+    other = flow_to("api.anthropic.com", headers={"x-other": ph["anthropic"]})
+    credentials.requestheaders(other)
+    assert other.request.headers["x-other"] == ph["anthropic"]
+
+
+@pytest.mark.parametrize(("host", "header", "shape"), [
+    ("api.openai.com", "x-api-key", lambda b: b["error"]["code"] == "llmtap_credential_blocked"),
+    ("api.anthropic.com", "authorization", lambda b: b["type"] == "error"
+     and b["error"]["type"] == "permission_error"),
+    ("generativelanguage.googleapis.com", "x-goog-api-key",
+     lambda b: b["error"]["status"] == "PERMISSION_DENIED"),
+])
+def test_placeholder_to_an_unbound_host_is_blocked_in_the_providers_shape(addon, host, header, shape,
+                                                                          caplog):
+    credentials, ph, _ = addon
+    name = "openai" if host == "api.anthropic.com" else "anthropic"
+    value = f"Bearer {ph[name]}" if header == "authorization" else ph[name]
+    flow = flow_to(host, headers={header: value})
+    with caplog.at_level(logging.WARNING):
+        credentials.requestheaders(flow)
+    assert flow.response is not None and flow.response.status_code == 403
+    body = json.loads(flow.response.content or b"")
+    assert shape(body)
+    assert f"secret {name!r} may only be sent to" in json.dumps(body)
+    assert fields(flow)["credential"] == name and "blocked" in fields(flow)["error"]
+    assert flow.request.headers[header] == value  # never replaced
+    assert ANTHROPIC not in caplog.text and OPENAI not in caplog.text
+    assert "blocked this request" in caplog.text
+
+
+def test_sni_and_host_must_both_be_bound(addon):
+    credentials, ph, _ = addon
+    flow = flow_to("api.anthropic.com", headers={"x-api-key": ph["anthropic"]})
+    flow.client_conn.sni = "api.openai.com"
+    credentials.requestheaders(flow)
+    assert flow.response is not None and flow.response.status_code == 403
+
+
+def test_when_absent_adds_the_key_only_when_the_client_sends_none(tmp_path):
+    ph = write_secrets(tmp_path, ("claude", ("api.anthropic.com",), "x-api-key", True, ANTHROPIC),
+                       ("g", ("generativelanguage.googleapis.com",), "query:key", True, GOOGLE))
+    addon = Credentials()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, llmtap_state_dir=str(tmp_path))
+        bare = flow_to("api.anthropic.com")
+        oauth = flow_to("api.anthropic.com", headers={"authorization": "Bearer sk-ant-oat01-own"})
+        gemini = flow_to("generativelanguage.googleapis.com", "/v1beta/models?pageSize=5")
+        for flow in (bare, oauth, gemini):
+            addon.requestheaders(flow)
+        assert bare.request.headers["x-api-key"] == ANTHROPIC
+        assert fields(bare)["credential"] == "claude"
+        assert "x-api-key" not in oauth.request.headers and "credential" not in fields(oauth)
+        assert gemini.request.path == f"/v1beta/models?pageSize=5&key={GOOGLE}"
+        respond(addon, bare)
+        assert "x-api-key" not in bare.request.headers  # back to what the client sent
+    assert ph["claude"].startswith("sk-ant-api03-")
+
+
+def test_real_key_from_a_client_is_flagged_and_never_logged(addon, caplog):
+    credentials, ph, _ = addon
+    flow = flow_to("api.anthropic.com", headers={"x-api-key": ANTHROPIC})
+    with caplog.at_level(logging.WARNING):
+        credentials.requestheaders(flow)
+    assert flow.response is None
+    assert fields(flow)["credential_alerts"] == [
+        {"secret": "anthropic", "where": "x-api-key", "alert": "real key sent by the client"}]
+    assert "real key of secret 'anthropic'" in caplog.text and ANTHROPIC not in caplog.text
+    respond(credentials, flow, body=f"echo {ANTHROPIC}".encode())
+    assert flow.request.headers["x-api-key"] == ph["anthropic"]
+    assert flow.response.content == f"echo {ph['anthropic']}".encode()
+    leak = flow_to("api.openai.com", headers={"authorization": f"Bearer {ANTHROPIC}"})
+    credentials.requestheaders(leak)
+    assert leak.response is not None and leak.response.status_code == 403
+
+
+def test_real_key_in_a_request_body_is_flagged(addon):
+    credentials, _, _ = addon
+    flow = flow_to("api.openai.com", content=json.dumps({"prompt": f"my key is {GOOGLE}"}).encode())
+    credentials.requestheaders(flow)
+    credentials.request(flow)
+    assert fields(flow)["credential_alerts"][0]["secret"] == "gemini"
+
+
+def test_echoed_key_in_headers_and_bodies_becomes_the_placeholder(addon):
+    credentials, ph, _ = addon
+    flow = flow_to("api.anthropic.com", headers={"x-api-key": ph["anthropic"]})
+    credentials.requestheaders(flow)
+    response = respond(credentials, flow, body=f'{{"k": "{ANTHROPIC}"}}'.encode(),  # gzipped by make()
+                       headers={"x-echo": f"key={ANTHROPIC}", "content-encoding": "gzip"})
+    assert (response.raw_content or b"")[:2] == b"\x1f\x8b"
+    assert response.headers["x-echo"] == f"key={ph['anthropic']}"
+    assert response.content == f'{{"k": "{ph["anthropic"]}"}}'.encode()
+    assert ANTHROPIC.encode() not in (response.raw_content or b"")
+
+
+def chunked(data: bytes, size: int) -> list[bytes]:
+    return [data[i:i + size] for i in range(0, len(data), size)]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 13, 40, 1000])
+def test_stream_scrubber_catches_a_key_split_across_chunks(size):
+    pairs = ((ANTHROPIC.encode(), b"PLACEHOLDER-A"), (OPENAI.encode(), b"PLACEHOLDER-O"))
+    stream = f"data: {ANTHROPIC}\n\ndata: s sk sk-p {OPENAI}{ANTHROPIC}\n\nsk-ant".encode()
+    scrubber = StreamScrubber(pairs, True)
+    out = b"".join(scrubber(c) for c in chunked(stream, size)) + scrubber(b"")  # type: ignore[operator]
+    assert out == b"data: PLACEHOLDER-A\n\ndata: s sk sk-p PLACEHOLDER-OPLACEHOLDER-A\n\nsk-ant"
+
+
+def test_stream_scrubber_holds_back_only_what_could_start_a_key():
+    scrubber = StreamScrubber(((ANTHROPIC.encode(), b"P"),), True)
+    assert scrubber(b'data: {"text": "hello"}\n\n') == b'data: {"text": "hello"}\n\n'
+    assert scrubber(b"ends with sk-an") == b"ends with "
+    assert scrubber(b"d more") == b"sk-and more"
+
+
+def test_stream_scrubber_feeds_another_addons_callable_and_ends_it_once():
+    seen: list[bytes] = []
+
+    def inner(data: bytes) -> bytes:
+        seen.append(data)
+        return data.upper()
+
+    scrubber = StreamScrubber(((b"secretkey", b"ph"),), inner)
+    out = [scrubber(b"a secr"), scrubber(b"etkey b"), scrubber(b"")]
+    assert out == [[b"A "], [b"PH B"], [b""]]
+    assert seen == [b"a ", b"ph b", b""]
+
+
+def test_streamed_response_of_a_key_bearing_flow_is_wrapped_last(addon):
+    credentials, ph, _ = addon
+    flow = flow_to("api.anthropic.com", headers={"x-api-key": ph["anthropic"]})
+    credentials.requestheaders(flow)
+    flow.response = http.Response.make(200, b"", {"content-length": "500"})
+    credentials.responseheaders(flow)
+    flow.response.stream = True  # what a later stage (protocols) decides
+    CredentialStreams(credentials).responseheaders(flow)
+    assert isinstance(flow.response.stream, StreamScrubber)
+    assert "content-length" not in flow.response.headers
+    assert flow.response.headers["transfer-encoding"] == "chunked"
+    untouched = flow_to("api.anthropic.com", headers={"x-api-key": "sk-ant-someone-elses"})
+    credentials.requestheaders(untouched)
+    untouched.response = http.Response.make(200, b"")
+    untouched.response.stream = True
+    CredentialStreams(credentials).responseheaders(untouched)
+    assert untouched.response.stream is True
+
+
+def test_rotation_takes_effect_on_the_next_request_and_old_keys_stay_scrubbed(addon):
+    credentials, ph, state_dir = addon
+    first = flow_to("api.anthropic.com", headers={"x-api-key": ph["anthropic"]})
+    credentials.requestheaders(first)
+    first.response = http.Response.make(200, b"")
+    first.response.stream = True
+    credentials.wrap_stream(first)
+    open_stream = first.response.stream
+    rotated = "sk-ant-api03-ROTATEDanthropicKEY987"
+    again = write_secrets(state_dir, ("anthropic", ("api.anthropic.com",), "x-api-key", False, rotated),
+                          *DEFAULT[1:])
+    assert again["anthropic"] == ph["anthropic"]  # the tools keep their placeholder
+    second = flow_to("api.anthropic.com", headers={"x-api-key": ph["anthropic"]})
+    credentials.requestheaders(second)
+    assert second.request.headers["x-api-key"] == rotated
+    assert callable(open_stream)
+    assert open_stream(f"late echo {ANTHROPIC}\n".encode()) == f"late echo {ph['anthropic']}\n".encode()
+    assert respond(credentials, second, body=ANTHROPIC.encode()).content == ph["anthropic"].encode()
+
+
+def test_unresolvable_reference_answers_with_the_reason(tmp_path, caplog, monkeypatch):
+    monkeypatch.delenv("LLMTAP_TEST_MISSING", raising=False)
+    ph = write_secrets(tmp_path, ("ant", ("api.anthropic.com",), "x-api-key", False,
+                                  "env:LLMTAP_TEST_MISSING"))
+    addon = Credentials()
+    with caplog.at_level(logging.WARNING), taddons.context(addon) as tctx:
+        tctx.configure(addon, llmtap_state_dir=str(tmp_path))
+        flow = flow_to("api.anthropic.com", headers={"x-api-key": ph["ant"]})
+        addon.requestheaders(flow)
+    assert "secret 'ant': cannot resolve env:LLMTAP_TEST_MISSING: not set in the daemon's environment" \
+        in caplog.text
+    assert flow.response is not None and flow.response.status_code == 403
+    assert "env:LLMTAP_TEST_MISSING" in (flow.response.text or "")
+
+
+def test_reference_is_resolved_in_the_daemons_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMTAP_TEST_KEY", "sk-ant-api03-fromTheEnvironment")
+    ph = write_secrets(tmp_path, ("ant", ("api.anthropic.com",), "x-api-key", False, "env:LLMTAP_TEST_KEY"))
+    addon = Credentials()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, llmtap_state_dir=str(tmp_path))
+        flow = flow_to("api.anthropic.com", headers={"x-api-key": ph["ant"]})
+        addon.requestheaders(flow)
+    assert flow.request.headers["x-api-key"] == "sk-ant-api03-fromTheEnvironment"
+
+
+def test_a_store_with_wrong_modes_is_not_reloaded(addon, caplog):
+    credentials, ph, state_dir = addon
+    paths = store.StorePaths.under(state_dir)
+    write_secrets(state_dir, ("anthropic", ("api.anthropic.com",), "x-api-key", False, "sk-ant-new"))
+    paths.store.chmod(0o644)
+    with caplog.at_level(logging.WARNING):
+        flow = flow_to("api.anthropic.com", headers={"x-api-key": ph["anthropic"]})
+        credentials.requestheaders(flow)
+    assert flow.request.headers["x-api-key"] == ANTHROPIC  # the old secrets stay in force
+    assert "secret store not reloaded: refusing the secret store" in caplog.text
+    assert "chmod 600" in caplog.text
+
+
+def test_last_used_is_written_to_the_workers_own_file(addon):
+    credentials, ph, state_dir = addon
+    flow = flow_to("api.anthropic.com", headers={"x-api-key": ph["anthropic"]})
+    credentials.requestheaders(flow)
+    paths = store.StorePaths.under(state_dir)
+    [secret] = [s for s in store.read_store(paths) if s.name == "anthropic"]
+    usage = store.read_usage(paths)
+    assert usage[secret.id].endswith("Z")
+    assert (paths.usage.stat().st_mode & 0o777) == 0o600
+
+
+def test_no_store_no_change(tmp_path):
+    addon = Credentials()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, llmtap_state_dir=str(tmp_path))
+        flow = flow_to("api.anthropic.com", headers={"x-api-key": "sk-ant-whatever"})
+        before = flow.request.copy()
+        addon.requestheaders(flow)
+        respond(addon, flow)
+    assert flow.request.headers == before.headers and cred.STATE not in flow.metadata
+
+
+def test_the_stream_tail_is_added_behind_every_other_addon(addon):
+    credentials, _, _ = addon
+    credentials.running()
+    credentials.running()  # once only
+    chain = [type(a).__name__ for a in ctx.master.addons.chain]
+    assert chain[-1] == "CredentialStreams" and chain.count("CredentialStreams") == 1

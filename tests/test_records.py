@@ -1,0 +1,465 @@
+"""Records: the recorder addon, Markdown twins, the index, rotation/retention, read-only reading,
+the history commands, and the OTLP exporter against a minimal OTLP/HTTP receiver."""
+
+from __future__ import annotations
+
+import datetime
+import gzip
+import hashlib
+import http.server
+import json
+import tarfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from llmtap import cli
+from llmtap.addons.recorder import Recorder, RecordWriter, WriterSettings, fields
+from llmtap.cli_history import parse_since
+from llmtap.config import ExportConfig, RecordsConfig
+from llmtap.records import otlp, rotation, store
+from llmtap.records.capture import BodyCapture, mask_path, tee_stream
+from llmtap.records.index import Index, index_path
+from llmtap.records.markdown import sse_text
+from mitmproxy.test import taddons, tflow
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+SYSTEM = "You are a careful assistant."
+ANTHROPIC_SSE = (
+    b'event: message_start\ndata: {"type":"message_start","message":{"model":"claude-x"}}\n\n'
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+    b'"delta":{"type":"text_delta","text":"Hello "}}\n\n'
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+    b'"delta":{"type":"text_delta","text":"world"}}\n\n'
+    b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+)
+
+
+def anthropic_flow(stream: bool = False, path: str = "/v1/messages") -> Any:
+    flow = tflow.tflow(resp=True)
+    flow.request.host = "api.anthropic.com"
+    flow.request.headers["host"] = "api.anthropic.com"
+    flow.request.path = path
+    flow.request.method = "POST"
+    flow.request.headers["x-api-key"] = "sk-ant-api03-REALSECRETVALUE"
+    flow.request.headers["authorization"] = "Bearer sk-proj-ANOTHERSECRET"
+    flow.request.headers["content-type"] = "application/json"
+    flow.request.content = json.dumps({"model": "claude-sonnet-4-5", "max_tokens": 64,
+                                       "system": SYSTEM, "stream": stream,
+                                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    flow.response.headers["content-type"] = "text/event-stream" if stream else "application/json"
+    flow.response.content = json.dumps(
+        {"type": "message", "content": [{"type": "text", "text": "Hi there"}]}).encode()
+    if stream:
+        flow.response.raw_content = None  # as mitmproxy leaves a streamed body
+    fields(flow)["model"] = "claude-sonnet-4-5"
+    return flow
+
+
+def record_once(tmp_path: Path, *flows: Any, toml: str = "") -> Recorder:
+    config = tmp_path / "config.toml"
+    config.write_text(toml)
+    recorder = Recorder()
+    with taddons.context(recorder) as tctx:
+        tctx.configure(recorder, llmtap_records_dir=str(tmp_path),
+                       llmtap_config_file=str(config))
+        for flow in flows:
+            if flow.metadata.get("stream_body") is not None:
+                flow.response.stream = True
+                recorder.responseheaders(flow)
+                for piece in (flow.metadata["stream_body"][:50], flow.metadata["stream_body"][50:],
+                              b""):
+                    flow.response.stream(piece)
+            recorder.response(flow)
+        recorder.done()
+    return recorder
+
+
+def test_record_markdown_twin_system_prompt_and_index(tmp_path):
+    first, second = anthropic_flow(), anthropic_flow()
+    record_once(tmp_path, first, second)
+    records = sorted(tmp_path.glob("*.json"))
+    assert len(records) == 2
+    record = json.loads(records[0].read_text())
+    stamp = record["started_at"].replace(":", "").replace("-", "")
+    assert records[0].name == f"{stamp}_claude-sonnet-4-5_{record['id']}.json"
+    for key in ("id", "started_at", "ended_at", "host", "method", "path", "status", "provider",
+                "api", "model", "stream", "request", "usage", "cost_usd", "stop_reason", "ttft_ms",
+                "duration_ms", "chunks", "process", "credential", "rules_hit", "dlp_hits", "error"):
+        assert key in record, key
+    # The system prompt is archived once, by SHA-256, and referenced from both records.
+    sha = hashlib.sha256(SYSTEM.encode()).hexdigest()
+    assert record["system_prompt"] == f"system/{sha}.txt"
+    assert [p.name for p in (tmp_path / "system").iterdir()] == [f"{sha}.txt"]
+    assert (tmp_path / "system" / f"{sha}.txt").read_text() == SYSTEM
+    md = records[0].with_suffix(".md").read_text()
+    assert '"max_tokens": 64' in md and '"text": "Hi there"' in md  # pretty-printed bodies
+    assert "x-api-key: ••••" in md and "authorization: Bearer ••••" in md
+    everything = "".join(p.read_text() for p in tmp_path.rglob("*") if p.is_file()
+                         and p.suffix in (".json", ".md", ".txt"))
+    assert "REALSECRETVALUE" not in everything and "ANOTHERSECRET" not in everything
+    index = Index.open_reader(tmp_path)
+    assert {row["id"] for row in index.calls()} == {first.id, second.id}
+    assert index.calls()[0]["location"].endswith(".json")
+
+
+def test_streamed_response_twin_has_the_assembled_text(tmp_path):
+    flow = anthropic_flow(stream=True)
+    flow.metadata["stream_body"] = ANTHROPIC_SSE
+    record_once(tmp_path, flow)
+    [md] = tmp_path.glob("*.md")
+    text = md.read_text()
+    assert "Text assembled from the stream:" in text and "Hello world" in text
+    assert "raw stream" in text and "message_stop" in text
+
+
+def test_tee_keeps_the_stream_unchanged_and_bounded():
+    seen: list[bytes] = []
+
+    def inner(data: bytes) -> bytes:
+        seen.append(data)
+        return data.upper()
+
+    capture = BodyCapture(limit=5)
+    tee = tee_stream(inner, capture)
+    assert tee(b"abc") == b"ABC" and tee(b"defgh") == b"DEFGH" and tee(b"") == b""
+    assert bytes(capture.data) == b"abcde" and capture.size == 8 and capture.truncated
+    assert seen == [b"abc", b"defgh", b""]
+    assert tee_stream(True, BodyCapture(10))(b"xy") == b"xy"
+
+
+def test_credential_query_parameters_are_masked():
+    assert mask_path("/v1beta/models/g:generateContent?key=AIzaSECRET&alt=sse") == \
+        "/v1beta/models/g:generateContent?key=••••&alt=sse"
+    assert mask_path("/v1/messages?beta=true") == "/v1/messages?beta=true"
+
+
+def test_sse_text_for_each_provider():
+    openai = b'data: {"choices":[{"delta":{"content":"Hel"}}]}\n\ndata: {"choices":[{"delta":' \
+             b'{"content":"lo"}}]}\n\ndata: [DONE]\n\n'
+    responses = b'data: {"type":"response.output_text.delta","delta":"Hi"}\n\n'
+    gemini = b'data: {"candidates":[{"content":{"parts":[{"text":"Yo"}]}}]}\n\n'
+    assert sse_text(ANTHROPIC_SSE) == "Hello world"
+    assert (sse_text(openai), sse_text(responses), sse_text(gemini)) == ("Hello", "Hi", "Yo")
+
+
+def test_full_queue_and_refused_disk_are_counted_not_raised(tmp_path):
+    writer = RecordWriter(tmp_path / "missing", WriterSettings(RecordsConfig(queue_size=2)))
+    for n in range(50):
+        writer.submit({"id": f"r{n}", "started_at": None, "model": None})
+    writer.close()
+    assert writer.written == 0
+    assert writer.dropped == 50  # some by the full queue, the rest by the missing directory
+
+
+# --- rotation and retention ------------------------------------------------------------------
+
+
+def make_records(directory: Path, count: int, start: datetime.datetime, step_hours: float) -> None:
+    """Small records written the way the daemon writes them, indexed too."""
+    directory.mkdir(exist_ok=True)
+    writer = RecordWriter(directory, WriterSettings(RecordsConfig(max_files=10**6)))
+    for n in range(count):
+        started = start + datetime.timedelta(hours=n * step_hours)
+        writer.submit({"id": f"rec{n:05d}", "started_at": started.isoformat().replace("+00:00", "Z"),
+                       "model": "gpt-4.1", "host": "api.openai.com", "usage": {"input_tokens": n},
+                       "cost_usd": 0.001})
+    writer.close()
+    assert writer.written == count
+
+
+def tree_hash(directory: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(directory.rglob("*")):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(directory)}:{stat.st_mode}:{stat.st_mtime_ns}".encode())
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+NOW = datetime.datetime(2025, 6, 15, 12, tzinfo=datetime.UTC)
+
+
+def test_rotation_archives_oldest_fifth_and_folds_months(tmp_path):
+    # 600 records, one every 6 hours: 2025-01-01 .. 2025-05-30.
+    make_records(tmp_path, 600, datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC), 6)
+    before = {r["id"] for _, r in store.iter_records(tmp_path)}
+    now = datetime.datetime(2025, 5, 20, tzinfo=datetime.UTC)
+    moves = rotation.rotate(tmp_path, rotation.Policy(max_files=100, archive_after_days=30), now)
+    live = rotation.live_records(tmp_path)
+    assert len(live) == 100 and len(moves) == 500
+    assert live[0].startswith("20250506T")  # the newest are kept
+    archive = tmp_path / "archive"
+    months = sorted(p.name for p in archive.glob("*.tar.gz"))
+    assert months == ["2025-01.tar.gz", "2025-02.tar.gz", "2025-03.tar.gz", "2025-04.tar.gz"]
+    with tarfile.open(archive / "2025-02.tar.gz") as tar:
+        assert len([m for m in tar.getnames() if m.endswith(".json")]) == 28 * 4
+    recent_gz = sorted(archive.glob("*.json.gz"))  # younger than 30 days: still one gz each
+    assert recent_gz and all(p.name >= "20250420" for p in recent_gz)
+    # Nothing lost: every record is still readable, and the index follows the moves.
+    assert {r["id"] for _, r in store.iter_records(tmp_path)} == before
+    index = Index.open_writer(index_path(tmp_path))
+    index.relocate(moves)
+    located = {row["id"]: row["location"] for row in index.calls()}
+    assert located["rec00000"] == "archive/2025-01.tar.gz#" + live_name(tmp_path, "rec00000")
+    assert json.loads(store.read_location(tmp_path, located["rec00000"]) or b"")["id"] == "rec00000"
+    assert index.rebuild(tmp_path) == 600
+    assert {row["id"]: row["location"] for row in index.calls()} == located
+
+
+def live_name(directory: Path, record_id: str) -> str:
+    for location in store.iter_locations(directory):
+        if record_id in location:
+            return location.split("#")[-1]
+    raise AssertionError(record_id)
+
+
+def test_retention_deletes_only_when_a_limit_says_so(tmp_path):
+    make_records(tmp_path, 300, datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC), 12)
+    keep = rotation.Policy(max_files=50, archive_after_days=30)
+    rotation.rotate(tmp_path, keep, NOW)
+    rotation.rotate(tmp_path, keep, NOW + datetime.timedelta(days=400))  # everything is old now
+    assert len(list(store.iter_records(tmp_path))) == 300
+    moves = rotation.rotate(tmp_path, rotation.Policy(50, 30, delete_after_days=60), NOW)
+    deleted = {k for k, v in moves.items() if v is None}
+    remaining = {r["id"] for _, r in store.iter_records(tmp_path)}
+    assert deleted and not deleted & remaining and len(deleted) + len(remaining) == 300
+    cutoff = NOW - datetime.timedelta(days=60)
+    for _, record in store.iter_records(tmp_path):  # whole months before the cutoff are gone
+        started = datetime.datetime.fromisoformat(record["started_at"].replace("Z", "+00:00"))
+        assert started >= cutoff.replace(day=1, hour=0)
+
+
+def write_config(tmp_path: Path, records: Path, extra: str = "") -> Path:
+    config = tmp_path / "config.toml"
+    config.write_text(f'state_dir = "{tmp_path / "state"}"\nrecords_dir = "{records}"\n'
+                      f'run_dir = "{tmp_path / "run"}"\n{extra}')
+    return config
+
+
+def run_cli(capsys: Any, *args: str) -> tuple[int, str, str]:
+    try:
+        code = cli.main(list(args))
+    except SystemExit as exc:  # click's own exit (0, or 2 for its usage errors)
+        code = exc.code if isinstance(exc.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_read_only_history_changes_nothing(tmp_path, capsys):
+    records = tmp_path / "records"
+    make_records(records, 120, datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC), 24)
+    moves = rotation.rotate(records, rotation.Policy(max_files=50, archive_after_days=30), NOW)
+    writer = Index.open_writer(index_path(records))
+    writer.relocate(moves)
+    writer.close()
+    config = str(write_config(tmp_path, records))
+    for with_index in (True, False):
+        if not with_index:
+            for side in ("", "-wal", "-shm"):
+                Path(f"{index_path(records)}{side}").unlink(missing_ok=True)
+        before = tree_hash(records)
+        code, out, _ = run_cli(capsys, "logs", "--read-only", "-n", "0", "--json", "--config", config)
+        assert code == 0 and len(out.splitlines()) == 120
+        assert run_cli(capsys, "stats", "--by", "day", "--read-only", "--config", config)[0] == 0
+        code, out, _ = run_cli(capsys, "show", "rec00003", "--json", "--read-only", "--config", config)
+        assert code == 0 and json.loads(out)["id"] == "rec00003"  # from a monthly archive
+        code, out, _ = run_cli(capsys, "export", "--format", "jsonl", "--read-only", "--config", config)
+        assert code == 0 and len(out.splitlines()) == 120
+        assert tree_hash(records) == before
+    # A live daemon's index, with writes still in its WAL: read from the files instead.
+    live = Index.open_writer(index_path(records))
+    live.rebuild(records)
+    try:
+        before = tree_hash(records)
+        code, out, _ = run_cli(capsys, "logs", "--read-only", "-n", "0", "--config", config)
+        assert code == 0 and len(out.splitlines()) == 120
+        assert tree_hash(records) == before
+    finally:
+        live.close()
+
+
+# --- history commands ------------------------------------------------------------------------
+
+
+def test_history_commands(tmp_path, capsys):
+    records = tmp_path / "records"
+    records.mkdir()
+    writer = RecordWriter(records)
+    now = datetime.datetime.now(datetime.UTC)
+    for n, (model, tool, cost, ttft) in enumerate([("claude-sonnet-4-5", "claude", 0.02, 300.0),
+                                                   ("claude-sonnet-4-5", "claude", 0.04, 500.0),
+                                                   ("mystery-model", "python", None, 100.0)]):
+        writer.submit({"id": f"abcd{n:04d}-x", "model": model, "host": "api.anthropic.com",
+                       "started_at": (now - datetime.timedelta(minutes=10 - n)).isoformat(),
+                       "path": "/v1/messages", "status": 200, "cost_usd": cost, "ttft_ms": ttft,
+                       "usage": {"input_tokens": 100, "output_tokens": 10, "cache_read_tokens": 5},
+                       "process": {"pid": 42 + n, "name": "node" if tool == "claude" else "python3",
+                                   "tool": tool}})
+    writer.close()
+    config = str(write_config(tmp_path, records))
+    code, out, _ = run_cli(capsys, "stats", "--by", "model", "--json", "--config", config)
+    stats = json.loads(out)
+    claude = next(g for g in stats["groups"] if g["key"] == "claude-sonnet-4-5")
+    assert (claude["calls"], claude["input_tokens"], claude["cache_read_tokens"]) == (2, 200, 10)
+    assert claude["cost_usd"] == pytest.approx(0.06)
+    assert (claude["ttft_p50_ms"], claude["ttft_p95_ms"]) == (300.0, 500.0)
+    assert stats["unpriced"] == [{"model": "mystery-model", "calls": 1}]
+    code, out, _ = run_cli(capsys, "stats", "--by", "process", "--config", config)
+    assert code == 0 and "claude" in out and "mystery-model (1)" in out
+    code, out, _ = run_cli(capsys, "logs", "--process", "python", "--config", config)
+    assert code == 0 and len(out.splitlines()) == 1 and "mystery-model" in out
+    code, out, _ = run_cli(capsys, "logs", "--since", "1h", "--model", "sonnet", "--config", config)
+    assert len(out.splitlines()) == 2
+    code, out, _ = run_cli(capsys, "export", "--format", "csv", "--config", config)
+    assert out.splitlines()[0].startswith("id,location,started_at") and len(out.splitlines()) == 4
+    assert run_cli(capsys, "show", "abcd", "--config", config)[0] == 2  # ambiguous
+    assert run_cli(capsys, "stats", "--by", "colour", "--config", config)[2].strip() == \
+        "llmtap: --by must be one of model, process, host, day, not 'colour'"
+    assert run_cli(capsys, "logs", "--since", "yesterday", "--config", config)[0] == 2
+    index_path(records).unlink()
+    code, out, _ = run_cli(capsys, "reindex", "--config", config)
+    assert code == 0 and out.strip() == f"indexed 3 records from {records}"
+
+
+def test_parse_since():
+    assert parse_since("90m", now=10_000.0) == 10_000.0 - 5400
+    assert parse_since("2025-01-02") == datetime.datetime(2025, 1, 2, tzinfo=datetime.UTC).timestamp()
+    assert parse_since(None) is None
+
+
+# --- OpenTelemetry export --------------------------------------------------------------------
+
+
+class Receiver:
+    """A minimal OTLP/HTTP traces receiver: decodes each protobuf export request."""
+
+    def __init__(self, port: int = 0) -> None:
+        self.spans: list[Any] = []
+        received = self.spans
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                request = ExportTraceServiceRequest.FromString(body)
+                for resource_spans in request.resource_spans:
+                    for scope_spans in resource_spans.scope_spans:
+                        received.extend((resource_spans.resource, s,
+                                         {k.lower(): v for k, v in self.headers.items()})
+                                        for s in scope_spans.spans)
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def attributes(span: Any) -> dict[str, Any]:
+    found = {}
+    for kv in span.attributes:
+        value = kv.value
+        kind = value.WhichOneof("value")
+        found[kv.key] = [v.string_value for v in value.array_value.values] \
+            if kind == "array_value" else getattr(value, kind)
+    return found
+
+
+RECORD = {"id": "r1", "started_at": "2025-06-01T10:00:00.000Z", "ended_at": "2025-06-01T10:00:02.500Z",
+          "host": "api.anthropic.com", "method": "POST", "status": 200, "provider": "anthropic",
+          "api": "messages", "model": "claude-sonnet-4-5", "stop_reason": "end_turn",
+          "request": {"max_tokens": 64, "temperature": 0.5},
+          "usage": {"input_tokens": 10, "output_tokens": 20, "cache_read_tokens": 100,
+                    "cache_write_5m_tokens": 5, "cache_write_1h_tokens": 0, "reasoning_tokens": None},
+          "cost_usd": "0.0012", "ttft_ms": 321.5, "process": {"pid": 7, "name": "node", "tool": "claude"}}
+
+
+def wait_for(condition: Any, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not condition():
+        time.sleep(0.05)
+    return bool(condition())
+
+
+def test_otlp_span_follows_genai_conventions(tmp_path):
+    receiver = Receiver()
+    config = ExportConfig(otlp_endpoint=f"http://127.0.0.1:{receiver.port}/v1/traces",
+                          headers=("authorization=Bearer collector-token",))
+    exporter = otlp.OtlpExporter(config, tmp_path / "spool")
+    try:
+        exporter.submit(RECORD)
+        assert wait_for(lambda: receiver.spans)
+    finally:
+        exporter.close()
+        receiver.close()
+    resource, span, headers = receiver.spans[0]
+    assert headers["authorization"] == "Bearer collector-token"
+    assert span.name == "chat claude-sonnet-4-5" and span.kind == span.SPAN_KIND_CLIENT
+    assert span.end_time_unix_nano - span.start_time_unix_nano == 2_500_000_000
+    attrs = attributes(span)
+    assert attrs["gen_ai.request.model"] == "claude-sonnet-4-5"
+    assert attrs["gen_ai.provider.name"] == "anthropic" and attrs["gen_ai.operation.name"] == "chat"
+    assert attrs["gen_ai.usage.input_tokens"] == 115  # the whole prompt, cached included
+    assert attrs["gen_ai.usage.output_tokens"] == 20
+    assert attrs["gen_ai.usage.cache_read.input_tokens"] == 100
+    assert attrs["gen_ai.request.max_tokens"] == 64 and attrs["gen_ai.request.temperature"] == 0.5
+    assert attrs["gen_ai.response.finish_reasons"] == ["end_turn"]
+    assert attrs["llmtap.cost_usd"] == pytest.approx(0.0012) and attrs["llmtap.tool"] == "claude"
+    assert {kv.key: kv.value.string_value for kv in resource.attributes}["service.name"] == "llmtap"
+    assert exporter.exported == 1
+
+
+def test_otlp_collector_down_spools_then_delivers(tmp_path, monkeypatch):
+    monkeypatch.setattr(otlp, "RETRY_MIN_S", 0.2)
+    probe = Receiver()
+    port = probe.port
+    probe.close()  # nothing listens there now
+    exporter = otlp.OtlpExporter(
+        ExportConfig(otlp_endpoint=f"http://127.0.0.1:{port}/v1/traces", spool_max_files=3),
+        tmp_path / "spool")
+    try:
+        started = time.monotonic()
+        for n in range(5):
+            exporter.submit({**RECORD, "id": f"r{n}"})
+            time.sleep(0.6)  # one batch each
+        assert time.monotonic() - started < 5  # submit never waits for the collector
+        assert wait_for(lambda: exporter.spooled() == 3)
+        assert exporter.dropped == 2  # the spool is bounded: the oldest went
+        receiver = Receiver(port)
+        try:
+            assert wait_for(lambda: exporter.spooled() == 0 and len(receiver.spans) == 3, timeout=15)
+        finally:
+            receiver.close()
+    finally:
+        exporter.close()
+    assert sorted(attributes(s)["llmtap.record_id"] for _, s, _ in receiver.spans) == ["r2", "r3", "r4"]
+
+
+def test_recorder_exports_written_records(tmp_path):
+    receiver = Receiver()
+    try:
+        record_once(tmp_path, anthropic_flow(),
+                    toml=f'[export]\notlp_endpoint = "http://127.0.0.1:{receiver.port}/v1/traces"\n')
+        assert wait_for(lambda: receiver.spans)
+    finally:
+        receiver.close()
+    assert attributes(receiver.spans[0][1])["gen_ai.request.model"] == "claude-sonnet-4-5"
+
+
+def test_gzip_archive_is_real_gzip(tmp_path):
+    make_records(tmp_path, 10, datetime.datetime(2025, 6, 1, tzinfo=datetime.UTC), 1)
+    rotation.archive_oldest(tmp_path, 5)
+    [first, *_] = sorted((tmp_path / "archive").glob("*.json.gz"))
+    assert json.loads(gzip.decompress(first.read_bytes()))["id"] == "rec00000"
+    assert len(rotation.live_records(tmp_path)) == 5
