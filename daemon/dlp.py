@@ -13,6 +13,7 @@ RE2 Set pass; streamed bodies are scanned chunk by chunk with a bounded look-bac
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -341,3 +342,24 @@ class StreamRedactor:
             self.on_finding(finding)
         self._carry = data[cut:]
         return redact_bytes(data[:cut], done)
+
+
+@functools.cache
+def _builtin_scanner() -> Scanner:
+    return Scanner([Detector(name, b.pattern, "redact", b.validate, b.prefilter)
+                    for name, b in BUILTIN.items()])
+
+
+def mask_known_secrets(text: str) -> str:
+    """Every built-in detector's finding in free text (command lines, Markdown) replaced by its
+    typed marker: what the DLP stage catches in prompts never reaches a record another way."""
+    data = text.encode()
+    findings = _merged(_builtin_scanner().scan_chunk(data))
+    if not findings:
+        return text
+    pieces, position = [], 0
+    for finding in findings:
+        pieces += [data[position:finding.start], marker(finding.detector).encode()]
+        position = finding.end
+    pieces.append(data[position:])
+    return b"".join(pieces).decode(errors="replace")

@@ -423,3 +423,12 @@ def test_streamed_request_without_a_scanner_in_place_is_recorded_as_skipped(tmp_
         flow.request.stream = True
         scan.request(flow)
     assert "dlp_skipped" in fields(flow)
+
+
+def test_free_text_is_masked_with_every_builtin_detector():
+    from llmtap.records.capture import mask_secrets
+
+    line = "deploy --aws AKIAIOSFODNN7EXAMPLE --gh ghp_" + "a1" * 18 + " naïve"
+    masked = mask_secrets(line)
+    assert "AKIAIOSFODNN7EXAMPLE" not in masked and "a1a1a1" not in masked
+    assert "[REDACTED:aws_access_key]" in masked and masked.endswith(" naïve")

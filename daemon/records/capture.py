@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
+from llmtap.dlp import mask_known_secrets
+
 MASK = "••••"
 # Headers whose values are credentials or session state: never written anywhere.
 _SECRET_HEADER = re.compile(r"(auth|key|token|secret|cookie|session|password|credential)", re.I)
@@ -35,7 +37,8 @@ def masked_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
 
 
 def mask_secrets(text: str) -> str:
-    return SECRETISH.sub(lambda m: m.group(0)[:3] + MASK, text)
+    """Key-shaped strings and whatever a built-in DLP detector recognises, masked."""
+    return mask_known_secrets(SECRETISH.sub(lambda m: m.group(0)[:3] + MASK, text))
 
 
 def mask_path(path: str) -> str:
