@@ -23,6 +23,19 @@ def context(cacert: str) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=cacert)
 
 
+REQUEST = {"model": "claude-sonnet-4-5", "max_tokens": 256,
+           "messages": [{"role": "user", "content": "Say hello."}]}
+STREAMED = {**REQUEST, "stream": True}
+HEADERS = {"x-api-key": "bench", "anthropic-version": "2023-06-01"}
+
+
+def sent_at(line: str) -> float | None:
+    """The send time a bench text delta carries, or None for any other line."""
+    if not line.startswith("data: ") or "text_delta" not in line:
+        return None
+    return float(json.loads(line[6:])["delta"]["text"])
+
+
 def latency(url: str, cacert: str, n: int, fresh: bool) -> dict[str, Any]:
     ctx = context(cacert)
     times = []
@@ -32,7 +45,7 @@ def latency(url: str, cacert: str, n: int, fresh: bool) -> dict[str, Any]:
             client.close()
             client = httpx.Client(verify=ctx)
         start = time.perf_counter()
-        client.get(url).raise_for_status()
+        client.post(url, json=REQUEST, headers=HEADERS).raise_for_status()
         if i >= 5:  # warm-up: imports, first handshake, the proxy's first certificate
             times.append((time.perf_counter() - start) * 1000)
     client.close()
@@ -43,13 +56,13 @@ def stream_once(client: httpx.Client, url: str) -> tuple[float, list[float]]:
     start = time.time()
     ttfb = -1.0
     delays = []
-    with client.stream("GET", url) as response:
+    with client.stream("POST", url, json=STREAMED, headers=HEADERS) as response:
         for line in response.iter_lines():
             now = time.time()
             if ttfb < 0:
                 ttfb = (now - start) * 1000
-            if line.startswith("data: {"):
-                delays.append((now - json.loads(line[6:])["t"]) * 1000)
+            if (sent := sent_at(line)) is not None:
+                delays.append((now - sent) * 1000)
     return ttfb, delays
 
 
@@ -78,10 +91,10 @@ async def load(url: str, cacert: str, concurrency: int, requests: int) -> dict[s
         while not queue.empty():
             queue.get_nowait()
             try:
-                async with client.stream("GET", url) as response:
+                async with client.stream("POST", url, json=STREAMED, headers=HEADERS) as response:
                     async for line in response.aiter_lines():
-                        if line.startswith("data: {"):
-                            delays.append((time.time() - json.loads(line[6:])["t"]) * 1000)
+                        if (sent := sent_at(line)) is not None:
+                            delays.append((time.time() - sent) * 1000)
             except httpx.HTTPError:
                 failures += 1
 

@@ -103,17 +103,17 @@ def start(bed: Testbed, arm: str, **redirect: Any) -> tuple[Daemon | None, float
 def measure_arm(arm: Arm, quick: bool) -> None:
     n = 60 if quick else 300
     r = arm.results
-    r["keepalive_ms"] = arm.client("latency", f"{TARGET}/bench/json", arm.cacert, "--n", str(n))["ms"]
-    r["new_conn_ms"] = arm.client("latency", f"{TARGET}/bench/json", arm.cacert, "--n", str(n // 3),
-                                  "--fresh")["ms"]
-    streamed = arm.client("stream", f"{TARGET}/bench/stream?n=50&gap_ms=10", arm.cacert,
+    reply = f"{TARGET}/v1/messages?bench=json"
+    r["keepalive_ms"] = arm.client("latency", reply, arm.cacert, "--n", str(n))["ms"]
+    r["new_conn_ms"] = arm.client("latency", reply, arm.cacert, "--n", str(n // 3), "--fresh")["ms"]
+    streamed = arm.client("stream", f"{TARGET}/v1/messages?bench=stream&n=50&gap_ms=10", arm.cacert,
                           "--repeat", "4" if quick else "10")
     r["ttfb_ms"], r["chunk_delay_ms"] = streamed["ttfb_ms"], streamed["chunk_delay_ms"]
     pids = [arm.daemon.proc.pid, arm.worker_pid()] if arm.daemon else []
     for concurrency in (1, 50, 200):
         requests = max(concurrency * (2 if quick else 5), 50 if quick else 200)
         cpu_before = cpu_seconds(pids) if pids else 0.0
-        load = arm.client("load", f"{TARGET}/bench/stream?n=10&gap_ms=5", arm.cacert,
+        load = arm.client("load", f"{TARGET}/v1/messages?bench=stream&n=10&gap_ms=5", arm.cacert,
                           "--concurrency", str(concurrency), "--requests", str(requests))
         cpu = cpu_seconds(pids) - cpu_before if pids else float("nan")
         r[f"load{concurrency}"] = {

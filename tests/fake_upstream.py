@@ -149,21 +149,27 @@ async def stream(send: Send, body: bytes, headers: list[tuple[bytes, bytes]]) ->
 
 
 async def bench(scope: Scope, send: Send) -> None:
-    """/bench/json: a small body at once. /bench/stream?n=N&gap_ms=G&size=S: N SSE events, G ms
-    apart, each stamped with its send time so the client can measure each chunk's delay."""
+    """Anthropic-shaped answers for the benchmarks, so the whole pipeline (parsers, pricing,
+    records) does its real work. ?bench=json: a Messages reply at once. ?bench=stream&n=N&gap_ms=G:
+    a Messages stream of N text deltas G ms apart, each text the time it was sent, so the client
+    can measure each chunk's delay."""
     query = dict(p.split("=", 1) for p in scope.get("query_string", b"").decode().split("&") if "=" in p)
-    if scope["path"] == "/bench/json":
-        await respond(send, 200, b'{"ok": true}', JSON_HEADERS)
+    if query["bench"] == "json":
+        await respond(send, 200, json.dumps(anthropic_json("claude-sonnet-4-5")).encode(), JSON_HEADERS)
         return
-    events, size = int(query.get("n", "20")), int(query.get("size", "64"))
-    gap = float(query.get("gap_ms", "10"))
+    events, gap = int(query.get("n", "20")), float(query.get("gap_ms", "10"))
+    frames = anthropic_sse("claude-sonnet-4-5", "x").split(b"\n\n")
+    head = b"\n\n".join(frames[:3]) + b"\n\n"  # message_start, content_block_start, ping
+    tail = b"\n\n".join(frames[4:])  # after the one text delta: block stop, delta, message stop
     await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-    for i in range(events):
-        event = json.dumps({"i": i, "t": time.time(), "pad": ""})
-        padded = event[:-2] + "x" * max(0, size - len(event)) + '"}'
-        await send({"type": "http.response.body", "body": f"data: {padded}\n\n".encode(), "more_body": True})
+    await send({"type": "http.response.body", "body": head, "more_body": True})
+    for _ in range(events):
         await asyncio.sleep(gap / 1000)
-    await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+        delta = {"type": "content_block_delta", "index": 0,
+                 "delta": {"type": "text_delta", "text": repr(time.time())}}
+        frame = f"event: content_block_delta\ndata: {json.dumps(delta)}\n\n".encode()
+        await send({"type": "http.response.body", "body": frame, "more_body": True})
+    await send({"type": "http.response.body", "body": tail})
 
 
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
@@ -202,7 +208,7 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
         await fake_providers.websocket(scope, receive, send, log_request)
         return
     body = await read_body(receive)
-    if scope["path"].startswith("/bench/"):  # benchmarks: not logged, so every mode pays the same
+    if b"bench=" in scope.get("query_string", b""):  # benchmarks: not logged, same for every arm
         await bench(scope, send)
         return
     log_request(scope, body)

@@ -285,11 +285,11 @@ def test_dashboard_in_tmux(testbed, llmtap):
         tmux.start([LLMTAP, "dashboard", "--config", str(daemon.config_path)])
         tmux.wait_for("llmtap · live", "Latest calls", "claude-sonnet-4-5")
         slow = subprocess.Popen(["ip", "netns", "exec", testbed.client_ns, "curl", "-sS", "-N",
-                                 "--cacert", str(daemon.ca_pem),
-                                 "https://api.openai.com/bench/stream?n=60&gap_ms=100&size=40"],
+                                 "--cacert", str(daemon.ca_pem), "-d", '{"stream": true}',
+                                 "https://api.anthropic.com/v1/messages?bench=stream&n=60&gap_ms=100"],
                                 stdout=subprocess.DEVNULL)
         try:
-            screen = tmux.wait_for("Active requests (1)", "curl[", "/bench/stream", "chunks")
+            screen = tmux.wait_for("Active requests (1)", "curl[", "/v1/messages", "chunks")
             time.sleep(1.0)
             screen = tmux.screen()
             if os.environ.get("LLMTAP_SAVE_SCREENSHOT"):  # refreshes the one in docs/

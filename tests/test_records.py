@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from llmtap import cli
-from llmtap.addons.recorder import Recorder, RecordWriter, WriterSettings, fields
+from llmtap.addons.recorder import SYSTEM_PROMPT, Recorder, RecordWriter, WriterSettings, fields
 from llmtap.cli_history import parse_since
 from llmtap.config import ExportConfig, RecordsConfig
 from llmtap.records import otlp, rotation, store
@@ -54,7 +54,8 @@ def anthropic_flow(stream: bool = False, path: str = "/v1/messages") -> Any:
         {"type": "message", "content": [{"type": "text", "text": "Hi there"}]}).encode()
     if stream:
         flow.response.raw_content = None  # as mitmproxy leaves a streamed body
-    fields(flow)["model"] = "claude-sonnet-4-5"
+    fields(flow)["model"] = "claude-sonnet-4-5"  # as the protocols stage would contribute
+    flow.metadata[SYSTEM_PROMPT] = SYSTEM
     return flow
 
 

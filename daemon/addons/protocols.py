@@ -25,7 +25,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from llmtap.addons.recorder import RECORD_FIELDS, STREAM_FLAG, fields
+from llmtap.addons.live import PARSER as LIVE_PARSER
+from llmtap.addons.recorder import RECORD_FIELDS, STREAM_FLAG, SYSTEM_PROMPT, fields
 from llmtap.parsers import (
     Limits,
     RequestInfo,
@@ -217,6 +218,8 @@ class Protocols:
         encoding = req.headers.get("content-encoding")
         info = parse_request(req.pretty_host, req.method, req.path, req.raw_content or b"", encoding)
         exchange = Exchange(info)
+        if info.system_text:  # parsed once here; the recorder archives it
+            flow.metadata[SYSTEM_PROMPT] = info.system_text
         self._exchanges[flow] = exchange
         rewrite = usage_rewrite(info, req.raw_content or b"", encoding)
         if rewrite.strip_usage_chunk:
@@ -257,13 +260,15 @@ class Protocols:
 
     def _parser(self, flow: http.HTTPFlow, info: RequestInfo) -> ResponseParser:
         assert flow.response
-        return response_parser(
+        parser = response_parser(
             info,
             started=flow.request.timestamp_start,
             status=flow.response.status_code,
             headers=flow.response.headers,
             limits=LIMITS,
         )
+        flow.metadata[LIVE_PARSER] = parser  # the live stage reads exact counters from it
+        return parser
 
     def response(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         """Sync, except for a large held body: then a coroutine mitmproxy awaits."""

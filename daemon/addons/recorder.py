@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import json
 import logging
 import os
 import queue
@@ -23,8 +22,6 @@ from typing import Any
 from llmtap.config import Config, ExportConfig, RecordsConfig, load_config
 from llmtap.errors import LlmtapError
 from llmtap.parsers import request as request_parser
-from llmtap.parsers.classify import classify
-from llmtap.parsers.encoding import decode_all
 from llmtap.records import markdown, rotation, store
 from llmtap.records.capture import (
     BodyCapture,
@@ -45,6 +42,7 @@ STREAM_FLAG = "llmtap.stream"  # flow.metadata: the response was relayed as a st
 CAPTURE = "llmtap.capture"  # flow.metadata: the BodyCapture of a streamed response
 # flow.metadata: the text a protocol parser assembled from a streamed response, if it does.
 RESPONSE_TEXT = "llmtap.response_text"
+SYSTEM_PROMPT = "llmtap.system_prompt"  # set by the protocols stage: the request's system prompt
 PROCESS_WAIT_S = 2.0  # how long a record waits for its process lookup
 LOG_EVERY = 100  # a full disk would otherwise log a line per request
 
@@ -129,23 +127,15 @@ def capture_exchange(flow: http.HTTPFlow, limit: int) -> Exchange:
                              request.headers.get("content-type", "")),
         response_body=response_body,
         response_text=flow.metadata.get(RESPONSE_TEXT),
+        system_prompt=flow.metadata.get(SYSTEM_PROMPT),
     )
 
 
-def system_prompt(record: dict[str, Any], exchange: Exchange) -> tuple[str, str] | None:
-    """(sha256, text) of the request's system prompt, as the request parser defines it."""
-    body = exchange.request_body
-    if body.data is None or body.truncated:
-        return None
-    try:
-        raw = decode_all(body.data, body.encoding, 64 * 1024 * 1024)
-        obj = json.loads(raw)
-        provider, api = classify(record["host"], record["method"], record["path"])
-        text = request_parser._fields(provider, api, obj, record["path"]).get("system")
-    except Exception:  # an odd body has no system prompt to archive; the record is still written
-        return None
-    sha = request_parser.sha256_text(text) if isinstance(text, str) else None
-    return (sha, text) if sha and isinstance(text, str) else None
+def system_prompt(exchange: Exchange) -> tuple[str, str] | None:
+    """(sha256, text) of the request's system prompt, as the protocols stage parsed it."""
+    text = exchange.system_prompt
+    sha = request_parser.sha256_text(text)
+    return (sha, text) if sha and text else None
 
 
 @dataclass(frozen=True)
@@ -232,7 +222,7 @@ class RecordWriter:
     def _write(self, record: dict[str, Any], exchange: Exchange | None) -> None:
         text = None
         if exchange is not None:
-            prompt = system_prompt(record, exchange)
+            prompt = system_prompt(exchange)
             if prompt:
                 record["system_prompt"] = store.save_system_prompt(self.directory, *prompt)
             if self.settings.records.markdown:

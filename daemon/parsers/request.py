@@ -36,6 +36,7 @@ class RequestInfo:
     temperature: float | None = None
     max_tokens: int | None = None
     system_sha256: str | None = None
+    system_text: str | None = field(default=None, repr=False)  # archived once by the recorder
     tools: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # reasoning effort, batch size, ...
     error: str | None = None
@@ -105,7 +106,9 @@ def _fill(info: RequestInfo, fields: dict[str, Any]) -> None:
     info.stream = bool(fields.pop("stream", info.stream))
     info.temperature = _number(fields.pop("temperature", None))
     info.max_tokens = _number(fields.pop("max_tokens", None))
-    info.system_sha256 = sha256_text(fields.pop("system", None))
+    system = fields.pop("system", None)
+    info.system_text = system if isinstance(system, str) and system else None
+    info.system_sha256 = sha256_text(info.system_text)
     info.tools = [str(name) for name in fields.pop("tools", []) or []]
     info.extra = {k: v for k, v in fields.items() if v is not None}
 

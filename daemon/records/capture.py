@@ -109,6 +109,7 @@ class Exchange:
     request_body: Body
     response_body: Body
     response_text: str | None = None  # the parser's assembled text of a stream, if it gives one
+    system_prompt: str | None = None  # the request's system prompt, as the protocols stage read it
 
 
 def bounded(raw: bytes | None, limit: int, encoding: str | None, content_type: str) -> Body:
