@@ -29,6 +29,7 @@ from mitmproxy import ctx
 log = logging.getLogger("llmtap.worker")
 
 REPORT_INTERVAL_S = 1.0
+GIL_SWITCH_S = 0.0005
 LIVE_INTERVAL_S = 0.2
 # Imported lazily by Python or mitmproxy on first use, which would fail after the drop when the
 # interpreter's directory is unreadable to the service user.
@@ -176,6 +177,9 @@ class Reporter:
 
 async def serve(settings: ProxySettings, report: IO[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="llmtap worker: %(message)s", force=True)
+    # The record writer thread holds the GIL in slices of this length; at CPython's default 5 ms
+    # a request that arrives meanwhile waits up to that long. The event loop must not.
+    sys.setswitchinterval(GIL_SWITCH_S)
     proxy = build_master(settings, with_pipeline=settings.pipeline)
     proxy.addons.add(Reporter(report))
     loop = asyncio.get_running_loop()

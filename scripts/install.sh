@@ -16,4 +16,4 @@ python=$(scripts/find-python.sh)
 [ -x "$prefix/bin/python" ] || "$python" -m venv "$prefix"
 "$prefix/bin/pip" install -q --disable-pip-version-check .
 ln -sf "$prefix/bin/llmtap" /usr/local/bin/llmtap
-echo "installed: $(/usr/local/bin/llmtap --version) -> /usr/local/bin/llmtap (next: sudo llmtap run)"
+echo "installed: $(/usr/local/bin/llmtap --version) -> /usr/local/bin/llmtap (next: sudo llmtap install)"
