@@ -9,6 +9,7 @@ from pathlib import Path
 from cryptography import x509
 from llmtap import addons
 from llmtap.addons.scope import allow_patterns
+from llmtap.platform.base import OriginalAddrLookup
 from mitmproxy import certs, http, master, options
 from mitmproxy.addons import core, disable_h2c, errorcheck, next_layer, proxyserver, tlsconfig
 from mitmproxy.proxy import context
@@ -52,6 +53,9 @@ class ProxySettings:
     config_file: Path | None = None  # addons with their own config section read it from here
     listen_hosts: tuple[str, ...] = LOOPBACK_HOSTS
     pipeline: bool = True  # False: the "bare mitmproxy" of the benchmarks
+    # Where mitmproxy cannot find a connection's original destination itself unprivileged
+    # (macOS): the worker asks the supervisor through this.
+    original_addr: OriginalAddrLookup | None = None
     explicit_listen: tuple[str, int] | None = None  # (ip, port) of the regular HTTP/CONNECT proxy
 
 

@@ -141,6 +141,7 @@ class Supervisor:
             config.run_dir / "upstream-ca.pem", config.upstream.extra_ca, user.uid, user.gid
         )
         self.addresses, next_refresh = self.resolver.refresh()
+        channel = backend_cls.original_addr_channel()  # made before the fork, like the lookup
         settings = ProxySettings(
             proxy_port=config.redirect.proxy_port,
             confdir=config.ca_dir,
@@ -152,11 +153,14 @@ class Supervisor:
             listen_hosts=hosts,
             pipeline=not self.bare,
             explicit_listen=config.explicit.address,
+            original_addr=channel.lookup if channel else None,
         )
         lookup = proclookup.LookupService()  # the worker asks it which process is connecting
         attribution.CHANNEL = lookup.client
         worker = start_worker(settings, user)
         lookup.start()
+        if channel:
+            channel.serve()
         guardian_fd = -1
         control_server = None
         try:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from llmtap.errors import LlmtapError
+from llmtap.platform.base import plug_into_mitmproxy
 from llmtap.platform.linux.proc import parent_death_signal
 from llmtap.privileges import ServiceUser, drop_privileges
 from llmtap.proxy import ProxySettings, build_master
@@ -70,6 +71,7 @@ def preload() -> None:
 class WorkerHandle:
     pid: int
     events: IO[str]
+    lifeline: int = -1  # held open for as long as the supervisor lives; never written
 
     def next_event(self) -> dict[str, Any] | None:
         """The next report from the worker, or None when its pipe is closed (it exited)."""
@@ -110,19 +112,24 @@ def start_worker(settings: ProxySettings, user: ServiceUser) -> WorkerHandle:
     """Forks the worker. Call before the supervisor starts any thread."""
     preload()
     read_fd, write_fd = os.pipe()
+    # The worker's lifeline: it never carries data; EOF means the supervisor is gone, however it
+    # ended, on every OS (PR_SET_PDEATHSIG, Linux only, is the second line of defence).
+    lifeline_read, lifeline_write = os.pipe()
     supervisor = os.getpid()
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:  # the worker
         os.close(read_fd)
+        os.close(lifeline_write)
         code = 1
         try:
             os.setpgid(0, 0)  # terminal signals go to the supervisor, which stops us in order
             drop_privileges(user)
-            parent_death_signal(supervisor)  # after the drop: a credential change clears it
+            if sys.platform == "linux":  # after the drop: a credential change clears it
+                parent_death_signal(supervisor)
             with os.fdopen(write_fd, "w", buffering=1) as report:
-                code = asyncio.run(serve(settings, report))
+                code = asyncio.run(serve(settings, report, lifeline_read))
         except SystemExit as exc:  # mitmproxy's startup error check has printed the reason
             code = exc.code if isinstance(exc.code, int) else 1
         except LlmtapError as exc:
@@ -133,7 +140,8 @@ def start_worker(settings: ProxySettings, user: ServiceUser) -> WorkerHandle:
             sys.stderr.flush()
             os._exit(code)
     os.close(write_fd)
-    return WorkerHandle(pid, os.fdopen(read_fd, "r"))
+    os.close(lifeline_read)
+    return WorkerHandle(pid, os.fdopen(read_fd, "r"), lifeline_write)
 
 
 class Reporter:
@@ -175,15 +183,18 @@ class Reporter:
             self._task.cancel()
 
 
-async def serve(settings: ProxySettings, report: IO[str]) -> int:
+async def serve(settings: ProxySettings, report: IO[str], lifeline: int) -> int:
     logging.basicConfig(level=logging.WARNING, format="llmtap worker: %(message)s", force=True)
     # The record writer thread holds the GIL in slices of this length; at CPython's default 5 ms
     # a request that arrives meanwhile waits up to that long. The event loop must not.
     sys.setswitchinterval(GIL_SWITCH_S)
+    if settings.original_addr is not None:  # e.g. macOS: asked of the root supervisor
+        plug_into_mitmproxy(settings.original_addr)
     proxy = build_master(settings, with_pipeline=settings.pipeline)
     proxy.addons.add(Reporter(report))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, proxy.shutdown)
+    loop.add_reader(lifeline, proxy.shutdown)  # readable only at EOF: the supervisor is gone
     await proxy.run()
     return 0

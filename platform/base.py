@@ -84,6 +84,35 @@ class RedirectBackend(ABC):
         """A lookup for mitmproxy's transparent mode, or None where mitmproxy has its own (Linux)."""
         return None
 
+    @classmethod
+    def original_addr_channel(cls) -> OriginalAddrChannel | None:
+        """Where the lookup needs root (macOS DIOCNATLOOK) but the proxy worker runs unprivileged:
+        a channel the supervisor answers and the worker asks. None where it is not needed."""
+        return None
+
+
+class OriginalAddrChannel(ABC):
+    """An original-destination lookup answered by the root supervisor. Made before the worker is
+    forked; the worker asks through `lookup`, the supervisor answers once it calls `serve`."""
+
+    @abstractmethod
+    def serve(self) -> None:
+        """In the supervisor, after the fork."""
+
+    @abstractmethod
+    def lookup(self, sock: object) -> tuple[str, int]:
+        """In the worker: the original (ip, port) of an accepted connection."""
+
+
+def plug_into_mitmproxy(lookup: OriginalAddrLookup) -> None:
+    """Makes mitmproxy's transparent mode ask `lookup` for each connection's original destination,
+    and keeps it from starting its own helpers (`sudo pfctl -s state` on macOS, a redirector with
+    an unauthenticated local API on Windows)."""
+    from mitmproxy import platform as mitmproxy_platform
+
+    mitmproxy_platform.original_addr = lookup
+    mitmproxy_platform.init_transparent_mode = lambda: None
+
 
 class TrustStore(ABC):
     """Where the OS (and the runtimes that ignore it) learn to trust llmtap's CA."""

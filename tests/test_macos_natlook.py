@@ -5,12 +5,15 @@ from __future__ import annotations
 import ctypes
 import errno
 import ipaddress
+import json
+import os
 import socket
 import struct
 from pathlib import Path
 from typing import Any
 
 import pytest
+from llmtap.platform.base import plug_into_mitmproxy
 from llmtap.platform.macos import natlook
 from llmtap.platform.macos.natlook import (
     DIOCNATLOOK,
@@ -177,7 +180,34 @@ def test_plugs_into_mitmproxys_original_addr_hook(monkeypatch: pytest.MonkeyPatc
     own_init = mitmproxy_platform.init_transparent_mode
     monkeypatch.setattr(mitmproxy_platform, "init_transparent_mode", own_init)
     look = NatLook("/nonexistent")
-    natlook.plug_into_mitmproxy(look.original_addr)
+    plug_into_mitmproxy(look.original_addr)
     assert mitmproxy_platform.original_addr == look.original_addr
     assert mitmproxy_platform.init_transparent_mode is not own_init
     mitmproxy_platform.init_transparent_mode()  # starts nothing of mitmproxy's
+
+
+def test_channel_made_before_a_fork_is_answered_by_the_parent(device: str) -> None:
+    """As the supervisor uses it: made before forking the worker, served by the parent after,
+    asked by the child (which cannot open /dev/pf itself)."""
+    from llmtap.platform.macos.natlook import NatLookChannel
+
+    channel = NatLookChannel(NatLook(device, ioctl=FakeKernel(("160.79.104.10", 443))))
+    answers_r, answers_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the "worker"
+        code = 1
+        try:
+            with socket.create_server(("127.0.0.1", 0)) as server:
+                client = socket.create_connection(server.getsockname())
+                accepted, _ = server.accept()
+                with client, accepted:
+                    os.write(answers_w, json.dumps(channel.lookup(accepted)).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(answers_w)
+    channel.serve()
+    _, status = os.waitpid(pid, 0)
+    with os.fdopen(answers_r) as answers:
+        assert json.loads(answers.read()) == ["160.79.104.10", 443]
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from llmtap.errors import RuntimeFailure, UsageError
-from llmtap.platform.base import RedirectPlan, TargetAddresses
+from llmtap.platform.base import RedirectPlan, TargetAddresses, plug_into_mitmproxy
 from llmtap.platform.windows import windivert
 from llmtap.platform.windows.windivert import (
     Action,
@@ -531,7 +531,7 @@ def test_plugs_into_mitmproxy_instead_of_its_windows_redirector(
     own_init = mitmproxy_platform.init_transparent_mode
     monkeypatch.setattr(mitmproxy_platform, "init_transparent_mode", own_init)
     table = OriginalDestinations()
-    windivert.plug_into_mitmproxy(table.original_addr)
+    plug_into_mitmproxy(table.original_addr)
     assert mitmproxy_platform.original_addr == table.original_addr
     assert mitmproxy_platform.init_transparent_mode is not own_init
     mitmproxy_platform.init_transparent_mode()  # starts nothing of mitmproxy's

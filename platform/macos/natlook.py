@@ -32,6 +32,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from llmtap.platform.base import OriginalAddrChannel
+
 Endpoint = tuple[str, int]
 
 # Darwin's values: this module is also tested on Linux, where AF_INET6 is 10.
@@ -235,9 +237,19 @@ class NatLookClient:
             self._sock.close()
 
 
-def plug_into_mitmproxy(lookup: Callable[[Any], Endpoint]) -> None:
-    """Makes mitmproxy's transparent mode use `lookup` instead of its `sudo pfctl -s state`."""
-    from mitmproxy import platform as mitmproxy_platform
+class NatLookChannel(OriginalAddrChannel):
+    """DIOCNATLOOK needs root: the supervisor serves it over a socketpair made before the fork."""
 
-    mitmproxy_platform.original_addr = lookup
-    mitmproxy_platform.init_transparent_mode = lambda: None
+    def __init__(self, natlook: NatLook | None = None) -> None:
+        self._server_end, client_end = natlook_channel()
+        self._client = NatLookClient(client_end)
+        self._natlook = natlook
+        # A forked child (the worker, the guardian) must not hold the supervisor's end.
+        os.register_at_fork(after_in_child=self._server_end.close)
+
+    def serve(self) -> None:
+        self._client.close()  # the worker holds its own copy
+        NatLookServer(self._server_end, self._natlook or NatLook()).start()
+
+    def lookup(self, sock: object) -> Endpoint:
+        return self._client.original_addr(sock)

@@ -26,7 +26,7 @@ from typing import ClassVar
 
 from llmtap.errors import RuntimeFailure
 from llmtap.platform.base import OriginalAddrLookup, RedirectBackend, RedirectPlan, TargetAddresses
-from llmtap.platform.macos.natlook import NatLook
+from llmtap.platform.macos.natlook import NatLook, NatLookChannel
 from llmtap.platform.runner import Completed, Runner, SubprocessRunner
 
 PFCTL = "/sbin/pfctl"
@@ -280,8 +280,12 @@ class PfBackend(RedirectBackend):
         return self._alive
 
     def original_addr_lookup(self) -> OriginalAddrLookup:
-        """DIOCNATLOOK on /dev/pf: works in a root process only (see natlook.NatLookServer)."""
+        """DIOCNATLOOK on /dev/pf: works in a root process only (see original_addr_channel)."""
         return NatLook().original_addr
+
+    @classmethod
+    def original_addr_channel(cls) -> NatLookChannel:
+        return NatLookChannel()
 
     @classmethod
     def redirected_connections(cls) -> list[PfState]:

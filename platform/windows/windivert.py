@@ -529,12 +529,3 @@ def _import_pydivert() -> Any:
         raise UsageError(
             f"redirect.backend = 'windivert' needs pydivert: pip install '{PYDIVERT_REQUIREMENT}'"
         ) from None
-
-
-def plug_into_mitmproxy(lookup: OriginalAddrLookup) -> None:
-    """Makes mitmproxy's transparent mode ask our table, and keeps it from starting its own
-    WinDivert redirector with its unauthenticated local API (mitmproxy.platform.windows)."""
-    from mitmproxy import platform as mitmproxy_platform
-
-    mitmproxy_platform.original_addr = lookup
-    mitmproxy_platform.init_transparent_mode = lambda: None
