@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import IO, Any
 
+from llmtap.addons.recorder import start_writer_process
 from llmtap.errors import LlmtapError
 from llmtap.platform.base import plug_into_mitmproxy
 from llmtap.platform.linux.proc import parent_death_signal
@@ -128,6 +129,8 @@ def start_worker(settings: ProxySettings, user: ServiceUser) -> WorkerHandle:
             drop_privileges(user)
             if sys.platform == "linux":  # after the drop: a credential change clears it
                 parent_death_signal(supervisor)
+            if settings.pipeline:  # before any thread: it forks the record writer process
+                start_writer_process(settings.records_dir, settings.config_file, settings.state_dir)
             with os.fdopen(write_fd, "w", buffering=1) as report:
                 code = asyncio.run(serve(settings, report, lifeline_read))
         except SystemExit as exc:  # mitmproxy's startup error check has printed the reason

@@ -464,3 +464,30 @@ def test_gzip_archive_is_real_gzip(tmp_path):
     [first, *_] = sorted((tmp_path / "archive").glob("*.json.gz"))
     assert json.loads(gzip.decompress(first.read_bytes()))["id"] == "rec00000"
     assert len(rotation.live_records(tmp_path)) == 5
+
+
+def test_records_written_by_a_writer_process_keep_their_files_index_and_counters(tmp_path,
+                                                                                 monkeypatch):
+    """The worker's writer runs in a process of its own; what the Recorder sees is the same."""
+    from llmtap.addons import recorder as recorder_module
+
+    config = tmp_path / "config.toml"
+    config.write_text("")
+    monkeypatch.setattr(recorder_module, "PROCESS_WRITER", None)
+    recorder_module.start_writer_process(tmp_path, config, None)
+    writer = recorder_module.PROCESS_WRITER
+    assert writer is not None
+    flows = [anthropic_flow() for _ in range(5)]
+    recorder = Recorder()
+    with taddons.context(recorder) as tctx:
+        tctx.configure(recorder, llmtap_records_dir=str(tmp_path), llmtap_config_file=str(config))
+        assert recorder.writer is writer
+        for flow in flows:
+            recorder.response(flow)
+        recorder.done()
+    assert sorted(json.loads(p.read_text())["id"] for p in tmp_path.glob("*.json")) == sorted(
+        f.id for f in flows)
+    assert len(list(tmp_path.glob("*.md"))) == 5
+    assert {row["id"] for row in Index.open_reader(tmp_path).calls()} == {f.id for f in flows}
+    assert writer.counters()["records_written"] == 5
+    assert writer.counters()["records_dropped"] == 0

@@ -9,15 +9,20 @@ does the rest. When the queue is full or the disk refuses, the record is dropped
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
 import os
+import pickle
 import queue
+import signal
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass, field
+from multiprocessing.sharedctypes import RawArray  # at import: the worker cannot import later
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from llmtap.config import Config, ExportConfig, RecordsConfig, load_config
 from llmtap.errors import LlmtapError
@@ -148,7 +153,8 @@ class WriterSettings:
 class RecordWriter:
     """The writer thread behind the bounded queue."""
 
-    def __init__(self, directory: Path, settings: WriterSettings | None = None) -> None:
+    def __init__(self, directory: Path, settings: WriterSettings | None = None,
+                 threaded: bool = True) -> None:
         self.directory = directory
         self.settings = settings or WriterSettings()
         self.dropped = 0
@@ -166,7 +172,8 @@ class RecordWriter:
         self._index: Index | None = None
         self._live = 0  # records in the directory (for rotation)
         self._thread = threading.Thread(target=self._run, name="llmtap-recorder", daemon=True)
-        self._thread.start()
+        if threaded:
+            self._thread.start()
 
     def submit(self, record: dict[str, Any], exchange: Exchange | None = None) -> None:
         try:
@@ -190,24 +197,29 @@ class RecordWriter:
         return counters
 
     def _run(self) -> None:
-        self._start()
+        self.start()
         while (item := self._queue.get()) is not None:
-            record, exchange = item
-            try:
-                self._write(record, exchange)
-            except OSError as exc:
-                self.dropped += 1
-                if self.dropped % LOG_EVERY == 1:
-                    log.warning("record %s not written: %s (%d dropped so far)", record["id"],
-                                exc.strerror or exc, self.dropped)
-                continue
-            self.written += 1
-            if self.exporter:
-                self.exporter.submit(record)
+            self.handle(*item)
+        self.finish()
+
+    def handle(self, record: dict[str, Any], exchange: Exchange | None) -> None:
+        try:
+            self._write(record, exchange)
+        except OSError as exc:
+            self.dropped += 1
+            if self.dropped % LOG_EVERY == 1:
+                log.warning("record %s not written: %s (%d dropped so far)", record["id"],
+                            exc.strerror or exc, self.dropped)
+            return
+        self.written += 1
+        if self.exporter:
+            self.exporter.submit(record)
+
+    def finish(self) -> None:
         if self._index:
             self._index.close()
 
-    def _start(self) -> None:
+    def start(self) -> None:
         try:
             self._index = Index.open_writer(index_path(self.directory))
         except sqlite3.Error as exc:
@@ -257,6 +269,107 @@ class RecordWriter:
                 log.warning("index not updated after rotation (%s): run `llmtap reindex`", exc)
 
 
+class RecordWriterProcess:
+    """The record writer in a process of its own, so that JSON, Markdown, the index and export
+    never hold the GIL the proxy's event loop needs (profiling showed requests queuing behind
+    them). Fork it before the worker starts any thread. The worker side keeps RecordWriter's
+    interface: `submit` only queues; a feeder thread pickles onto a pipe; counters come back
+    through shared memory."""
+
+    def __init__(self, directory: Path, settings: WriterSettings) -> None:
+        self.directory = directory
+        self.dropped = 0  # here: the queue was full or the writer process is gone
+        self._shared = RawArray("q", len(SHARED_COUNTERS))  # shared memory, survives the fork
+        self._queue: queue.Queue[tuple[dict[str, Any], Exchange | None] | None] = queue.Queue(
+            settings.records.queue_size)
+        read_fd, write_fd = os.pipe()
+        self._pid = os.fork()
+        if self._pid == 0:
+            os.close(write_fd)
+            code = 1
+            try:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker's end of the pipe ends us
+                self._serve(os.fdopen(read_fd, "rb"), RecordWriter(directory, settings, False))
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(read_fd)
+        self._pipe = os.fdopen(write_fd, "wb")
+        self._feeder = threading.Thread(target=self._feed, name="llmtap-record-feed", daemon=True)
+        self._feeder.start()
+
+    def _serve(self, pipe: BinaryIO, writer: RecordWriter) -> None:
+        writer.start()
+        with pipe:
+            while True:
+                try:
+                    record, exchange = pickle.load(pipe)
+                except (EOFError, pickle.UnpicklingError):
+                    break
+                writer.handle(record, exchange)
+                for i, value in enumerate(writer.counters().get(n, 0) for n in SHARED_COUNTERS):
+                    self._shared[i] = value
+        writer.finish()
+        if writer.exporter:
+            writer.exporter.close()
+
+    def _feed(self) -> None:
+        while (item := self._queue.get()) is not None:
+            try:
+                pickle.dump(item, self._pipe, pickle.HIGHEST_PROTOCOL)
+                self._pipe.flush()
+            except (OSError, pickle.PicklingError, TypeError):
+                self.dropped += 1
+        with contextlib.suppress(OSError):
+            self._pipe.close()
+
+    def submit(self, record: dict[str, Any], exchange: Exchange | None = None) -> None:
+        try:
+            self._queue.put_nowait((record, exchange))
+        except queue.Full:
+            self.dropped += 1
+
+    def counters(self) -> dict[str, int]:
+        counters = dict(zip(SHARED_COUNTERS, self._shared, strict=True))
+        counters["records_dropped"] += self.dropped
+        return counters
+
+    def close(self) -> None:
+        """Lets the writer finish what it was given, then waits for it (bounded)."""
+        self._queue.put(None)
+        self._feeder.join(timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if os.waitpid(self._pid, os.WNOHANG)[0]:
+                return
+            time.sleep(0.02)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self._pid, signal.SIGKILL)
+        os.waitpid(self._pid, 0)
+
+
+SHARED_COUNTERS = ("records_written", "records_dropped", "records_index_errors", "export_spans",
+                   "export_dropped", "export_spooled")
+# Set by the worker before the proxy starts (see start_writer_process); the Recorder uses it.
+PROCESS_WRITER: RecordWriterProcess | None = None
+
+
+def writer_settings(config_file: str, state_dir: str) -> tuple[Config, WriterSettings]:
+    config = addon_config(config_file)
+    return config, WriterSettings(config.records, config.export,
+                                  Path(state_dir) / "otlp-spool" if state_dir else None)
+
+
+def start_writer_process(records_dir: Path | None, config_file: Path | None,
+                         state_dir: Path | None) -> None:
+    """In the worker, before any thread starts: the records go to a writer process."""
+    global PROCESS_WRITER
+    if records_dir is None or not str(records_dir):
+        return
+    _, settings = writer_settings(str(config_file or ""), str(state_dir or ""))
+    PROCESS_WRITER = RecordWriterProcess(records_dir, settings)
+
+
 def addon_config(path: str) -> Config:
     """The daemon's config as an addon sees it ("" = the defaults)."""
     try:
@@ -267,7 +380,7 @@ def addon_config(path: str) -> Config:
 
 class Recorder:
     def __init__(self) -> None:
-        self.writer: RecordWriter | None = None
+        self.writer: RecordWriter | RecordWriterProcess | None = None
         self.max_body_bytes = RecordsConfig().max_body_bytes
 
     def load(self, loader) -> None:  # type: ignore[no-untyped-def]
@@ -281,11 +394,12 @@ class Recorder:
         directory = ctx.options.llmtap_records_dir
         if directory and not os.access(directory, os.W_OK):
             raise exceptions.OptionsError(f"records directory {directory} is not writable")
-        config = addon_config(ctx.options.llmtap_config_file)
-        state = ctx.options.llmtap_state_dir
-        settings = WriterSettings(config.records, config.export,
-                                  Path(state) / "otlp-spool" if state else None)
+        config, settings = writer_settings(ctx.options.llmtap_config_file,
+                                           ctx.options.llmtap_state_dir)
         self.max_body_bytes = config.records.max_body_bytes
+        if PROCESS_WRITER is not None and directory == str(PROCESS_WRITER.directory):
+            self.writer = PROCESS_WRITER  # the worker's: closed once, in done()
+            return
         if self.writer:
             self.writer.close()
         self.writer = RecordWriter(Path(directory), settings) if directory else None
