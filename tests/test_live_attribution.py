@@ -248,3 +248,18 @@ def test_attribution_is_in_the_pipeline():
     assert addons.STAGES["attribution"] is Attribution
     assert Path(proclookup.__file__).name == "proclookup.py"
 
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_exact_netlink_lookup_finds_the_same_socket_as_proc(host):
+    from llmtap.proclookup import diag_socket_inode, socket_inode
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.create_server((host, 0), family=family) as server:
+        client = socket.create_connection(server.getsockname()[:2])
+        accepted, _ = server.accept()
+        with client, accepted:
+            local, remote = client.getsockname()[:2], client.getpeername()[:2]
+            found = diag_socket_inode(local, remote)
+            assert found is not None and found == socket_inode(*local)
+            assert diag_socket_inode(local, (remote[0], remote[1] + 1 or 1)) is None

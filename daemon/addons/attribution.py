@@ -53,7 +53,12 @@ class Attribution:
         if self.channel is None or not client.peername:
             return
         ip, port = client.peername[0], client.peername[1]
-        message = json.dumps({"id": client.id, "ip": ip, "port": port}).encode()
+        question: dict[str, Any] = {"id": client.id, "ip": ip, "port": port}
+        # What the client's socket is connected to (in transparent mode, the original
+        # destination) lets the supervisor look the socket up by its exact addresses.
+        if client.sockname and client.sockname[0]:
+            question |= {"remote_ip": client.sockname[0], "remote_port": client.sockname[1]}
+        message = json.dumps(question).encode()
         try:
             self.channel.send(message)
             self.asked += 1
