@@ -92,7 +92,8 @@ def create_ca(hosts: tuple[str, ...], common_name: str = "llmtap local CA") -> t
 def ensure_ca(ca_dir: Path, hosts: tuple[str, ...], uid: int, gid: int) -> Path:
     """Creates the CA once; the key is readable by the service user only. Returns the cert path."""
     ca_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chown(ca_dir, uid, gid)
+    if hasattr(os, "chown"):  # Windows: the state directory's ACL protects it (llmtap.inprocess)
+        os.chown(ca_dir, uid, gid)
     os.chmod(ca_dir, 0o700)
     key_file = ca_dir / KEY_AND_CERT
     cert_file = public_cert_path(ca_dir)
@@ -140,8 +141,10 @@ def write_upstream_bundle(dest: Path, extra_ca: str, uid: int, gid: int) -> Path
 
 def _write(path: Path, data: bytes, mode: int, uid: int, gid: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as out:
-        os.fchown(out.fileno(), uid, gid)
-        os.fchmod(out.fileno(), mode)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)  # Windows: no CRLF
+    with os.fdopen(os.open(tmp, flags, mode), "wb") as out:
+        if hasattr(os, "fchown"):  # POSIX; on Windows the directory's ACL decides
+            os.fchown(out.fileno(), uid, gid)
+            os.fchmod(out.fileno(), mode)
         out.write(data)
     os.replace(tmp, path)

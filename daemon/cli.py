@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -59,6 +60,10 @@ def run(
                               help="No pipeline: the bare mitmproxy of the benchmarks."),
 ) -> None:
     """Run the daemon in the foreground until SIGINT/SIGTERM, then remove everything it added."""
+    if not hasattr(os, "fork"):  # Windows: the proxy runs in this process (llmtap.inprocess)
+        from llmtap import inprocess
+
+        raise typer.Exit(inprocess.run(load_config(config), bare))
     from llmtap import supervisor  # imports mitmproxy: only the daemon pays for it
 
     raise typer.Exit(supervisor.run(load_config(config), bare))

@@ -6,7 +6,6 @@ import contextlib
 import datetime
 import json
 import os
-import pwd
 from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
@@ -25,6 +24,9 @@ from llmtap.pricing import (
     override_path,
     save_table,
 )
+
+with contextlib.suppress(ImportError):  # not on Windows (llmtap.inprocess)
+    import pwd
 
 prices_app = typer.Typer(no_args_is_help=True, help="The price table behind each record's cost_usd.")
 

@@ -7,10 +7,10 @@ run as root (or as that user) and hand every file they write to it.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import os
-import pwd
 import sys
 from typing import Any
 
@@ -19,6 +19,9 @@ from llmtap import secrets_store as store
 from llmtap.config import Config, load_config
 from llmtap.errors import UsageError
 from llmtap.privileges import ServiceUser, ensure_service_user
+
+with contextlib.suppress(ImportError):  # not on Windows (llmtap.inprocess)
+    import pwd
 
 secrets_app = typer.Typer(
     no_args_is_help=True,

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from llmtap import statusfile
 from llmtap.errors import RuntimeFailure
 from llmtap.privileges import is_member
 
@@ -23,6 +24,8 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 Stream = Callable[[socket.socket], None]  # a command that keeps the connection (e.g. subscribe)
+# CPython has no AF_UNIX on Windows: there the daemon publishes its status to a file instead.
+UNIX_SOCKETS = hasattr(socket, "AF_UNIX")
 
 
 def peer_uid(conn: socket.socket) -> int:
@@ -82,6 +85,8 @@ class ControlServer:
 
 def request(path: Path, message: dict[str, Any], timeout_s: float = 5.0) -> dict[str, Any] | None:
     """One request to the daemon; None when no daemon is listening."""
+    if not UNIX_SOCKETS:
+        return statusfile.read(path) if message.get("cmd") == "status" else None
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout_s)
@@ -105,6 +110,9 @@ def subscribe(path: Path, connect_timeout_s: float = 5.0) -> Iterator[dict[str, 
 
     The iterator ends when the daemon goes away.
     """
+    if not UNIX_SOCKETS:
+        raise RuntimeFailure("live events need the control socket, which Python lacks on Windows: "
+                             "use `llmtap status`")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(connect_timeout_s)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-import grp
+import contextlib
 import os
-import pwd
 import shutil
 import subprocess
 from dataclasses import dataclass
 
 from llmtap.errors import RuntimeFailure, UsageError
+from llmtap.platform.windows.elevation import require_elevated
+
+with contextlib.suppress(ImportError):  # Windows has neither (and no service user: llmtap.inprocess)
+    import grp
+    import pwd
 
 
 @dataclass(frozen=True)
@@ -20,6 +24,9 @@ class ServiceUser:
 
 
 def require_root(action: str) -> None:
+    if not hasattr(os, "geteuid"):  # Windows: root is an elevated (Administrator) process
+        require_elevated(action)
+        return
     if os.geteuid() != 0:
         raise UsageError(f"{action} needs root: run it with sudo")
 

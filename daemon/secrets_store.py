@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime
-import fcntl
 import json
 import os
 import re
@@ -34,6 +33,9 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from llmtap.config import HOSTNAME_RE
 from llmtap.errors import RuntimeFailure, UsageError
+
+with contextlib.suppress(ImportError):  # not on Windows (llmtap.inprocess)
+    import fcntl
 
 SECRETS_DIR = "secrets"
 HEADERS = ("x-api-key", "authorization", "api-key", "x-goog-api-key", "query:key")

@@ -40,10 +40,11 @@ WATCH_INTERVAL_S = 0.2
 GATEWAY_CHECK_S = 5.0  # how soon a gateway interface created after the start is tapped
 
 
-def listen_hosts(port: int, explicit: tuple[str, int] | None = None) -> tuple[str, ...]:
-    """The loopback addresses to listen on; refuses (exit 2) when the port, or the explicit
-    listener's address, is taken."""
-    hosts = [host for host in LOOPBACK_HOSTS if _can_bind(host, port, "redirect.proxy_port")]
+def listen_hosts(port: int, explicit: tuple[str, int] | None = None,
+                 candidates: tuple[str, ...] = LOOPBACK_HOSTS) -> tuple[str, ...]:
+    """The addresses (loopback unless told) to listen on; refuses (exit 2) when the port, or the
+    explicit listener's address, is taken."""
+    hosts = [host for host in candidates if _can_bind(host, port, "redirect.proxy_port")]
     if explicit and not _can_bind(*explicit, "explicit.listen"):
         raise UsageError(f"explicit.listen {explicit[0]}: this machine has no IPv6")
     return tuple(hosts)

@@ -18,7 +18,6 @@ import contextlib
 import json
 import logging
 import os
-import pwd
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,9 @@ from llmtap.addons.recorder import fields
 from llmtap.errors import LlmtapError
 from llmtap.parsers.classify import host_provider, normalise_host
 from mitmproxy import ctx, http
+
+with contextlib.suppress(ImportError):  # not on Windows (llmtap.inprocess)
+    import pwd
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Windows: WinDivert redirect (windivert.py), Root store trust (trust.py), service (service.py).
+"""Windows: WinDivert redirect (windivert.py), Root store trust (trust.py), service (service.py),
+directories for Administrators only (acl.py); `llmtap run` itself is llmtap.inprocess.
 
 Exercised on Linux CI only through tests/test_windows_*.py: real IPv4/IPv6 packet bytes through a
 fake pydivert, golden filters, the task XML and a fake pywin32. Not yet run on a real Windows.
