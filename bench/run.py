@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent / "tests"))
 
@@ -70,6 +72,13 @@ class Arm:
     def worker_pid(self) -> int:
         return int(self.daemon.status()["worker_pid"]) if self.daemon else 0
 
+    def daemon_pids(self) -> list[int]:
+        """The supervisor and all it started (worker, record writer, nft, guardian)."""
+        if not self.daemon:
+            return []
+        root = psutil.Process(self.daemon.proc.pid)
+        return [root.pid, *(child.pid for child in root.children(recursive=True))]
+
 
 def cpu_seconds(pids: list[int]) -> float:
     total = 0
@@ -109,7 +118,7 @@ def measure_arm(arm: Arm, quick: bool) -> None:
     streamed = arm.client("stream", f"{TARGET}/v1/messages?bench=stream&n=50&gap_ms=10", arm.cacert,
                           "--repeat", "4" if quick else "10")
     r["ttfb_ms"], r["chunk_delay_ms"] = streamed["ttfb_ms"], streamed["chunk_delay_ms"]
-    pids = [arm.daemon.proc.pid, arm.worker_pid()] if arm.daemon else []
+    pids = arm.daemon_pids()
     for concurrency in (1, 50, 200):
         requests = max(concurrency * (2 if quick else 5), 50 if quick else 200)
         cpu_before = cpu_seconds(pids) if pids else 0.0
@@ -123,7 +132,7 @@ def measure_arm(arm: Arm, quick: bool) -> None:
             "p99_chunk_delay_ms": pct(load["chunk_delay_ms"], 99),
         }
     if arm.daemon:
-        r["peak_rss_mb"] = peak_rss_mb(arm.worker_pid())
+        r["peak_rss_mb"] = sum(peak_rss_mb(pid) for pid in arm.daemon_pids())
 
 
 def measure_passthrough(bed: Testbed, quick: bool) -> dict[str, Any]:
@@ -210,7 +219,8 @@ def table(arms: dict[str, Arm], extra: dict[str, Any]) -> list[str]:
             {a: load[a]["max_chunk_delay_ms"] for a in ARMS})
         row(f"{c} concurrent streams: daemon CPU s / 1000 requests",
             {a: load[a]["cpu_s_per_1000"] for a in ARMS})
-    row("worker peak RSS (MB)", {a: arms[a].results.get("peak_rss_mb", float("nan")) for a in ARMS})
+    row("daemon peak RSS, all its processes (MB)",
+        {a: arms[a].results.get("peak_rss_mb", float("nan")) for a in ARMS})
     row("start to ready (s)", {a: arms[a].results.get("ready_s", float("nan")) for a in ARMS})
     p = extra["passthrough"]
     lines += ["", "| passthrough and rules | value |", "|---|---|",
