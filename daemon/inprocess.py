@@ -209,21 +209,6 @@ class InProcessRunner(Supervisor):
             directory.mkdir(parents=True, exist_ok=True)
             self.restrict(directory)
 
-    def _settings(self, bundle: Path, hosts: tuple[str, ...]) -> ProxySettings:
-        config = self.config
-        return ProxySettings(
-            proxy_port=config.redirect.proxy_port,
-            confdir=config.ca_dir,
-            upstream_ca_bundle=bundle,
-            targets=config.targets.all_hosts,
-            records_dir=config.records_dir,
-            state_dir=config.state_dir,
-            config_file=config.source,
-            listen_hosts=hosts,
-            pipeline=not self.bare,
-            explicit_listen=config.explicit.address,
-        )
-
     def _catch_stop_signals(self) -> dict[int, Any]:
         """The previous handlers, to put back. Only the main thread may set them."""
         if threading.current_thread() is not threading.main_thread():

@@ -19,6 +19,7 @@ import socket
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -26,7 +27,7 @@ from llmtap import ca, control, gateway, livehub, proclookup, redirect
 from llmtap.addons import attribution
 from llmtap.config import Config
 from llmtap.errors import LlmtapError, RuntimeFailure, UsageError
-from llmtap.platform.base import RedirectBackend, RedirectPlan, TargetAddresses
+from llmtap.platform.base import OriginalAddrLookup, RedirectBackend, RedirectPlan, TargetAddresses
 from llmtap.privileges import ServiceUser, ensure_service_user, require_root
 from llmtap.proxy import LOOPBACK_HOSTS, ProxySettings
 from llmtap.secrets_store import resolve_at_start
@@ -143,19 +144,7 @@ class Supervisor:
         )
         self.addresses, next_refresh = self.resolver.refresh()
         channel = backend_cls.original_addr_channel()  # made before the fork, like the lookup
-        settings = ProxySettings(
-            proxy_port=config.redirect.proxy_port,
-            confdir=config.ca_dir,
-            upstream_ca_bundle=bundle,
-            targets=config.targets.all_hosts,
-            records_dir=config.records_dir,
-            state_dir=config.state_dir,
-            config_file=config.source,
-            listen_hosts=hosts,
-            pipeline=not self.bare,
-            explicit_listen=config.explicit.address,
-            original_addr=channel.lookup if channel else None,
-        )
+        settings = self._settings(bundle, hosts, channel.lookup if channel else None)
         lookup = proclookup.LookupService()  # the worker asks it which process is connecting
         attribution.CHANNEL = lookup.client
         worker = start_worker(settings, user)
@@ -198,6 +187,23 @@ class Supervisor:
                 control_server.close()
             with contextlib.suppress(FileNotFoundError):
                 (config.run_dir / "llmtap.pid").unlink()
+
+    def _settings(self, bundle: Path, hosts: tuple[str, ...],
+                  original_addr: OriginalAddrLookup | None = None) -> ProxySettings:
+        config = self.config
+        return ProxySettings(
+            proxy_port=config.redirect.proxy_port,
+            confdir=config.ca_dir,
+            upstream_ca_bundle=bundle,
+            targets=config.targets.all_hosts,
+            records_dir=config.records_dir,
+            state_dir=config.state_dir,
+            config_file=config.source,
+            listen_hosts=hosts,
+            pipeline=not self.bare,
+            explicit_listen=config.explicit.address,
+            original_addr=original_addr,
+        )
 
     def _plan(self, user: ServiceUser) -> RedirectPlan:
         r = self.config.redirect
