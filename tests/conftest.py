@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,6 +31,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "root" in item.keywords:
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    """A config whose service user is whoever runs the tests (chown works without root).
+    Modules that need another config define their own `config` fixture."""
+    user = pwd.getpwuid(os.getuid()).pw_name
+    path = tmp_path / "config.toml"
+    path.write_text(f'state_dir = "{tmp_path / "state"}"\nrecords_dir = "{tmp_path / "records"}"\n'
+                    f'service_user = "{user}"\n')
+    return path
 
 
 @pytest.fixture(scope="session")

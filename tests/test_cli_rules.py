@@ -4,21 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
-from pathlib import Path
 
 import pytest
 from llmtap import cli
-
-
-@pytest.fixture
-def config(tmp_path: Path) -> Path:
-    """A config whose service user is whoever runs the tests (chown works without root)."""
-    user = pwd.getpwuid(os.getuid()).pw_name
-    path = tmp_path / "config.toml"
-    path.write_text(f'state_dir = "{tmp_path / "state"}"\nrecords_dir = "{tmp_path / "records"}"\n'
-                    f'service_user = "{user}"\n')
-    return path
 
 
 @pytest.fixture

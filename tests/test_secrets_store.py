@@ -19,16 +19,6 @@ KEY = "sk-ant-api03-THEREALKEYvalue0123456789wxyz"
 
 
 @pytest.fixture
-def config(tmp_path: Path) -> Path:
-    """A config whose service user is whoever runs the tests (chown works without root)."""
-    user = pwd.getpwuid(os.getuid()).pw_name
-    path = tmp_path / "config.toml"
-    path.write_text(f'state_dir = "{tmp_path / "state"}"\nrecords_dir = "{tmp_path / "records"}"\n'
-                    f'service_user = "{user}"\n')
-    return path
-
-
-@pytest.fixture
 def run(config, monkeypatch, capsys):
     def run(*argv: str, stdin: str = "") -> tuple[int, str, str]:
         monkeypatch.setattr("sys.stdin", io.StringIO(stdin))

@@ -26,13 +26,15 @@ _CONTENT_KEYS = (
 )
 
 
-def usage_from(raw: dict[str, Any]) -> Usage:
-    prompt = as_int(raw.get("prompt_tokens"))
-    cached = as_int(as_dict(raw.get("prompt_tokens_details")).get("cached_tokens"))
-    reasoning = as_dict(raw.get("completion_tokens_details")).get("reasoning_tokens")
+def usage_from(raw: dict[str, Any], prompt_key: str = "prompt_tokens",
+               completion_key: str = "completion_tokens") -> Usage:
+    """OpenAI's usage object; the Responses API names the same counters input/output_tokens."""
+    prompt = as_int(raw.get(prompt_key))
+    cached = as_int(as_dict(raw.get(f"{prompt_key}_details")).get("cached_tokens"))
+    reasoning = as_dict(raw.get(f"{completion_key}_details")).get("reasoning_tokens")
     return Usage(
         input_tokens=max(0, prompt - cached),
-        output_tokens=as_int(raw.get("completion_tokens")),
+        output_tokens=as_int(raw.get(completion_key)),
         cache_read_tokens=cached,
         cache_write_5m_tokens=0,
         cache_write_1h_tokens=0,

@@ -17,23 +17,14 @@ from typing import Any
 
 from llmtap.parsers.base import ResponseParser, Usage, as_dict, as_int
 from llmtap.parsers.openai_chat import content_text, tool_names
+from llmtap.parsers.openai_chat import usage_from as chat_usage
 
 TERMINAL = ("response.completed", "response.failed", "response.incomplete")
 KEEP_MESSAGE_BYTES = 1024 * 1024  # of each exchange's messages, kept for its record
 
 
 def usage_from(raw: dict[str, Any]) -> Usage:
-    prompt = as_int(raw.get("input_tokens"))
-    cached = as_int(as_dict(raw.get("input_tokens_details")).get("cached_tokens"))
-    reasoning = as_dict(raw.get("output_tokens_details")).get("reasoning_tokens")
-    return Usage(
-        input_tokens=max(0, prompt - cached),
-        output_tokens=as_int(raw.get("output_tokens")),
-        cache_read_tokens=cached,
-        cache_write_5m_tokens=0,
-        cache_write_1h_tokens=0,
-        reasoning_tokens=as_int(reasoning),
-    )
+    return chat_usage(raw, "input_tokens", "output_tokens")
 
 
 class ResponsesParser(ResponseParser):
