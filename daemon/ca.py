@@ -11,6 +11,7 @@ import datetime
 import ipaddress
 import os
 import ssl
+import sys
 from pathlib import Path
 
 from cryptography import x509
@@ -115,15 +116,27 @@ def uncovered_hosts(cert_file: Path, hosts: tuple[str, ...]) -> list[str]:
     return [h for h in hosts if not any(h == p or h.endswith("." + p) for p in permitted)]
 
 
-def system_roots() -> bytes:
-    """The OS's trusted roots as PEM (certifi's bundle when the OS has none)."""
-    candidates = [*SYSTEM_ROOT_BUNDLES, ssl.get_default_verify_paths().cafile or ""]
-    for candidate in candidates:
-        if candidate and Path(candidate).is_file():
-            return Path(candidate).read_bytes()
+def root_bundle_candidates(platform: str | None = None) -> list[str]:
+    """The PEM files that may hold the OS's roots, in order; certifi's bundle last.
+
+    Windows keeps its roots in the certificate store, not in a file (and fetches most of them
+    only when first needed, so an export would be incomplete): certifi's bundle it is. The POSIX
+    paths are never tried there: "/etc/ssl/cert.pem" would mean C:\\etc\\ssl, which any user may
+    create.
+    """
     import certifi  # mitmproxy depends on it
 
-    return Path(certifi.where()).read_bytes()
+    if (platform or sys.platform) == "win32":
+        return [certifi.where()]
+    return [*SYSTEM_ROOT_BUNDLES, ssl.get_default_verify_paths().cafile or "", certifi.where()]
+
+
+def system_roots(platform: str | None = None) -> bytes:
+    """The OS's trusted roots as PEM (certifi's bundle when the OS has none)."""
+    for candidate in root_bundle_candidates(platform):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate).read_bytes()
+    raise RuntimeFailure("no trusted root certificates found (is certifi installed?)")
 
 
 def write_upstream_bundle(dest: Path, extra_ca: str, uid: int, gid: int) -> Path:

@@ -5,10 +5,25 @@ The heavy modules are imported inside the commands: every other command starts f
 
 from __future__ import annotations
 
+import sys
+from typing import Any
+
 import typer
-from llmtap.config import load_config
+from llmtap.config import Config, load_config
 
 ConfigOption = typer.Option(None, "--config", help="Config file (default /etc/llmtap/config.toml).")
+
+
+def installer_for(config: Config, explicit: str | None, platform: str | None = None) -> Any:
+    """llmtap.installer's Installer, or its Windows counterpart (no service user, icacls,
+    certutil, setx, the Windows service)."""
+    if (platform or sys.platform) == "win32":
+        from llmtap.installer_windows import WindowsInstaller
+
+        return WindowsInstaller(config, explicit, report=typer.echo)
+    from llmtap.installer import Installer
+
+    return Installer(config, explicit, report=typer.echo)
 
 
 def install(
@@ -18,10 +33,7 @@ def install(
 ) -> None:
     """User, directories, CA, OS trust, runtime environment and the service (started). Idempotent;
     a failure rolls back every step done."""
-    from llmtap.installer import Installer
-
-    Installer(load_config(config), config, report=typer.echo).install(
-        trust=not no_trust, service=not no_service)
+    installer_for(load_config(config), config).install(trust=not no_trust, service=not no_service)
 
 
 def uninstall(
@@ -30,9 +42,7 @@ def uninstall(
     config: str | None = ConfigOption,
 ) -> None:
     """Stops and removes the service, the rules, the CA's trust and the environment file."""
-    from llmtap.installer import Installer
-
-    Installer(load_config(config), config, report=typer.echo).uninstall(purge=purge)
+    installer_for(load_config(config), config).uninstall(purge=purge)
 
 
 def doctor(
@@ -52,6 +62,4 @@ def doctor(
 
 def ca_rotate(config: str | None = ConfigOption) -> None:
     """Issues a new CA for the current targets, trusts it where the old one was, removes the old."""
-    from llmtap.installer import Installer
-
-    Installer(load_config(config), config, report=typer.echo).rotate()
+    installer_for(load_config(config), config).rotate()

@@ -18,7 +18,7 @@ import typer
 from llmtap import secrets_store as store
 from llmtap.config import Config, load_config
 from llmtap.errors import UsageError
-from llmtap.privileges import ServiceUser, ensure_service_user
+from llmtap.privileges import ServiceUser, ensure_service_user, require_root
 
 with contextlib.suppress(ImportError):  # not on Windows (llmtap.inprocess)
     import pwd
@@ -29,9 +29,13 @@ secrets_app = typer.Typer(
 )
 ConfigOption = typer.Option(None, "--config", help="Config file (default /etc/llmtap/config.toml).")
 SHELLS = ("sh", "fish", "powershell")
+NO_OWNER = ServiceUser("", -1, -1)  # Windows: the directory's ACL, not an owner, guards the store
 
 
 def service_owner(settings: Config, create: bool = False) -> ServiceUser:
+    if not store.POSIX_OWNERS:  # Windows: no service user; elevated processes own the store
+        require_root("llmtap secrets")
+        return NO_OWNER
     if create and os.geteuid() == 0:
         return ensure_service_user(settings.service_user)
     try:
@@ -43,6 +47,9 @@ def service_owner(settings: Config, create: bool = False) -> ServiceUser:
 
 
 def require_writer(owner: ServiceUser, action: str) -> None:
+    if not store.POSIX_OWNERS:
+        require_root(action)  # elevated, on Windows
+        return
     if os.geteuid() not in (0, owner.uid):
         raise UsageError(f"{action} needs root: run it with sudo")
 

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import ntpath
 import os
 import re
+import sys
 import tomllib
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +24,37 @@ from llmtap.dlp import ACTIONS, BUILTIN, NAME_RE, PatternError, check_pattern
 from llmtap.errors import UsageError
 from llmtap.rules.strings import DEFAULT_PROTECTED_FIELDS, parse_field_spec
 
-DEFAULT_CONFIG_PATH = Path("/etc/llmtap/config.toml")
 CONFIG_ENV = "LLMTAP_CONFIG"
+
+
+@dataclass(frozen=True)
+class SystemPaths:
+    """Where llmtap keeps things on this kind of system unless the config says otherwise."""
+
+    config_file: Path
+    state_dir: Path
+    records_dir: Path
+    run_dir: Path
+    public_dir: Path  # the CA certificate for every user (no key)
+    log_file: Path  # the service's output where there is no journal
+
+
+def system_paths(platform: str | None = None, environ: Mapping[str, str] | None = None
+                 ) -> SystemPaths:
+    """The defaults: FHS paths on Linux and macOS, %ProgramData%\\llmtap on Windows (where the
+    config, state, records and status live side by side, as Windows services keep them)."""
+    if (platform or sys.platform) == "win32":
+        env = os.environ if environ is None else environ
+        base = ntpath.join(env.get("ProgramData") or r"C:\ProgramData", "llmtap")
+        return SystemPaths(*(Path(ntpath.join(base, name)) for name in (
+            "config.toml", "state", "records", "run", "public", "llmtap.log")))
+    return SystemPaths(Path("/etc/llmtap/config.toml"), Path("/var/lib/llmtap"),
+                       Path("/var/lib/llmtap/records"), Path("/run/llmtap"), Path("/etc/llmtap"),
+                       Path("/var/log/llmtap.log"))
+
+
+DEFAULTS = system_paths()  # this process's platform: it does not change while it runs
+DEFAULT_CONFIG_PATH = DEFAULTS.config_file
 
 # The API hosts of the providers AI coding tools talk to. Only these are ever decrypted.
 DEFAULT_TARGET_HOSTS: tuple[str, ...] = (
@@ -107,11 +139,11 @@ class InstallConfig:
     into a temporary tree. state_dir, records_dir and run_dir are used as they are."""
 
     root: Path = Path("/")
-    public_dir: Path = Path("/etc/llmtap")  # world-readable copy of the CA and the CA bundle
+    public_dir: Path = DEFAULTS.public_dir  # world-readable copy of the CA and the CA bundle
     profile_script: Path = Path("/etc/profile.d/llmtap.sh")
     environment_file: Path = Path("/etc/environment.d/90-llmtap.conf")  # systemd user sessions
     unit_dir: Path = Path("/etc/systemd/system")
-    log_file: Path = Path("/var/log/llmtap.log")  # the detached service's output (no systemd)
+    log_file: Path = DEFAULTS.log_file  # the detached or Windows service's output (no journal)
     service: str = "auto"  # auto | systemd | detached
     trust: str = "auto"  # auto | debian | fedora | arch
     nss: bool = True  # also the NSS databases of local users (Chrome, Firefox) if certutil exists
@@ -183,9 +215,9 @@ class DlpConfig:
 
 @dataclass(frozen=True)
 class Config:
-    state_dir: Path = Path("/var/lib/llmtap")
-    records_dir: Path = Path("/var/lib/llmtap/records")
-    run_dir: Path = Path("/run/llmtap")  # control socket and pidfile
+    state_dir: Path = DEFAULTS.state_dir
+    records_dir: Path = DEFAULTS.records_dir
+    run_dir: Path = DEFAULTS.run_dir  # control socket (Windows: status file) and pidfile
     service_user: str = "llmtap"  # the unprivileged user (and group) the proxy worker runs as
     redirect: RedirectConfig = field(default_factory=RedirectConfig)
     targets: TargetsConfig = field(default_factory=TargetsConfig)

@@ -13,12 +13,13 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import textwrap
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmtap import ca, control
 from llmtap.config import Config
@@ -28,6 +29,9 @@ from llmtap.platform.linux.keeper import DetachedService
 from llmtap.platform.linux.systemd import SystemdService, interpreter_of
 from llmtap.platform.linux.trust import NssTrustStore, Which
 from llmtap.platform.runner import Completed
+
+if TYPE_CHECKING:
+    from llmtap.installer_windows import WindowsInstaller
 
 ProbeRunner = Callable[[list[str], dict[str, str]], Completed]
 
@@ -111,10 +115,16 @@ def fail(name: str, detail: str, fix: str) -> Check:
 class Doctor:
     def __init__(self, config: Config, explicit_config: str | None = None,
                  runner: ProbeRunner = run_with_env, which: Which = shutil.which,
-                 env: dict[str, str] | None = None, host: str | None = None) -> None:
+                 env: dict[str, str] | None = None, host: str | None = None,
+                 platform: str | None = None, windows: WindowsInstaller | None = None) -> None:
         self.config = config
         self.installer = Installer(config, explicit_config)
         self.layout = self.installer.layout
+        self.windows: WindowsInstaller | None = windows
+        if self.windows is None and (platform or sys.platform) == "win32":
+            from llmtap.installer_windows import WindowsInstaller
+
+            self.windows = WindowsInstaller(config, explicit_config)
         self.runner = runner
         self.which = which
         self.base_env = dict(os.environ if env is None else env)
@@ -139,7 +149,10 @@ class Doctor:
         except LlmtapError as exc:
             self.unknown = True  # not allowed to ask: the handshakes below still tell
             return Check("service", "warn", f"cannot ask the daemon: {exc}",
+                         "run `llmtap doctor` from an elevated terminal" if self.windows else
                          "run `sudo llmtap doctor`, or join group " + self.config.service_user)
+        if self.windows is not None:
+            return self.check_windows_service()
         managed = self.managed_service()
         if not (self.status and self.status.get("running")):
             fix = ("sudo systemctl start llmtap" if isinstance(managed, SystemdService)
@@ -154,6 +167,19 @@ class Doctor:
                                  "no systemd here, so it does not start at boot")
         return Check("service", "warn", f"running (pid {pid}) but not as a service",
                      "sudo llmtap install (starts it at boot and restarts it on failure)")
+
+    def check_windows_service(self) -> Check:
+        assert self.windows is not None
+        service = self.windows.service()
+        if not (self.status and self.status.get("running")):
+            return fail("service", "the llmtap daemon is not running",
+                        "llmtap install (elevated)" if not service.is_running()
+                        else f"see {self.config.install.log_file}")
+        pid = self.status.get("pid")
+        if service.is_running():
+            return ok("service", f"running as the Windows {service.name} llmtap (pid {pid})")
+        return Check("service", "warn", f"running (pid {pid}) but not as a service",
+                     "llmtap install (elevated; starts it at boot and restarts it on failure)")
 
     def managed_service(self) -> SystemdService | DetachedService | None:
         systemd = self.installer.service("systemd")
@@ -185,7 +211,7 @@ class Doctor:
                     "llmtap retries on its own")
 
     def ca_cert(self) -> Path:
-        public = self.layout.public_cert
+        public = self.windows.public_cert if self.windows else self.layout.public_cert
         return public if public.exists() else ca.public_cert_path(self.config.ca_dir)
 
     def check_ca_coverage(self) -> Check:
@@ -199,6 +225,12 @@ class Doctor:
         return ok("CA", f"{cert} covers all {len(self.config.targets.all_hosts)} targets")
 
     def check_os_trust(self) -> Check:
+        if self.windows is not None:
+            cert = self.ca_cert()
+            if cert.exists() and self.windows.store.is_trusted(cert):
+                return ok("OS trust", "the CA is in the machine's Root store (certutil)")
+            return fail("OS trust", "the CA is not in the machine's Root store",
+                        "llmtap install (elevated)")
         try:
             store = self.installer.trust_store()
         except UsageError as exc:
@@ -209,6 +241,8 @@ class Doctor:
         return fail("OS trust", f"the CA is not in {store.bundle}", "sudo llmtap install")
 
     def check_nss(self) -> list[Check]:
+        if self.windows is not None:
+            return [Check("NSS", "skip", "not checked on Windows (no NSS databases are managed)")]
         nss = self.installer.nss_store()
         if nss is None:
             return []
@@ -221,6 +255,10 @@ class Doctor:
         return [ok("NSS", f"the CA is in {len(nss.databases)} browser database(s)")]
 
     def session_values(self) -> dict[str, str]:
+        if self.windows is not None:  # machine-wide variables, what a new session gets
+            environment = self.windows.environment
+            return {name: value for name in self.windows.env()
+                    if (value := environment.get(name) or "")}
         try:
             return parse_profile_script(self.layout.profile_script.read_text())
         except OSError:
@@ -228,14 +266,16 @@ class Doctor:
 
     def check_environment(self) -> Check:
         values = self.session_values()
-        script = self.config.install.profile_script
+        script = "the machine environment" if self.windows else self.config.install.profile_script
         if not values:
             return fail("environment", f"{script} is missing or empty: Node, Python SDKs and Codex will not "
-                        "trust the CA", "sudo llmtap install")
+                        "trust the CA", "llmtap install (elevated)" if self.windows
+                        else "sudo llmtap install")
         stale = [name for name, value in values.items() if self.base_env.get(name) != value]
         if stale:
             return Check("environment", "warn", f"this shell predates {script} (no "
                          f"{', '.join(stale)}); the probes below use a new session's values",
+                         "open a new terminal" if self.windows else
                          f"open a new shell or run `. {script}`")
         return ok("environment", f"{', '.join(values)} set from {script}")
 
@@ -258,8 +298,9 @@ class Doctor:
         if not (tapping or self.unknown):
             return [Check("runtimes", "skip", "no handshakes: the tap is not running")]
         host = self.target_host()
+        python = "python" if self.windows else "python3"  # python3.exe is often the Store's stub
         probes: list[tuple[str, str, Callable[[str, str], Check]]] = [
-            ("curl", "curl", self.probe_curl), ("python3", "python3", self.probe_python),
+            ("curl", "curl", self.probe_curl), ("python3", python, self.probe_python),
             ("node", "node", self.probe_node), ("claude", "claude", self.probe_claude),
             ("codex", "codex", self.probe_codex)]
         checks = []
@@ -284,6 +325,9 @@ class Doctor:
         return fail(name, f"does not trust the CA ({result.get('error')})", fix)
 
     def probe_curl(self, curl: str, host: str) -> Check:
+        if self.windows is not None:
+            return Check("curl", "skip", "not checked on Windows: curl.exe uses Schannel (the "
+                         "Root store, checked above) and shows no issuer")
         result = self.run_probe([curl, "-sS", "-o", "/dev/null", "-v", "--max-time", "15",
                                  f"https://{host}{PROBE_PATH}"])
         issuer = next((line.split("issuer:", 1)[1].strip() for line in result.stderr.splitlines()

@@ -32,7 +32,6 @@ from types import FrameType
 from typing import Any
 
 from llmtap import ca, redirect, statusfile
-from llmtap import secrets_store as store
 from llmtap.config import Config
 from llmtap.errors import LlmtapError, RuntimeFailure, UsageError
 from llmtap.platform.base import RedirectBackend, plug_into_mitmproxy
@@ -59,7 +58,8 @@ NO_USER = ServiceUser("", -1, -1)
 LISTEN_HOSTS = ("0.0.0.0", "::")
 STATUS_EVERY_S = 1.0
 STOP_TIMEOUT_S = 10.0
-# SIGBREAK (Windows only): Ctrl-Break, which is also how the service host asks us to stop.
+# SIGBREAK (Windows only): Ctrl-Break in the console. The service host, which runs us on a
+# thread of its own (no signals there), calls request_stop() instead.
 STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGBREAK")
 
 Event = dict[str, Any]
@@ -190,9 +190,6 @@ class InProcessRunner(Supervisor):
         backend_cls = self.backend_cls or redirect.choose_backend(config.redirect.backend)
         hosts = listen_hosts(config.redirect.proxy_port, config.explicit.address, LISTEN_HOSTS)
         self._prepare_dirs()
-        secrets = store.StorePaths.under(config.state_dir)
-        if secrets.store.exists():  # its checks are by uid and mode bits, which Windows lacks
-            raise UsageError(f"the secret store is not supported on Windows yet: remove {secrets.directory}")
         if backend_cls.cleanup_leftovers():
             log.info("removed llmtap rules left by an earlier run (%s)", backend_cls.name)
         cert = ca.ensure_ca(config.ca_dir, config.targets.all_hosts, NO_USER.uid, NO_USER.gid)
@@ -209,14 +206,20 @@ class InProcessRunner(Supervisor):
             directory.mkdir(parents=True, exist_ok=True)
             self.restrict(directory)
 
+    def request_stop(self, reason: str = "requested") -> None:
+        """From any thread, any time (even before run): the redirect is removed, then the proxy
+        stopped, and run() returns 0."""
+        if not self.stop.is_set():
+            self.exit_reason = reason
+        self.stop.set()
+
     def _catch_stop_signals(self) -> dict[int, Any]:
         """The previous handlers, to put back. Only the main thread may set them."""
         if threading.current_thread() is not threading.main_thread():
             return {}
 
         def request_stop(signum: int, _frame: FrameType | None) -> None:
-            self.exit_reason = signal.Signals(signum).name
-            self.stop.set()
+            self.request_stop(signal.Signals(signum).name)
 
         previous: dict[int, Any] = {}
         for name in STOP_SIGNALS:
@@ -263,9 +266,14 @@ class InProcessRunner(Supervisor):
         return 0
 
 
-def run(config: Config, bare: bool = False) -> int:
-    configure_logging()
+def make_runner(config: Config, bare: bool = False) -> InProcessRunner:
+    """The runner, with this process tuned as the forked worker tunes its own."""
     logging.getLogger("mitmproxy").setLevel(logging.WARNING)  # as quiet as the forked worker
     # As in the worker: the record writer thread must not hold the GIL the proxy's loop needs.
     sys.setswitchinterval(GIL_SWITCH_S)
-    return InProcessRunner(config, bare).run()
+    return InProcessRunner(config, bare)
+
+
+def run(config: Config, bare: bool = False) -> int:
+    configure_logging()
+    return make_runner(config, bare).run()

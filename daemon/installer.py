@@ -11,10 +11,8 @@ path through `install.root`, so tests assert exact commands and files in a tempo
 from __future__ import annotations
 
 import contextlib
-import grp
 import json
 import os
-import pwd
 import re
 import shutil
 import sys
@@ -43,6 +41,10 @@ from llmtap.platform.linux.trust import (
     under,
 )
 from llmtap.platform.runner import Runner, SubprocessRunner
+
+with contextlib.suppress(ImportError):  # Windows has neither: llmtap.installer_windows
+    import grp
+    import pwd
 
 Report = Callable[[str], None]
 MANIFEST = "install.json"
@@ -87,9 +89,10 @@ CONFIG_TEMPLATE = """\
 # --- the system, injectable ----------------------------------------------------------------------
 
 
-def wait_for_daemon(config: Config, service: ServiceManager, timeout_s: float = READY_TIMEOUT_S
-                    ) -> None:
+def wait_for_daemon(config: Config, service: ServiceManager, timeout_s: float = READY_TIMEOUT_S,
+                    hint: Callable[[ServiceManager], str] | None = None) -> None:
     """Until the daemon answers with its rules in place; fails early when the service died."""
+    why = hint or service_hint
     deadline = time.monotonic() + timeout_s
     started = time.monotonic()
     while time.monotonic() < deadline:
@@ -98,9 +101,9 @@ def wait_for_daemon(config: Config, service: ServiceManager, timeout_s: float = 
             if status and status.get("running") and status.get("rules_present"):
                 return
         if time.monotonic() - started > 3 and not service.is_running():
-            raise RuntimeFailure(f"the service stopped: {service_hint(service)}")
+            raise RuntimeFailure(f"the service stopped: {why(service)}")
         time.sleep(0.2)
-    raise RuntimeFailure(f"the daemon did not become ready in {timeout_s:g}s: {service_hint(service)}")
+    raise RuntimeFailure(f"the daemon did not become ready in {timeout_s:g}s: {why(service)}")
 
 
 def service_hint(service: ServiceManager) -> str:
@@ -301,9 +304,11 @@ class FileChange:
 
 def write_file(path: Path, data: bytes, mode: int, uid: int = 0, gid: int = 0) -> None:
     tmp = path.with_name(path.name + ".llmtap-tmp")
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as out:
-        os.fchown(out.fileno(), uid, gid)
-        os.fchmod(out.fileno(), mode)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)  # Windows: no CRLF
+    with os.fdopen(os.open(tmp, flags, mode), "wb") as out:
+        if hasattr(os, "fchown"):  # POSIX; on Windows the directory's ACL decides
+            os.fchown(out.fileno(), uid, gid)
+            os.fchmod(out.fileno(), mode)
         out.write(data)
     os.replace(tmp, path)
 

@@ -24,7 +24,7 @@ import re
 import secrets
 import stat
 import string
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,8 +34,15 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from llmtap.config import HOSTNAME_RE
 from llmtap.errors import RuntimeFailure, UsageError
 
-with contextlib.suppress(ImportError):  # not on Windows (llmtap.inprocess)
+with contextlib.suppress(ImportError):  # POSIX
     import fcntl
+with contextlib.suppress(ImportError):  # Windows
+    import msvcrt
+
+# Windows has no uids or mode bits: there the store is guarded by its directory's ACL
+# (Administrators and SYSTEM only, llmtap.platform.windows.acl), not by owner and mode checks.
+POSIX_OWNERS = hasattr(os, "geteuid")
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # Windows opens no symbolic link it was not asked to
 
 SECRETS_DIR = "secrets"
 HEADERS = ("x-api-key", "authorization", "api-key", "x-goog-api-key", "query:key")
@@ -209,8 +216,23 @@ class StorePaths:
         return self.directory / ".lock"
 
 
+def check_own_store(paths: StorePaths) -> None:
+    """check_permissions for the process that owns the store (the daemon, on any platform)."""
+    if not POSIX_OWNERS:
+        check_permissions(paths, -1, "")
+        return
+    import pwd
+
+    try:
+        name = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        name = str(os.getuid())
+    check_permissions(paths, os.getuid(), name)
+
+
 def check_permissions(paths: StorePaths, owner_uid: int, owner_name: str) -> None:
-    """Refuses (exit 2) a store anyone but the service user could read, naming the fix."""
+    """Refuses (exit 2) a store anyone but the service user could read, naming the fix. On
+    Windows only links are refused: the directory's ACL is the guard (ensure_directory)."""
     for path, mode in ((paths.directory, 0o700), (paths.store, 0o600), (paths.key, 0o600)):
         try:
             info = os.lstat(path)
@@ -218,9 +240,11 @@ def check_permissions(paths: StorePaths, owner_uid: int, owner_name: str) -> Non
             continue
         except PermissionError:
             raise UsageError(f"cannot read the secret store in {paths.directory}: run it with sudo") from None
-        wrong = []
         if stat.S_ISLNK(info.st_mode):
             raise UsageError(f"{path} is a symbolic link: the secret store must be a plain file")
+        if not POSIX_OWNERS:
+            continue
+        wrong = []
         if info.st_uid != owner_uid:
             wrong.append(f"owned by uid {info.st_uid}")
         if stat.S_IMODE(info.st_mode) & 0o077:
@@ -232,7 +256,15 @@ def check_permissions(paths: StorePaths, owner_uid: int, owner_name: str) -> Non
             )
 
 
-def ensure_directory(paths: StorePaths, uid: int, gid: int) -> None:
+def ensure_directory(paths: StorePaths, uid: int, gid: int,
+                     restrict: Callable[[Path], None] | None = None) -> None:
+    """POSIX: owned by the service user, 0700. Windows: for Administrators and SYSTEM only."""
+    if not POSIX_OWNERS:
+        from llmtap.platform.windows.acl import restrict_to_administrators
+
+        paths.directory.mkdir(parents=True, exist_ok=True)
+        (restrict or restrict_to_administrators)(paths.directory)
+        return
     state_dir = paths.directory.parent
     if not state_dir.exists():
         state_dir.mkdir(mode=0o700, parents=True)
@@ -246,27 +278,35 @@ def ensure_directory(paths: StorePaths, uid: int, gid: int) -> None:
 def locked(paths: StorePaths, uid: int, gid: int) -> Iterator[None]:
     """Serialises the CLI's read-modify-write of the store (the worker only reads)."""
     try:
-        fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o600)
     except PermissionError:
         raise UsageError(f"cannot write the secret store in {paths.directory}: run it with sudo") from None
     try:
-        if os.geteuid() == 0:
-            os.fchown(fd, uid, gid)  # the service user may manage the store too
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        if not POSIX_OWNERS:
+            msvcrt.locking(fd, msvcrt.LK_LOCK, 1)  # type: ignore[attr-defined]  # Windows only
+        else:
+            if os.geteuid() == 0:
+                os.fchown(fd, uid, gid)  # the service user may manage the store too
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
+        if not POSIX_OWNERS:
+            with contextlib.suppress(OSError):  # closing may release it only later on Windows
+                os.lseek(fd, 0, os.SEEK_SET)
+                msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)  # type: ignore[attr-defined]
         os.close(fd)
 
 
 def write_private(path: Path, data: bytes, uid: int, gid: int, durable: bool = True) -> None:
     """Atomically replaces `path` with a 0600 file owned by uid:gid (synced if `durable`)."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW | getattr(os, "O_BINARY", 0)
+    fd = os.open(tmp, flags, 0o600)
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(data)
             out.flush()
-            if os.geteuid() == 0:
+            if POSIX_OWNERS and os.geteuid() == 0:
                 os.fchown(out.fileno(), uid, gid)
             if durable:
                 os.fsync(out.fileno())

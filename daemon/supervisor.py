@@ -51,15 +51,28 @@ def listen_hosts(port: int, explicit: tuple[str, int] | None = None,
     return tuple(hosts)
 
 
+def probe_option(platform: str | None = None) -> int:
+    """The SOL_SOCKET option of the port probe. POSIX: SO_REUSEADDR, so a TIME_WAIT left by an
+    earlier run is no refusal. Windows: SO_REUSEADDR would let the probe bind a port another
+    program listens on; SO_EXCLUSIVEADDRUSE (~SO_REUSEADDR) fails on exactly that."""
+    if (platform or sys.platform) == "win32":
+        return int(getattr(socket, "SO_EXCLUSIVEADDRUSE", ~4))
+    return socket.SO_REUSEADDR
+
+
+# Windows answers WSAEACCES for a port held exclusively by another program or reserved.
+PORT_TAKEN = {errno.EADDRINUSE, getattr(errno, "WSAEACCES", errno.EADDRINUSE)}
+
+
 def _can_bind(host: str, port: int, key: str) -> bool:
     """False when the machine has no IPv6 (the v6 listener is then left out)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.setsockopt(socket.SOL_SOCKET, probe_option(), 1)
         try:
             probe.bind((host, port))
         except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
+            if exc.errno in PORT_TAKEN:
                 raise UsageError(
                     f"port {port} on {host} is already in use: stop what uses it or set {key}"
                 ) from None

@@ -24,6 +24,7 @@ from llmtap.errors import LlmtapError, RuntimeFailure, UsageError
 from llmtap.platform.base import RedirectBackend, TargetAddresses
 from llmtap.platform.runner import Completed
 from llmtap.platform.windows import acl
+from llmtap.platform.windows.service import ServiceHost
 from llmtap.platform.windows.windivert import OriginalDestinations
 from llmtap.privileges import require_root
 from llmtap.targets import Lookup, TargetResolver
@@ -276,6 +277,25 @@ def test_a_stop_signal_removes_everything_and_exits_0(
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_a_service_stop_from_another_thread_removes_the_redirect(
+    runner: inprocess.InProcessRunner
+) -> None:
+    """As in the Windows service: run() on a thread that gets no signals, the stop asked from
+    the service control thread (llmtap.platform.windows.service.ServiceHost)."""
+    host = ServiceHost(["llmtap.exe", "run"], make_runner=lambda _config: runner,
+                       log_error=pytest.fail)
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(host.run()))
+    thread.start()
+    wait_for(lambda: "install" in names(FakeDivert.events), "the redirect")
+    host.stop()
+    thread.join(WAIT_S)
+    assert result == [0]
+    assert runner.exit_reason == "service stop"
+    assert FakeDivert.events[-1] == ("remove", True)  # removed while the proxy still listened
+    assert names(FakeDivert.events).count("remove") == 1
+
+
 def test_a_backend_that_dies_stops_the_runner_with_exit_1(
     runner: inprocess.InProcessRunner, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -320,18 +340,12 @@ def test_a_proxy_that_does_not_start_is_never_redirected_to(
     assert FakeDivert.events[-1] == ("remove", False)  # safe to call: nothing was installed
 
 
-def test_refusals_before_anything_starts(config: Config) -> None:
+def test_refusal_without_administrator_rights_before_anything_starts(config: Config) -> None:
     def not_elevated(action: str) -> None:
         raise UsageError(f"{action} needs Administrator rights: run it from an elevated terminal")
 
     with pytest.raises(UsageError, match="llmtap run needs Administrator rights"):
         inprocess.InProcessRunner(config, backend_cls=FakeDivert, check_rights=not_elevated).run()
-    store = config.state_dir / "secrets" / "secrets.json"
-    store.parent.mkdir(parents=True)
-    store.write_text("[]")
-    with pytest.raises(UsageError, match="secret store is not supported on Windows"):
-        inprocess.InProcessRunner(config, backend_cls=FakeDivert, check_rights=lambda _a: None,
-                                  restrict=lambda _d: None).run()
     assert FakeDivert.events == []
 
 

@@ -1,12 +1,15 @@
 """Windows service: the scheduled task as a document, the pywin32 service through a fake API,
-and the child host that runs llmtap inside the service."""
+and the host that runs `llmtap run` inside the service's own process (fake pywin32 modules)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
+import logging
 import sys
+import threading
+import types
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -254,70 +257,180 @@ def test_choice_off_windows_is_the_task() -> None:
     assert isinstance(service.service_manager(), ScheduledTask)
 
 
-# --- the child host inside the service -------------------------------------------------------------
+# --- the service host: `llmtap run` inside the service's process ------------------------------------
 
 
-class FakeChild:
-    def __init__(self, exits_after: int | None = None, code: int = 0, hangs: bool = False) -> None:
-        self.polls = 0
-        self.exits_after = exits_after
+class FakeInProcess:
+    """InProcessRunner's place: run() blocks until request_stop(), or ends with `code`."""
+
+    def __init__(self, code: int | None = None, raises: BaseException | None = None) -> None:
         self.code = code
-        self.hangs = hangs
+        self.raises = raises
+        self.stopped = threading.Event()
+        self.running = threading.Event()
         self.events: list[str] = []
 
-    def poll(self) -> int | None:
-        self.polls += 1
-        return self.code if self.exits_after is not None and self.polls >= self.exits_after else None
+    def run(self) -> int:
+        self.events.append("run")
+        self.running.set()
+        if self.raises is not None:
+            raise self.raises
+        if self.code is not None:
+            return self.code
+        assert self.stopped.wait(10), "nobody asked the runner to stop"
+        return 0
 
-    def wait(self, timeout: float | None = None) -> int:
-        self.events.append(f"wait {timeout}")
-        if self.hangs and timeout is not None:
-            raise subprocess.TimeoutExpired("llmtap", timeout)
-        return self.code
-
-    def kill(self) -> None:
-        self.events.append("kill")
-
-
-def test_a_dying_child_ends_the_service_with_its_code() -> None:
-    child = FakeChild(exits_after=3, code=7)
-    started: list[tuple[list[str], int]] = []
-
-    def popen(command: list[str], creationflags: int) -> FakeChild:
-        started.append((command, creationflags))
-        return child
-
-    assert service.supervise(COMMAND, lambda t: False, popen=popen) == 7
-    assert started == [(COMMAND, 0x00000200)]  # its own process group, for CTRL_BREAK
+    def request_stop(self, reason: str = "requested") -> None:
+        self.events.append(f"stop {reason}")
+        self.stopped.set()
 
 
-def test_a_stop_asks_the_child_to_clean_up() -> None:
-    child = FakeChild()
-    asked: list[FakeChild] = []
-    code = service.supervise(COMMAND, lambda t: True, popen=lambda c, creationflags: child,
-                             interrupt=asked.append, grace_s=3)
-    assert code == 0
-    assert asked == [child]
-    assert child.events == ["wait 3"]
+def test_the_host_reads_the_config_of_the_installed_command() -> None:
+    assert service.config_from_command(COMMAND) == r"C:\ProgramData\llmtap\config.toml"
+    assert service.config_from_command(["llmtap.exe", "run", "--config=C:/x.toml"]) == "C:/x.toml"
+    assert service.config_from_command(["llmtap.exe", "run"]) is None
+    assert service.config_from_command([]) is None
 
 
-def test_a_child_that_ignores_the_stop_is_killed() -> None:
-    child = FakeChild(hangs=True)
-    service.supervise(COMMAND, lambda t: True, popen=lambda c, creationflags: child,
-                      interrupt=lambda c: None, grace_s=1)
-    assert child.events == ["wait 1", "kill", "wait None"]
+def test_a_service_stop_asks_the_runner_in_this_process() -> None:
+    runner = FakeInProcess()
+    made: list[str | None] = []
+
+    def make(config_file: str | None) -> FakeInProcess:
+        made.append(config_file)
+        return runner
+
+    host = service.ServiceHost(COMMAND, make_runner=make, log_error=pytest.fail)
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(host.run()))
+    thread.start()
+    assert runner.running.wait(10)
+    host.stop()  # from another thread, as the service control handler calls it
+    thread.join(10)
+    assert result == [0]
+    assert made == [COMMAND[-1]]
+    assert runner.events == ["run", "stop service stop"]
+    assert not host.must_restart(0)
 
 
-def test_supervise_a_real_process() -> None:
-    def popen(command: list[str], creationflags: int) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(command)
+def test_a_stop_before_the_runner_exists_is_handed_to_it() -> None:
+    runner = FakeInProcess()
+    host = service.ServiceHost(COMMAND, make_runner=lambda _c: runner, log_error=pytest.fail)
+    host.stop()
+    assert host.run() == 0
+    assert runner.events == ["stop service stop", "run"]
 
-    waited: list[float] = []
 
-    def stop_requested(timeout_s: float) -> bool:
-        waited.append(timeout_s)
-        return False
+def test_a_failing_runner_is_logged_and_restarted() -> None:
+    logged: list[str] = []
+    host = service.ServiceHost(COMMAND, make_runner=lambda _c: FakeInProcess(code=1),
+                               log_error=logged.append)
+    assert host.run() == 1
+    assert host.must_restart(1)
+    assert logged == ["llmtap exited with code 1"]
 
-    code = service.supervise([sys.executable, "-c", "raise SystemExit(3)"], stop_requested,
-                             popen=popen)
-    assert code == 3 and waited
+
+def test_errors_before_the_runner_runs_are_one_line_with_their_exit_code() -> None:
+    logged: list[str] = []
+
+    def bad_config(_config_file: str | None) -> FakeInProcess:
+        raise UsageError("unknown config key 'nope'")
+
+    host = service.ServiceHost(COMMAND, make_runner=bad_config, log_error=logged.append)
+    assert host.run() == 2
+    host = service.ServiceHost(COMMAND, make_runner=lambda _c: FakeInProcess(
+        raises=RuntimeError("boom")), log_error=logged.append)
+    assert host.run() == 1
+    assert logged == ["llmtap: unknown config key 'nope'", "llmtap failed: RuntimeError: boom"]
+
+
+def test_a_failure_after_a_stop_was_asked_is_not_restarted() -> None:
+    host = service.ServiceHost(COMMAND, make_runner=lambda _c: FakeInProcess(code=1),
+                               log_error=lambda _m: None)
+    host.stop()
+    assert not host.must_restart(host.run())
+
+
+def test_output_goes_to_the_log_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "stdout", sys.stdout)
+    monkeypatch.setattr(sys, "stderr", sys.stderr)
+    log_file = tmp_path / "logs" / "llmtap.log"
+    try:
+        service.redirect_output(log_file)
+        print("from the proxy thread", file=sys.stderr)
+        logging.getLogger("llmtap").info("intercepting")
+    finally:
+        stream = sys.stderr
+        logging.basicConfig(force=True, handlers=[logging.NullHandler()])
+        stream.close()
+    text = log_file.read_text()
+    assert "from the proxy thread" in text and "llmtap: intercepting" in text
+
+
+# --- the service class itself, with fake pywin32 modules --------------------------------------------
+
+
+class FakeFramework:
+    def __init__(self, args: Any) -> None:
+        self.args = args
+        self.reported: list[tuple[int, dict[str, Any]]] = []
+
+    def ReportServiceStatus(self, status: int, **kwargs: Any) -> None:
+        self.reported.append((status, kwargs))
+
+
+@pytest.fixture
+def service_class(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """LlmtapService made from fake win32serviceutil, win32service and servicemanager."""
+    seen: dict[str, Any] = {"log": [], "exit": [], "redirected": []}
+    config = tmp_path / "config.toml"
+    config.write_text(f'[install]\nlog_file = "{tmp_path / "llmtap.log"}"\n')
+    util = types.ModuleType("win32serviceutil")
+    util.ServiceFramework = FakeFramework  # type: ignore[attr-defined]
+    util.GetServiceCustomOption = lambda name, option: json.dumps(  # type: ignore[attr-defined]
+        ["llmtap.exe", "run", "--config", str(config)]) if (name, option) == ("llmtap", "command") else None
+    svc = types.ModuleType("win32service")
+    svc.SERVICE_STOP_PENDING = 3  # type: ignore[attr-defined]
+    manager = types.ModuleType("servicemanager")
+    manager.LogErrorMsg = seen["log"].append  # type: ignore[attr-defined]
+    for module in (util, svc, manager):
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setattr(service, "abnormal_exit", seen["exit"].append)
+    monkeypatch.setattr(service, "redirect_output", seen["redirected"].append)
+    seen["class"] = service._define_service_class()
+    seen["config"] = config
+    yield seen
+
+
+def test_svc_stop_stops_the_runner_inside_svc_do_run(service_class: dict[str, Any]) -> None:
+    runner = FakeInProcess()
+    instance = service_class["class"](("llmtap",))
+    assert instance._svc_name_ == "llmtap"
+    instance.host.make_runner = lambda config_file: runner
+    thread = threading.Thread(target=instance.SvcDoRun)
+    thread.start()
+    assert runner.running.wait(10)
+    instance.SvcStop()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert instance.reported == [(3, {"waitHint": 30_000})]
+    assert runner.events == ["run", "stop service stop"]
+    assert service_class["exit"] == [] and service_class["log"] == []
+    assert service_class["redirected"] == [service_class["config"].parent / "llmtap.log"]
+
+
+def test_svc_do_run_ends_the_process_abnormally_when_the_runner_fails(
+    service_class: dict[str, Any]
+) -> None:
+    instance = service_class["class"](("llmtap",))
+    seen_config: list[str | None] = []
+
+    def make(config_file: str | None) -> FakeInProcess:
+        seen_config.append(config_file)
+        return FakeInProcess(code=1)
+
+    instance.host.make_runner = make
+    instance.SvcDoRun()
+    assert seen_config == [str(service_class["config"])]
+    assert service_class["exit"] == [1]  # the SCM's failure actions restart it
+    assert service_class["log"] == ["llmtap exited with code 1"]

@@ -14,7 +14,6 @@ the next request on; open streams keep going untouched.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -28,9 +27,6 @@ from llmtap.addons.recorder import fields
 from llmtap.errors import LlmtapError
 from llmtap.parsers.classify import host_provider, normalise_host
 from mitmproxy import ctx, http
-
-with contextlib.suppress(ImportError):  # not on Windows (llmtap.inprocess)
-    import pwd
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +274,8 @@ class UsageLog:
         data = json.dumps(self.stamps, indent=2).encode() + b"\n"
         try:
             # Not synced: a last-used time lost in a crash is not worth a disk flush on the loop.
-            store.write_private(self.paths.usage, data, os.getuid(), os.getgid(), durable=False)
+            # The daemon's own file: -1 keeps the owner it creates it with, on any platform.
+            store.write_private(self.paths.usage, data, -1, -1, durable=False)
         except OSError as exc:
             log.warning("cannot write %s: %s", self.paths.usage, exc.strerror)
         self.written.update(self.stamps)
@@ -340,7 +337,7 @@ class Credentials:
     def _reload(self) -> None:
         assert self.paths is not None
         try:
-            store.check_permissions(self.paths, os.getuid(), _user_name())
+            store.check_own_store(self.paths)
             items = store.read_store(self.paths)
             key = store.read_key(self.paths) if any(i.sealed for i in items) else None
         except LlmtapError as exc:  # keep the secrets in force; say why once
@@ -543,12 +540,6 @@ class CredentialStreams:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self.owner.wrap_stream(flow)
-
-
-def _user_name() -> str:
-    with contextlib.suppress(KeyError):
-        return pwd.getpwuid(os.getuid()).pw_name
-    return str(os.getuid())
 
 
 def _process(flow: http.HTTPFlow) -> str:

@@ -1,25 +1,30 @@
 """Windows service: a real service through pywin32, or a scheduled task where pywin32 is missing.
 
-The pywin32 service is a thin host: it runs the llmtap command as a child in its own process
-group, asks it to stop with CTRL_BREAK (so it removes its redirect) and exits abnormally when the
-child dies, which makes the service control manager restart it (failure actions).
+The pywin32 service hosts `llmtap run` in its own process (llmtap.inprocess, on the service's
+thread): a service stop asks the runner to stop, which removes the redirect before the service
+reports stopped (a console-less child could not be sent CTRL_BREAK). When the runner fails on its
+own, the process ends abnormally, which makes the service control manager restart it (failure
+actions).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
-import signal
+import logging
+import os
 import subprocess
 import sys
 import tempfile
+import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from llmtap.errors import RuntimeFailure
+from llmtap.errors import LlmtapError, RuntimeFailure
 from llmtap.platform.base import ServiceManager
 from llmtap.platform.runner import Runner, SubprocessRunner
 from llmtap.platform.windows.elevation import ElevationCheck, is_elevated, require_elevated
@@ -32,8 +37,8 @@ COMMAND_OPTION = "command"  # the service's registry Parameters value holding th
 TASK_NAME = "llmtap"
 TASK_NS = "http://schemas.microsoft.com/windows/2004/02/mit/task"
 LOCAL_SYSTEM_SID = "S-1-5-18"
-CREATE_NEW_PROCESS_GROUP = 0x00000200  # subprocess.CREATE_NEW_PROCESS_GROUP (Windows only)
-STOP_GRACE_S = 20.0
+SERVICE_STOP_REASON = "service stop"
+STOP_WAIT_HINT_MS = 30_000  # the runner's proxy stop takes up to 10 s; the SCM waits this long
 
 # Win32 error codes the service manager answers with.
 ERROR_SERVICE_ALREADY_RUNNING = 1056
@@ -265,43 +270,102 @@ def service_manager(elevated: ElevationCheck = is_elevated) -> ServiceManager:
 # --- the service host (runs inside pythonservice.exe) ---------------------------------------------
 
 
-def send_ctrl_break(child: subprocess.Popen[bytes]) -> None:
-    child.send_signal(getattr(signal, "CTRL_BREAK_EVENT"))  # noqa: B009 (Windows-only name)
+class StoppableRunner(Protocol):
+    """llmtap.inprocess.InProcessRunner, as the host sees it."""
+
+    def run(self) -> int: ...
+
+    def request_stop(self, reason: str = ...) -> None: ...
 
 
-def supervise(
-    command: list[str],
-    stop_requested: Callable[[float], bool],
-    popen: Callable[..., Any] = subprocess.Popen,
-    interrupt: Callable[[Any], None] = send_ctrl_break,
-    grace_s: float = STOP_GRACE_S,
-) -> int:
-    """Runs `command` until it exits (its exit code) or a stop is requested (then 0).
+def config_from_command(command: list[str]) -> str | None:
+    """The --config of the `llmtap run` command the service was installed with (None: the
+    default, or LLMTAP_CONFIG)."""
+    for i, arg in enumerate(command):
+        if arg == "--config" and i + 1 < len(command):
+            return command[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
 
-    `stop_requested(timeout_s)` waits up to timeout_s for the service's stop event.
-    """
-    child = popen(command, creationflags=CREATE_NEW_PROCESS_GROUP)
-    while True:
-        if stop_requested(1.0):
-            interrupt(child)  # the daemon removes its redirect and exits
-            try:
-                child.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-            return 0
-        code = child.poll()
-        if code is not None:
-            return int(code)
+
+def make_inprocess_runner(config_file: str | None) -> StoppableRunner:
+    from llmtap import inprocess  # mitmproxy: only the service process pays for it
+    from llmtap.config import load_config
+
+    return inprocess.make_runner(load_config(config_file))
+
+
+class ServiceHost:
+    """`llmtap run` inside the service's own process: SvcDoRun runs it (on the service's
+    thread, where no signal arrives) and SvcStop asks it to stop from the control thread, so the
+    redirect is removed before the service reports stopped. A stop that comes before the runner
+    exists is kept and handed to it."""
+
+    def __init__(
+        self, command: list[str],
+        make_runner: Callable[[str | None], StoppableRunner] = make_inprocess_runner,
+        log_error: Callable[[str], None] = print,
+    ) -> None:
+        self.command = command
+        self.make_runner = make_runner
+        self.log_error = log_error
+        self._lock = threading.Lock()
+        self._runner: StoppableRunner | None = None
+        self.stop_requested = False
+
+    def run(self) -> int:
+        """The runner's exit code; a failure to start it is one line in the log and exit 1/2."""
+        try:
+            runner = self.make_runner(config_from_command(self.command))
+            with self._lock:
+                self._runner = runner
+                if self.stop_requested:
+                    runner.request_stop(SERVICE_STOP_REASON)
+            code = runner.run()
+        except LlmtapError as exc:
+            self.log_error(f"llmtap: {exc}")
+            return exc.exit_code
+        except Exception as exc:  # never silent: the event log says what happened
+            self.log_error(f"llmtap failed: {type(exc).__name__}: {exc}")
+            return 1
+        if code != 0:
+            self.log_error(f"llmtap exited with code {code}")
+        return code
+
+    def stop(self) -> None:
+        with self._lock:
+            self.stop_requested = True
+            if self._runner is not None:
+                self._runner.request_stop(SERVICE_STOP_REASON)
+
+    def must_restart(self, code: int) -> bool:
+        """A failure nobody asked for: the service control manager should restart it."""
+        return code != 0 and not self.stop_requested
+
+
+def redirect_output(log_file: Path) -> None:
+    """pythonservice.exe has no console: stderr (the runner's logging, mitmproxy's startup
+    errors) goes to the log file instead of nowhere."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    stream = log_file.open("a", encoding="utf-8", errors="replace", buffering=1)
+    sys.stdout = sys.stderr = stream
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s llmtap: %(message)s",
+                        stream=stream, force=True)
+
+
+def abnormal_exit(code: int) -> None:
+    """Ending the process without reporting SERVICE_STOPPED is what makes the service control
+    manager apply the failure actions (restart)."""
+    logging.shutdown()
+    os._exit(code)
 
 
 def _define_service_class() -> type:
-    import os
-
     import servicemanager
-    import win32event
     import win32service
     import win32serviceutil
+    from llmtap.config import load_config
 
     class LlmtapService(win32serviceutil.ServiceFramework):
         _svc_name_ = SERVICE_NAME
@@ -310,25 +374,21 @@ def _define_service_class() -> type:
 
         def __init__(self, args: Any) -> None:
             super().__init__(args)
-            self._stop = win32event.CreateEvent(None, 0, 0, None)
+            command = json.loads(win32serviceutil.GetServiceCustomOption(SERVICE_NAME,
+                                                                         COMMAND_OPTION) or "[]")
+            self.host = ServiceHost(command, log_error=servicemanager.LogErrorMsg)
 
         def SvcStop(self) -> None:
-            self.ReportServiceStatus(win32service.SERVICE_STOP_PENDING)
-            win32event.SetEvent(self._stop)
+            self.ReportServiceStatus(win32service.SERVICE_STOP_PENDING, waitHint=STOP_WAIT_HINT_MS)
+            self.host.stop()
 
         def SvcDoRun(self) -> None:
-            command = json.loads(win32serviceutil.GetServiceCustomOption(SERVICE_NAME,
-                                                                         COMMAND_OPTION))
-
-            def stop_requested(timeout_s: float) -> bool:
-                waited = win32event.WaitForSingleObject(self._stop, int(timeout_s * 1000))
-                return bool(waited == win32event.WAIT_OBJECT_0)
-
-            code = supervise(command, stop_requested)
-            if code != 0:
-                # Ending the process abnormally is what makes the SCM apply the failure actions.
-                servicemanager.LogErrorMsg(f"llmtap exited with code {code}; restarting")
-                os._exit(code)
+            with contextlib.suppress(Exception):  # a bad config is reported by the runner itself
+                redirect_output(load_config(config_from_command(self.host.command))
+                                .install.log_file)
+            code = self.host.run()
+            if self.host.must_restart(code):
+                abnormal_exit(code)
 
     return LlmtapService
 

@@ -70,5 +70,9 @@ class CertutilTrustStore(TrustStore):
     def is_trusted(self, ca_cert: Path) -> bool:
         return self.runner(query_command(ca_cert)).ok
 
+    def present(self) -> bool:
+        """Whether any llmtap CA (this one or one before a rotation) is in the Root store."""
+        return self._present()
+
     def _present(self) -> bool:
         return self.runner([CERTUTIL, "-store", STORE, self.common_name]).ok
