@@ -58,6 +58,7 @@ LAZY_IMPORTS = (
     "OpenSSL.SSL",
     "cryptography.hazmat.primitives.asymmetric.rsa",
     "asyncio.unix_events",
+    "fcntl",  # the record writer process sizes its pipe
 )
 
 

@@ -491,3 +491,43 @@ def test_records_written_by_a_writer_process_keep_their_files_index_and_counters
     assert {row["id"] for row in Index.open_reader(tmp_path).calls()} == {f.id for f in flows}
     assert writer.counters()["records_written"] == 5
     assert writer.counters()["records_dropped"] == 0
+
+
+def test_a_stalled_writer_process_never_blocks_the_event_loop_and_drops_only_beyond_the_queue(
+        tmp_path):
+    """The pipe to the writer fills; submit() and the batch flush must return at once, keep
+    `queue_size` records waiting, count the rest as dropped, and hand the waiting ones over
+    once the writer reads again."""
+    import asyncio
+    import os
+    import signal
+
+    from llmtap.addons.recorder import BATCH_S, RecordWriterProcess, build_record, capture_exchange
+
+    writer = RecordWriterProcess(tmp_path, WriterSettings(RecordsConfig(queue_size=3)))
+    flows = [anthropic_flow() for _ in range(12)]
+    for flow in flows:  # ~600 KB each: a batch of three overfills the 1 MB pipe
+        flow.response.content = json.dumps({"text": "x" * 600_000}).encode()
+
+    async def submit_while_stalled() -> None:
+        os.kill(writer._pid, signal.SIGSTOP)
+        try:
+            for flow in flows:
+                writer.submit(build_record(flow), capture_exchange(flow, 1 << 20))
+            assert writer.waiting() == 3
+            assert writer.counters()["records_dropped"] == 9
+            await asyncio.sleep(BATCH_S * 3)  # the batch went out as far as the pipe took it
+            assert writer._waiting and writer.waiting() == 3
+        finally:
+            os.kill(writer._pid, signal.SIGCONT)
+        for _ in range(500):  # the loop drains the rest as the pipe becomes writable
+            if not writer.waiting():
+                break
+            await asyncio.sleep(0.01)
+        assert writer.waiting() == 0
+
+    asyncio.run(submit_while_stalled())
+    writer.close()
+    counters = writer.counters()
+    assert len(list(tmp_path.glob("*.json"))) == counters["records_written"] == 3
+    assert counters["records_dropped"] == 9

@@ -1,14 +1,16 @@
 """Writes each intercepted exchange under `records_dir`: a JSON record, its Markdown twin, the
 system prompt (once per distinct text), a row in the SQLite index; rotates; exports to OTLP.
 
-Writes never block the proxy: the event loop only copies (bounded) and queues; a writer thread
-does the rest. When the queue is full or the disk refuses, the record is dropped and counted
-(`llmtap status`), and relaying goes on.
+Writes never block the proxy: the event loop only copies (bounded) and queues; the writer
+process (RecordWriterProcess, in the daemon) or a writer thread (RecordWriter, where nothing
+forks) does the rest. When the queue is full or the disk refuses, the record is dropped and
+counted (`llmtap status`), and relaying goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime
 import logging
@@ -43,6 +45,9 @@ from mitmproxy import ctx, exceptions, http
 log = logging.getLogger(__name__)
 
 QUEUE_SIZE = 1024
+PIPE_BYTES = 1 << 20  # the unprivileged maximum by default (/proc/sys/fs/pipe-max-size)
+BATCH_S = 0.05  # records reach the writer process at most this late
+BATCH_MAX = 64  # or as soon as this many are collected
 STREAM_FLAG = "llmtap.stream"  # flow.metadata: the response was relayed as a stream
 CAPTURE = "llmtap.capture"  # flow.metadata: the BodyCapture of a streamed response
 # flow.metadata: the text a protocol parser assembled from a streamed response, if it does.
@@ -272,16 +277,24 @@ class RecordWriter:
 class RecordWriterProcess:
     """The record writer in a process of its own, so that JSON, Markdown, the index and export
     never hold the GIL the proxy's event loop needs (profiling showed requests queuing behind
-    them). Fork it before the worker starts any thread. The worker side keeps RecordWriter's
-    interface: `submit` only queues; a feeder thread pickles onto a pipe; counters come back
-    through shared memory."""
+    them). Fork it before the worker starts any thread.
+
+    The worker side keeps RecordWriter's interface. `submit` only collects; every BATCH_S the
+    event loop pickles what was collected onto a non-blocking pipe in one write. A feeder thread
+    cost more in GIL hand-offs than the pickling, and waking the writer once per request cost
+    the proxy more than the batch's delay costs anyone. What the pipe cannot take yet waits,
+    bounded with the collected ones by `queue_size` records, and goes when it is writable.
+    Counters come back through shared memory."""
 
     def __init__(self, directory: Path, settings: WriterSettings) -> None:
         self.directory = directory
-        self.dropped = 0  # here: the queue was full or the writer process is gone
+        self.dropped = 0  # here: too many records waiting, or the writer process is gone
         self._shared = RawArray("q", len(SHARED_COUNTERS))  # shared memory, survives the fork
-        self._queue: queue.Queue[tuple[dict[str, Any], Exchange | None] | None] = queue.Queue(
-            settings.records.queue_size)
+        self._max_waiting = settings.records.queue_size
+        self._batch: list[tuple[dict[str, Any], Exchange | None]] = []
+        self._waiting: collections.deque[tuple[memoryview, int]] = collections.deque()  # pickled
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._draining: asyncio.AbstractEventLoop | None = None
         read_fd, write_fd = os.pipe()
         self._pid = os.fork()
         if self._pid == 0:
@@ -294,40 +307,93 @@ class RecordWriterProcess:
             finally:
                 os._exit(code)
         os.close(read_fd)
-        self._pipe = os.fdopen(write_fd, "wb")
-        self._feeder = threading.Thread(target=self._feed, name="llmtap-record-feed", daemon=True)
-        self._feeder.start()
+        self._fd: int | None = write_fd
+        os.set_blocking(write_fd, False)
+        import fcntl  # here: no writer process (nor fcntl) on Windows; the worker pre-imports it
+
+        grow = getattr(fcntl, "F_SETPIPE_SZ", None)  # Linux only: room for bursts
+        if grow is not None:
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(write_fd, grow, PIPE_BYTES)
 
     def _serve(self, pipe: BinaryIO, writer: RecordWriter) -> None:
         writer.start()
         with pipe:
             while True:
                 try:
-                    record, exchange = pickle.load(pipe)
+                    batch = pickle.load(pipe)
                 except (EOFError, pickle.UnpicklingError):
                     break
-                writer.handle(record, exchange)
+                for record, exchange in batch:
+                    writer.handle(record, exchange)
                 for i, value in enumerate(writer.counters().get(n, 0) for n in SHARED_COUNTERS):
                     self._shared[i] = value
         writer.finish()
         if writer.exporter:
             writer.exporter.close()
 
-    def _feed(self) -> None:
-        while (item := self._queue.get()) is not None:
-            try:
-                pickle.dump(item, self._pipe, pickle.HIGHEST_PROTOCOL)
-                self._pipe.flush()
-            except (OSError, pickle.PicklingError, TypeError):
-                self.dropped += 1
-        with contextlib.suppress(OSError):
-            self._pipe.close()
-
     def submit(self, record: dict[str, Any], exchange: Exchange | None = None) -> None:
-        try:
-            self._queue.put_nowait((record, exchange))
-        except queue.Full:
+        if self._fd is None or self.waiting() >= self._max_waiting:
             self.dropped += 1
+            return
+        self._batch.append((record, exchange))
+        if len(self._batch) >= BATCH_MAX:
+            self._flush()
+        elif self._flush_timer is None:
+            try:
+                self._flush_timer = asyncio.get_running_loop().call_later(BATCH_S, self._flush)
+            except RuntimeError:  # no event loop (a test): no batching
+                self._flush()
+
+    def waiting(self) -> int:
+        """Records submitted and not yet taken by the pipe."""
+        return len(self._batch) + sum(count for _, count in self._waiting)
+
+    def _flush(self) -> None:
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        batch, self._batch = self._batch, []
+        if not batch:
+            return
+        try:
+            data = pickle.dumps(batch, pickle.HIGHEST_PROTOCOL)
+        except (pickle.PicklingError, TypeError):
+            self.dropped += len(batch)
+            return
+        self._waiting.append((memoryview(data), len(batch)))
+        if len(self._waiting) == 1:
+            self._drain()
+
+    def _drain(self) -> None:
+        """Writes what waits until the pipe is full; then waits for it to become writable."""
+        while self._waiting and self._fd is not None:
+            head, count = self._waiting[0]
+            try:
+                written = os.write(self._fd, head)
+            except BlockingIOError:
+                break
+            except OSError:  # the writer process is gone: nothing will take these
+                self.dropped += self.waiting() - len(self._batch)
+                self._waiting.clear()
+                break
+            if written < len(head):
+                self._waiting[0] = (head[written:], count)
+            else:
+                self._waiting.popleft()
+        self._watch_writable(bool(self._waiting))
+
+    def _watch_writable(self, wanted: bool) -> None:
+        if wanted and self._draining is None and self._fd is not None:
+            try:
+                self._draining = asyncio.get_running_loop()
+            except RuntimeError:  # no event loop (a test, or shutdown): close() flushes
+                return
+            self._draining.add_writer(self._fd, self._drain)
+        elif not wanted and self._draining is not None:
+            if self._fd is not None:
+                self._draining.remove_writer(self._fd)
+            self._draining = None
 
     def counters(self) -> dict[str, int]:
         counters = dict(zip(SHARED_COUNTERS, self._shared, strict=True))
@@ -335,9 +401,25 @@ class RecordWriterProcess:
         return counters
 
     def close(self) -> None:
-        """Lets the writer finish what it was given, then waits for it (bounded)."""
-        self._queue.put(None)
-        self._feeder.join(timeout=10)
+        """Hands over what still waits, lets the writer finish it, then waits for it (bounded)."""
+        if self._fd is None:
+            return
+        self._flush()
+        self._watch_writable(False)
+        fd, self._fd = self._fd, None
+        os.set_blocking(fd, True)
+        try:
+            while self._waiting:
+                head, count = self._waiting[0]
+                written = os.write(fd, head)  # may be partial even when blocking
+                if written < len(head):
+                    self._waiting[0] = (head[written:], count)
+                else:
+                    self._waiting.popleft()
+        except OSError:
+            self.dropped += self.waiting()
+            self._waiting.clear()
+        os.close(fd)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if os.waitpid(self._pid, os.WNOHANG)[0]:
