@@ -189,8 +189,8 @@ class Reporter:
 
 async def serve(settings: ProxySettings, report: IO[str], lifeline: int) -> int:
     logging.basicConfig(level=logging.WARNING, format="llmtap worker: %(message)s", force=True)
-    # The record writer thread holds the GIL in slices of this length; at CPython's default 5 ms
-    # a request that arrives meanwhile waits up to that long. The event loop must not.
+    # Other threads (the parse pool for large bodies, attribution) hold the GIL in slices of this
+    # length; at CPython's default 5 ms a request arriving meanwhile waits up to that long.
     sys.setswitchinterval(GIL_SWITCH_S)
     if settings.original_addr is not None:  # e.g. macOS: asked of the root supervisor
         plug_into_mitmproxy(settings.original_addr)

@@ -531,3 +531,17 @@ def test_a_stalled_writer_process_never_blocks_the_event_loop_and_drops_only_bey
     counters = writer.counters()
     assert len(list(tmp_path.glob("*.json"))) == counters["records_written"] == 3
     assert counters["records_dropped"] == 9
+
+
+def test_record_json_is_the_standard_librarys_indented_text_and_falls_back_where_orjson_refuses():
+    from llmtap.records.jsontext import parse, pretty
+
+    record = {"id": "r1", "model": "claude-sonnet-4-5", "cost_usd": 0.0123, "usage": {"in": 10},
+              "text": "é ✓ \u2028 <tag>", "rules_hit": [], "stream": True, "error": None}
+    assert pretty(record) == json.dumps(record, indent=2, ensure_ascii=False)
+    huge = {"n": 2**70}  # beyond orjson's 64-bit integers
+    assert pretty(huge) == json.dumps(huge, indent=2, ensure_ascii=False)
+    assert pretty({1: "a"}) == json.dumps({1: "a"}, indent=2, ensure_ascii=False)
+    assert parse(pretty(record)) == record
+    with pytest.raises(ValueError):
+        parse("{not json")

@@ -8,6 +8,7 @@ from typing import Any
 from llmtap.parsers.encoding import decode_all
 from llmtap.parsers.sse import JSONStreamDecoder, SSEDecoder
 from llmtap.records.capture import Body, Exchange, mask_secrets
+from llmtap.records.jsontext import parse, pretty
 
 MAX_DECODED = 8 * 1024 * 1024
 SUMMARY_KEYS = ("host", "method", "path", "status", "provider", "api", "model", "stream",
@@ -98,13 +99,13 @@ def _looks_like_sse(text: str) -> bool:
 
 def _pretty_json(text: str) -> str | None:
     try:
-        return json.dumps(json.loads(text), indent=2, ensure_ascii=False)
+        return pretty(parse(text))
     except ValueError:
         pass
     if text.lstrip().startswith("["):  # a cut-short JSON-array stream (Gemini): its elements
         elements = JSONStreamDecoder().feed(text.encode())
         if elements:
-            return "\n".join(json.dumps(e, indent=2, ensure_ascii=False) for e in elements)
+            return "\n".join(pretty(e) for e in elements)
     return None
 
 

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from llmtap.records.jsontext import pretty
+
 ARCHIVE_DIR = "archive"
 SYSTEM_DIR = "system"
 INDEX_NAME = "index.sqlite"
@@ -56,7 +58,7 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def record_bytes(record: dict[str, Any]) -> bytes:
-    return (json.dumps(record, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    return (pretty(record) + "\n").encode("utf-8")
 
 
 def save_system_prompt(directory: Path, sha256: str, text: str) -> str:
