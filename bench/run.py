@@ -1,6 +1,6 @@
 """What llmtap costs, measured in one run against a bare mitmproxy and a direct connection.
 
-    sudo .venv/bin/python bench/run.py [--quick]
+    sudo .venv/bin/python bench/run.py [--quick] [--rounds N]
 
 Runs as root in the test bed's network namespaces (tests/testbed.py): a client namespace where the
 clients and the daemon run, and an upstream namespace with the fake provider. Three arms:
@@ -109,30 +109,42 @@ def start(bed: Testbed, arm: str, **redirect: Any) -> tuple[Daemon | None, float
     return daemon, ready
 
 
-def measure_arm(arm: Arm, quick: bool) -> None:
-    n = 60 if quick else 300
+def measure_round(arm: Arm, quick: bool, rounds: int) -> None:
+    """One round's share of every sample, added to what earlier rounds of this arm measured."""
+    n = max((60 if quick else 300) // rounds, 10)
     r = arm.results
     reply = f"{TARGET}/v1/messages?bench=json"
-    r["keepalive_ms"] = arm.client("latency", reply, arm.cacert, "--n", str(n))["ms"]
-    r["new_conn_ms"] = arm.client("latency", reply, arm.cacert, "--n", str(n // 3), "--fresh")["ms"]
+    r.setdefault("keepalive_ms", []).extend(
+        arm.client("latency", reply, arm.cacert, "--n", str(n))["ms"])
+    r.setdefault("new_conn_ms", []).extend(
+        arm.client("latency", reply, arm.cacert, "--n", str(max(n // 3, 5)), "--fresh")["ms"])
     streamed = arm.client("stream", f"{TARGET}/v1/messages?bench=stream&n=50&gap_ms=10", arm.cacert,
-                          "--repeat", "4" if quick else "10")
-    r["ttfb_ms"], r["chunk_delay_ms"] = streamed["ttfb_ms"], streamed["chunk_delay_ms"]
+                          "--repeat", str(max((4 if quick else 12) // rounds, 2)))
+    r.setdefault("ttfb_ms", []).extend(streamed["ttfb_ms"])
+    r.setdefault("chunk_delay_ms", []).extend(streamed["chunk_delay_ms"])
     pids = arm.daemon_pids()
     for concurrency in (1, 50, 200):
-        requests = max(concurrency * (2 if quick else 5), 50 if quick else 200)
+        requests = max(concurrency * (2 if quick else 6) // rounds, concurrency,
+                       (50 if quick else 240) // rounds)
         cpu_before = cpu_seconds(pids) if pids else 0.0
         load = arm.client("load", f"{TARGET}/v1/messages?bench=stream&n=10&gap_ms=5", arm.cacert,
                           "--concurrency", str(concurrency), "--requests", str(requests))
-        cpu = cpu_seconds(pids) - cpu_before if pids else float("nan")
-        r[f"load{concurrency}"] = {
-            "req_per_s": load["requests"] / load["seconds"], "failures": load["failures"],
-            "cpu_s_per_1000": cpu / load["requests"] * 1000,
-            "max_chunk_delay_ms": max(load["chunk_delay_ms"], default=float("nan")),
-            "p99_chunk_delay_ms": pct(load["chunk_delay_ms"], 99),
-        }
+        total = r.setdefault(f"load{concurrency}", {"requests": 0, "seconds": 0.0, "failures": 0,
+                                                    "cpu_s": 0.0, "chunk_delay_ms": []})
+        total["requests"] += load["requests"]
+        total["seconds"] += load["seconds"]
+        total["failures"] += load["failures"]
+        total["cpu_s"] += cpu_seconds(pids) - cpu_before if pids else float("nan")
+        total["chunk_delay_ms"].extend(load["chunk_delay_ms"])
     if arm.daemon:
-        r["peak_rss_mb"] = sum(peak_rss_mb(pid) for pid in arm.daemon_pids())
+        rss = sum(peak_rss_mb(pid) for pid in arm.daemon_pids())
+        r["peak_rss_mb"] = max(r.get("peak_rss_mb", 0.0), rss)
+
+
+def load_row(load: dict[str, Any]) -> dict[str, float]:
+    return {"req_per_s": load["requests"] / load["seconds"],
+            "cpu_s_per_1000": load["cpu_s"] / load["requests"] * 1000,
+            "max_chunk_delay_ms": max(load["chunk_delay_ms"], default=float("nan"))}
 
 
 def measure_passthrough(bed: Testbed, quick: bool) -> dict[str, Any]:
@@ -213,7 +225,7 @@ def table(arms: dict[str, Arm], extra: dict[str, Any]) -> list[str]:
         for q in ("p50", "p95", "p99"):
             row(f"{label} {q}", {a: summary(arms[a].results[key])[q] for a in ARMS}, added=True)
     for c in (1, 50, 200):
-        load = {a: arms[a].results[f"load{c}"] for a in ARMS}
+        load = {a: load_row(arms[a].results[f"load{c}"]) for a in ARMS}
         row(f"{c} concurrent streams: requests/s", {a: load[a]["req_per_s"] for a in ARMS})
         row(f"{c} concurrent streams: max chunk delay (ms)",
             {a: load[a]["max_chunk_delay_ms"] for a in ARMS})
@@ -221,7 +233,8 @@ def table(arms: dict[str, Arm], extra: dict[str, Any]) -> list[str]:
             {a: load[a]["cpu_s_per_1000"] for a in ARMS})
     row("daemon peak RSS, all its processes (MB)",
         {a: arms[a].results.get("peak_rss_mb", float("nan")) for a in ARMS})
-    row("start to ready (s)", {a: arms[a].results.get("ready_s", float("nan")) for a in ARMS})
+    row("start to ready (s), median", {a: statistics.median(arms[a].results.get("ready_s", [float("nan")]))
+                                       for a in ARMS})
     p = extra["passthrough"]
     lines += ["", "| passthrough and rules | value |", "|---|---|",
               f"| non-target download, direct (MB/s) | {fmt(p['direct_mb_s'])} |",
@@ -239,6 +252,8 @@ def table(arms: dict[str, Arm], extra: dict[str, Any]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer samples (a smoke run)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="the arms take turns this many times, each measuring its share")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench/run.py needs root (network namespaces): sudo .venv/bin/python bench/run.py")
@@ -247,16 +262,21 @@ def main() -> None:
     try:
         bed.create()
         bed.start_upstream()
-        arms: dict[str, Arm] = {}
-        for name in ARMS:
-            daemon, ready = start(bed, name)
-            arm = arms[name] = Arm(name, bed, daemon, {"ready_s": ready if daemon else float("nan")})
-            try:
-                print(f"measuring {name} ...", flush=True)
-                measure_arm(arm, args.quick)
-            finally:
-                if daemon:
-                    daemon.stop()
+        arms = {name: Arm(name, bed) for name in ARMS}
+        for turn in range(args.rounds):
+            # Taking turns, each round in a rotated order: a machine whose speed drifts (shared
+            # VMs do, by a millisecond) weighs on every arm alike instead of on whichever ran last.
+            for name in ARMS[turn % 3:] + ARMS[:turn % 3]:
+                arm = arms[name]
+                arm.daemon, ready = start(bed, name)
+                arm.results.setdefault("ready_s", []).append(ready if arm.daemon else float("nan"))
+                try:
+                    print(f"round {turn + 1}/{args.rounds}: measuring {name} ...", flush=True)
+                    measure_round(arm, args.quick, args.rounds)
+                finally:
+                    if arm.daemon:
+                        arm.daemon.stop()
+                    arm.daemon = None
         print("measuring passthrough and rule timing ...", flush=True)
         extra = {"passthrough": measure_passthrough(bed, args.quick),
                  "rules": json.loads(bed.python(RULE_TIMING).stdout)}
@@ -271,7 +291,9 @@ def main() -> None:
         f"Machine: {machine()}.", "",
         "All three arms run in the same network namespaces with the same clients (httpx) and the same",
         "fake upstream; bare and llmtap use the same nft redirect, listeners and TLS. \"(+x)\" is the",
-        "time added over direct; llmtap/bare on latency rows compares those added times.", "",
+        "time added over direct; llmtap/bare on latency rows compares those added times.",
+        f"The arms took turns {args.rounds} times (in rotated order), each measuring its share of the",
+        "samples, so that drift in the machine's speed weighs on every arm alike.", "",
         "Targets (shown, not asserted): llmtap within 1.1x of bare mitmproxy's added latency; per-chunk",
         "added delay under 1 ms at p99; 200 concurrent streams with no chunk delayed more than 50 ms",
         "and under 300 MB RSS; passthrough at 90% or more of direct.", "",
