@@ -345,6 +345,7 @@ class StreamRedactor:
 
 
 @functools.cache
+@functools.cache  # compiling the RE2 set costs more than a scan; a Scanner keeps no state
 def _builtin_scanner() -> Scanner:
     return Scanner([Detector(name, b.pattern, "redact", b.validate, b.prefilter)
                     for name, b in BUILTIN.items()])

@@ -234,6 +234,8 @@ class Lookup:
         self.proc = proc
         self._cache: OrderedDict[tuple[str, int], tuple[float, dict[str, Any] | None]] = OrderedDict()
         self._recent: deque[int] = deque(maxlen=16)
+        # pid -> (when, description): a client opening 50 connections is described once.
+        self._described: dict[int, tuple[float, dict[str, Any] | None]] = {}
 
     def find(self, ip: str, port: int, remote: tuple[str, int] | None = None
              ) -> dict[str, Any] | None:
@@ -259,7 +261,14 @@ class Lookup:
         if pid in self._recent:
             self._recent.remove(pid)
         self._recent.appendleft(pid)
-        return describe(pid)
+        now = time.monotonic()
+        cached = self._described.get(pid)
+        if cached and now - cached[0] < CACHE_TTL_S:
+            return cached[1]
+        if len(self._described) > 1024:
+            self._described = {p: d for p, d in self._described.items() if now - d[0] < CACHE_TTL_S}
+        found = self._described[pid] = (now, describe(pid))
+        return found[1]
 
     def _pid_linux(self, ip: str, port: int, remote: tuple[str, int] | None) -> int | None:
         found = diag_socket_inode((ip, port), remote) if remote else None

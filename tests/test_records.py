@@ -534,7 +534,7 @@ def test_a_stalled_writer_process_never_blocks_the_event_loop_and_drops_only_bey
 
 
 def test_record_json_is_the_standard_librarys_indented_text_and_falls_back_where_orjson_refuses():
-    from llmtap.records.jsontext import parse, pretty
+    from llmtap.jsontext import parse, pretty
 
     record = {"id": "r1", "model": "claude-sonnet-4-5", "cost_usd": 0.0123, "usage": {"in": 10},
               "text": "é ✓ \u2028 <tag>", "rules_hit": [], "stream": True, "error": None}

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from llmtap import jsontext
 from llmtap.parsers.encoding import BodyDecoder, DecodeError
 from llmtap.parsers.sse import (
     Event,
@@ -129,7 +130,12 @@ _REQUEST_ID_HEADERS = ("request-id", "x-request-id", "anthropic-request-id")
 
 def header_fields(headers: Mapping[str, str]) -> dict[str, Any]:
     """Rate-limit and request-id response headers only: nothing else can leak a secret."""
-    lowered = {str(k).lower(): str(v) for k, v in headers.items()}
+    raw = getattr(headers, "fields", None)  # mitmproxy's Headers: its pairs, not a lookup per key
+    if raw is not None:
+        lowered = {k.decode("latin-1").lower(): v.decode("utf-8", "surrogateescape")
+                   for k, v in raw}
+    else:
+        lowered = {str(k).lower(): str(v) for k, v in headers.items()}
     found: dict[str, Any] = {}
     limits = {k: v for k, v in lowered.items() if _KEEP_HEADERS.match(k)}
     if limits:
@@ -170,7 +176,7 @@ class ResponseParser:
         self.stop_reason: str | None = None
         self.error: str | None = None
         self.events = 0
-        self.extra: dict[str, Any] = header_fields(headers or {})
+        self.extra: dict[str, Any] = header_fields(headers if headers is not None else {})
         self.timeline = Timeline(started, limits.max_timeline)
         self.finished = False
         self._failed = False
@@ -281,7 +287,7 @@ class ResponseParser:
             self.on_done()
             return
         try:
-            obj = json.loads(event.data)
+            obj = jsontext.parse(event.data)
         except ValueError as exc:
             raise ParseStop(f"invalid JSON in SSE event {event.event!r}: {exc}") from None
         self.on_object(obj)
@@ -338,7 +344,7 @@ class ResponseParser:
 
 def _json_message(raw: bytes) -> Any:
     try:
-        return json.loads(raw)
+        return jsontext.parse(raw)
     except ValueError as exc:
         raise ParseStop(f"invalid JSON in WebSocket message: {exc}") from None
 
@@ -435,7 +441,7 @@ class BodyFramer(Framer):
         if not self.buf.strip():
             return  # an empty body (204, HEAD) has nothing to parse
         try:
-            obj = json.loads(self.buf)
+            obj = jsontext.parse(self.buf)
         except ValueError as exc:
             self.parser.on_body_fallback(bytes(self.buf), exc)
             return

@@ -11,10 +11,10 @@ output_tokens includes output_tokens_details.reasoning_tokens, which is also rep
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmtap import jsontext
 from llmtap.parsers.base import ResponseParser, Usage, as_dict, as_int
 from llmtap.parsers.openai_chat import content_text, tool_names
 from llmtap.parsers.openai_chat import usage_from as chat_usage
@@ -157,7 +157,7 @@ class ResponsesWebSocket:
 
     def client_message(self, message: bytes | str, now: float) -> list[WebSocketExchange]:
         try:
-            obj = as_dict(json.loads(message))
+            obj = as_dict(jsontext.parse(message))
         except ValueError:
             return []
         if obj.get("type") != "response.create":

@@ -9,11 +9,11 @@ request's credentials can reach a record.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmtap import jsontext
 from llmtap.parsers import anthropic, gemini, openai_chat, openai_responses
 from llmtap.parsers.base import as_dict
 from llmtap.parsers.classify import classify
@@ -93,7 +93,7 @@ def parse_request(
         info.error = f"llmtap: request body over {MAX_REQUEST_BYTES} bytes, not read"
         return info
     try:
-        obj = as_dict(json.loads(decode_all(body, content_encoding, MAX_REQUEST_BYTES)))
+        obj = as_dict(jsontext.parse(decode_all(body, content_encoding, MAX_REQUEST_BYTES)))
         _fill(info, _fields(provider, api, obj, path))
     except Exception as exc:
         info.error = f"llmtap: request not understood: {type(exc).__name__}: {exc}"[:300]

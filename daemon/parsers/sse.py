@@ -7,10 +7,11 @@ decoded, so a chunk boundary inside a character or between CR and LF changes not
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from typing import Any
+
+from llmtap import jsontext
 
 DEFAULT_MAX_EVENT_BYTES = 16 * 1024 * 1024
 _BOM = b"\xef\xbb\xbf"
@@ -63,6 +64,8 @@ class LineSplitter:
             if chunk[:1] == b"\n":
                 chunk = chunk[1:]
         self._buf += chunk
+        if self._buf.find(b"\r", self._searched) == -1:  # LF only, as providers send: one split
+            return self._split_lf()
         lines: list[bytes] = []
         start, search_from = 0, self._searched
         while (found := next_line(self._buf, search_from)) is not None:
@@ -71,9 +74,23 @@ class LineSplitter:
             start = search_from = next_start
         del self._buf[:start]
         self._searched = len(self._buf)  # a long line in many chunks is scanned once
+        self._check_size()
+        return lines
+
+    def _split_lf(self) -> list[bytes]:
+        if self._buf.find(b"\n", self._searched) == -1:
+            self._searched = len(self._buf)
+            self._check_size()
+            return []
+        *lines, rest = self._buf.split(b"\n")
+        self._buf = rest
+        self._searched = len(rest)
+        self._check_size()
+        return [bytes(line) for line in lines]
+
+    def _check_size(self) -> None:
         if len(self._buf) > self.max_line_bytes:
             raise FramingError(f"line over {self.max_line_bytes} bytes")
-        return lines
 
 
 class SSEDecoder:
@@ -264,7 +281,7 @@ class JSONStreamDecoder:
         self._expect_comma = True
         if self._base == 0:
             self.complete = True
-        return json.loads(raw)
+        return jsontext.parse(raw)
 
     def _compact(self) -> None:
         """Drops consumed bytes so memory stays bounded by one element."""
@@ -289,7 +306,7 @@ class JSONLinesDecoder:
         return self._lines.pending
 
     def feed(self, chunk: bytes) -> list[Any]:
-        return [json.loads(line) for line in self._lines.feed(chunk) if line.strip()]
+        return [jsontext.parse(line) for line in self._lines.feed(chunk) if line.strip()]
 
     def close(self) -> list[Any]:
         """The last line, when the body does not end with a newline."""

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from llmtap.jsontext import pretty
 from llmtap.parsers.encoding import decode_all
 from llmtap.parsers.sse import JSONStreamDecoder, SSEDecoder
 from llmtap.records.capture import Body, Exchange, mask_secrets
-from llmtap.records.jsontext import parse, pretty
 
 MAX_DECODED = 8 * 1024 * 1024
 SUMMARY_KEYS = ("host", "method", "path", "status", "provider", "api", "model", "stream",
@@ -99,7 +99,7 @@ def _looks_like_sse(text: str) -> bool:
 
 def _pretty_json(text: str) -> str | None:
     try:
-        return pretty(parse(text))
+        return pretty(json.loads(text))  # exact: a 64-bit overflow must not show as a float
     except ValueError:
         pass
     if text.lstrip().startswith("["):  # a cut-short JSON-array stream (Gemini): its elements

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from llmtap.records.jsontext import pretty
+from llmtap.jsontext import pretty
 
 ARCHIVE_DIR = "archive"
 SYSTEM_DIR = "system"
