@@ -18,6 +18,7 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,44 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / CLK_TCK
 
 
+def pss_mb(pids: list[int]) -> float:
+    """The memory these processes cost together: each shared page (the writer process is a fork
+    of the worker) counted once, in shares, where summed RSS would count it in every process."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+        except OSError:  # a short-lived child (nft) went away
+            continue
+    return total / 1024
+
+
+class PeakPss:
+    """Samples the daemon's PSS while a load runs, keeping the highest."""
+
+    def __init__(self, pids: list[int], every_s: float = 0.25) -> None:
+        self.pids, self.every_s, self.peak = pids, every_s, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> PeakPss:
+        if self.pids:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        if self.pids:
+            self._thread.join()
+            self.peak = max(self.peak, pss_mb(self.pids))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.peak = max(self.peak, pss_mb(self.pids))
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -127,8 +166,12 @@ def measure_round(arm: Arm, quick: bool, rounds: int) -> None:
         requests = max(concurrency * (2 if quick else 6) // rounds, concurrency,
                        (50 if quick else 240) // rounds)
         cpu_before = cpu_seconds(pids) if pids else 0.0
-        load = arm.client("load", f"{TARGET}/v1/messages?bench=stream&n=10&gap_ms=5", arm.cacert,
-                          "--concurrency", str(concurrency), "--requests", str(requests))
+        with PeakPss(pids) as memory:
+            load = arm.client("load", f"{TARGET}/v1/messages?bench=stream&n=10&gap_ms=5",
+                              arm.cacert, "--concurrency", str(concurrency),
+                              "--requests", str(requests))
+        if pids:
+            r["peak_pss_mb"] = max(r.get("peak_pss_mb", 0.0), memory.peak)
         total = r.setdefault(f"load{concurrency}", {"requests": 0, "seconds": 0.0, "failures": 0,
                                                     "cpu_s": 0.0, "chunk_delay_ms": []})
         total["requests"] += load["requests"]
@@ -139,6 +182,8 @@ def measure_round(arm: Arm, quick: bool, rounds: int) -> None:
     if arm.daemon:
         rss = sum(peak_rss_mb(pid) for pid in arm.daemon_pids())
         r["peak_rss_mb"] = max(r.get("peak_rss_mb", 0.0), rss)
+        r["worker_peak_rss_mb"] = max(r.get("worker_peak_rss_mb", 0.0),
+                                      peak_rss_mb(arm.worker_pid()))
 
 
 def load_row(load: dict[str, Any]) -> dict[str, float]:
@@ -147,17 +192,21 @@ def load_row(load: dict[str, Any]) -> dict[str, float]:
             "max_chunk_delay_ms": max(load["chunk_delay_ms"], default=float("nan"))}
 
 
-def measure_passthrough(bed: Testbed, quick: bool) -> dict[str, Any]:
+def measure_passthrough(bed: Testbed, quick: bool, rounds: int) -> dict[str, Any]:
+    """Direct and scope=all downloads take turns too; each side's median is compared."""
     size = 50_000_000 if quick else 200_000_000
     url = f"https://{OTHER_HOST}/bytes/{size}"
-    direct = Arm("direct", bed).client("download", url, str(bed.upstream_ca_pem))["mb_per_s"]
-    daemon, _ = start(bed, "llmtap", scope="all")
-    try:
-        tapped = Arm("llmtap", bed, daemon).client("download", url, str(bed.upstream_ca_pem))
-        time.sleep(1.2)
-        passed_all = daemon.status()["counters"].get("passthrough", 0)
-    finally:
-        daemon.stop()
+    direct, tapped, passed_all = [], [], 0
+    for _ in range(rounds):
+        direct.append(Arm("direct", bed).client("download", url, str(bed.upstream_ca_pem))["mb_per_s"])
+        daemon, _ = start(bed, "llmtap", scope="all")
+        try:
+            tapped.append(Arm("llmtap", bed, daemon).client(
+                "download", url, str(bed.upstream_ca_pem))["mb_per_s"])
+            time.sleep(1.2)
+            passed_all = daemon.status()["counters"].get("passthrough", 0)
+        finally:
+            daemon.stop()
     daemon, _ = start(bed, "llmtap", scope="targets")
     try:
         Arm("llmtap", bed, daemon).client("download", f"https://{OTHER_HOST}/bytes/1000",
@@ -166,8 +215,8 @@ def measure_passthrough(bed: Testbed, quick: bool) -> dict[str, Any]:
         reached = daemon.status()["counters"].get("connections", 0)
     finally:
         daemon.stop()
-    return {"direct_mb_s": direct, "all_mb_s": tapped["mb_per_s"], "all_passthrough": passed_all,
-            "targets_connections_reaching_proxy": reached}
+    return {"direct_mb_s": statistics.median(direct), "all_mb_s": statistics.median(tapped),
+            "all_passthrough": passed_all, "targets_connections_reaching_proxy": reached}
 
 
 RULE_TIMING = """
@@ -231,14 +280,18 @@ def table(arms: dict[str, Arm], extra: dict[str, Any]) -> list[str]:
             {a: load[a]["max_chunk_delay_ms"] for a in ARMS})
         row(f"{c} concurrent streams: daemon CPU s / 1000 requests",
             {a: load[a]["cpu_s_per_1000"] for a in ARMS})
-    row("daemon peak RSS, all its processes (MB)",
+    row("daemon peak PSS under load, all its processes (MB)",
+        {a: arms[a].results.get("peak_pss_mb", float("nan")) for a in ARMS})
+    row("daemon peak RSS, all its processes summed (MB; shared pages counted twice)",
         {a: arms[a].results.get("peak_rss_mb", float("nan")) for a in ARMS})
+    row("proxy worker peak RSS (MB)",
+        {a: arms[a].results.get("worker_peak_rss_mb", float("nan")) for a in ARMS})
     row("start to ready (s), median", {a: statistics.median(arms[a].results.get("ready_s", [float("nan")]))
                                        for a in ARMS})
     p = extra["passthrough"]
     lines += ["", "| passthrough and rules | value |", "|---|---|",
-              f"| non-target download, direct (MB/s) | {fmt(p['direct_mb_s'])} |",
-              f"| non-target download through scope=all (MB/s) | {fmt(p['all_mb_s'])} "
+              f"| non-target download, direct (MB/s, median) | {fmt(p['direct_mb_s'])} |",
+              f"| non-target download through scope=all (MB/s, median) | {fmt(p['all_mb_s'])} "
               f"({ratio(p['all_mb_s'], p['direct_mb_s'])} of direct) |",
               f"| scope=all: connections passed through by SNI | {p['all_passthrough']} |",
               f"| scope=targets: non-target connections reaching the proxy | "
@@ -278,7 +331,7 @@ def main() -> None:
                         arm.daemon.stop()
                     arm.daemon = None
         print("measuring passthrough and rule timing ...", flush=True)
-        extra = {"passthrough": measure_passthrough(bed, args.quick),
+        extra = {"passthrough": measure_passthrough(bed, args.quick, args.rounds),
                  "rules": json.loads(bed.python(RULE_TIMING).stdout)}
     finally:
         bed.destroy()

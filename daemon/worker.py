@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import IO, Any
 
-from llmtap.addons.recorder import start_writer_process
+from llmtap.addons.recorder import allow_leaving_idle_priority, start_writer_process
 from llmtap.errors import LlmtapError
 from llmtap.platform.base import plug_into_mitmproxy
 from llmtap.platform.linux.proc import parent_death_signal
@@ -59,6 +59,7 @@ LAZY_IMPORTS = (
     "cryptography.hazmat.primitives.asymmetric.rsa",
     "asyncio.unix_events",
     "fcntl",  # the record writer process sizes its pipe
+    "resource",  # the record writer process's priority
 )
 
 
@@ -127,6 +128,8 @@ def start_worker(settings: ProxySettings, user: ServiceUser) -> WorkerHandle:
         code = 1
         try:
             os.setpgid(0, 0)  # terminal signals go to the supervisor, which stops us in order
+            if settings.pipeline:
+                allow_leaving_idle_priority()
             drop_privileges(user)
             if sys.platform == "linux":  # after the drop: a credential change clears it
                 parent_death_signal(supervisor)

@@ -545,3 +545,46 @@ def test_record_json_is_the_standard_librarys_indented_text_and_falls_back_where
     assert parse(pretty(record)) == record
     with pytest.raises(ValueError):
         parse("{not json")
+
+
+def can_raise_limits() -> bool:
+    """CAP_SYS_RESOURCE (bit 24): a normal root has it; some containers' root does not."""
+    effective = next(line.split()[1] for line in Path("/proc/self/status").read_text().splitlines()
+                     if line.startswith("CapEff:"))
+    return bool(int(effective, 16) >> 24 & 1)
+
+
+@pytest.mark.parametrize("nice_limit,leaves_idle", [(20, True), (0, False)])
+def test_the_record_writer_idles_and_takes_its_fair_share_only_when_starved(nice_limit,
+                                                                           leaves_idle):
+    """As the unprivileged worker's child: SCHED_IDLE; back to nice 0 when batches arrive late,
+    which only RLIMIT_NICE (set by root before the drop) permits; idle again once caught up."""
+    import os
+    import resource
+
+    from llmtap.addons.recorder import BackgroundPriority
+
+    if nice_limit > resource.getrlimit(resource.RLIMIT_NICE)[1] and not can_raise_limits():
+        pytest.skip("this root cannot raise RLIMIT_NICE (no CAP_SYS_RESOURCE in this container)")
+
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            resource.setrlimit(resource.RLIMIT_NICE, (nice_limit, nice_limit))
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            priority = BackgroundPriority()
+            policies = [os.sched_getscheduler(0)]
+            priority.adjust(5.0)  # a batch five seconds late: starved
+            policies.append(os.sched_getscheduler(0))
+            priority.adjust(0.1)
+            policies.append(os.sched_getscheduler(0))
+            expected = [os.SCHED_IDLE, os.SCHED_OTHER if leaves_idle else os.SCHED_IDLE,
+                        os.SCHED_IDLE]
+            code = 0 if policies == expected else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -8,6 +8,7 @@ relayed it untouched.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -119,6 +120,11 @@ def test_status_reports_the_running_tap(testbed, llmtap):
                                  capture_output=True, text=True).stdout.strip()
     assert worker_user == "llmtap"
     assert "table inet llmtap" in testbed.nft_tables()
+    # Its record writer: a child at idle priority (allowed back to nice 0 if it ever lags, where
+    # root may raise RLIMIT_NICE: tests/test_records.py).
+    writer = int(subprocess.run(["pgrep", "-P", str(status["worker_pid"])], capture_output=True,
+                                text=True).stdout.split()[0])
+    assert os.sched_getscheduler(writer) == os.SCHED_IDLE
 
 
 def test_sigterm_removes_everything_and_exits_0(testbed, llmtap):
