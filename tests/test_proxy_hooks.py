@@ -138,3 +138,33 @@ def test_events_no_addon_handles_are_cheap_no_ops() -> None:
         return proxy.addons.handlers(hooks.UpdateHook([]))
 
     assert asyncio.run(main()) == []
+
+
+class Observer(Tracer):
+    observes_response = True  # as the parsing, pricing, records and live stages declare
+
+
+def test_response_observers_run_after_the_response_goes_on_and_in_chain_order() -> None:
+    calls: list[tuple[str, str]] = []
+
+    async def main() -> None:
+        proxy = master.Master(options.Options(), with_termlog=False)
+        proxy.addons = CachedHooks.replacing(proxy)
+        proxy.addons.add(Observer("parse", calls, slow="response"), Tracer("credentials", calls),
+                         Observer("record", calls, fail="response"), Observer("live", calls))
+        flow = tflow.tflow(resp=True)
+        try:
+            await proxy.addons.trigger_event(http_hooks.HttpResponseHook(flow))
+            calls.append(("proxy", "relays the response"))  # what mitmproxy does next, same step
+            await proxy.addons.trigger_event(http_hooks.HttpRequestHook(flow))  # not deferred
+            await asyncio.sleep(0.05)
+        finally:
+            proxy._legacy_log_events.uninstall()
+
+    asyncio.run(main())
+    assert calls == [
+        ("credentials", "response"), ("proxy", "relays the response"),
+        ("parse", "request"), ("credentials", "request"), ("record", "request"), ("live", "request"),
+        ("parse", "response"), ("parse", "response awaited"), ("record", "response"),
+        ("live", "response"),  # after a failing observer, the next one still runs
+    ]

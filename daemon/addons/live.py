@@ -60,6 +60,8 @@ class StreamMeter:
 
 
 class Live:
+    observes_response = True  # its response hook may run after the response is relayed
+
     def __init__(self) -> None:
         self.counters = Counters()
         self.pending: list[dict[str, Any]] = []

@@ -24,6 +24,8 @@ default_table()  # read the shipped table now: the worker may not reach the pack
 
 
 class Pricing:
+    observes_response = True  # its response hook may run after the response is relayed
+
     def __init__(self) -> None:
         self.table: PriceTable = default_table()
         self.override: Path | None = None

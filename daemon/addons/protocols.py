@@ -186,6 +186,8 @@ def join_errors(*errors: str | None) -> str | None:
 
 
 class Protocols:
+    observes_response = True  # its response hook may run after the response is relayed
+
     def __init__(self) -> None:
         # Per-flow state lives here, not in flow.metadata, which mitmproxy deep-copies.
         self._exchanges: weakref.WeakKeyDictionary[http.HTTPFlow, Exchange] = (

@@ -509,6 +509,8 @@ def addon_config(path: str) -> Config:
 
 
 class Recorder:
+    observes_response = True  # its response hook may run after the response is relayed
+
     def __init__(self) -> None:
         self.writer: RecordWriter | RecordWriterProcess | None = None
         self.max_body_bytes = RecordsConfig().max_body_bytes
