@@ -10,6 +10,7 @@ from typing import Any
 import typer
 from llmtap import __version__, cli_install, control, gateway, redirect
 from llmtap.cli_history import history_app
+from llmtap.cli_options import ConfigOption
 from llmtap.cli_prices import prices_app
 from llmtap.cli_rules import rules_app
 from llmtap.cli_secrets import env_command, secrets_app
@@ -37,7 +38,6 @@ app.add_typer(secrets_app, name="secrets")
 app.command("env")(env_command)
 app.command("tunnel")(tunnel_command)
 
-ConfigOption = typer.Option(None, "--config", help="Config file (default /etc/llmtap/config.toml).")
 
 
 @app.callback(invoke_without_command=True)

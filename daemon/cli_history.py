@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from llmtap.cli_options import ConfigOption
 from llmtap.config import Config, load_config
 from llmtap.errors import RuntimeFailure, UsageError
 from llmtap.records import store
@@ -25,7 +26,6 @@ from llmtap.records.index import Index, index_path
 
 history_app = typer.Typer()
 
-ConfigOption = typer.Option(None, "--config", help="Config file (default /etc/llmtap/config.toml).")
 ReadOnlyOption = typer.Option(False, "--read-only", help="Change nothing on disk (read an archive).")
 SinceOption = typer.Option(None, "--since", help="Only calls since: 30m, 1h, 2d, 1w or a date/time.")
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")

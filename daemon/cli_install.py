@@ -9,9 +9,8 @@ import sys
 from typing import Any
 
 import typer
+from llmtap.cli_options import ConfigOption
 from llmtap.config import Config, load_config
-
-ConfigOption = typer.Option(None, "--config", help="Config file (default /etc/llmtap/config.toml).")
 
 
 def installer_for(config: Config, explicit: str | None, platform: str | None = None) -> Any:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from llmtap.cli_options import ConfigOption
 from llmtap.config import Config, load_config
 from llmtap.errors import RuntimeFailure, UsageError
 from llmtap.pricing import (
@@ -30,7 +31,6 @@ with contextlib.suppress(ImportError):  # not on Windows (llmtap.inprocess)
 
 prices_app = typer.Typer(no_args_is_help=True, help="The price table behind each record's cost_usd.")
 
-ConfigOption = typer.Option(None, "--config", help="Config file (default /etc/llmtap/config.toml).")
 _RATE_LABELS = {
     "input": "input",
     "output": "output",

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from llmtap.cli_options import ConfigOption
 from llmtap.cli_secrets import require_writer, service_owner
 from llmtap.config import Config, load_config
 from llmtap.errors import RuntimeFailure, UsageError
@@ -22,7 +23,6 @@ from llmtap.rules import Body, Protected, Rule, RuleError, RuleSet, RuleStore, d
 from llmtap.rules.model import DEFAULT_PRIORITY, SENSITIVE_HEADERS
 
 rules_app = typer.Typer(no_args_is_help=True, help="Request filter rules (applied before DLP).")
-ConfigOption = typer.Option(None, "--config", help="Config file (default /etc/llmtap/config.toml).")
 RuleId = typer.Argument(..., help="The rule's id (see `llmtap rules list`).")
 _REQUEST_LINE = re.compile(rb"^([A-Z]+) (\S+) HTTP/\d(?:\.\d)?\r?\n")
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import typer
 from llmtap import secrets_store as store
+from llmtap.cli_options import ConfigOption
 from llmtap.config import Config, load_config
 from llmtap.errors import UsageError
 from llmtap.privileges import ServiceUser, ensure_service_user, require_root
@@ -27,7 +28,6 @@ secrets_app = typer.Typer(
     no_args_is_help=True,
     help="Real API keys kept by llmtap; the AI tools only ever hold placeholders.",
 )
-ConfigOption = typer.Option(None, "--config", help="Config file (default /etc/llmtap/config.toml).")
 SHELLS = ("sh", "fish", "powershell")
 NO_OWNER = ServiceUser("", -1, -1)  # Windows: the directory's ACL, not an owner, guards the store
 

@@ -9,10 +9,9 @@ from types import FrameType
 
 import typer
 from llmtap import ca, tunnel
+from llmtap.cli_options import ConfigOption
 from llmtap.config import load_config
 from llmtap.errors import UsageError
-
-ConfigOption = typer.Option(None, "--config", help="Config file (default /etc/llmtap/config.toml).")
 
 
 def tunnel_command(
