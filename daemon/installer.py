@@ -18,7 +18,7 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -762,8 +762,6 @@ class Installer:
         self.require_root("llmtap uninstall")
         validate_for_install(self.config)
         manifest = Manifest(self.layout.manifest)
-        done: list[str] = []
-        problems: list[str] = []
         actions: list[tuple[str, Callable[[], str | None]]] = [
             ("service", self.remove_services),
             ("rules", self.remove_rules),
@@ -777,21 +775,7 @@ class Installer:
             actions += [("data", self.remove_data), ("config file", lambda: self.remove_config(manifest)),
                         ("system user", lambda: self.remove_user(manifest))]
         actions.append(("directories", lambda: remove_created_dirs(manifest, purge)))
-        for name, action in actions:
-            try:
-                if message := action():
-                    done.append(message)
-                    self.report(message)
-            except (LlmtapError, OSError) as exc:
-                problems.append(f"{name}: {exc}")
-        if not purge and self.config.state_dir.exists():
-            self.report(f"kept {self.config.state_dir} (CA, secrets), {self.config.records_dir} and "
-                        "the config: `sudo llmtap uninstall --purge` deletes them")
-        if problems:
-            raise RuntimeFailure("uninstall incomplete: " + "; ".join(problems))
-        if not done:
-            self.report("nothing to remove: llmtap is not installed")
-        return done
+        return run_removals(actions, self.report, self.config, purge, "sudo llmtap uninstall --purge")
 
     def remove_services(self) -> str | None:
         removed = []
@@ -846,25 +830,11 @@ class Installer:
         return f"removed {', '.join(map(str, removed))}" if removed else None
 
     def remove_run_dir(self) -> str | None:
-        run_dir = self.config.run_dir
-        if not run_dir.is_dir():
-            return None
-        for name in ("control.sock", "llmtap.pid", "upstream-ca.pem", "service.pid"):
-            remove_file(run_dir / name)
-        with contextlib.suppress(OSError):
-            run_dir.rmdir()
-            return f"removed {run_dir}"
-        return None
+        return remove_run_dir(self.config.run_dir,
+                              ("control.sock", "llmtap.pid", "upstream-ca.pem", "service.pid"))
 
     def remove_data(self) -> str | None:
-        removed = []
-        for path in (self.config.records_dir, self.config.state_dir):
-            if path.is_dir():
-                shutil.rmtree(path)
-                removed.append(str(path))
-        if remove_file(self.layout.log_file):
-            removed.append(str(self.layout.log_file))
-        return f"deleted {', '.join(removed)}" if removed else None
+        return remove_data(self.config, self.layout.log_file)
 
     def remove_config(self, manifest: Manifest) -> str | None:
         created = manifest.data.get("created_config")
@@ -927,6 +897,51 @@ class Installer:
     def manifest_service(self) -> str | None:
         kind = Manifest(self.layout.manifest).data.get("service")
         return kind if kind in ("systemd", "detached") else None
+
+
+def remove_run_dir(run_dir: Path, names: Iterable[str]) -> str | None:
+    """The daemon's run files, then the directory if nothing else is left in it."""
+    if not run_dir.is_dir():
+        return None
+    for name in names:
+        remove_file(run_dir / name)
+    with contextlib.suppress(OSError):
+        run_dir.rmdir()
+        return f"removed {run_dir}"
+    return None
+
+
+def remove_data(config: Config, log_file: Path) -> str | None:
+    """--purge: the records, the state (CA, secrets) and the service's log."""
+    removed = []
+    for path in (config.records_dir, config.state_dir):
+        if path.is_dir():
+            shutil.rmtree(path)
+            removed.append(str(path))
+    if remove_file(log_file):
+        removed.append(str(log_file))
+    return f"deleted {', '.join(removed)}" if removed else None
+
+
+def run_removals(actions: list[tuple[str, Callable[[], str | None]]], report: Callable[[str], None],
+                 config: Config, purge: bool, purge_command: str) -> list[str]:
+    """Runs every removal, keeps going past failures, then says what was kept or went wrong."""
+    done, problems = [], []
+    for name, action in actions:
+        try:
+            if message := action():
+                done.append(message)
+                report(message)
+        except (LlmtapError, OSError) as exc:
+            problems.append(f"{name}: {exc}")
+    if not purge and config.state_dir.exists():
+        report(f"kept {config.state_dir} (CA, secrets), {config.records_dir} and the config: "
+               f"`{purge_command}` deletes them")
+    if problems:
+        raise RuntimeFailure("uninstall incomplete: " + "; ".join(problems))
+    if not done:
+        report("nothing to remove: llmtap is not installed")
+    return done
 
 
 class Rotation:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from llmtap import ca, redirect
 from llmtap.config import DEFAULT_CONFIG_PATH, Config, config_path
-from llmtap.errors import LlmtapError, RuntimeFailure, UsageError
+from llmtap.errors import RuntimeFailure, UsageError
 from llmtap.installer import (
     MANIFEST,
     Manifest,
@@ -30,7 +30,10 @@ from llmtap.installer import (
     env_values,
     port_in_use,
     remove_created_dirs,
+    remove_data,
     remove_file,
+    remove_run_dir,
+    run_removals,
     run_steps,
     wait_for_daemon,
     write_file,
@@ -349,22 +352,7 @@ class WindowsInstaller:
             actions += [("data", self.remove_data),
                         ("config file", lambda: self.remove_config(manifest))]
         actions.append(("directories", lambda: remove_created_dirs(manifest, purge)))
-        done, problems = [], []
-        for name, action in actions:
-            try:
-                if message := action():
-                    done.append(message)
-                    self.report(message)
-            except (LlmtapError, OSError) as exc:
-                problems.append(f"{name}: {exc}")
-        if not purge and self.config.state_dir.exists():
-            self.report(f"kept {self.config.state_dir} (CA, secrets), {self.config.records_dir} and "
-                        "the config: `llmtap uninstall --purge` deletes them")
-        if problems:
-            raise RuntimeFailure("uninstall incomplete: " + "; ".join(problems))
-        if not done:
-            self.report("nothing to remove: llmtap is not installed")
-        return done
+        return run_removals(actions, self.report, self.config, purge, "llmtap uninstall --purge")
 
     def remove_service(self, manifest: Manifest) -> str | None:
         service = self.service()
@@ -397,25 +385,10 @@ class WindowsInstaller:
         return f"removed {', '.join(map(str, removed))}" if removed else None
 
     def remove_run_dir(self) -> str | None:
-        run_dir = self.config.run_dir
-        if not run_dir.is_dir():
-            return None
-        for name in ("status.json", "llmtap.pid", "upstream-ca.pem"):
-            remove_file(run_dir / name)
-        with contextlib.suppress(OSError):
-            run_dir.rmdir()
-            return f"removed {run_dir}"
-        return None
+        return remove_run_dir(self.config.run_dir, ("status.json", "llmtap.pid", "upstream-ca.pem"))
 
     def remove_data(self) -> str | None:
-        removed = []
-        for path in (self.config.records_dir, self.config.state_dir):
-            if path.is_dir():
-                shutil.rmtree(path)
-                removed.append(str(path))
-        if remove_file(self.config.install.log_file):
-            removed.append(str(self.config.install.log_file))
-        return f"deleted {', '.join(removed)}" if removed else None
+        return remove_data(self.config, self.config.install.log_file)
 
     def remove_config(self, manifest: Manifest) -> str | None:
         created = manifest.data.get("created_config")

@@ -27,6 +27,7 @@ from llmtap.platform.linux.trust import PEM_BLOCK
 from llmtap.platform.runner import Completed
 from llmtap.platform.windows import environment
 from llmtap.platform.windows.trust import thumbprint
+from windows_like import BLOCK_POSIX_IMPORTS
 
 ENV_KEY = r"HKLM\SYSTEM\CurrentControlSet\Control\Session Manager\Environment"
 
@@ -416,17 +417,8 @@ def test_the_secrets_cli_on_windows_needs_elevation_not_a_user(
 
 # --- as if on Windows: the install path imports nothing POSIX-only --------------------------------
 
-NO_POSIX = r'''
-import builtins, os, sys
-POSIX_ONLY = {"pwd", "grp", "fcntl", "termios", "resource", "pty"}
-real_import = builtins.__import__
-
-def no_posix(name, globals=None, locals=None, fromlist=(), level=0):
-    if name.split(".")[0] in POSIX_ONLY and (globals or {}).get("__name__", "").startswith("llmtap"):
-        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-    return real_import(name, globals, locals, fromlist, level)
-
-builtins.__import__ = no_posix
+NO_POSIX = BLOCK_POSIX_IMPORTS + r'''
+import os, sys
 for name in ("fork", "chown", "fchown", "fchmod", "geteuid", "getuid", "getgid", "getegid"):
     delattr(os, name)
 import llmtap.cli, llmtap.doctor, llmtap.installer, llmtap.installer_windows

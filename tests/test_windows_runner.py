@@ -30,6 +30,7 @@ from llmtap.privileges import require_root
 from llmtap.targets import Lookup, TargetResolver
 from mitmproxy import ctx
 from mitmproxy import platform as mitmproxy_platform
+from windows_like import BLOCK_POSIX_IMPORTS
 
 TARGET_A, TARGET_B = "192.0.2.10", "192.0.2.20"  # documentation addresses: never contacted
 WAIT_S = 10.0
@@ -412,17 +413,8 @@ def test_require_root_means_elevated_where_there_is_no_euid(monkeypatch: pytest.
 
 # --- as if on Windows: no pwd, grp, fcntl, fork, chown, uids, SIGHUP, netlink, libc ----------------
 
-WINDOWS_LIKE = r'''
-import builtins, ctypes, ctypes.util, os, signal, socket, sys
-POSIX_ONLY = {"pwd", "grp", "fcntl", "termios", "resource", "pty"}
-real_import = builtins.__import__
-
-def no_posix(name, globals=None, locals=None, fromlist=(), level=0):
-    if name.split(".")[0] in POSIX_ONLY and (globals or {}).get("__name__", "").startswith("llmtap"):
-        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-    return real_import(name, globals, locals, fromlist, level)
-
-builtins.__import__ = no_posix
+WINDOWS_LIKE = BLOCK_POSIX_IMPORTS + r'''
+import ctypes, ctypes.util, os, signal, socket, sys
 real_cdll = ctypes.CDLL
 def cdll(name, *args, **kwargs):
     if "libc" in str(name):
