@@ -97,6 +97,8 @@ class CachedHooks(addonmanager.AddonManager):
         return found
 
     async def trigger_event(self, event: hooks.Hook) -> None:
+        if event.name == "done" and self._later:  # accounting still under way is finished first
+            await asyncio.gather(*self._later, return_exceptions=True)
         handlers = self.handlers(event)
         observers = self._observers[event.name]
         if not handlers and not observers:

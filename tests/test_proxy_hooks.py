@@ -168,3 +168,25 @@ def test_response_observers_run_after_the_response_goes_on_and_in_chain_order() 
         ("parse", "response"), ("parse", "response awaited"), ("record", "response"),
         ("live", "response"),  # after a failing observer, the next one still runs
     ]
+
+
+def test_accounting_still_under_way_finishes_before_the_addons_are_done() -> None:
+    calls: list[tuple[str, str]] = []
+
+    class Closing(Observer):
+        def done(self) -> None:
+            calls.append((self.name, "done"))
+
+    async def main() -> None:
+        proxy = master.Master(options.Options(), with_termlog=False)
+        proxy.addons = CachedHooks.replacing(proxy)
+        proxy.addons.add(Closing("record", calls, slow="response"))
+        try:
+            await proxy.addons.trigger_event(http_hooks.HttpResponseHook(tflow.tflow(resp=True)))
+            await asyncio.sleep(0)  # the deferred observer starts, then waits on its await
+            await proxy.addons.trigger_event(hooks.DoneHook())
+        finally:
+            proxy._legacy_log_events.uninstall()
+
+    asyncio.run(main())
+    assert calls == [("record", "response"), ("record", "response awaited"), ("record", "done")]
