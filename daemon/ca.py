@@ -100,8 +100,8 @@ def ensure_ca(ca_dir: Path, hosts: tuple[str, ...], uid: int, gid: int) -> Path:
     cert_file = public_cert_path(ca_dir)
     if not key_file.exists():
         key_pem, cert_pem = create_ca(hosts)
-        _write(key_file, key_pem + cert_pem, 0o600, uid, gid)
-        _write(cert_file, cert_pem, 0o644, uid, gid)
+        write_file(key_file, key_pem + cert_pem, 0o600, uid, gid)
+        write_file(cert_file, cert_pem, 0o644, uid, gid)
     return cert_file
 
 
@@ -148,12 +148,13 @@ def write_upstream_bundle(dest: Path, extra_ca: str, uid: int, gid: int) -> Path
         except OSError as exc:
             raise RuntimeFailure(f"cannot read upstream.extra_ca {extra_ca}: {exc.strerror}") from None
         bundle = bundle.rstrip(b"\n") + b"\n" + extra
-    _write(dest, bundle, 0o644, uid, gid)
+    write_file(dest, bundle, 0o644, uid, gid)
     return dest
 
 
-def _write(path: Path, data: bytes, mode: int, uid: int, gid: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+def write_file(path: Path, data: bytes, mode: int, uid: int = 0, gid: int = 0) -> None:
+    """Atomically replaces `path` with `data`, owned uid:gid with `mode` (POSIX)."""
+    tmp = path.with_name(path.name + ".llmtap-tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)  # Windows: no CRLF
     with os.fdopen(os.open(tmp, flags, mode), "wb") as out:
         if hasattr(os, "fchown"):  # POSIX; on Windows the directory's ACL decides

@@ -25,6 +25,7 @@ from typing import Any
 
 from cryptography import x509
 from llmtap import ca, control, redirect
+from llmtap.ca import write_file
 from llmtap.config import DEFAULT_CONFIG_PATH, Config, config_path
 from llmtap.errors import LlmtapError, RuntimeFailure, UsageError
 from llmtap.platform.base import ServiceManager
@@ -300,17 +301,6 @@ class FileChange:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
         remove_dirs(self.created_dirs)
-
-
-def write_file(path: Path, data: bytes, mode: int, uid: int = 0, gid: int = 0) -> None:
-    tmp = path.with_name(path.name + ".llmtap-tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)  # Windows: no CRLF
-    with os.fdopen(os.open(tmp, flags, mode), "wb") as out:
-        if hasattr(os, "fchown"):  # POSIX; on Windows the directory's ACL decides
-            os.fchown(out.fileno(), uid, gid)
-            os.fchmod(out.fileno(), mode)
-        out.write(data)
-    os.replace(tmp, path)
 
 
 def make_dirs(path: Path, mode: int = 0o755) -> list[Path]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmtap import ca, redirect
+from llmtap.ca import write_file
 from llmtap.config import DEFAULT_CONFIG_PATH, Config, config_path
 from llmtap.errors import RuntimeFailure, UsageError
 from llmtap.installer import (
@@ -36,7 +37,6 @@ from llmtap.installer import (
     run_removals,
     run_steps,
     wait_for_daemon,
-    write_file,
 )
 from llmtap.platform.base import ServiceManager
 from llmtap.platform.runner import Runner, SubprocessRunner
