@@ -48,8 +48,7 @@ LAZY_IMPORTS = (
     "mitmproxy.proxy.layers.quic",
     "mitmproxy.addons.dns_resolver",
     "mitmproxy.utils.asyncio_utils",
-    "brotli",
-    "zstandard",
+    "llmtap.parsers.encoding",  # brotli and zstd (backports.zstd or compression.zstd)
     "gzip",
     "zlib",
     "h2.connection",

@@ -31,7 +31,7 @@ from typing import Any
 
 import brotli
 import streams
-import zstandard
+from llmtap.parsers.encoding import zstd
 
 Scope = dict[str, Any]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -77,7 +77,7 @@ class Encoder:
         elif name == "br":
             self._br = brotli.Compressor()
         elif name == "zstd":
-            self._zstd = zstandard.ZstdCompressor().compressobj()
+            self._zstd = zstd.ZstdCompressor()
         else:
             raise ValueError(f"unknown encoding {name}")
 
@@ -86,14 +86,14 @@ class Encoder:
             return self._zlib.compress(data) + self._zlib.flush(zlib.Z_SYNC_FLUSH)
         if self.name == "br":
             return bytes(self._br.process(data)) + bytes(self._br.flush())
-        return self._zstd.compress(data) + self._zstd.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+        return self._zstd.compress(data, zstd.ZstdCompressor.FLUSH_BLOCK)
 
     def end(self) -> bytes:
         if self.name in ("gzip", "deflate"):
             return self._zlib.flush()
         if self.name == "br":
             return bytes(self._br.finish())
-        return self._zstd.flush()
+        return self._zstd.flush(zstd.ZstdCompressor.FLUSH_FRAME)
 
 
 def wire_pieces(reply: Reply, encoding: str | None) -> list[bytes]:

@@ -9,11 +9,10 @@ import zlib
 
 import brotli
 import pytest
-import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from llmtap.parsers import RequestInfo, classify, parse_request, response_parser
-from llmtap.parsers.encoding import BodyDecoder, DecodeError, decode_all
+from llmtap.parsers.encoding import BodyDecoder, DecodeError, decode_all, zstd
 from llmtap.parsers.sse import (
     Event,
     FramingError,
@@ -180,7 +179,7 @@ ENCODERS = {
     "deflate": zlib.compress,
     "deflate-raw": _raw_deflate,
     "br": brotli.compress,
-    "zstd": lambda d: zstandard.ZstdCompressor().compress(d),
+    "zstd": zstd.compress,
 }
 
 
@@ -202,6 +201,14 @@ def test_multi_member_gzip_and_chained_encodings() -> None:
     assert decode_all(gzip.compress(b"ab") + gzip.compress(b"cd"), "gzip", 100) == b"abcd"
     assert decode_all(brotli.compress(gzip.compress(b"xyz")), "gzip, br", 100) == b"xyz"
     assert decode_all(b"plain", "identity", 100) == b"plain"
+
+
+def test_zstd_frames_back_to_back_with_a_skippable_frame() -> None:
+    skippable = (0x184D2A50).to_bytes(4, "little") + (3).to_bytes(4, "little") + b"xyz"
+    body = zstd.compress(b"ab") + skippable + zstd.compress(b"cd")
+    assert decode_chunks("zstd", [body[i : i + 3] for i in range(0, len(body), 3)]) == b"abcd"
+    with pytest.raises(DecodeError, match="truncated"):
+        decode_chunks("zstd", [body[:-2]])  # cut inside the second frame
 
 
 @pytest.mark.parametrize("name", list(ENCODERS))

@@ -1,18 +1,25 @@
 """Incremental, bomb-safe decoding of HTTP content-encodings (gzip, deflate, br, zstd).
 
-Every codec produces output in bounded pieces (zlib's max_length, brotli's output_buffer_limit,
-zstandard's stream_writer with a small write size), gzip, deflate and br lazily (each piece is made
-when the caller takes it, so memory holds one piece at a time), and the total a compressed body
-inflates to is capped: a bomb raises DecodeError long before memory runs out. A truncated body is
-a DecodeError at `finish()` for every codec (zstd's framing is followed to tell). Identity bodies
-are not capped here (they cannot inflate); the parsers bound what they hold themselves.
+Every codec produces output in bounded pieces (zlib's and zstd's max_length, brotli's
+output_buffer_limit), lazily: each piece is made when the caller takes it, so memory holds one
+piece at a time, and the total a compressed body inflates to is capped: a bomb raises DecodeError
+long before memory runs out. A truncated body is a DecodeError at `finish()` for every codec.
+Identity bodies are not capped here (they cannot inflate); the parsers bound what they hold.
 """
 
 from __future__ import annotations
 
+import sys
 import zlib
 from collections.abc import Iterable, Iterator
 from typing import Protocol
+
+import brotli
+
+if sys.version_info >= (3, 14):
+    from compression import zstd
+else:  # the backport mitmproxy itself uses before 3.14
+    from backports import zstd
 
 PIECE = 256 * 1024  # the most any codec hands over at once
 
@@ -124,9 +131,6 @@ class Zlib:
 
 class Brotli:
     def __init__(self, budget: Budget) -> None:
-        import brotli  # shipped with mitmproxy
-
-        self._error = brotli.error
         self._obj = brotli.Decompressor()
         self._budget = budget
         self._seen = False
@@ -139,25 +143,15 @@ class Brotli:
         while True:
             if piece:
                 yield self._budget.take(piece)
-            if self._can_accept():
+            if self._obj.can_accept_more_data():
                 return
             piece = self._process(b"")
 
     def _process(self, data: bytes) -> bytes:
         try:
-            return self._process_limited(data)
-        except self._error as exc:
-            raise DecodeError(f"corrupt br body: {exc}") from None
-
-    def _can_accept(self) -> bool:
-        can_accept = getattr(self._obj, "can_accept_more_data", None)  # brotli >= 1.2
-        return True if can_accept is None else bool(can_accept())
-
-    def _process_limited(self, data: bytes) -> bytes:
-        try:
             return bytes(self._obj.process(data, output_buffer_limit=PIECE))
-        except TypeError:  # brotli < 1.2 has no output limit; the budget still applies after
-            return bytes(self._obj.process(data))
+        except brotli.error as exc:
+            raise DecodeError(f"corrupt br body: {exc}") from None
 
     def finish(self) -> list[bytes]:
         if self._seen and not self._obj.is_finished():
@@ -166,103 +160,39 @@ class Brotli:
 
 
 class Zstd:
-    """zstandard's stream_writer pushes bounded pieces into a sink that enforces the budget."""
+    """zstd frames (skippable ones included) back to back: one decompressor per frame, each piece
+    bounded by max_length and made when the caller takes it, as for zlib."""
 
-    def __init__(self, budget: Budget) -> None:
-        import zstandard  # shipped with mitmproxy
-
-        self._sink = _Sink(budget)
-        self._frames = ZstdFrames()
-        self._error = zstandard.ZstdError
-        self._writer = zstandard.ZstdDecompressor().stream_writer(
-            self._sink,  # type: ignore[arg-type]  # any object with write() will do
-            write_size=PIECE,
-            write_return_read=True,
-        )
-
-    def decode(self, data: bytes) -> list[bytes]:
-        self._frames.feed(data)
-        try:
-            self._writer.write(data)
-        except self._error as exc:
-            raise DecodeError(f"corrupt zstd body: {exc}") from None
-        return self._sink.drain()
-
-    def finish(self) -> list[bytes]:
-        if not self._frames.complete:
-            raise DecodeError("truncated zstd body")
-        return []
-
-
-class ZstdFrames:
-    """Follows zstd's framing (RFC 8878: frame headers and block headers, not their content),
-    to tell a body that ended between frames from one cut inside a frame."""
-
-    MAGIC = 0xFD2FB528
-    SKIPPABLE = 0x184D2A50  # to 0x184D2A5F
-    _DID = (0, 1, 2, 4)
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self._skip = 0  # bytes to pass over before the next header
-        self._state = "magic"
-        self._checksum = False
-        self._frames = 0
-
-    @property
-    def complete(self) -> bool:
-        return self._state == "magic" and self._skip == 0 and not self._buf
-
-    def feed(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            if self._skip:
-                step = min(self._skip, len(view))
-                self._skip -= step
-                view = view[step:]
-                continue
-            need = {"magic": 4, "size": 4, "fhd": 1, "block": 3}[self._state]
-            take = min(need - len(self._buf), len(view))
-            self._buf += view[:take]
-            view = view[take:]
-            if len(self._buf) == need:
-                header = int.from_bytes(self._buf, "little")
-                self._buf.clear()
-                self._header(header)
-
-    def _header(self, value: int) -> None:
-        if self._state == "magic":
-            skippable = value & 0xFFFFFFF0 == self.SKIPPABLE
-            self._state = "size" if skippable else "fhd"  # a bad magic is the decoder's to report
-        elif self._state == "size":
-            self._skip, self._state = value, "magic"
-        elif self._state == "fhd":
-            single_segment = bool(value & 0x20)
-            fcs = (1 if single_segment else 0, 2, 4, 8)[value >> 6]
-            self._skip = (0 if single_segment else 1) + self._DID[value & 3] + fcs
-            self._checksum = bool(value & 0x04)
-            self._state = "block"
-        else:
-            last, kind, size = value & 1, (value >> 1) & 3, value >> 3
-            self._skip = 1 if kind == 1 else size  # RLE blocks carry one byte
-            if last:
-                self._skip += 4 if self._checksum else 0
-                self._state = "magic"
-                self._frames += 1
-
-
-class _Sink:
     def __init__(self, budget: Budget) -> None:
         self._budget = budget
-        self._pieces: list[bytes] = []
+        self._obj = zstd.ZstdDecompressor()
+        self._in_frame = False  # the current decompressor holds part of a frame
 
-    def write(self, data: bytes) -> int:
-        self._pieces.append(self._budget.take(bytes(data)))
-        return len(data)
+    def decode(self, data: bytes) -> Iterator[bytes]:
+        self._in_frame = self._in_frame or bool(data)
+        while True:
+            piece = self._inflate(data)
+            if piece:
+                yield self._budget.take(piece)
+            data = b""
+            if self._obj.eof:
+                data, self._obj = self._obj.unused_data, zstd.ZstdDecompressor()
+                self._in_frame = bool(data)
+                if not data:
+                    return
+            elif self._obj.needs_input:
+                return
 
-    def drain(self) -> list[bytes]:
-        pieces, self._pieces = self._pieces, []
-        return pieces
+    def _inflate(self, data: bytes) -> bytes:
+        try:
+            return self._obj.decompress(data, max_length=PIECE)
+        except zstd.ZstdError as exc:
+            raise DecodeError(f"corrupt zstd body: {exc}") from None
+
+    def finish(self) -> list[bytes]:
+        if self._in_frame:
+            raise DecodeError("truncated zstd body")
+        return []
 
 
 class BodyDecoder:
