@@ -8,7 +8,8 @@ for candidate in python3.12 python3 python3.13 python3.14; do
   path=$(command -v "$candidate" 2>/dev/null) || continue
   if ok "$path"; then echo "$path"; exit 0; fi
 done
-root=$(pyenv root 2>/dev/null || echo "${PYENV_ROOT:-$HOME/.pyenv}")
+home=${HOME:-$(getent passwd "$(id -u)" | cut -d: -f6)}
+root=$(pyenv root 2>/dev/null || echo "${PYENV_ROOT:-$home/.pyenv}")
 for path in $(ls -d "$root"/versions/3.1[2-9]*/bin/python3.1[2-9] 2>/dev/null | sort -V); do
   if ok "$path"; then echo "$path"; exit 0; fi
 done

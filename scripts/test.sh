@@ -19,11 +19,9 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   fi
 fi
 
-python=$(scripts/find-python.sh)
-if [ ! -x .venv/bin/python ]; then
-  "$python" -m venv .venv
-fi
-.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+scripts/venv-from-lock.sh .venv test --editable  # the locked product and test tools
+.venv/bin/uv lock --check --quiet   # uv.lock still matches pyproject.toml (scripts/lock.sh mends it)
+.venv/bin/deptry .                  # every import declared, every dependency used
 
 .venv/bin/ruff check .
 scripts/typecheck.sh .venv/bin/mypy

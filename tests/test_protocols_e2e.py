@@ -259,6 +259,9 @@ def test_gemini_streams_in_every_encoding_over_http1_and_http2(testbed, tap):
                 "{GEMINI}/gemini-2.5-flash:streamGenerateContent?alt=sse&t=gm-" + (encoding or "id"),
                 {{"contents": [], "systemInstruction": {{"parts": [{{"text": "Sei kurz."}}]}}}},
                 {{"x-fake-encoding": encoding}} if encoding else {{}}, http2=i % 2 == 1)
+            results["whole-" + (encoding or "identity")] = fetch(
+                "{GEMINI}/gemini-2.5-pro:generateContent?t=gw-" + (encoding or "id"), {{}},
+                {{"x-fake-encoding": encoding}} if encoding else {{}}, http2=i % 2 == 0)
         results["array"] = fetch("{GEMINI}/gemini-2.5-flash:streamGenerateContent?t=gm-array", {{}},
                                  http2=True)
         results["json"] = fetch("{GEMINI}/gemini-2.5-pro:generateContent?t=gm-json&key=AIzaFakeKey123",
@@ -277,6 +280,8 @@ def test_gemini_streams_in_every_encoding_over_http1_and_http2(testbed, tap):
         assert record["usage"] == usage(114, 368, read=4096, reasoning=320), encoding
         assert record["cost_usd"] == flash and record["error"] is None
         assert record["request"]["system_sha256"] == hashlib.sha256(b"Sei kurz.").hexdigest()
+        [whole] = records(tap, "gw-" + (encoding or "id"), 1)  # not streamed, same encoding
+        assert whole["usage"] == usage(1500, 120, reasoning=100) and whole["error"] is None, encoding
     assert {out[e]["http"] for e in ("identity", "gzip")} == {"HTTP/1.1", "HTTP/2"}
     assert body_of(out["array"]) == streams.gemini_stream_json()
     assert out["array"]["times"][-1] - out["array"]["times"][0] > 0.2  # a JSON stream, not held
