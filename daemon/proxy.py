@@ -13,28 +13,62 @@ from typing import Any
 from cryptography import x509
 from llmtap import addons
 from llmtap.addons.scope import allow_patterns
+from llmtap.parsers.classify import normalise_host
 from llmtap.platform.base import OriginalAddrLookup
-from mitmproxy import addonmanager, certs, exceptions, hooks, http, master, options
+from mitmproxy import addonmanager, certs, ctx, exceptions, hooks, http, master, options
 from mitmproxy.addons import core, disable_h2c, errorcheck, next_layer, proxyserver, tlsconfig
-from mitmproxy.proxy import context
+from mitmproxy.proxy import context, mode_specs
+from mitmproxy.proxy.layers import tls
+from mitmproxy.utils import human
 
+log = logging.getLogger(__name__)
 LOOPBACK_HOSTS = ("127.0.0.1", "::1")
 # Bodies larger than this are streamed through instead of held in memory.
 STREAM_LARGE_BODIES = "4m"
 
 
 class NameOnlyTlsConfig(tlsconfig.TlsConfig):
-    """Forged leaves carry the client's SNI and nothing else.
+    """Forged leaves only ever for a target's own name, carrying that name and nothing else.
 
     mitmproxy also adds the destination IP address; a CA name-constrained to the targets (with
     every IP excluded) makes clients reject such a leaf with "permitted subtree violation".
+    A client whose TLS names no target, or (explicit proxy) names another host than its CONNECT
+    did, gets no certificate at all: the handshake is refused with one log line.
     """
+
+    def tls_clienthello(self, tls_clienthello: tls.ClientHelloData) -> None:
+        super().tls_clienthello(tls_clienthello)
+        if leaf_refusal(tls_clienthello.context):
+            tls_clienthello.establish_server_tls_first = False  # nothing goes upstream either
+
+    def tls_start_client(self, tls_start: tls.TlsData) -> None:
+        reason = leaf_refusal(tls_start.context)
+        if reason:  # no ssl_conn: mitmproxy closes the connection
+            peer = human.format_address(tls_start.context.client.peername)
+            log.warning("refused TLS from %s: %s; no certificate issued", peer, reason)
+            return
+        super().tls_start_client(tls_start)
 
     def get_cert(self, conn_context: context.Context) -> certs.CertStoreEntry:
         sni = conn_context.client.sni
-        if not sni:  # never intercepted (scope passes SNI-less connections through); be safe
-            return super().get_cert(conn_context)
+        assert sni  # leaf_refusal turned away every connection without one
         return self.certstore.get_cert(sni, [x509.DNSName(sni)])
+
+
+def leaf_refusal(conn_context: context.Context) -> str | None:
+    """Why no leaf may be forged for this connection, or None."""
+    client, server = conn_context.client, conn_context.server
+    if not client.sni:
+        return "the client sent no server name (SNI)"
+    name = normalise_host(client.sni)
+    targets = getattr(ctx.options, "llmtap_targets", None)  # absent in the bare benchmark proxy
+    if targets is not None and name not in {t.lower() for t in targets}:
+        return f"{client.sni!r} is not a target"
+    if isinstance(client.proxy_mode, mode_specs.RegularMode) and server.address:
+        connect_host = normalise_host(str(server.address[0]))
+        if name != connect_host:
+            return f"the TLS server name {client.sni!r} is not the CONNECT host {connect_host!r}"
+    return None
 
 
 class CachedHooks(addonmanager.AddonManager):
@@ -157,6 +191,7 @@ class ProxySettings:
     # (macOS): the worker asks the supervisor through this.
     original_addr: OriginalAddrLookup | None = None
     explicit_listen: tuple[str, int] | None = None  # (ip, port) of the regular HTTP/CONNECT proxy
+    key_ports: tuple[int, ...] = (443,)  # the redirected ports: the only ones keys are added toward
 
 
 def transparent_modes(port: int, hosts: Iterable[str]) -> list[str]:
@@ -212,6 +247,7 @@ def build_master(settings: ProxySettings, with_pipeline: bool = True) -> master.
             llmtap_records_dir=str(settings.records_dir or ""),
             llmtap_state_dir=str(settings.state_dir or ""),
             llmtap_config_file=str(settings.config_file or ""),
+            llmtap_key_ports=[str(port) for port in settings.key_ports],
         )
     else:
         opts.update(allow_hosts=allow_patterns(settings.targets))

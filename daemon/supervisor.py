@@ -216,6 +216,7 @@ class Supervisor:
             pipeline=not self.bare,
             explicit_listen=config.explicit.address,
             original_addr=original_addr,
+            key_ports=config.redirect.ports,
         )
 
     def _plan(self, user: ServiceUser) -> RedirectPlan:

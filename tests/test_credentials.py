@@ -61,6 +61,8 @@ def flow_to(host: str, path: str = "/v1/messages", headers: dict[str, str] | Non
     flow = tflow.tflow(req=request)
     flow.client_conn.sni = host
     flow.client_conn.alpn = b"h2" if http2 else b"http/1.1"
+    flow.client_conn.tls = flow.server_conn.tls = True  # as in transparent mode, TLS both ways
+    flow.server_conn.address, flow.server_conn.sni = (host, 443), None
     return flow
 
 
@@ -162,6 +164,75 @@ def test_sni_and_host_must_both_be_bound(addon):
     flow.client_conn.sni = "api.openai.com"
     credentials.requestheaders(flow)
     assert flow.response is not None and flow.response.status_code == 403
+
+
+def plain_http(flow: http.HTTPFlow) -> None:
+    flow.request.scheme = "http"
+    flow.client_conn.tls = flow.server_conn.tls = False
+
+
+def other_server_sni(flow: http.HTTPFlow) -> None:
+    flow.server_conn.sni = "evil.example"  # the connection's certificate is verified for this
+
+
+def rerouted(flow: http.HTTPFlow) -> None:
+    flow.request.data.host = "10.9.9.9"  # Host header kept: a new connection, verified for the IP
+
+
+def other_port(flow: http.HTTPFlow) -> None:
+    flow.request.data.port = 8443
+    flow.server_conn.address = ("api.anthropic.com", 8443)
+
+
+def insecure(flow: http.HTTPFlow) -> None:
+    ctx.options.ssl_insecure = True
+
+
+@pytest.mark.parametrize(("attack", "reason"), [
+    (plain_http, "only added over HTTPS"),
+    (other_server_sni, "TLS connection verified for api.anthropic.com"),
+    (rerouted, "TLS connection verified for api.anthropic.com"),
+    (other_port, "redirected ports (443), not 8443"),
+    (insecure, "TLS connection verified for api.anthropic.com"),
+])
+def test_a_key_is_added_only_over_tls_verified_for_a_bound_host(addon, attack, reason, caplog):
+    credentials, ph, _ = addon
+    flow = flow_to("api.anthropic.com", headers={"x-api-key": ph["anthropic"]})
+    attack(flow)
+    with caplog.at_level(logging.WARNING):
+        credentials.requestheaders(flow)
+    assert flow.request.headers["x-api-key"] == ph["anthropic"]  # never replaced
+    assert flow.response is not None and flow.response.status_code == 403
+    assert reason in (flow.response.content or b"").decode()
+    assert reason in fields(flow)["error"] and ANTHROPIC not in caplog.text
+
+
+@pytest.mark.parametrize("attack", [plain_http, other_server_sni, other_port])
+def test_when_absent_adds_nothing_off_verified_tls(tmp_path, attack):
+    write_secrets(tmp_path, ("claude", ("api.anthropic.com",), "x-api-key", True, ANTHROPIC))
+    addon = Credentials()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, llmtap_state_dir=str(tmp_path))
+        flow = flow_to("api.anthropic.com")
+        attack(flow)
+        addon.requestheaders(flow)
+        assert "x-api-key" not in flow.request.headers and flow.response is None
+
+
+def test_a_real_key_sent_by_a_client_in_plain_http_is_stopped(addon):
+    credentials, _, _ = addon
+    flow = flow_to("api.anthropic.com", headers={"x-api-key": ANTHROPIC})
+    plain_http(flow)
+    credentials.requestheaders(flow)
+    assert flow.response is not None and flow.response.status_code == 403
+
+
+def test_the_block_names_the_host_that_is_not_bound(addon):
+    credentials, ph, _ = addon
+    flow = flow_to("api.anthropic.com", headers={"x-api-key": ph["anthropic"]})
+    flow.client_conn.sni = "api.openai.com"
+    credentials.requestheaders(flow)
+    assert "may only be sent to api.anthropic.com, not api.openai.com" in fields(flow)["error"]
 
 
 def test_when_absent_adds_the_key_only_when_the_client_sends_none(tmp_path):

@@ -12,9 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from llmtap import dlp
 from llmtap.addons import dlp as dlp_addon
-from llmtap.addons.dlp import Dlp, DlpStreams, block_response, chain
+from llmtap.addons.dlp import Dlp, DlpStreams, chain
 from llmtap.addons.filters import Filters
 from llmtap.addons.recorder import fields
+from llmtap.addons.replies import refusal
 from llmtap.config import load_config
 from llmtap.dlp import BUILTIN, Detector, Scanner, StreamRedactor, card_number, escape_safe
 from llmtap.errors import UsageError
@@ -252,7 +253,7 @@ def test_chain_keeps_the_end_signal_for_the_end() -> None:
 @pytest.mark.parametrize(("provider", "path"), [
     ("anthropic", ("error", "type")), ("openai", ("error", "type")), ("google", ("error", "status"))])
 def test_block_responses_are_provider_shaped(provider: str, path: tuple[str, str]) -> None:
-    response = block_response(provider, "no")
+    response = refusal(provider, 403, "no", "llmtap_dlp_blocked", "dlp")
     body = json.loads(response.content or b"")
     assert response.status_code == 403
     assert body[path[0]][path[1]] in ("permission_error", "PERMISSION_DENIED")

@@ -17,16 +17,17 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote
 
 from llmtap import secrets_store as store
 from llmtap.addons.recorder import fields
+from llmtap.addons.replies import refusal
 from llmtap.errors import LlmtapError
 from llmtap.parsers.classify import host_provider, normalise_host
-from mitmproxy import ctx, http
+from mitmproxy import ctx, exceptions, http
 
 log = logging.getLogger(__name__)
 
@@ -175,19 +176,23 @@ def destinations(flow: http.HTTPFlow) -> set[str]:
     return hosts
 
 
-def blocked_response(host: str, message: str) -> http.Response:
-    """A 403 in the shape the destination's own SDKs parse, so tools show the reason."""
-    provider = host_provider(host)
-    body: dict[str, object]
-    if provider == "anthropic":
-        body = {"type": "error", "error": {"type": "permission_error", "message": message}}
-    elif provider == "google":
-        body = {"error": {"code": 403, "message": message, "status": "PERMISSION_DENIED"}}
-    else:  # OpenAI's shape, which the other providers' compatible APIs share
-        body = {"error": {"message": message, "type": "invalid_request_error", "param": None,
-                          "code": "llmtap_credential_blocked"}}
-    return http.Response.make(403, json.dumps(body), {"content-type": "application/json",
-                                                      "x-llmtap-blocked": "credentials"})
+def verified_tls_name(flow: http.HTTPFlow) -> str | None:
+    """The name the upstream certificate of this request's connection is verified for, or None
+    when the request does not travel over TLS on both legs.
+
+    mitmproxy picks the request's server connection by (host, port, TLS) once the request hooks
+    have run: the context's own connection when those match it, whose SNI is the client's (or
+    one already set), else a new one whose SNI is the request's host. Upstream certificates are
+    always verified against that SNI (ssl_insecure is never set; checked here all the same).
+    """
+    request, server = flow.request, flow.server_conn
+    if request.scheme != "https" or not flow.client_conn.tls or ctx.options.ssl_insecure:
+        return None
+    if server.address is not None and tuple(server.address[:2]) == (request.host, request.port):
+        name = server.sni or flow.client_conn.sni
+    else:
+        name = request.host
+    return normalise_host(name) if name else None
 
 
 # --- scrubbing what comes back ---
@@ -298,11 +303,19 @@ class Credentials:
         self._store_file = ""
         self._retired: dict[str, Entry] = {}
         self._reported: set[str] = set()
+        self.key_ports: frozenset[int] = frozenset({443})
 
     def load(self, loader) -> None:  # type: ignore[no-untyped-def]
         loader.add_option("llmtap_state_dir", str, "", "llmtap's state directory.")
+        loader.add_option("llmtap_key_ports", Sequence[str], ["443"],
+                          "The only upstream ports real keys are added toward (the redirected ones).")
 
     def configure(self, updated: set[str]) -> None:
+        if "llmtap_key_ports" in updated:
+            try:
+                self.key_ports = frozenset(int(p) for p in ctx.options.llmtap_key_ports)
+            except ValueError:
+                raise exceptions.OptionsError("llmtap_key_ports: not a list of port numbers") from None
         if "llmtap_state_dir" not in updated:
             return
         state_dir = ctx.options.llmtap_state_dir
@@ -389,26 +402,44 @@ class Credentials:
         sent = False
         for where, token in found:
             if entry := self.table.by_placeholder.get(token):
-                if not entry.allows(hosts):
-                    return self._block(flow, entry, hosts, "unbound")
-                if entry.value is None:
-                    return self._block(flow, entry, hosts, "unresolved")
+                if why := self._refusal(flow, entry, hosts):
+                    return self._block(flow, entry, hosts, why)
                 inject[token] = entry
             elif entry := self.table.by_value.get(token):
                 self._flag(flow, entry, hosts, where)
-                if not entry.allows(hosts):
-                    return self._block(flow, entry, hosts, "real key")
+                if why := self._refusal(flow, entry, hosts):  # it must not leave unprotected either
+                    return self._block(flow, entry, hosts, "real key" if why == "unbound" else why)
                 sent = True
-        absent = None if found else self._absent(hosts)
+        absent = None if found else self._absent(flow, hosts)
         if inject or absent:
             self._inject(flow, inject, absent)
         elif sent:
             flow.metadata[STATE] = FlowState()
 
-    def _absent(self, hosts: set[str]) -> Entry | None:
+    def _refusal(self, flow: http.HTTPFlow, entry: Entry, hosts: set[str]) -> str | None:
+        """Why the real key of `entry` must not be added to this request, or None.
+
+        The one rule: only on a request bound for a host the secret is bound to (Host and SNI),
+        over TLS on both legs, to a redirected port, on an upstream connection whose certificate
+        is verified for one of the secret's hosts.
+        """
+        if not entry.allows(hosts):
+            return "unbound"
+        if flow.request.scheme != "https" or not flow.client_conn.tls:
+            return "plain http"
+        if flow.request.port not in self.key_ports:
+            return "port"
+        name = verified_tls_name(flow)
+        if name is None or name not in entry.hosts:
+            return "unverified"
+        if entry.value is None:
+            return "unresolved"
+        return None
+
+    def _absent(self, flow: http.HTTPFlow, hosts: set[str]) -> Entry | None:
         """The secret to add to a request that carries no credential, if one is set up for it."""
         entry = next((self.table.absent[h] for h in hosts if h in self.table.absent), None)
-        return entry if entry and entry.allows(hosts) else None
+        return entry if entry and self._refusal(flow, entry, hosts) is None else None
 
     def _inject(self, flow: http.HTTPFlow, inject: dict[str, Entry], absent: Entry | None) -> None:
         request = flow.request
@@ -428,17 +459,26 @@ class Credentials:
 
     def _block(self, flow: http.HTTPFlow, entry: Entry, hosts: set[str], why: str) -> None:
         host = normalise_host(flow.request.pretty_host)
+        wrong = ", ".join(sorted(hosts - entry.hosts)) or host  # the name that is not bound
         allowed = ", ".join(sorted(entry.hosts))
         message = {
             "unbound": f"llmtap blocked this request: the placeholder of secret {entry.name!r} may "
-                       f"only be sent to {allowed}, not {host}",
+                       f"only be sent to {allowed}, not {wrong}",
+            "plain http": f"llmtap blocked this request: secret {entry.name!r} is only added over "
+                          f"HTTPS, and this request is plain HTTP",
+            "port": f"llmtap blocked this request: secret {entry.name!r} is only added on the "
+                    f"redirected ports ({', '.join(map(str, sorted(self.key_ports)))}), not "
+                    f"{flow.request.port}",
+            "unverified": f"llmtap blocked this request: secret {entry.name!r} is only added on a "
+                          f"TLS connection verified for {allowed}",
             "unresolved": f"llmtap blocked this request: secret {entry.name!r} has no value "
                           f"({entry.problem})",
             "real key": f"llmtap blocked this request: the real key of secret {entry.name!r} may "
-                        f"only be sent to {allowed}, not {host}",
+                        f"only be sent to {allowed}, not {wrong}",
         }[why]
         flow.request.stream = False  # a response and a streamed request cannot go together
-        flow.response = blocked_response(host, message)
+        flow.response = refusal(host_provider(host), 403, message, "llmtap_credential_blocked",
+                                "credentials")
         record = fields(flow)
         record["credential"] = entry.name
         record["error"] = message

@@ -14,7 +14,6 @@ blocked body is redacted in full, an alerted one once it has left.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -23,6 +22,7 @@ from typing import Any
 
 from llmtap.addons.filters import load_body
 from llmtap.addons.recorder import addon_config, fields
+from llmtap.addons.replies import refusal
 from llmtap.dlp import Finding, Scanner, StreamRedactor, detectors_from_config, redact_text
 from llmtap.parsers.classify import classify
 from llmtap.rules import Body, Protected
@@ -32,20 +32,6 @@ from mitmproxy import ctx, http
 log = logging.getLogger(__name__)
 
 STREAMED = "body (streamed)"
-
-
-def block_response(provider: str, message: str) -> http.Response:
-    """A 403 each provider's SDK understands as "permission denied"."""
-    error: dict[str, Any]
-    if provider == "anthropic":
-        error = {"type": "error", "error": {"type": "permission_error", "message": message}}
-    elif provider == "google":
-        error = {"error": {"code": 403, "message": message, "status": "PERMISSION_DENIED"}}
-    else:  # OpenAI, and the OpenAI-compatible APIs of every other target
-        error = {"error": {"message": message, "type": "permission_error", "param": None,
-                           "code": "llmtap_dlp_blocked"}}
-    return http.Response.make(403, json.dumps(error).encode(),
-                              {"content-type": "application/json", "x-llmtap-blocked": "dlp"})
 
 
 def summarize(findings: Iterable[Finding], where: Callable[[Finding], str]) -> list[dict[str, Any]]:
@@ -162,8 +148,8 @@ class Dlp:
         provider, _ = classify(request.pretty_host, request.method, request.path)
         message = (f"llmtap blocked this request: it contains a secret ({'; '.join(what)}). "
                    "Remove it and try again.")
-        flow.response = block_response(provider, message)
-        fields(flow)["error"] = "blocked by DLP"
+        flow.response = refusal(provider, 403, message, "llmtap_dlp_blocked", "dlp")
+        fields(flow)["error"] = message
 
     def _streamed(self, flow: http.HTTPFlow) -> None:
         state = self.streams.get(flow.id)

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from llmtap.addons.live import PARSER as LIVE_PARSER
-from llmtap.addons.recorder import RECORD_FIELDS, STREAM_FLAG, SYSTEM_PROMPT, fields
+from llmtap.addons.recorder import BLOCKED_HEADER, RECORD_FIELDS, STREAM_FLAG, SYSTEM_PROMPT, fields
 from llmtap.parsers import (
     Limits,
     RequestInfo,
@@ -180,6 +180,16 @@ def complete(parser: ResponseParser, info: RequestInfo) -> bool:
     return parser.finished and parser.error is None and parser.events > 0 and info.api != "unknown"
 
 
+def blocked_reason(flow: http.HTTPFlow) -> str | None:
+    """The reason a stage gave for a response llmtap made itself (a block), which the parser
+    would only report as "http 403"."""
+    response = flow.response
+    if response is None or BLOCKED_HEADER not in response.headers:
+        return None
+    reason = fields(flow).get("error")
+    return reason if isinstance(reason, str) else None
+
+
 def join_errors(*errors: str | None) -> str | None:
     found = [e for e in errors if e]
     return "; ".join(dict.fromkeys(found)) or None
@@ -326,7 +336,8 @@ class Protocols:
             # SDKs hang up as soon as they see the stream's last event: not a failed exchange.
             notes.append(f"{flow_error} (after the complete response)")
             flow_error = None
-        result["error"] = join_errors(flow_error, result["error"], exchange.info.error)
+        result["error"] = blocked_reason(flow) or join_errors(flow_error, result["error"],
+                                                              exchange.info.error)
         if notes:
             result["notes"] = notes
         if exchange.websocket is not None:

@@ -73,6 +73,9 @@ def rfc3339(timestamp: float | None) -> str | None:
 
 
 RECORD_FIELDS = "llmtap.record"
+# On a response a stage made itself instead of relaying it (a block): which stage. The stage's
+# reason, not the status, is then the record's error.
+BLOCKED_HEADER = "x-llmtap-blocked"
 
 
 def fields(flow: http.HTTPFlow) -> dict[str, Any]:

@@ -1,0 +1,169 @@
+"""Attacks on the keys, end to end: each one a local process trying to make llmtap send a real key
+somewhere an attacker listens. The listener (tests/sniffer.py) sits in the upstream namespace on
+an address of its own and keeps every byte it receives; no real key may ever be among them.
+
+The one rule under test: a real key is added only to a request on TLS whose upstream certificate
+is verified for a host the key is bound to, on a redirected port.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trustme
+from test_credentials_e2e import assert_no_real_key_anywhere, real_key, set_secret
+from testbed import TESTS_DIR, Daemon, Testbed
+
+pytestmark = pytest.mark.root
+
+ANTHROPIC_HOST = "api.anthropic.com"
+
+
+@dataclass
+class Sniffer:
+    address: str
+    log: Path
+    proc: subprocess.Popen[bytes]
+
+    def received(self) -> bytes:
+        return self.log.read_bytes()
+
+
+@pytest.fixture
+def sniffer(testbed: Testbed) -> Iterator[Callable[..., Sniffer]]:
+    """sniffer(tls=False): a listener on 443 of a new address in the upstream namespace."""
+    started: list[Sniffer] = []
+
+    def start(tls: bool = False, last_octet: int = 4) -> Sniffer:
+        address = f"10.77.{testbed.subnet}.{last_octet}"
+        testbed.ns_exec(testbed.upstream_ns, "ip", "addr", "replace", f"{address}/24",
+                        "dev", f"{testbed.tag}u")
+        log = testbed.workdir / f"sniffer-{last_octet}.bin"
+        log.touch()
+        args = ["--bind", f"{address}:443", "--log", str(log)]
+        if tls:  # a certificate from a CA nobody trusts: only an unverified client would go on
+            cert = trustme.CA().issue_cert(ANTHROPIC_HOST)
+            pem = testbed.workdir / f"sniffer-{last_octet}.pem"
+            cert.private_key_and_cert_chain_pem.write_to_path(str(pem))
+            args += ["--cert", str(pem)]
+        proc = subprocess.Popen(["ip", "netns", "exec", testbed.upstream_ns, sys.executable,
+                                 str(TESTS_DIR / "sniffer.py"), *args])
+        sniffer = Sniffer(address, log, proc)
+        started.append(sniffer)
+        _wait_listening(testbed, address)
+        return sniffer
+
+    try:
+        yield start
+    finally:
+        for each in started:
+            each.proc.terminate()
+            each.proc.wait(timeout=5)
+            testbed.ns_exec(testbed.upstream_ns, "ip", "addr", "del", f"{each.address}/24",
+                            "dev", f"{testbed.tag}u", check=False)
+
+
+def _wait_listening(testbed: Testbed, address: str) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        probe = testbed.ns_exec(testbed.upstream_ns, "ss", "-Hltn", f"src {address}:443")
+        if probe.stdout.strip():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"sniffer on {address} did not start")
+
+
+def curl(testbed: Testbed, *args: str) -> tuple[int, str]:
+    """(HTTP status, body) of one curl run in the client namespace, no proxy variables."""
+    out = testbed.client("curl", "-sS", "--max-time", "15", "-o", "-", "-w", "\n%{http_code}",
+                         *args, check=False).stdout
+    body, _, status = out.rpartition("\n")
+    return int(status or 0), body
+
+
+def record_with_error(daemon: Daemon, needle: str) -> dict[str, object]:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for record in daemon.records():
+            if needle in (record.get("error") or ""):
+                return record
+        time.sleep(0.2)
+    raise AssertionError(f"no record with error {needle!r}: {[r.get('error') for r in daemon.records()]}")
+
+
+def test_plain_http_to_a_target_address_never_carries_a_key(testbed, llmtap, sniffer):
+    spy = sniffer()
+    # The attacker's address is one of the target's: the redirect sends it to the proxy.
+    hosts = Path("/etc/netns") / testbed.client_ns / "hosts"
+    hosts.write_text(hosts.read_text() + f"{spy.address} {ANTHROPIC_HOST}\n")
+    daemon = llmtap()
+    key = real_key("sk-ant-api03-")
+    placeholder = set_secret(daemon, "anthropic", key, "--host", ANTHROPIC_HOST, "--header", "x-api-key")
+    status, body = curl(testbed, f"http://{spy.address}:443/v1/messages", "-H", f"host: {ANTHROPIC_HOST}",
+                        "-H", f"x-api-key: {placeholder}", "-d", "{}")
+    assert status == 403 and "only added over HTTPS" in body, body
+    assert key.encode() not in spy.received()
+    record = record_with_error(daemon, "plain HTTP")
+    assert record["credential"] == "anthropic" and record["status"] == 403
+    assert_no_real_key_anywhere(daemon, key)
+
+
+def test_scope_all_sends_no_key_to_another_address_in_clear_or_unverified_tls(testbed, llmtap, sniffer):
+    clear, tls = sniffer(), sniffer(tls=True, last_octet=5)
+    daemon = llmtap(scope="all")
+    key = real_key("sk-ant-api03-")
+    placeholder = set_secret(daemon, "anthropic", key, "--host", ANTHROPIC_HOST, "--header", "x-api-key")
+    status, body = curl(testbed, f"http://{clear.address}:443/v1/messages", "-H", f"host: {ANTHROPIC_HOST}",
+                        "-H", f"x-api-key: {placeholder}", "-d", "{}")
+    assert status == 403 and "only added over HTTPS" in body
+    # TLS naming the target, to an address whose certificate no root vouches for.
+    status, body = curl(testbed, f"https://{ANTHROPIC_HOST}/v1/messages", "--cacert", str(daemon.ca_pem),
+                        "--resolve", f"{ANTHROPIC_HOST}:443:{tls.address}",
+                        "-H", f"x-api-key: {placeholder}", "-d", "{}")
+    assert status == 502, body  # the proxy refused the upstream's certificate
+    for spy in (clear, tls):
+        assert key.encode() not in spy.received() and b"x-api-key" not in spy.received()
+    assert_no_real_key_anywhere(daemon, key)
+
+
+EXPLICIT = '[explicit]\nlisten = "127.0.0.1:8890"\n'
+
+
+def test_explicit_listener_adds_no_key_to_absolute_form_plain_http(testbed, llmtap, sniffer):
+    spy = sniffer()
+    daemon = llmtap(extra_toml=EXPLICIT)
+    key = real_key("sk-ant-api03-")
+    placeholder = set_secret(daemon, "anthropic", key, "--host", ANTHROPIC_HOST, "--header", "x-api-key")
+    status, body = curl(testbed, "-x", "http://127.0.0.1:8890", f"http://{spy.address}:443/v1/messages",
+                        "-H", f"host: {ANTHROPIC_HOST}", "-H", f"x-api-key: {placeholder}", "-d", "{}")
+    assert status == 403 and "only added over HTTPS" in body, body
+    assert key.encode() not in spy.received()
+    assert_no_real_key_anywhere(daemon, key)
+
+
+def s_client(testbed: Testbed, daemon: Daemon, *args: str) -> str:
+    done = testbed.client("openssl", "s_client", "-proxy", "127.0.0.1:8890", "-connect",
+                          f"{ANTHROPIC_HOST}:443", "-CAfile", str(daemon.ca_pem), *args,
+                          input="", check=False, timeout=20)
+    return done.stdout + done.stderr
+
+
+def test_explicit_listener_issues_leaves_only_for_the_connect_host(testbed, llmtap):
+    daemon = llmtap(extra_toml=EXPLICIT)
+    good = s_client(testbed, daemon, "-servername", ANTHROPIC_HOST)
+    assert f"subject=CN = {ANTHROPIC_HOST}" in good or f"CN={ANTHROPIC_HOST}" in good, good
+    for attempt in (("-servername", "www.google.com"), ("-servername", "bank.example"),
+                    ("-noservername",), ("-servername", "api.openai.com")):
+        out = s_client(testbed, daemon, *attempt)
+        assert "no peer certificate available" in out, (attempt, out)
+    log = daemon.stderr()
+    assert "is not the CONNECT host 'api.anthropic.com'" in log
+    assert "sent no server name" in log and "Traceback" not in log
+    assert json.dumps(daemon.status())  # still running and answering
