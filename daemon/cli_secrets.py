@@ -90,7 +90,10 @@ def set_secret(
         "(default: the provider's usual header)."),
     when_absent: bool | None = typer.Option(
         None, "--when-absent/--not-when-absent",
-        help="Add the key to requests that carry no credential at all."),
+        help="Add the key to requests that carry no credential at all (needs --for-user)."),
+    for_user: list[str] | None = typer.Option(
+        None, "--for-user", help="With --when-absent: a local user whose requests get the key "
+        "(repeatable; checked against the process that made the request)."),
     replace: bool = typer.Option(
         False, "--replace", help="Rotate an existing secret's value, keeping its placeholder."),
     config: str | None = ConfigOption,
@@ -103,10 +106,12 @@ def set_secret(
     chosen_header = store.check_header(header, hosts) if header else None
     owner = service_owner(settings, create=True)
     require_writer(owner, "llmtap secrets set")
+    if when_absent and not replace:  # before asking for the value
+        store.check_for_users(for_user or [], True)
     value = read_value(name)
     paths = store.StorePaths.under(settings.state_dir)
     store.ensure_directory(paths, owner.uid, owner.gid)
-    with store.locked(paths, owner.uid, owner.gid):
+    with store.locked(paths):
         store.check_permissions(paths, owner.uid, owner.name)
         items = store.read_store(paths)
         previous = next((s for s in items if s.name == name), None)
@@ -117,17 +122,20 @@ def set_secret(
             raise UsageError("--host is required: name the host(s) this key may be sent to")
         if clash := next((s.name for s in items if s.placeholder == value), None):
             raise UsageError(f"that is the placeholder of secret {clash!r}, not a real key")
+        absent = bool(when_absent if when_absent is not None else previous and previous.when_absent)
+        users = for_user if for_user is not None else list(previous.for_users if previous else ())
         secret = store.new_secret(
             name,
             hosts or (previous.hosts if previous else ()),
             chosen_header or (previous.header if previous else store.check_header(None, hosts)),
-            bool(when_absent if when_absent is not None else previous and previous.when_absent),
+            absent,
             value,
-            store.ensure_key(paths, owner.uid, owner.gid),
+            store.ensure_key(paths, owner.gid),
             previous,
+            store.check_for_users(users, absent),
         )
         items = [secret if s.name == name else s for s in items] if previous else [*items, secret]
-        store.write_store(paths, items, owner.uid, owner.gid)
+        store.write_store(paths, items, owner.gid)
     _warn_non_targets(settings, secret.hosts)
     verb = "rotated" if previous else "stored"
     typer.echo(f"{verb} secret {name!r} for {', '.join(secret.hosts)} (header {secret.header})")
@@ -158,7 +166,8 @@ def list_secrets(
     if not rows:
         typer.echo("no secrets (add one: sudo llmtap secrets set NAME --host HOST < keyfile)")
     for row in rows:
-        absent = " (added when the client sends none)" if row["when_absent"] else ""
+        absent = (f" (added when the client sends none, for users: {', '.join(row['for_users'])})"
+                  if row["when_absent"] else "")
         typer.echo(f"{row['name']}\n  hosts:       {', '.join(row['hosts'])}\n"
                    f"  header:      {row['header']}{absent}\n  placeholder: {row['placeholder']}\n"
                    f"  key:         {row['key']}\n  created:     {row['created_at']}"
@@ -174,7 +183,8 @@ def _row(paths: store.StorePaths, secret: store.Secret, key: bytes | None,
     else:
         shown = "(store.key missing)"
     return {"name": secret.name, "hosts": list(secret.hosts), "header": secret.header,
-            "when_absent": secret.when_absent, "placeholder": secret.placeholder, "key": shown,
+            "when_absent": secret.when_absent, "for_users": list(secret.for_users),
+            "placeholder": secret.placeholder, "key": shown,
             "created_at": secret.created_at, "updated_at": secret.updated_at,
             "last_used": usage.get(secret.id)}
 
@@ -190,12 +200,12 @@ def remove_secret(
     if owner is None:
         raise UsageError(f"no secret named {name!r} (see `llmtap secrets list`)")
     require_writer(owner, "llmtap secrets rm")
-    with store.locked(paths, owner.uid, owner.gid):
+    with store.locked(paths):
         store.check_permissions(paths, owner.uid, owner.name)
         items = store.read_store(paths)
         if not any(s.name == name for s in items):
             raise UsageError(f"no secret named {name!r} (see `llmtap secrets list`)")
-        store.write_store(paths, [s for s in items if s.name != name], owner.uid, owner.gid)
+        store.write_store(paths, [s for s in items if s.name != name], owner.gid)
     typer.echo(f"removed secret {name!r}")
 
 

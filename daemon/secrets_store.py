@@ -1,16 +1,18 @@
-"""The secret store: real API keys at rest under `state_dir/secrets/`, for the service user only.
+"""The secret store: real API keys at rest under `state_dir/secrets/`, written by root only.
 
-    state_dir/secrets/          0700, owned by the service user (the worker reads it)
-        secrets.json            0600: names, hosts, placeholders, sealed values or references
-        store.key               0600: the AES-GCM key that seals the values in secrets.json
-        usage.json              0600: last-used times, written by the worker (never by root)
+    state_dir/secrets/          0750, root and the service user's group (the worker reads it)
+        secrets.json            0640: names, hosts, placeholders, sealed values or references
+        store.key               0640: the AES-GCM key that seals the values in secrets.json
         .lock                   serialises the CLI's read-modify-write
+    state_dir/secrets-usage.json  last-used times, written by the worker (never by root)
 
 Values are sealed so that the plain key is in no file (a grep of the state dir, a backup of
 secrets.json alone or a pasted bug report does not reveal it); anyone who can read both files can
 unseal them, so the real protection is the ownership and modes, which are checked on every read.
 A value may instead be a reference (`env:VAR`, `file:PATH`, `keyring:SERVICE/USER`) that the
 daemon resolves when it starts, in the root supervisor, before the worker drops its privileges.
+Root resolves references only from a store that nobody but root can write: a store the service
+user could write would let it make root read any file and inject it (resolve_at_start).
 """
 
 from __future__ import annotations
@@ -124,10 +126,11 @@ class Secret:
     updated_at: str
     sealed: str | None = None  # base64(nonce + AES-GCM ciphertext) of a literal value
     ref: str | None = None  # env:VAR | file:PATH | keyring:SERVICE/USER, resolved at start
+    for_users: tuple[str, ...] = ()  # when_absent: the local users whose requests get the key
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> Secret:
-        return cls(**{**raw, "hosts": tuple(raw["hosts"])})
+        return cls(**{**raw, "hosts": tuple(raw["hosts"]), "for_users": tuple(raw.get("for_users", ()))})
 
 
 def now() -> str:
@@ -157,6 +160,21 @@ def check_header(header: str | None, hosts: tuple[str, ...]) -> str:
     if header.lower() not in HEADERS:
         raise UsageError(f"--header must be one of {', '.join(HEADERS)}, not {header!r}")
     return header.lower()
+
+
+def check_for_users(users: list[str], when_absent: bool) -> tuple[str, ...]:
+    """--when-absent adds a key to requests that carry none, from whoever sends them: on a shared
+    machine that must be scoped to the local users it serves."""
+    cleaned = tuple(dict.fromkeys(u.strip() for u in users if u.strip()))
+    if when_absent and not cleaned:
+        raise UsageError("--when-absent needs --for-user USER (repeatable): the local users whose "
+                         "requests get the key added")
+    if cleaned and not when_absent:
+        raise UsageError("--for-user goes with --when-absent")
+    for user in cleaned:
+        if not NAME_RE.match(user):
+            raise UsageError(f"--for-user {user!r} is not a user name")
+    return cleaned
 
 
 def check_value(value: str) -> str:
@@ -208,8 +226,8 @@ class StorePaths:
         return self.directory / "store.key"
 
     @property
-    def usage(self) -> Path:
-        return self.directory / "usage.json"
+    def usage(self) -> Path:  # beside the store: the worker cannot write in its directory
+        return self.directory.parent / "secrets-usage.json"
 
     @property
     def lock(self) -> Path:
@@ -217,7 +235,7 @@ class StorePaths:
 
 
 def check_own_store(paths: StorePaths) -> None:
-    """check_permissions for the process that owns the store (the daemon, on any platform)."""
+    """check_permissions for the process that reads the store (the daemon, on any platform)."""
     if not POSIX_OWNERS:
         check_permissions(paths, -1, "")
         return
@@ -230,10 +248,16 @@ def check_own_store(paths: StorePaths) -> None:
     check_permissions(paths, os.getuid(), name)
 
 
-def check_permissions(paths: StorePaths, owner_uid: int, owner_name: str) -> None:
-    """Refuses (exit 2) a store anyone but the service user could read, naming the fix. On
-    Windows only links are refused: the directory's ACL is the guard (ensure_directory)."""
-    for path, mode in ((paths.directory, 0o700), (paths.store, 0o600), (paths.key, 0o600)):
+FILE_MODE, DIR_MODE = 0o640, 0o750
+GROUP_OTHER_WRITE_OR_OTHER = 0o027  # no bit of these may be set on the store or its directory
+
+
+def check_permissions(paths: StorePaths, service_uid: int, service_name: str) -> None:
+    """Refuses (exit 2) a store that anyone but root and the service user could read, or anyone
+    but its owner could write, naming the fix. The owner is root (what `sudo llmtap secrets`
+    writes) or the service user itself. On Windows only links are refused: the directory's ACL
+    is the guard (ensure_directory)."""
+    for path, mode in ((paths.directory, DIR_MODE), (paths.store, FILE_MODE), (paths.key, FILE_MODE)):
         try:
             info = os.lstat(path)
         except FileNotFoundError:
@@ -245,20 +269,22 @@ def check_permissions(paths: StorePaths, owner_uid: int, owner_name: str) -> Non
         if not POSIX_OWNERS:
             continue
         wrong = []
-        if info.st_uid != owner_uid:
+        if info.st_uid not in (0, service_uid):
             wrong.append(f"owned by uid {info.st_uid}")
-        if stat.S_IMODE(info.st_mode) & 0o077:
+        if stat.S_IMODE(info.st_mode) & GROUP_OTHER_WRITE_OR_OTHER:
             wrong.append(f"mode {stat.S_IMODE(info.st_mode):04o}")
         if wrong:
             raise UsageError(
-                f"refusing the secret store: {path} is {' and '.join(wrong)} (must be {owner_name}, "
-                f"{mode:04o}); fix: sudo chown {owner_name}: {path} && sudo chmod {mode:o} {path}"
+                f"refusing the secret store: {path} is {' and '.join(wrong)} (must be root's, group "
+                f"{service_name}, {mode:04o}); fix: sudo chown root:{service_name} {path} && "
+                f"sudo chmod {mode:o} {path}"
             )
 
 
 def ensure_directory(paths: StorePaths, uid: int, gid: int,
                      restrict: Callable[[Path], None] | None = None) -> None:
-    """POSIX: owned by the service user, 0700. Windows: for Administrators and SYSTEM only."""
+    """POSIX: the state dir for the service user (uid:gid, 0700); the store's directory for its
+    writer (root) and the service user's group, 0750. Windows: Administrators and SYSTEM only."""
     if not POSIX_OWNERS:
         from llmtap.platform.windows.acl import restrict_to_administrators
 
@@ -270,23 +296,21 @@ def ensure_directory(paths: StorePaths, uid: int, gid: int,
         state_dir.mkdir(mode=0o700, parents=True)
         os.chown(state_dir, uid, gid)
     if not paths.directory.exists():
-        paths.directory.mkdir(mode=0o700)
-        os.chown(paths.directory, uid, gid)
+        paths.directory.mkdir(mode=DIR_MODE)
+        os.chown(paths.directory, -1, gid)
 
 
 @contextlib.contextmanager
-def locked(paths: StorePaths, uid: int, gid: int) -> Iterator[None]:
+def locked(paths: StorePaths) -> Iterator[None]:
     """Serialises the CLI's read-modify-write of the store (the worker only reads)."""
     try:
-        fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o600)
+        fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o600)  # the writer's own
     except PermissionError:
         raise UsageError(f"cannot write the secret store in {paths.directory}: run it with sudo") from None
     try:
         if not POSIX_OWNERS:
             msvcrt.locking(fd, msvcrt.LK_LOCK, 1)  # type: ignore[attr-defined]  # Windows only
         else:
-            if os.geteuid() == 0:
-                os.fchown(fd, uid, gid)  # the service user may manage the store too
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
@@ -297,17 +321,21 @@ def locked(paths: StorePaths, uid: int, gid: int) -> Iterator[None]:
         os.close(fd)
 
 
-def write_private(path: Path, data: bytes, uid: int, gid: int, durable: bool = True) -> None:
-    """Atomically replaces `path` with a 0600 file owned by uid:gid (synced if `durable`)."""
+def write_private(path: Path, data: bytes, uid: int, gid: int, durable: bool = True,
+                  mode: int = 0o600) -> None:
+    """Atomically replaces `path` with a file of `mode` owned by uid:gid (-1: unchanged; synced
+    if `durable`)."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW | getattr(os, "O_BINARY", 0)
-    fd = os.open(tmp, flags, 0o600)
+    fd = os.open(tmp, flags, mode & 0o600)  # the group gets its read bit only once chowned
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(data)
             out.flush()
-            if POSIX_OWNERS and os.geteuid() == 0:
+            if POSIX_OWNERS and (uid, gid) != (-1, -1):
                 os.fchown(out.fileno(), uid, gid)
+            if POSIX_OWNERS and mode != 0o600:
+                os.fchmod(out.fileno(), mode)
             if durable:
                 os.fsync(out.fileno())
         os.replace(tmp, path)
@@ -319,19 +347,51 @@ def write_private(path: Path, data: bytes, uid: int, gid: int, durable: bool = T
 
 def read_store(paths: StorePaths) -> list[Secret]:
     try:
-        raw = json.loads(paths.store.read_text(encoding="utf-8"))
-        return [Secret.from_json(item) for item in raw["secrets"]]
+        return _parse(paths, paths.store.read_bytes())
     except FileNotFoundError:
         return []
     except PermissionError:
         raise UsageError(f"cannot read the secret store in {paths.directory}: run it with sudo") from None
+
+
+def _parse(paths: StorePaths, data: bytes) -> list[Secret]:
+    try:
+        raw = json.loads(data.decode("utf-8"))
+        return [Secret.from_json(item) for item in raw["secrets"]]
     except (ValueError, KeyError, TypeError) as exc:
         raise RuntimeFailure(f"secret store {paths.store} is damaged ({type(exc).__name__})") from None
 
 
-def write_store(paths: StorePaths, items: list[Secret], uid: int, gid: int) -> None:
+def read_root_only_store(paths: StorePaths) -> list[Secret] | None:
+    """The store as root reads it to resolve references, or None when anyone but root could have
+    written it: its directory and file are opened without following links and checked on the open
+    descriptors, so nothing can be swapped in between the check and the read."""
+    try:
+        dir_fd = os.open(paths.directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | NOFOLLOW)
+    except FileNotFoundError:
+        return []
+    try:
+        if not _root_only(os.fstat(dir_fd)):
+            return None
+        try:
+            fd = os.open(paths.store.name, os.O_RDONLY | NOFOLLOW, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return []
+        with os.fdopen(fd, "rb") as file:
+            return _parse(paths, file.read()) if _root_only(os.fstat(file.fileno())) else None
+    finally:
+        os.close(dir_fd)
+
+
+def _root_only(info: os.stat_result) -> bool:
+    return info.st_uid == 0 and not stat.S_IMODE(info.st_mode) & 0o022
+
+
+def write_store(paths: StorePaths, items: list[Secret], gid: int) -> None:
+    """Written by its writer (root), readable by the service user's group."""
     document = {"version": 1, "secrets": [asdict(s) for s in items]}
-    write_private(paths.store, (json.dumps(document, indent=2) + "\n").encode(), uid, gid)
+    write_private(paths.store, (json.dumps(document, indent=2) + "\n").encode(), -1, gid,
+                  mode=FILE_MODE)
 
 
 # --- sealing ---
@@ -351,11 +411,11 @@ def read_key(paths: StorePaths) -> bytes | None:
     return key
 
 
-def ensure_key(paths: StorePaths, uid: int, gid: int) -> bytes:
+def ensure_key(paths: StorePaths, gid: int) -> bytes:
     key = read_key(paths)
     if key is None:
         key = AESGCM.generate_key(bit_length=256)
-        write_private(paths.key, base64.b64encode(key) + b"\n", uid, gid)
+        write_private(paths.key, base64.b64encode(key) + b"\n", -1, gid, mode=FILE_MODE)
     return key
 
 
@@ -373,7 +433,8 @@ def unseal(key: bytes, secret_id: str, sealed: str) -> str:
 
 
 def new_secret(name: str, hosts: tuple[str, ...], header: str, when_absent: bool,
-               value: str, key: bytes, previous: Secret | None = None) -> Secret:
+               value: str, key: bytes, previous: Secret | None = None,
+               for_users: tuple[str, ...] = ()) -> Secret:
     """A secret for `value` (a key or a reference); a replaced one keeps its placeholder and id."""
     stamp = now()
     secret_id = previous.id if previous else secrets.token_hex(8)
@@ -389,6 +450,7 @@ def new_secret(name: str, hosts: tuple[str, ...], header: str, when_absent: bool
         updated_at=stamp,
         sealed=None if ref else seal(key, secret_id, value),
         ref=ref,
+        for_users=for_users if when_absent else (),
     )
 
 
@@ -464,11 +526,23 @@ def resolve_at_start(state_dir: Path, owner_uid: int, owner_name: str) -> None:
     """In the supervisor, as root, before the fork: checks the store and resolves its references.
 
     Failures are kept and reported by the worker, which answers that secret's placeholder with an
-    error; a store with wrong ownership or modes stops the daemon (exit 2, with the fix).
+    error; a store with wrong ownership or modes stops the daemon (exit 2, with the fix). Only a
+    store that root alone can write is trusted with root's rights: in any other (the service user
+    wrote it, or could have), no reference is resolved at all, and each says why.
     """
     paths = StorePaths.under(state_dir)
     check_permissions(paths, owner_uid, owner_name)
-    for item in read_store(paths):
+    trusted = read_root_only_store(paths) if POSIX_OWNERS else read_store(paths)
+    if trusted is None:
+        untrusted = ResolutionError(
+            f"not resolved with root's rights: {paths.store} can be written by someone other than "
+            f"root; fix: sudo chown root:{owner_name} {paths.directory} {paths.store} && sudo chmod "
+            f"{DIR_MODE:o} {paths.directory} && sudo chmod {FILE_MODE:o} {paths.store}")
+        for item in read_store(paths):
+            if item.ref:
+                _AT_START[item.ref] = untrusted
+        return
+    for item in trusted:
         if item.ref and item.ref not in _AT_START:
             try:
                 _AT_START[item.ref] = resolve(item.ref, keyring_allowed=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -23,16 +24,17 @@ GOOGLE = "AIzaREALgoogleKEY0123456789"
 AZURE = "azureREALkey0123456789"
 
 
-def write_secrets(state_dir: Path, *specs: tuple[str, tuple[str, ...], str, bool, str]) -> dict[str, str]:
-    """Writes the store; returns each secret's placeholder by name."""
+def write_secrets(state_dir: Path, *specs: tuple[str, tuple[str, ...], str, bool, str],
+                  for_users: tuple[str, ...] = ("alice",)) -> dict[str, str]:
+    """Writes the store (--when-absent ones for `for_users`); returns each placeholder by name."""
     paths = store.StorePaths.under(state_dir)
     uid, gid = os.getuid(), os.getgid()
     store.ensure_directory(paths, uid, gid)
-    key = store.ensure_key(paths, uid, gid)
+    key = store.ensure_key(paths, gid)
     old = {s.name: s for s in store.read_store(paths)}
-    items = [store.new_secret(name, hosts, header, absent, value, key, old.get(name))
+    items = [store.new_secret(name, hosts, header, absent, value, key, old.get(name), for_users)
              for name, hosts, header, absent, value in specs]
-    store.write_store(paths, items, uid, gid)
+    store.write_store(paths, items, gid)
     return {s.name: s.placeholder for s in items}
 
 
@@ -210,12 +212,12 @@ def test_a_key_is_added_only_over_tls_verified_for_a_bound_host(addon, attack, r
 @pytest.mark.parametrize("attack", [plain_http, other_server_sni, other_port])
 def test_when_absent_adds_nothing_off_verified_tls(tmp_path, attack):
     write_secrets(tmp_path, ("claude", ("api.anthropic.com",), "x-api-key", True, ANTHROPIC))
-    addon = Credentials()
+    addon = Credentials(attribution=KnownUser("alice"))  # type: ignore[arg-type]
     with taddons.context(addon) as tctx:
         tctx.configure(addon, llmtap_state_dir=str(tmp_path))
         flow = flow_to("api.anthropic.com")
         attack(flow)
-        addon.requestheaders(flow)
+        run_hook(addon.requestheaders(flow))
         assert "x-api-key" not in flow.request.headers and flow.response is None
 
 
@@ -235,17 +237,35 @@ def test_the_block_names_the_host_that_is_not_bound(addon):
     assert "may only be sent to api.anthropic.com, not api.openai.com" in fields(flow)["error"]
 
 
+class KnownUser:
+    """Attribution's answer, already in: every connection is this user's."""
+
+    def __init__(self, user: str | None) -> None:
+        self.user = user
+
+    def process_of(self, flow: http.HTTPFlow) -> dict[str, object] | None:
+        return {"pid": 4242, "user": self.user} if self.user else None
+
+    def pending(self, flow: http.HTTPFlow) -> None:
+        return None
+
+
+def run_hook(result: object) -> None:
+    if asyncio.iscoroutine(result):
+        asyncio.run(result)
+
+
 def test_when_absent_adds_the_key_only_when_the_client_sends_none(tmp_path):
     ph = write_secrets(tmp_path, ("claude", ("api.anthropic.com",), "x-api-key", True, ANTHROPIC),
                        ("g", ("generativelanguage.googleapis.com",), "query:key", True, GOOGLE))
-    addon = Credentials()
+    addon = Credentials(attribution=KnownUser("alice"))  # type: ignore[arg-type]
     with taddons.context(addon) as tctx:
         tctx.configure(addon, llmtap_state_dir=str(tmp_path))
         bare = flow_to("api.anthropic.com")
         oauth = flow_to("api.anthropic.com", headers={"authorization": "Bearer sk-ant-oat01-own"})
         gemini = flow_to("generativelanguage.googleapis.com", "/v1beta/models?pageSize=5")
         for flow in (bare, oauth, gemini):
-            addon.requestheaders(flow)
+            run_hook(addon.requestheaders(flow))
         assert bare.request.headers["x-api-key"] == ANTHROPIC
         assert fields(bare)["credential"] == "claude"
         assert "x-api-key" not in oauth.request.headers and "credential" not in fields(oauth)
@@ -253,6 +273,32 @@ def test_when_absent_adds_the_key_only_when_the_client_sends_none(tmp_path):
         respond(addon, bare)
         assert "x-api-key" not in bare.request.headers  # back to what the client sent
     assert ph["claude"].startswith("sk-ant-api03-")
+
+
+@pytest.mark.parametrize("user", ["mallory", None])
+def test_when_absent_adds_nothing_for_another_or_an_unknown_user(tmp_path, user):
+    write_secrets(tmp_path, ("claude", ("api.anthropic.com",), "x-api-key", True, ANTHROPIC))
+    addon = Credentials(attribution=KnownUser(user))  # type: ignore[arg-type]
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, llmtap_state_dir=str(tmp_path))
+        flow = flow_to("api.anthropic.com")
+        run_hook(addon.requestheaders(flow))
+        assert "x-api-key" not in flow.request.headers and "credential" not in fields(flow)
+
+
+def test_when_absent_without_users_is_not_applied(tmp_path, caplog):
+    write_secrets(tmp_path, ("claude", ("api.anthropic.com",), "x-api-key", True, ANTHROPIC), for_users=())
+    paths = store.StorePaths.under(tmp_path)
+    document = json.loads(paths.store.read_text())
+    document["secrets"][0]["when_absent"] = True  # as an older llmtap wrote it: no users
+    paths.store.write_text(json.dumps(document))
+    addon = Credentials(attribution=KnownUser("alice"))  # type: ignore[arg-type]
+    with taddons.context(addon) as tctx, caplog.at_level(logging.WARNING):
+        tctx.configure(addon, llmtap_state_dir=str(tmp_path))
+        flow = flow_to("api.anthropic.com")
+        run_hook(addon.requestheaders(flow))
+        assert "x-api-key" not in flow.request.headers
+    assert "--when-absent is not applied without --for-user" in caplog.text
 
 
 def test_real_key_from_a_client_is_flagged_and_never_logged(addon, caplog):
@@ -400,7 +446,7 @@ def test_a_store_with_wrong_modes_is_not_reloaded(addon, caplog):
         credentials.requestheaders(flow)
     assert flow.request.headers["x-api-key"] == ANTHROPIC  # the old secrets stay in force
     assert "secret store not reloaded: refusing the secret store" in caplog.text
-    assert "chmod 600" in caplog.text
+    assert "chmod 640" in caplog.text
 
 
 def test_last_used_is_written_to_the_workers_own_file(addon):

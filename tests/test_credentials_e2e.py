@@ -111,11 +111,12 @@ def test_tools_hold_placeholders_and_the_upstream_gets_the_real_key(testbed, llm
     set_secret(daemon, "anthropic", keys["anthropic"], "--host", "api.anthropic.com")
     set_secret(daemon, "openai", keys["openai"], "--host", "api.openai.com")
     set_secret(daemon, "gemini", keys["gemini"], "--host", "generativelanguage.googleapis.com")
-    llmtap_uid = pwd.getpwnam("llmtap").pw_uid
+    llmtap_gid = pwd.getpwnam("llmtap").pw_gid
     secrets_dir = daemon.state_dir / "secrets"
-    for path, mode in ((secrets_dir, 0o700), (secrets_dir / "secrets.json", 0o600),
-                       (secrets_dir / "store.key", 0o600)):
-        assert (path.stat().st_uid, path.stat().st_mode & 0o777) == (llmtap_uid, mode)
+    for path, mode in ((secrets_dir, 0o750), (secrets_dir / "secrets.json", 0o640),
+                       (secrets_dir / "store.key", 0o640)):  # root's; the worker reads as its group
+        info = path.stat()
+        assert (info.st_uid, info.st_gid, info.st_mode & 0o777) == (0, llmtap_gid, mode)
     env = exports(daemon)
     assert set(env) == {"ANTHROPIC_API_KEY", "OPENAI_API_KEY", "CODEX_API_KEY", "GEMINI_API_KEY",
                         "GOOGLE_API_KEY"}
@@ -297,12 +298,43 @@ def test_references_are_resolved_at_start_by_root_and_bad_stores_refused(testbed
 
     store_file = daemon.state_dir / "secrets" / "secrets.json"
     store_file.chmod(0o644)
-    fix = (f"refusing the secret store: {store_file} is mode 0644 (must be llmtap, 0600); "
-           f"fix: sudo chown llmtap: {store_file} && sudo chmod 600 {store_file}")
+    fix = (f"refusing the secret store: {store_file} is mode 0644 (must be root's, group llmtap, "
+           f"0640); fix: sudo chown root:llmtap {store_file} && sudo chmod 640 {store_file}")
     listing = daemon.llmtap("secrets", "list", check=False)
     assert (listing.returncode, listing.stderr.strip()) == (2, f"llmtap: {fix}")
     with restarted(daemon, daemon_env, wait=False) as refused:
         assert refused.proc.wait(timeout=30) == 2
         assert refused.stderr().strip().splitlines()[-1] == f"llmtap: {fix}"
-    store_file.chmod(0o600)
+    store_file.chmod(0o640)
     assert_no_real_key_anywhere(daemon, *values.values())
+
+
+def test_a_reference_planted_by_the_service_user_is_never_resolved_by_root(testbed, llmtap):
+    """The service user (the worker, if compromised) writes a store whose reference names a file
+    only root may read: root must not read it for them, nor inject it anywhere."""
+    daemon = llmtap()
+    loot = real_key("sk-ant-api03-")
+    private = daemon.root / "root-only"
+    private.mkdir(mode=0o700)
+    (private / "shadow").write_text(loot + "\n")
+    ph = set_secret(daemon, "planted", "env:LLMTAP_E2E_UNUSED", "--host", "api.anthropic.com")
+    secrets_dir = daemon.state_dir / "secrets"
+    store_file = secrets_dir / "secrets.json"
+    document = json.loads(store_file.read_text())
+    document["secrets"][0]["ref"] = f"file:{private / 'shadow'}"
+    llmtap_user = pwd.getpwnam("llmtap")
+    as_service_user = ["setpriv", f"--reuid={llmtap_user.pw_uid}", f"--regid={llmtap_user.pw_gid}",
+                       "--clear-groups", "sh", "-c", 'umask 077; cat > "$0.new" && mv "$0.new" "$0"',
+                       str(store_file)]
+    secrets_dir.chmod(0o770)  # what a store the service user could write looks like
+    subprocess.run(as_service_user, input=json.dumps(document), text=True, check=True)
+    secrets_dir.chmod(0o750)
+    assert store_file.stat().st_uid == llmtap_user.pw_uid  # planted: now the service user's file
+    start = len(testbed.upstream_requests())
+    with restarted(daemon, {}) as running:
+        refused = testbed.curl("https://api.anthropic.com/v1/models", running.ca_pem,
+                               "-H", f"x-api-key: {ph}")
+        message = json.loads(refused.stdout)["error"]["message"]
+        assert "not resolved with root's rights" in message and "can be written by someone other" in message
+    assert all(sent_key(r) != loot for r in requests_since(testbed, start))
+    assert_no_real_key_anywhere(daemon, loot)

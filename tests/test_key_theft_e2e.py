@@ -167,3 +167,24 @@ def test_explicit_listener_issues_leaves_only_for_the_connect_host(testbed, llmt
     assert "is not the CONNECT host 'api.anthropic.com'" in log
     assert "sent no server name" in log and "Traceback" not in log
     assert json.dumps(daemon.status())  # still running and answering
+
+
+def test_when_absent_serves_only_the_users_it_names(testbed, llmtap):
+    daemon = llmtap()
+    key = real_key("sk-ant-api03-")
+    done = daemon.llmtap("secrets", "set", "shared", "--host", ANTHROPIC_HOST, "--header", "x-api-key",
+                         "--when-absent", "--for-user", "root", input=key + "\n")
+    assert "placeholder:" in done.stdout
+    ca = testbed.workdir / "llmtap-ca.pem"  # where another user can read it
+    ca.write_bytes(daemon.ca_pem.read_bytes())
+    ca.chmod(0o644)
+    start = len(testbed.upstream_requests())
+    url = f"https://{ANTHROPIC_HOST}/v1/models"
+    as_nobody = testbed.client("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                               "curl", "-sS", "--max-time", "15", "--cacert", str(ca), url)
+    as_root = testbed.client("curl", "-sS", "--max-time", "15", "--cacert", str(ca), url)
+    assert as_nobody.returncode == 0 and as_root.returncode == 0
+    keys = [r["headers"].get("x-api-key") for r in testbed.upstream_requests()[start:]]
+    assert keys == [None, key]  # another local user's request went out without it
+    assert "for users: root" in daemon.llmtap("secrets", "list").stdout
+    assert_no_real_key_anywhere(daemon, key)

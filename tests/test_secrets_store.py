@@ -42,9 +42,9 @@ def test_set_stores_a_sealed_value_in_private_files(run, config):
     placeholder = re.search(r"placeholder: (\S+)", out)
     assert placeholder and re.fullmatch(r"sk-ant-api03-[A-Za-z0-9_-]{93}AA", placeholder.group(1))
     paths = paths_of(config)
-    assert (paths.directory.stat().st_mode & 0o777) == 0o700
+    assert (paths.directory.stat().st_mode & 0o777) == 0o750  # the worker reads through its group
     for path in (paths.store, paths.key):
-        assert (path.stat().st_mode & 0o777) == 0o600 and path.stat().st_uid == os.getuid()
+        assert (path.stat().st_mode & 0o777) == 0o640 and path.stat().st_uid == os.getuid()
     for path in paths.directory.parent.rglob("*"):  # the plain key is in no file
         assert not path.is_file() or KEY.encode() not in path.read_bytes()
     [secret] = store.read_store(paths)
@@ -55,16 +55,25 @@ def test_set_stores_a_sealed_value_in_private_files(run, config):
 def test_list_shows_the_last_four_characters_only(run):
     run("secrets", "set", "anthropic", "--host", "api.anthropic.com", stdin=KEY)
     run("secrets", "set", "ref", "--host", "api.openai.com", "--header", "api-key", "--when-absent",
-        stdin="env:OPENAI_REAL")
+        "--for-user", "alice", "--for-user", "bob", stdin="env:OPENAI_REAL")
     code, out, _ = run("secrets", "list")
     assert code == 0 and KEY not in out and KEY[:-4] not in out
     assert "…wxyz" in out and "env:OPENAI_REAL" in out and "last used: never" in out
-    assert "api-key (added when the client sends none)" in out
+    assert "api-key (added when the client sends none, for users: alice, bob)" in out
     code, out, _ = run("secrets", "list", "--json")
     rows = json.loads(out)
     assert [r["name"] for r in rows] == ["anthropic", "ref"]
     assert rows[0]["key"] == "…wxyz" and rows[1]["when_absent"] is True
+    assert rows[1]["for_users"] == ["alice", "bob"]
     assert set(rows[0]) >= {"hosts", "header", "placeholder", "created_at", "last_used"}
+
+
+def test_when_absent_must_name_the_users_it_serves(run):
+    code, _, err = run("secrets", "set", "a", "--host", "api.openai.com", "--when-absent", stdin=KEY)
+    assert (code, err.strip()) == (2, "llmtap: --when-absent needs --for-user USER (repeatable): the "
+                                      "local users whose requests get the key added")
+    code, _, err = run("secrets", "set", "a", "--host", "api.openai.com", "--for-user", "x", stdin=KEY)
+    assert (code, err.strip()) == (2, "llmtap: --for-user goes with --when-absent")
 
 
 @pytest.mark.parametrize(("argv", "stdin", "message"), [
@@ -109,13 +118,13 @@ def test_a_store_with_wrong_permissions_is_refused_with_the_fix(run, config, tar
     path.chmod(0o755 if target == "directory" else 0o644)
     code, out, err = run("secrets", "list")
     user = pwd.getpwuid(os.getuid()).pw_name
-    mode = "0700" if target == "directory" else "0600"
+    mode = "0750" if target == "directory" else "0640"
     octal = mode.lstrip("0")
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
     assert err.strip() == (
         f"llmtap: refusing the secret store: {path} is mode "
-        f"{'0755' if target == 'directory' else '0644'} (must be {user}, {mode}); "
-        f"fix: sudo chown {user}: {path} && sudo chmod {octal} {path}")
+        f"{'0755' if target == 'directory' else '0644'} (must be root's, group {user}, {mode}); "
+        f"fix: sudo chown root:{user} {path} && sudo chmod {octal} {path}")
     assert run("secrets", "set", "b", "--host", "api.openai.com", stdin=KEY)[0] == 2
     assert run("env")[0] == 2
 
@@ -201,12 +210,12 @@ def test_references_resolve_at_start_and_failures_name_the_reference(tmp_path, m
         monkeypatch.setenv("LLMTAP_REF_TEST", "sk-from-env")
         paths = store.StorePaths.under(tmp_path)
         store.ensure_directory(paths, os.getuid(), os.getgid())
-        key = store.ensure_key(paths, os.getuid(), os.getgid())
+        key = store.ensure_key(paths, os.getgid())
         refs = ["env:LLMTAP_REF_TEST", f"file:{key_file}", "keyring:llmtap/anthropic",
                 "keyring:llmtap/nobody", "env:LLMTAP_REF_UNSET", "file:/nonexistent/key"]
         items = [store.new_secret(f"s{i}", ("api.openai.com",), "authorization", False, ref, key)
                  for i, ref in enumerate(refs)]
-        store.write_store(paths, items, os.getuid(), os.getgid())
+        store.write_store(paths, items, os.getgid())
         user = pwd.getpwuid(os.getuid()).pw_name
         store.resolve_at_start(tmp_path, os.getuid(), user)
     finally:
@@ -232,9 +241,9 @@ def test_references_resolve_at_start_and_failures_name_the_reference(tmp_path, m
 def test_resolve_at_start_refuses_a_store_with_wrong_permissions(tmp_path):
     paths = store.StorePaths.under(tmp_path)
     store.ensure_directory(paths, os.getuid(), os.getgid())
-    store.write_store(paths, [], os.getuid(), os.getgid())
-    paths.store.chmod(0o640)
-    with pytest.raises(store.UsageError, match=r"mode 0640 .* fix: sudo chown"):
+    store.write_store(paths, [], os.getgid())
+    paths.store.chmod(0o660)  # the group could write it
+    with pytest.raises(store.UsageError, match=r"mode 0660 .* fix: sudo chown"):
         store.resolve_at_start(tmp_path, os.getuid(), "llmtap")
 
 
@@ -252,3 +261,33 @@ def test_a_user_who_cannot_read_the_store_is_told_to_use_sudo(run, monkeypatch):
     code, _, err = run("secrets", "list")
     assert code == 2 and err.strip().startswith("llmtap: cannot read the secret store in ")
     assert err.strip().endswith(": run it with sudo")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+@pytest.mark.parametrize("tamper", ["store owned by the service user", "directory group-writable",
+                                    "directory owned by the service user"])
+def test_references_are_resolved_only_from_a_store_only_root_can_write(tmp_path, monkeypatch, tamper):
+    monkeypatch.setenv("LLMTAP_UNIT_KEY", "sk-unit-resolved-value")
+    paths = store.StorePaths.under(tmp_path)
+    store.ensure_directory(paths, 0, 0)
+    item = store.new_secret("a", ("api.anthropic.com",), "x-api-key", False, "env:LLMTAP_UNIT_KEY",
+                            store.ensure_key(paths, 0))
+    store.write_store(paths, [item], 0)
+    monkeypatch.setattr(store, "_AT_START", {})
+    store.resolve_at_start(tmp_path, 0, "root")
+    assert store.resolve(item.ref or "") == "sk-unit-resolved-value"  # root's own store: trusted
+    monkeypatch.setattr(store, "_AT_START", {})
+    nobody = pwd.getpwnam("nobody").pw_uid
+    if tamper == "store owned by the service user":
+        os.chown(paths.store, nobody, -1)
+    elif tamper == "directory group-writable":
+        paths.directory.chmod(0o770)
+    else:
+        os.chown(paths.directory, nobody, -1)
+    try:
+        store.resolve_at_start(tmp_path, nobody, "nobody")
+    except store.UsageError:  # refused outright: resolves nothing either
+        assert tamper == "directory group-writable"
+        return
+    with pytest.raises(store.ResolutionError, match="not resolved with root's rights"):
+        store.resolve(item.ref or "")

@@ -428,7 +428,7 @@ paths = store.StorePaths.under(sys.argv[1])
 store.ensure_directory(paths, -1, -1, restrict=lambda d: None)
 store.write_private(paths.store, b"{}", -1, -1)
 store.check_own_store(paths)
-store.write_store(paths, [], -1, -1)
+store.write_store(paths, [], -1)
 print("ok")
 '''
 

@@ -39,5 +39,8 @@ STAGES: dict[str, type] = {
 
 
 def pipeline() -> list[object]:
-    """Fresh addon instances in pipeline order."""
-    return [STAGES[stage]() for stage in PIPELINE if stage in STAGES]
+    """Fresh addon instances in pipeline order, each given the stages it depends on."""
+    attribution = Attribution()
+    made: dict[str, object] = {"attribution": attribution,
+                               "credentials": Credentials(attribution=attribution)}
+    return [made.get(stage) or STAGES[stage]() for stage in PIPELINE if stage in STAGES]

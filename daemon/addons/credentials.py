@@ -14,15 +14,17 @@ the next request on; open streams keep going untouched.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote
 
 from llmtap import secrets_store as store
+from llmtap.addons.attribution import Attribution
 from llmtap.addons.recorder import fields
 from llmtap.addons.replies import refusal
 from llmtap.errors import LlmtapError
@@ -36,6 +38,7 @@ KEY_HEADERS = ("x-api-key", "api-key", "x-goog-api-key")
 AUTH_HEADERS = (*KEY_HEADERS, "authorization")
 RETIRED_MAX = 64  # rotated-out keys still scrubbed and flagged (they may still be valid upstream)
 USAGE_FLUSH_S = 5.0
+USER_WAIT_S = 2.0  # how long --when-absent waits to learn which user made a request
 
 StreamFn = Callable[[bytes], "Iterable[bytes] | bytes"]
 
@@ -52,6 +55,7 @@ class Entry:
     placeholder: str
     value: str | None  # None: its reference could not be resolved
     problem: str = ""
+    for_users: frozenset[str] = frozenset()  # when_absent: only for requests these users made
 
     def allows(self, hosts: set[str]) -> bool:
         return hosts <= self.hosts
@@ -69,8 +73,8 @@ class Table:
         current = {e.value: e for e in entries if e.value}
         by_value = {**retired, **current}
         absent: dict[str, Entry] = {}
-        for entry in entries:
-            for host in entry.hosts if entry.when_absent and entry.value else ():
+        for entry in entries:  # never for anyone: a when_absent secret names its users
+            for host in entry.hosts if entry.when_absent and entry.value and entry.for_users else ():
                 absent.setdefault(host, entry)  # the first created wins
         return cls(
             by_placeholder={e.placeholder: e for e in entries},
@@ -295,7 +299,8 @@ class UsageLog:
 
 
 class Credentials:
-    def __init__(self) -> None:
+    def __init__(self, attribution: Attribution | None = None) -> None:
+        self.attribution = attribution  # who made a request: --when-absent --for-user needs it
         self.paths: store.StorePaths | None = None
         self.table = Table()
         self.usage: UsageLog | None = None
@@ -380,8 +385,11 @@ class Credentials:
             problem = str(exc)
         if problem:
             self._report(f"secret {item.name!r}: {problem}")
+        if item.when_absent and not item.for_users:
+            self._report(f"secret {item.name!r}: --when-absent is not applied without --for-user; "
+                         f"set it again with --when-absent --for-user USER")
         return Entry(item.name, item.id, frozenset(item.hosts), item.header, item.when_absent,
-                     item.placeholder, value, problem)
+                     item.placeholder, value, problem, frozenset(item.for_users))
 
     def _report(self, message: str) -> None:
         # A warning: mitmproxy's startup check stops the proxy at any error logged while it
@@ -392,10 +400,10 @@ class Credentials:
 
     # -- requests --
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         self.refresh()
         if not self.table.by_placeholder and not self.table.by_value:
-            return
+            return None
         hosts = destinations(flow)
         found = found_credentials(flow.request)
         inject: dict[str, Entry] = {}
@@ -403,18 +411,35 @@ class Credentials:
         for where, token in found:
             if entry := self.table.by_placeholder.get(token):
                 if why := self._refusal(flow, entry, hosts):
-                    return self._block(flow, entry, hosts, why)
+                    self._block(flow, entry, hosts, why)
+                    return None
                 inject[token] = entry
             elif entry := self.table.by_value.get(token):
                 self._flag(flow, entry, hosts, where)
                 if why := self._refusal(flow, entry, hosts):  # it must not leave unprotected either
-                    return self._block(flow, entry, hosts, "real key" if why == "unbound" else why)
+                    self._block(flow, entry, hosts, "real key" if why == "unbound" else why)
+                    return None
                 sent = True
         absent = None if found else self._absent(flow, hosts)
-        if inject or absent:
-            self._inject(flow, inject, absent)
+        if absent and not inject:
+            return self._inject_for_user(flow, absent)
+        if inject:
+            self._inject(flow, inject, None)
         elif sent:
             flow.metadata[STATE] = FlowState()
+        return None
+
+    async def _inject_for_user(self, flow: http.HTTPFlow, entry: Entry) -> None:
+        """--when-absent: only for a request made by one of the secret's users, as attribution
+        says (waiting a little for its answer); unknown is no."""
+        process = self.attribution.process_of(flow) if self.attribution else None
+        pending = self.attribution.pending(flow) if self.attribution and process is None else None
+        if pending is not None:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                process = await asyncio.wait_for(asyncio.shield(pending), USER_WAIT_S)
+        user = process.get("user") if isinstance(process, dict) else None
+        if user in entry.for_users:
+            self._inject(flow, {}, entry)
 
     def _refusal(self, flow: http.HTTPFlow, entry: Entry, hosts: set[str]) -> str | None:
         """Why the real key of `entry` must not be added to this request, or None.
