@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmtap.dlp import ACTIONS, BUILTIN, NAME_RE, PatternError, check_pattern
+from llmtap.dlp import ACTIONS, BUILTIN, HELD_KEY, NAME_RE, PatternError, check_pattern
 from llmtap.errors import UsageError
 from llmtap.rules.strings import DEFAULT_PROTECTED_FIELDS, parse_field_spec
 
@@ -193,6 +193,7 @@ class DlpActions:
     jwt: str = ""
     llm_api_key: str = ""
     credit_card: str = ""
+    held_key: str = ""  # a real key llmtap holds (secrets set), by value, in a request body
 
 
 @dataclass(frozen=True)
@@ -303,12 +304,13 @@ def validate_filters(config: Config) -> None:
     dlp = config.dlp
     if dlp.default_action not in ACTIONS:
         raise UsageError(f"dlp.default_action must be one of {', '.join(ACTIONS)}")
-    for name in BUILTIN:
+    for name in (*BUILTIN, HELD_KEY):
         if getattr(dlp.actions, name) not in ("", *ACTIONS):
             raise UsageError(f"dlp.actions.{name} must be one of {', '.join(ACTIONS)}")
     seen: set[str] = set()
     for pattern in dlp.patterns:
-        if not NAME_RE.match(pattern.name) or pattern.name in BUILTIN or pattern.name in seen:
+        reserved = (*BUILTIN, HELD_KEY)
+        if not NAME_RE.match(pattern.name) or pattern.name in reserved or pattern.name in seen:
             raise UsageError(f"dlp.patterns: name {pattern.name!r} must be lowercase letters, digits "
                              "and _, unique, and not a built-in detector's")
         seen.add(pattern.name)

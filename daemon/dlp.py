@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from llmtap.config import DlpConfig
 
 ACTIONS = ("redact", "block", "alert", "off")
+HELD_KEY = "held_key"  # the detector of the real keys llmtap holds, found by value (llmtap.masking)
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 SET_MAX_MEM = 64 << 20
 STREAM_WINDOW = 32 * 1024  # held back from a streamed body: longer than any built-in secret
@@ -139,6 +140,13 @@ class Detector:
     action: str
     validate: Validator | None = None
     prefilter: str | None = None  # see Builtin; None (user patterns): no body skips parsing
+
+
+def held_key_action(config: DlpConfig) -> str:
+    """What happens to a held real key found in a request body: `redact` unless configured."""
+    if not config.enabled:
+        return "off"
+    return config.actions.held_key or "redact"
 
 
 def detectors_from_config(config: DlpConfig) -> list[Detector]:

@@ -19,6 +19,7 @@ from llmtap.addons.replies import refusal
 from llmtap.config import load_config
 from llmtap.dlp import BUILTIN, Detector, Scanner, StreamRedactor, card_number, escape_safe
 from llmtap.errors import UsageError
+from llmtap.masking import SecretMask
 from llmtap.rules import Body, Protected, Rule, RuleStore, validate
 from mitmproxy.test import taddons, tflow
 
@@ -433,3 +434,61 @@ def test_free_text_is_masked_with_every_builtin_detector():
     masked = mask_secrets(line)
     assert "AKIAIOSFODNN7EXAMPLE" not in masked and "a1a1a1" not in masked
     assert "[REDACTED:aws_access_key]" in masked and masked.endswith(" naïve")
+
+
+class Held:
+    """The credentials stage as the DLP stage sees it: the held keys, and who was told."""
+
+    def __init__(self, *values: str) -> None:
+        self.values = values
+        self.marked: list[str] = []
+
+    def mask(self) -> SecretMask:
+        return SecretMask(self.values)
+
+    def key_bearing(self, flow: Any) -> None:
+        self.marked.append(flow.id)
+
+
+AZURE_KEY = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"  # no prefix any detector knows
+
+
+@pytest.mark.parametrize("written", [
+    AZURE_KEY,
+    "".join(f"\\u{ord(c):04x}" for c in AZURE_KEY[:4]) + AZURE_KEY[4:],  # JSON escapes
+])
+def test_a_held_key_in_a_body_is_redacted_by_value_whatever_its_json_escapes(tmp_path: Path,
+                                                                             written: str) -> None:
+    scan = Dlp(held=Held(AZURE_KEY))
+    with taddons.context(scan) as tctx:
+        tctx.configure(scan, llmtap_config_file=config_file(tmp_path))
+        flow = make_flow({})
+        flow.request.content = ('{"messages": [{"content": "use ' + written + ' please"}]}').encode()
+        scan.request(flow)
+    sent = json.loads(flow.request.content or b"")
+    assert sent["messages"][0]["content"] == "use [REDACTED:held_key] please"
+    assert fields(flow)["dlp_hits"][0]["detector"] == "held_key"
+    assert AZURE_KEY not in (flow.request.content or b"").decode()
+
+
+def test_an_escaped_llm_key_is_found_by_the_builtin_detector_too(tmp_path: Path) -> None:
+    scan = Dlp()
+    with taddons.context(scan) as tctx:
+        tctx.configure(scan, llmtap_config_file=config_file(tmp_path))
+        flow = make_flow({})
+        key = "sk-ant-api03-" + "A" * 90 + "AA"
+        flow.request.content = ('{"t": "\\u0073' + key[1:] + '"}').encode()
+        scan.request(flow)
+    assert "sk-ant" not in (flow.request.content or b"").decode()
+    assert fields(flow)["dlp_hits"][0]["detector"] == "llm_api_key"
+
+
+def test_a_held_key_let_through_makes_the_response_scrubbed(tmp_path: Path) -> None:
+    held = Held(AZURE_KEY)
+    scan = Dlp(held=held)
+    with taddons.context(scan) as tctx:
+        tctx.configure(scan, llmtap_config_file=config_file(tmp_path, '[dlp.actions]\nheld_key = "alert"'))
+        flow = make_flow({"t": AZURE_KEY})
+        scan.request(flow)
+    assert json.loads(flow.request.content or b"") == {"t": AZURE_KEY}  # sent as it was
+    assert held.marked == [flow.id]

@@ -9,6 +9,7 @@ is verified for a host the key is bound to, on a redirected port.
 from __future__ import annotations
 
 import json
+import secrets
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import trustme
+from llmtap.masking import encoded_forms
 from test_credentials_e2e import assert_no_real_key_anywhere, real_key, set_secret
 from testbed import TESTS_DIR, Daemon, Testbed
 
@@ -188,3 +190,38 @@ def test_when_absent_serves_only_the_users_it_names(testbed, llmtap):
     assert keys == [None, key]  # another local user's request went out without it
     assert "for users: root" in daemon.llmtap("secrets", "list").stdout
     assert_no_real_key_anywhere(daemon, key)
+
+
+def outputs_of(daemon: Daemon) -> str:
+    """Everything llmtap shows of its records: logs, show, export, stats."""
+    shown = [daemon.llmtap("logs", "--json").stdout, daemon.llmtap("stats", "--by", "host").stdout,
+             daemon.llmtap("export", "--format", "jsonl").stdout,
+             daemon.llmtap("export", "--format", "csv").stdout]
+    shown += [daemon.llmtap("show", str(r["id"])).stdout for r in daemon.records()]
+    return "\n".join(shown)
+
+
+def test_an_unprefixed_key_is_masked_by_value_in_every_output_and_file(testbed, llmtap):
+    # held_key = alert: the key is let through in bodies, so every later stage meets it.
+    daemon = llmtap(extra_toml='[dlp.actions]\nheld_key = "alert"\n')
+    key = secrets.token_hex(16)  # Azure-style: 32 hex digits, a shape no detector knows
+    placeholder = set_secret(daemon, "azure", key, "--host", "api.openai.com", "--header", "api-key")
+    ca = daemon.ca_pem
+    echoed = testbed.curl("https://api.openai.com/llmtap-test/echo-headers", ca,
+                          "-H", f"api-key: {placeholder}").stdout
+    assert placeholder in echoed and key not in echoed  # the echo was scrubbed for the client
+    chat = {"model": "gpt-4o-mini", "messages": [{"role": "system", "content": f"Use {key}."},
+                                                 {"role": "user", "content": f"my key is {key}"}]}
+    testbed.curl("https://api.openai.com/v1/chat/completions?t=mask", ca, "-H", f"api-key: {placeholder}",
+                  "-H", "content-type: application/json", "-d", json.dumps(chat))
+    testbed.curl(f"https://api.openai.com/v1/models?q={key}", ca, "-u", f"someone:{key}")
+    records = daemon.records(3)
+    assert len(records) == 3 and any(r.get("system_prompt") for r in records)
+    forms = encoded_forms(key)
+    shown = outputs_of(daemon) + daemon.stderr()
+    files = [p for d in (daemon.state_dir, daemon.records_dir) for p in d.rglob("*") if p.is_file()]
+    for form in forms:
+        assert form not in shown, form
+        for path in files:
+            assert form.encode() not in path.read_bytes(), (form, path)
+    assert "[REDACTED:held_key]" in shown

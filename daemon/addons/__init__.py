@@ -41,6 +41,8 @@ STAGES: dict[str, type] = {
 def pipeline() -> list[object]:
     """Fresh addon instances in pipeline order, each given the stages it depends on."""
     attribution = Attribution()
-    made: dict[str, object] = {"attribution": attribution,
-                               "credentials": Credentials(attribution=attribution)}
+    credentials = Credentials(attribution=attribution)
+    made: dict[str, object] = {"attribution": attribution, "credentials": credentials,
+                               "dlp": Dlp(held=credentials), "recorder": Recorder(mask=credentials.mask),
+                               "live": Live(mask=credentials.mask)}
     return [made.get(stage) or STAGES[stage]() for stage in PIPELINE if stage in STAGES]

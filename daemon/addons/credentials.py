@@ -28,6 +28,7 @@ from llmtap.addons.attribution import Attribution
 from llmtap.addons.recorder import fields
 from llmtap.addons.replies import refusal
 from llmtap.errors import LlmtapError
+from llmtap.masking import NO_MASK, SecretMask
 from llmtap.parsers.classify import host_provider, normalise_host
 from mitmproxy import ctx, exceptions, http
 
@@ -67,6 +68,7 @@ class Table:
     by_value: dict[str, Entry] = field(default_factory=dict)  # current and retired keys
     absent: dict[str, Entry] = field(default_factory=dict)  # host -> secret added when none sent
     pairs: tuple[tuple[bytes, bytes], ...] = ()  # (real key, placeholder) for scrubbing
+    mask: SecretMask = NO_MASK  # every held value, for whatever llmtap writes or shows
 
     @classmethod
     def build(cls, entries: list[Entry], retired: dict[str, Entry]) -> Table:
@@ -81,6 +83,7 @@ class Table:
             by_value=by_value,
             absent=absent,
             pairs=tuple((v.encode(), e.placeholder.encode()) for v, e in by_value.items()),
+            mask=SecretMask(by_value),
         )
 
 
@@ -336,6 +339,23 @@ class Credentials:
         # scrubber must wrap whatever they chose, so it is added behind all of them.
         if ctx.master.addons.get("credentialstreams") is None:
             ctx.master.addons.add(CredentialStreams(self))
+        for handler in logging.getLogger().handlers:  # mitmproxy's log lines and ours alike
+            if self._log_filter not in handler.filters:
+                handler.addFilter(self._log_filter)
+
+    def mask(self) -> SecretMask:
+        """The held values, current and rotated-out, to mask by (it changes with the store)."""
+        return self.table.mask
+
+    def _log_filter(self, record: logging.LogRecord) -> bool:
+        """No log line carries a held value, whoever wrote it (a URL, a header in an error)."""
+        mask = self.table.mask
+        if mask:
+            message = record.getMessage()
+            masked = mask.text(message)
+            if masked != message:
+                record.msg, record.args = masked, None
+        return True
 
     # -- the store --
 
@@ -515,15 +535,10 @@ class Credentials:
         log.warning("a client sent the real key of secret %r (in %s) to %s%s: something on this "
                     "machine holds it", entry.name, where, ", ".join(sorted(hosts)), _process(flow))
 
-    def request(self, flow: http.HTTPFlow) -> None:
-        """A real key in a request body (a prompt, a config upload) is flagged too."""
-        if not self.table.by_value or flow.response or not flow.request.raw_content:
-            return
-        content = flow.request.get_content(strict=False) or b""
-        for value, entry in self.table.by_value.items():
-            if value.encode() in content:
-                self._flag(flow, entry, destinations(flow), "the body")
-                flow.metadata.setdefault(STATE, FlowState())  # so an echo of it is scrubbed
+    def key_bearing(self, flow: http.HTTPFlow) -> None:
+        """A real key left in this request (the DLP stage let one in its body through): any echo
+        of it in the response is scrubbed."""
+        flow.metadata.setdefault(STATE, FlowState())
 
     # -- responses --
 
@@ -595,6 +610,8 @@ class Credentials:
     def done(self) -> None:
         if self.usage:
             self.usage.close()
+        for handler in logging.getLogger().handlers:
+            handler.removeFilter(self._log_filter)
 
 
 class CredentialStreams:

@@ -18,12 +18,21 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from llmtap.addons.filters import load_body
 from llmtap.addons.recorder import addon_config, fields
 from llmtap.addons.replies import refusal
-from llmtap.dlp import Finding, Scanner, StreamRedactor, detectors_from_config, redact_text
+from llmtap.dlp import (
+    HELD_KEY,
+    Finding,
+    Scanner,
+    StreamRedactor,
+    detectors_from_config,
+    held_key_action,
+    redact_text,
+)
+from llmtap.masking import NO_MASK, SecretMask
 from llmtap.parsers.classify import classify
 from llmtap.rules import Body, Protected
 from llmtap.rules.strings import BODY_CACHE, Strings
@@ -32,6 +41,14 @@ from mitmproxy import ctx, http
 log = logging.getLogger(__name__)
 
 STREAMED = "body (streamed)"
+
+
+class HeldKeys(Protocol):
+    """What the DLP stage needs of the credentials stage."""
+
+    def mask(self) -> SecretMask: ...
+
+    def key_bearing(self, flow: http.HTTPFlow) -> None: ...
 
 
 def summarize(findings: Iterable[Finding], where: Callable[[Finding], str]) -> list[dict[str, Any]]:
@@ -67,7 +84,9 @@ class StreamState:
 
 
 class Dlp:
-    def __init__(self) -> None:
+    def __init__(self, held: HeldKeys | None = None) -> None:
+        self.held = held  # the real keys llmtap holds (the credentials stage), found by value
+        self.held_action = "redact"
         self.scanner = Scanner([])
         self.protected = Protected()
         self.streams: dict[str, StreamState] = {}
@@ -80,6 +99,7 @@ class Dlp:
         if "llmtap_config_file" in updated:
             config = addon_config(ctx.options.llmtap_config_file)
             self.scanner = Scanner(detectors_from_config(config.dlp))
+            self.held_action = held_key_action(config.dlp)
             self.protected = Protected(config.rules.all_protected_fields)
 
     def running(self) -> None:
@@ -96,7 +116,7 @@ class Dlp:
             return
         kept: dict[int, str] = {}
         try:
-            if flow.response is None and self.scanner:
+            if flow.response is None and (self.scanner or self._held()):
                 body = body or self._load(request)
                 if isinstance(body, Body):
                     kept = self._scan(flow, body)
@@ -114,7 +134,7 @@ class Dlp:
         """Records, blocks or redacts what the detectors find; returns the strings to scrub
         (alerts) once the request has left."""
         strings = body.strings(self.protected)
-        findings = self.scanner.scan(strings)
+        findings = self.scanner.scan(strings) + self._held_findings(flow, strings)
         if not findings:
             return {}
         record_hits(flow, summarize(findings, lambda f: f"body {strings.where(f.leaf)}"))
@@ -133,13 +153,28 @@ class Dlp:
         body.changed = body.changed or bool(sent)
         return kept
 
+    def _held(self) -> SecretMask:
+        return self.held.mask() if self.held and self.held_action != "off" else NO_MASK
+
+    def _held_findings(self, flow: http.HTTPFlow, strings: Strings) -> list[Finding]:
+        """A real key llmtap holds, in a string of the body (JSON escapes resolved): a finding
+        like any detector's; and if it is let through, the response is scrubbed of its echo."""
+        held = self._held()
+        findings = [Finding(HELD_KEY, self.held_action, leaf, start, end)
+                    for leaf, text in enumerate(strings.values) for start, end in held.found_in(text)]
+        if findings and self.held_action == "alert" and self.held is not None:
+            self.held.key_bearing(flow)
+        return findings
+
     def _load(self, request: http.Request) -> Body | str | None:
-        """The body, parsed, unless one look at the raw bytes shows there is nothing to find."""
+        """The body, parsed, unless one look at the raw bytes shows there is nothing to find.
+        A JSON escape (\\u0073k-...) hides text from that look: such a body is always parsed."""
         try:
             content = request.get_content(strict=True)
         except ValueError:
             content = None
-        if content is not None and not self.scanner.may_find(content):
+        if content is not None and b"\\u" not in content and not self.scanner.may_find(content) \
+                and not self._held().found_in(content.decode("utf-8", "replace")):
             return None
         return load_body(request)
 

@@ -9,11 +9,12 @@ so the hot path costs a counter increment and a clock read per chunk.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from llmtap.addons.recorder import fields
+from llmtap.masking import NO_MASK, SecretMask
 from llmtap.parsers.base import as_dict
 from mitmproxy import connection, ctx, http, tls
 
@@ -62,7 +63,8 @@ class StreamMeter:
 class Live:
     observes_response = True  # its response hook may run after the response is relayed
 
-    def __init__(self) -> None:
+    def __init__(self, mask: Callable[[], SecretMask] = lambda: NO_MASK) -> None:
+        self.mask = mask  # the held secrets (the credentials stage's), masked by value
         self.counters = Counters()
         self.pending: list[dict[str, Any]] = []
         self._updates: dict[str, dict[str, Any]] = {}  # the latest update per flow, coalesced
@@ -147,7 +149,7 @@ class Live:
         """The queued events, oldest first; updates carry their latest counters."""
         events, self.pending = self.pending, []
         self._updates = {}  # each was queued when first made: the next update starts afresh
-        return events
+        return self.mask().deep(events)
 
     def snapshot(self) -> dict[str, int]:
         counters = asdict(self.counters)

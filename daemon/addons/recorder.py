@@ -21,6 +21,7 @@ import signal
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.sharedctypes import RawArray  # at import: the worker cannot import later
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any, BinaryIO
 
 from llmtap.config import Config, ExportConfig, RecordsConfig, load_config
 from llmtap.errors import LlmtapError
+from llmtap.masking import NO_MASK, SecretMask
 from llmtap.parsers import request as request_parser
 from llmtap.records import markdown, rotation, store
 from llmtap.records.capture import (
@@ -249,12 +251,14 @@ class RecordWriter:
 
     def _write(self, record: dict[str, Any], exchange: Exchange | None) -> None:
         text = None
-        if exchange is not None:
+        if exchange is not None:  # the record came masked; bodies are decoded only here
             prompt = system_prompt(exchange)
             if prompt:
-                record["system_prompt"] = store.save_system_prompt(self.directory, *prompt)
+                sha, prompt_text = prompt
+                record["system_prompt"] = store.save_system_prompt(
+                    self.directory, sha, exchange.mask.text(prompt_text))
             if self.settings.records.markdown:
-                text = markdown.render(record, exchange)
+                text = exchange.mask.text(markdown.render(record, exchange))
         location = store.write_exchange(self.directory, record, text)
         self._index_add(record, location)
         self._live += 1
@@ -514,9 +518,10 @@ def addon_config(path: str) -> Config:
 class Recorder:
     observes_response = True  # its response hook may run after the response is relayed
 
-    def __init__(self) -> None:
+    def __init__(self, mask: Callable[[], SecretMask] = lambda: NO_MASK) -> None:
         self.writer: RecordWriter | RecordWriterProcess | None = None
         self.max_body_bytes = RecordsConfig().max_body_bytes
+        self.mask = mask  # the held secrets (the credentials stage's), masked by value
 
     def load(self, loader) -> None:  # type: ignore[no-untyped-def]
         loader.add_option("llmtap_records_dir", str, "", "Directory for the exchange records.")
@@ -558,10 +563,11 @@ class Recorder:
         if writer is None:
             return
         record, exchange = build_record(flow), capture_exchange(flow, self.max_body_bytes)
+        exchange.mask = self.mask()
         attribution = ctx.master.addons.get("attribution")
         pending = attribution.pending(flow) if attribution else None
         if pending is None:
-            writer.submit(record, exchange)
+            writer.submit(exchange.mask.deep(record), exchange)
             return
         # The process lookup is still under way (a short-lived client): write the record when
         # it answers, or without it after a while. Nothing waits on the proxy's loop.
@@ -572,7 +578,7 @@ class Recorder:
             if not submitted:
                 submitted = True
                 record["process"] = record.get("process") or fields(flow).get("process")
-                writer.submit(record, exchange)
+                writer.submit(exchange.mask.deep(record), exchange)
 
         pending.add_done_callback(submit)
         asyncio.get_running_loop().call_later(PROCESS_WAIT_S, submit)

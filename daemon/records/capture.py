@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote
 
 from llmtap.dlp import mask_known_secrets
+from llmtap.masking import NO_MASK, SecretMask
 
 MASK = "••••"
 # Headers whose values are credentials or session state: never written anywhere.
@@ -110,6 +111,7 @@ class Exchange:
     response_body: Body
     response_text: str | None = None  # the parser's assembled text of a stream, if it gives one
     system_prompt: str | None = None  # the request's system prompt, as the protocols stage read it
+    mask: SecretMask = NO_MASK  # the held secrets, masked in whatever is made of this exchange
 
 
 def bounded(raw: bytes | None, limit: int, encoding: str | None, content_type: str) -> Body:
