@@ -188,11 +188,20 @@ async def echo_headers(scope: Scope, send: Send) -> None:
     if query.get("stream") != "1":
         await respond(send, 200, body, [*JSON_HEADERS, *echo])
         return
-    await send({"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, *echo]})
+    # x-fake-encoding: E compresses the stream, unless the client asked for identity and the
+    # test did not also send x-fake-ignore-accept-encoding (an upstream that ignores it).
+    encoding = headers.get("x-fake-encoding")
+    if headers.get("accept-encoding") == "identity" and "x-fake-ignore-accept-encoding" not in headers:
+        encoding = None
+    encoder = fake_providers.Encoder(encoding) if encoding else None
+    framing = [(b"content-encoding", encoding.encode())] if encoding else []
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [*SSE_HEADERS, *echo, *framing]})
     for chunk in awkward_chunks(b"data: " + body + b"\n\nevent: done\ndata: {}\n\n"):
+        chunk = encoder.piece(chunk) if encoder else chunk
         await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await asyncio.sleep(float(query.get("pause", CHUNK_PAUSE_S)))
-    await send({"type": "http.response.body", "body": b""})
+    await send({"type": "http.response.body", "body": encoder.end() if encoder else b""})
 
 
 async def app(scope: Scope, receive: Receive, send: Send) -> None:

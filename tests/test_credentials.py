@@ -6,13 +6,15 @@ import asyncio
 import json
 import logging
 import os
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from llmtap import secrets_store as store
 from llmtap.addons import credentials as cred
-from llmtap.addons.credentials import Credentials, CredentialStreams, StreamScrubber
+from llmtap.addons.credentials import Credentials, CredentialStreams
+from llmtap.addons.echoes import EncodedEchoGuard, StreamScrubber
 from llmtap.addons.recorder import fields
 from mitmproxy import ctx, http
 from mitmproxy.test import taddons, tflow
@@ -469,3 +471,46 @@ def test_the_stream_tail_is_added_behind_every_other_addon(addon):
     credentials.running()  # once only
     chain = [type(a).__name__ for a in ctx.master.addons.chain]
     assert chain[-1] == "CredentialStreams" and chain.count("CredentialStreams") == 1
+
+
+def gzip_stream(text: bytes, pieces: int) -> list[bytes]:
+    packer = zlib.compressobj(6, zlib.DEFLATED, 31)
+    step = max(1, len(text) // pieces)
+    out = [packer.compress(text[i:i + step]) + packer.flush(zlib.Z_SYNC_FLUSH)
+           for i in range(0, len(text), step)]
+    return [*out, packer.flush()]
+
+
+@pytest.mark.parametrize("pieces", [1, 3, 17, 200])
+def test_a_key_echoed_in_a_gzip_stream_is_cut_before_it_leaves(pieces):
+    body = b"data: " + json.dumps({"echo": ANTHROPIC}).encode() + b"\n\n" * 50
+    cut: list[bool] = []
+    guard = EncodedEchoGuard(((ANTHROPIC.encode(), b"PH"),), "gzip", True, lambda: cut.append(True))
+    sent = b""
+    for chunk in [*gzip_stream(body, pieces), b""]:
+        out = guard(chunk)
+        sent += out if isinstance(out, bytes) else b"".join(out)
+    assert cut == [True]
+    seen = zlib.decompressobj(31).decompress(sent)  # what the client can decode of it
+    assert ANTHROPIC.encode() not in seen and ANTHROPIC[:-1].encode() not in seen
+
+
+def test_a_clean_gzip_stream_passes_unchanged_and_in_time():
+    body = b"data: {}\n\n" * 400
+    guard = EncodedEchoGuard(((ANTHROPIC.encode(), b"PH"),), "gzip", True, lambda: None)
+    chunks = gzip_stream(body, 40)
+    outs = [guard(chunk) for chunk in [*chunks, b""]]
+    assert b"".join(o if isinstance(o, bytes) else b"".join(o) for o in outs) == b"".join(chunks)
+    assert all(outs[:-1])  # nothing held back: no decoded tail could start the key
+
+
+def test_a_key_bearing_request_asks_for_identity_and_the_flow_keeps_the_clients_header(addon):
+    credentials, ph, _ = addon
+    flow = flow_to("api.anthropic.com", headers={"x-api-key": ph["anthropic"], "accept-encoding": "gzip, br"})
+    credentials.requestheaders(flow)
+    assert flow.request.headers["accept-encoding"] == "identity"
+    respond(credentials, flow)
+    assert flow.request.headers["accept-encoding"] == "gzip, br"
+    plain = flow_to("api.anthropic.com", headers={"accept-encoding": "gzip"})
+    credentials.requestheaders(plain)
+    assert plain.request.headers["accept-encoding"] == "gzip"  # no key, no change

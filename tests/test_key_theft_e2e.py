@@ -12,6 +12,7 @@ import json
 import secrets
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -225,3 +226,38 @@ def test_an_unprefixed_key_is_masked_by_value_in_every_output_and_file(testbed, 
         for path in files:
             assert form.encode() not in path.read_bytes(), (form, path)
     assert "[REDACTED:held_key]" in shown
+
+
+GZIP_ECHO = """
+    import httpx, json, sys
+    url, placeholder, ca = sys.argv[1:4]
+    out = {}
+    for case, extra in (("honoured", {}), ("ignored", {"x-fake-ignore-accept-encoding": "1"})):
+        headers = {"x-api-key": placeholder, "accept-encoding": "gzip", "x-fake-encoding": "gzip", **extra}
+        text = ""
+        try:
+            with httpx.stream("GET", url, headers=headers, verify=ca, timeout=20) as response:
+                for piece in response.iter_text():  # httpx decodes the gzip as it comes
+                    text += piece
+        except httpx.HTTPError as exc:
+            text += f"<{type(exc).__name__}>"
+        out[case] = text
+    print(json.dumps(out))
+"""
+
+
+def test_a_key_echoed_in_a_gzip_stream_never_reaches_the_client(testbed, llmtap):
+    daemon = llmtap()
+    key = real_key("sk-ant-api03-")
+    placeholder = set_secret(daemon, "anthropic", key, "--host", ANTHROPIC_HOST, "--header", "x-api-key")
+    done = testbed.client(sys.executable, "-c", textwrap.dedent(GZIP_ECHO),
+                          f"https://{ANTHROPIC_HOST}/llmtap-test/echo-headers?stream=1", placeholder,
+                          str(daemon.ca_pem))
+    out = json.loads(done.stdout)
+    assert key not in done.stdout and key[:24] not in done.stdout
+    assert placeholder in out["honoured"] and "event: done" in out["honoured"]  # scrubbed, whole
+    assert placeholder not in out["ignored"] and "event: done" not in out["ignored"]  # cut
+    assert "echoed a real key in a gzip-encoded stream" in daemon.stderr()
+    sent = [r for r in testbed.upstream_requests() if "echo-headers" in r.get("path", "")]
+    assert [r["headers"].get("accept-encoding") for r in sent] == ["identity", "identity"]
+    assert_no_real_key_anywhere(daemon, key)

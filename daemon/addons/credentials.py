@@ -18,13 +18,14 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote
 
 from llmtap import secrets_store as store
 from llmtap.addons.attribution import Attribution
+from llmtap.addons.echoes import EncodedEchoGuard, StreamScrubber, scrub
 from llmtap.addons.recorder import fields
 from llmtap.addons.replies import refusal
 from llmtap.errors import LlmtapError
@@ -40,9 +41,6 @@ AUTH_HEADERS = (*KEY_HEADERS, "authorization")
 RETIRED_MAX = 64  # rotated-out keys still scrubbed and flagged (they may still be valid upstream)
 USAGE_FLUSH_S = 5.0
 USER_WAIT_S = 2.0  # how long --when-absent waits to learn which user made a request
-
-StreamFn = Callable[[bytes], "Iterable[bytes] | bytes"]
-
 
 @dataclass(frozen=True)
 class Entry:
@@ -94,6 +92,18 @@ class FlowState:
     path: str | None = None  # the client's own path, when llmtap changed its query
     added: str | None = None  # the header llmtap added to a request that had none
     restored: bool = False
+    asked_identity: bool = False  # accept-encoding was set to identity (see ask_identity)
+    accept_encoding: str | None = None  # the client's own, put back once the request has left
+
+
+def ask_identity(request: http.Request, state: FlowState) -> None:
+    """A key-bearing request asks its upstream for an uncompressed response, so that an echo of
+    the key can be scrubbed as the bytes pass (EncodedEchoGuard covers an upstream that ignores
+    this). The client's own accept-encoding is put back in the flow once the request has left."""
+    if not state.asked_identity:
+        state.asked_identity = True
+        state.accept_encoding = request.headers.get("accept-encoding")
+        request.headers["accept-encoding"] = "identity"
 
 
 # --- where credentials are in a request ---
@@ -200,60 +210,6 @@ def verified_tls_name(flow: http.HTTPFlow) -> str | None:
     else:
         name = request.host
     return normalise_host(name) if name else None
-
-
-# --- scrubbing what comes back ---
-
-
-def scrub(data: bytes, pairs: Iterable[tuple[bytes, bytes]]) -> bytes:
-    for value, placeholder in pairs:
-        if value in data:
-            data = data.replace(value, placeholder)
-    return data
-
-
-def held_suffix(data: bytes, pairs: Iterable[tuple[bytes, bytes]]) -> int:
-    """How many bytes at the end of `data` could be the start of a key split across chunks."""
-    best = 0
-    for value, _ in pairs:
-        i = data.find(value[:1], max(0, len(data) - len(value) + 1))
-        while i != -1:
-            if value.startswith(data[i:]):
-                best = max(best, len(data) - i)
-                break
-            i = data.find(value[:1], i + 1)
-    return best
-
-
-class StreamScrubber:
-    """A response `stream` callable that replaces keys chunk by chunk, never buffering the stream.
-
-    Only a chunk's tail that could begin a key is held back, until the next chunk shows whether
-    it does; everything else passes at once, to the inner callable (another addon's) if any.
-    """
-
-    def __init__(self, pairs: tuple[tuple[bytes, bytes], ...], inner: StreamFn | bool) -> None:
-        self.pairs = pairs
-        self.inner = inner
-        self.pending = b""
-
-    def __call__(self, data: bytes) -> Iterable[bytes] | bytes:
-        if not data:  # the end of the stream
-            out, self.pending = self.pending, b""
-            return self._pass(out, end=True)
-        data = scrub(self.pending + data, self.pairs)
-        hold = held_suffix(data, self.pairs)
-        self.pending = data[len(data) - hold:] if hold else b""
-        return self._pass(data[: len(data) - hold], end=False)
-
-    def _pass(self, out: bytes, end: bool) -> Iterable[bytes] | bytes:
-        if not callable(self.inner):
-            return out
-        chunks: list[bytes] = []
-        for piece in ([out] if out else []) + ([b""] if end else []):
-            result = self.inner(piece)
-            chunks += [result] if isinstance(result, bytes) else list(result)
-        return chunks
 
 
 # --- last-used times ---
@@ -446,7 +402,7 @@ class Credentials:
         if inject:
             self._inject(flow, inject, None)
         elif sent:
-            flow.metadata[STATE] = FlowState()
+            self.key_bearing(flow)
         return None
 
     async def _inject_for_user(self, flow: http.HTTPFlow, entry: Entry) -> None:
@@ -496,6 +452,7 @@ class Credentials:
         if state.path == request.path:
             state.path = None
         flow.metadata[STATE] = state
+        ask_identity(request, state)
         used = [*inject.values(), *([absent] if absent else [])]
         fields(flow)["credential"] = used[0].name
         if self.usage:
@@ -538,7 +495,7 @@ class Credentials:
     def key_bearing(self, flow: http.HTTPFlow) -> None:
         """A real key left in this request (the DLP stage let one in its body through): any echo
         of it in the response is scrubbed."""
-        flow.metadata.setdefault(STATE, FlowState())
+        ask_identity(flow.request, flow.metadata.setdefault(STATE, FlowState()))
 
     # -- responses --
 
@@ -585,11 +542,24 @@ class Credentials:
             return
         if not self.table.pairs or flow.request.method == "HEAD":
             return
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding != "identity":  # the upstream ignored ask_identity
+            response.stream = EncodedEchoGuard(self.table.pairs, encoding, response.stream,
+                                               lambda: self._echo_cut(flow))
+            return
         response.stream = StreamScrubber(self.table.pairs, response.stream)
         if "content-length" in response.headers:  # a placeholder and its key differ in length
             del response.headers["content-length"]
             if flow.client_conn.alpn != b"h2":
                 response.headers["transfer-encoding"] = "chunked"
+
+    def _echo_cut(self, flow: http.HTTPFlow) -> None:
+        fields(flow).setdefault("credential_alerts", []).append(
+            {"alert": "the upstream echoed a real key in a compressed stream: the stream was cut"})
+        log.warning("%s echoed a real key in a %s-encoded stream: cut before it reached the "
+                    "client%s", flow.request.pretty_host,
+                    flow.response.headers.get("content-encoding") if flow.response else "?",
+                    _process(flow))
 
     def _restore(self, flow: http.HTTPFlow) -> None:
         """The request has gone out: from now on the flow shows no real key to whoever logs it.
@@ -605,6 +575,11 @@ class Credentials:
             flow.request.path = state.path
         if state.added:
             del flow.request.headers[state.added]
+        if state.asked_identity:
+            if state.accept_encoding is None:
+                del flow.request.headers["accept-encoding"]
+            else:
+                flow.request.headers["accept-encoding"] = state.accept_encoding
         replace_tokens(flow.request, {v: e.placeholder for v, e in self.table.by_value.items()})
 
     def done(self) -> None:

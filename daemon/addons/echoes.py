@@ -1,0 +1,116 @@
+"""Real keys an upstream echoes back (in headers, whole bodies, streams), turned back into their
+placeholders before the client sees them, or, where the bytes cannot be rewritten (a compressed
+stream), cut before the key leaves."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from llmtap.parsers.encoding import BodyDecoder, DecodeError
+from llmtap.records.capture import StreamFn
+
+
+def pass_on(inner: StreamFn | bool, out: bytes, end: bool) -> Iterable[bytes] | bytes:
+    """`out` through the inner stream callable (another addon's), if any; at the end of the
+    stream the inner one gets its own end signal (an empty chunk) once."""
+    if not callable(inner):
+        return out
+    chunks: list[bytes] = []
+    for piece in ([out] if out else []) + ([b""] if end else []):
+        result = inner(piece)
+        chunks += [result] if isinstance(result, bytes) else list(result)
+    return chunks
+
+
+def scrub(data: bytes, pairs: Iterable[tuple[bytes, bytes]]) -> bytes:
+    for value, placeholder in pairs:
+        if value in data:
+            data = data.replace(value, placeholder)
+    return data
+
+
+def held_suffix(data: bytes, pairs: Iterable[tuple[bytes, bytes]]) -> int:
+    """How many bytes at the end of `data` could be the start of a key split across chunks."""
+    best = 0
+    for value, _ in pairs:
+        i = data.find(value[:1], max(0, len(data) - len(value) + 1))
+        while i != -1:
+            if value.startswith(data[i:]):
+                best = max(best, len(data) - i)
+                break
+            i = data.find(value[:1], i + 1)
+    return best
+
+
+class StreamScrubber:
+    """A response `stream` callable that replaces keys chunk by chunk, never buffering the stream.
+
+    Only a chunk's tail that could begin a key is held back, until the next chunk shows whether
+    it does; everything else passes at once, to the inner callable (another addon's) if any.
+    """
+
+    def __init__(self, pairs: tuple[tuple[bytes, bytes], ...], inner: StreamFn | bool) -> None:
+        self.pairs = pairs
+        self.inner = inner
+        self.pending = b""
+
+    def __call__(self, data: bytes) -> Iterable[bytes] | bytes:
+        if not data:  # the end of the stream
+            out, self.pending = self.pending, b""
+            return self._pass(out, end=True)
+        data = scrub(self.pending + data, self.pairs)
+        hold = held_suffix(data, self.pairs)
+        self.pending = data[len(data) - hold:] if hold else b""
+        return self._pass(data[: len(data) - hold], end=False)
+
+    def _pass(self, out: bytes, end: bool) -> Iterable[bytes] | bytes:
+        return pass_on(self.inner, out, end)
+
+
+class EncodedEchoGuard:
+    """A compressed response `stream` of a key-bearing flow, whose bytes cannot be rewritten:
+    each chunk is decoded on the side (bounded) and passed on unchanged unless the text so far
+    holds a key. Chunks whose decoded end could begin a key wait for the next one; a key found
+    cuts the stream there, so no byte that completes it leaves."""
+
+    MAX_HELD = 1 << 20  # compressed bytes held at most while a key prefix is pending
+    MAX_DECODED = 256 << 20  # past this the body is not watched further, only relayed
+
+    def __init__(self, pairs: tuple[tuple[bytes, bytes], ...], encoding: str,
+                 inner: StreamFn | bool, on_cut: Callable[[], None]) -> None:
+        self.pairs = pairs
+        self.inner = inner
+        self.on_cut = on_cut
+        self.longest = max(len(value) for value, _ in pairs)
+        self.decoder: BodyDecoder | None = BodyDecoder(encoding, self.MAX_DECODED)
+        self.tail = b""  # the decoded text's last bytes, to find a key across chunks
+        self.held: list[bytes] = []
+        self.cut = False
+
+    def __call__(self, data: bytes) -> Iterable[bytes] | bytes:
+        if self.cut:
+            return b""
+        window = self.tail + self._decoded(data)
+        if any(value in window for value, _ in self.pairs):
+            self.cut, self.held = True, []
+            self.on_cut()
+            return b""
+        self.tail = window[-self.longest:]
+        self.held.append(data)
+        held = sum(map(len, self.held))
+        if data and held_suffix(window, self.pairs) and held < self.MAX_HELD:
+            return b""
+        out, self.held = b"".join(self.held), []
+        return self._pass(out, end=not data)
+
+    def _decoded(self, data: bytes) -> bytes:
+        if self.decoder is None:
+            return b""
+        try:
+            return b"".join([*self.decoder.decode(data)] if data else self.decoder.finish())
+        except DecodeError:  # undecodable here is undecodable for the client too
+            self.decoder = None
+            return b""
+
+    def _pass(self, out: bytes, end: bool) -> Iterable[bytes] | bytes:
+        return pass_on(self.inner, out, end)
