@@ -92,6 +92,36 @@ NODE_PROBE = textwrap.dedent("""\
 """)
 
 
+# Java runs a single source file (java File.java) since Java 11: no build step, no class files.
+JAVA_PROBE = textwrap.dedent("""\
+    import javax.net.ssl.*;
+    public class LlmtapProbe {
+        static String quoted(Object o) {
+            return "\\"" + String.valueOf(o).replace("\\\\", "/").replace("\\"", "'") + "\\"";
+        }
+        public static void main(String[] args) {
+            String host = args[0];
+            try (SSLSocket socket = (SSLSocket) SSLSocketFactory.getDefault().createSocket(host, 443)) {
+                SSLParameters params = socket.getSSLParameters();
+                params.setEndpointIdentificationAlgorithm("HTTPS");
+                socket.setSSLParameters(params);
+                socket.setSoTimeout(15000);
+                socket.startHandshake();
+                java.security.cert.X509Certificate leaf =
+                    (java.security.cert.X509Certificate) socket.getSession().getPeerCertificates()[0];
+                System.out.println("{\\"ok\\": true, \\"issuer\\": "
+                    + quoted(leaf.getIssuerX500Principal().getName()) + "}");
+            } catch (SSLException e) {
+                System.out.println("{\\"ok\\": false, \\"error\\": " + quoted(e.getMessage()) + "}");
+            } catch (Exception e) {
+                System.out.println("{\\"ok\\": false, \\"network\\": true, \\"error\\": "
+                    + quoted(e) + "}");
+            }
+        }
+    }
+""")
+
+
 def run_with_env(argv: list[str], env: dict[str, str], timeout_s: float = 60.0) -> Completed:
     """Like platform.runner.SubprocessRunner, in a given environment."""
     try:
@@ -302,7 +332,7 @@ class Doctor:
         probes: list[tuple[str, str, Callable[[str, str], Check]]] = [
             ("curl", "curl", self.probe_curl), ("python3", python, self.probe_python),
             ("node", "node", self.probe_node), ("claude", "claude", self.probe_claude),
-            ("codex", "codex", self.probe_codex)]
+            ("codex", "codex", self.probe_codex), ("java", "java", self.probe_java)]
         checks = []
         for name, binary, probe in probes:
             path = self.which(binary)
@@ -365,6 +395,15 @@ class Doctor:
         return self.probe_binary("codex", [codex, "exec", "--skip-git-repo-check",
                                            "llmtap doctor probe"],
                                  {"OPENAI_API_KEY": PROBE_KEY, "CODEX_API_KEY": PROBE_KEY})
+
+    def probe_java(self, java: str, host: str) -> Check:
+        """JetBrains IDEs, Gradle and every JVM tool trust Java's keystore, not the OS store."""
+        with tempfile.TemporaryDirectory(prefix="llmtap-doctor-") as folder:
+            source = Path(folder) / "LlmtapProbe.java"
+            source.write_text(JAVA_PROBE)
+            result = self.run_probe([java, str(source), host])
+        return self.verdict("java", parse_json_line(result), host, "sudo llmtap install (it adds the "
+                            "CA to Java's keystore when keytool is there)")
 
     def is_target(self, host: str) -> bool:
         return host in self.config.targets.all_hosts

@@ -34,6 +34,7 @@ from llmtap.platform.linux.systemd import SystemdService, UnitSpec, interpreter_
 from llmtap.platform.linux.trust import (
     PEM_BLOCK,
     DistroTrustStore,
+    JavaTrustStore,
     NssTrustStore,
     Which,
     detect_trust_store,
@@ -430,6 +431,10 @@ class Installer:
         databases = find_nss_databases(local_homes(self.layout.root))
         return NssTrustStore(databases, self.system.runner) if databases else None
 
+    def java_store(self) -> JavaTrustStore | None:
+        java = JavaTrustStore(self.system.runner, self.layout.root, self.system.which)
+        return java if java.present() else None
+
     def service_kind(self) -> str:
         kind = self.config.install.service
         if kind == "auto":
@@ -509,6 +514,8 @@ class Installer:
             steps.append(self.os_trust_step(store, manifest))
             if nss := self.nss_store():
                 steps.append(self.nss_step(nss))
+            if java := self.java_store():
+                steps.append(self.java_step(java))
         steps.append(self.env_step(manifest))
         if kind is not None:
             steps.append(self.service_step(kind, manifest))
@@ -680,6 +687,16 @@ class Installer:
 
         return Step("NSS databases (certutil)", needed, apply, nss.untrust)
 
+    def java_step(self, java: JavaTrustStore) -> Step:
+        def apply() -> str:
+            java.trust(self.layout.public_cert)
+            return f"trusted the CA in Java's keystore {java.keystore} (JetBrains IDEs, JVM tools)"
+
+        def needed() -> bool:
+            return not (self.layout.public_cert.exists() and java.is_trusted(self.layout.public_cert))
+
+        return Step("Java keystore (keytool)", needed, apply, java.untrust)
+
     def env_files(self) -> list[FileChange]:
         values = env_values(self.layout.public_cert_real, self.layout.public_bundle_real)
         return [FileChange(self.layout.profile_script, profile_script(values).encode(), 0o644),
@@ -757,6 +774,7 @@ class Installer:
             ("rules", self.remove_rules),
             ("runtime environment", self.remove_env),
             ("NSS databases", self.remove_nss),
+            ("Java keystore", self.remove_java),
             ("OS trust", lambda: self.remove_os_trust(manifest)),
             ("public CA files", self.remove_public),
             ("run directory", self.remove_run_dir),
@@ -789,6 +807,13 @@ class Installer:
         paths = [self.layout.profile_script, self.layout.environment_file]
         removed = [str(p) for p in paths if remove_file(p)]
         return f"removed {', '.join(removed)}" if removed else None
+
+    def remove_java(self) -> str | None:
+        java = self.java_store()
+        if java is None or not java.holds():
+            return None
+        java.untrust()
+        return f"removed the CA from Java's keystore {java.keystore}"
 
     def remove_nss(self) -> str | None:
         nss = self.nss_store()
@@ -951,6 +976,8 @@ class Rotation:
                                              else self.cert_file)
         nss = installer.nss_store()
         self.nss = nss if nss and nss.holders() else None
+        java = installer.java_store()
+        self.java = java if java and java.holds() else None
         kind = installer.manifest_service()
         self.service = installer.service(kind) if kind else None
         self.running = bool(self.service and self.service.is_running())
@@ -969,6 +996,9 @@ class Rotation:
         if self.nss is not None:
             steps.append(Step("NSS databases", lambda: True, self.retrust_nss,
                               lambda: self.nss.trust(self.old_cert()) if self.nss else None))
+        if self.java is not None:
+            steps.append(Step("Java keystore", lambda: True, self.retrust_java,
+                              lambda: self.java.trust(self.old_cert()) if self.java else None))
         if self.running:
             steps.append(Step("service restart", lambda: True, self.restart_step, lambda: None))
         return steps
@@ -1002,6 +1032,11 @@ class Rotation:
         assert self.store is not None
         self.store.untrust()
         self.store.trust(self.old_cert())
+
+    def retrust_java(self) -> str:
+        assert self.java is not None
+        self.java.trust(self.installer.layout.public_cert)
+        return f"trusted the new CA in Java's keystore {self.java.keystore}"
 
     def retrust_nss(self) -> str:
         assert self.nss is not None

@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(nftables iptables curl iproute2 procps passwd tmux ca-certificates nodejs libnss3-tools
+packages=(nftables iptables curl iproute2 procps passwd tmux ca-certificates nodejs libnss3-tools openssl
+          ca-certificates-java
           systemd openssh-server)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -33,7 +34,7 @@ pytestmark = [
                        reason="needs update-ca-certificates (ca-certificates) and nsenter"),
 ]
 # The runtimes doctor must find trusting the CA (node: apt-get install nodejs).
-RUNTIMES = tuple(name for name in ("curl", "python3", "node") if shutil.which(name))
+RUNTIMES = tuple(name for name in ("curl", "python3", "node", "java") if shutil.which(name))
 
 SHADOW_BACKUPS = ("passwd-", "group-", "shadow-", "gshadow-")  # shadow-utils' own backups
 # This machine's environment points every runtime at a CA file of its own: the tests run without
@@ -50,6 +51,13 @@ def plain_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def keystore_entries(keystore: Path) -> str:
+    """A Java keystore's content as keytool shows it: each alias with its certificate."""
+    listed = sh("keytool", "-list", "-rfc", "-keystore", str(keystore), "-storepass", "changeit").stdout
+    entries = re.split(r"\n(?=Alias name: )", listed)[1:]
+    return hashlib.sha256("".join(sorted(entries)).encode()).hexdigest()
+
+
 def listing(*tops: Path) -> dict[str, tuple[object, ...]]:
     """Every path under `tops`: type and mode, owner, and content (symlinks by target)."""
     entries: dict[str, tuple[object, ...]] = {}
@@ -62,6 +70,8 @@ def listing(*tops: Path) -> dict[str, tuple[object, ...]]:
             st = path.lstat()
             if stat.S_ISLNK(st.st_mode):
                 content = os.readlink(path)
+            elif path.name == "cacerts" and path.parent.name == "java":
+                content = keystore_entries(path)  # keytool rewrites the file: its bytes change
             elif stat.S_ISREG(st.st_mode):
                 content = hashlib.sha256(path.read_bytes()).hexdigest()
             else:
@@ -153,6 +163,13 @@ def status(box: Sandbox) -> dict[str, Any]:
     return answer
 
 
+def java_aliases(box: Sandbox) -> list[str]:
+    """llmtap's entries in the sandbox's Java keystore, as keytool lists them."""
+    listed = box.run("keytool", "-list", "-keystore", "/etc/ssl/certs/java/cacerts", "-storepass",
+                     "changeit").stdout
+    return [line.split(",")[0] for line in listed.splitlines() if "llmtap" in line]
+
+
 def test_real_install_trusts_restarts_rotates_and_uninstall_leaves_no_trace(testbed, sandbox):
     box, w = sandbox, sandbox.workdir
     config = write_config(w / "config.toml", w, testbed, f"""
@@ -169,6 +186,8 @@ def test_real_install_trusts_restarts_rotates_and_uninstall_leaves_no_trace(test
     installed = box.llmtap("install").stdout
     assert "created system user and group llmtap" in installed
     assert "trusted the CA in the OS store (update-ca-certificates)" in installed
+    assert "trusted the CA in Java's keystore /etc/ssl/certs/java/cacerts" in installed
+    assert java_aliases(box) == ["debian:llmtap.pem"]
     assert "systemd is not running here: started `llmtap run` detached" in installed
     ca_pem = (w / "state/ca/llmtap-ca.pem").read_bytes()
     assert ca_pem in system_bundle.read_bytes()
@@ -210,6 +229,7 @@ def test_real_install_trusts_restarts_rotates_and_uninstall_leaves_no_trace(test
     removed = box.llmtap("uninstall", "--purge").stdout
     assert "stopped the detached llmtap service" in removed
     assert "removed the CA from the OS store (update-ca-certificates)" in removed
+    assert "removed the CA from Java's keystore" in removed and java_aliases(box) == []
     assert listing(*tops) == before
     assert new_pem not in system_bundle.read_bytes()
     untrusted = box.run("curl", "-sS", "--max-time", "20", "https://api.anthropic.com/", check=False)
@@ -286,8 +306,11 @@ def test_doctor_against_a_running_daemon(testbed, llmtap):
                                 "detail": "the CA is not in /etc/ssl/certs/ca-certificates.crt"}
         assert checks["service"]["status"] == "warn"
         assert checks["service"]["fix"].startswith("sudo llmtap install")
-        for name in ("rules", "targets", "CA", *RUNTIMES, "codex"):
+        for name in ("rules", "targets", "CA", *(r for r in RUNTIMES if r != "java"), "codex"):
             assert checks[name]["status"] == "ok", checks[name]
+        if "java" in RUNTIMES:  # Java trusts its keystore only, which --no-trust leaves alone
+            assert checks["java"]["status"] == "fail" and "PKIX" in checks["java"]["detail"]
+            assert "Java's keystore" in checks["java"]["fix"]
         if "node" in RUNTIMES:
             assert checks["claude"] == {**checks["claude"], "name": "claude (Node)", "status": "ok"}
         assert checks["python3"]["name"] in ("python3 (SSL_CERT_FILE)",)

@@ -369,3 +369,74 @@ class NssTrustStore(TrustStore):
         """The databases that hold an llmtap CA (any, also an older one)."""
         return [db for db in self.databases
                 if self.runner(self.command(db, "-L", "-n", self.nickname)).ok]
+
+
+JAVA_KEYSTORE = "/etc/ssl/certs/java/cacerts"  # Debian/Ubuntu (ca-certificates-java)
+JAVA_ALIAS = f"debian:{ANCHOR_NAME}.pem"  # the alias ca-certificates-java's hook gives our anchor
+
+
+class JavaTrustStore(TrustStore):
+    """Java's own keystore (JetBrains IDEs, Gradle, every JVM tool), with keytool.
+
+    ca-certificates-java's hook adds the OS store's new anchors to it, but `update-ca-certificates
+    --fresh` (how a removed anchor is pruned) tells hooks nothing of what it removed: the CA would
+    stay trusted by Java after uninstall. So llmtap adds and removes it here itself, under the
+    alias the hook uses, and the two always agree.
+    """
+
+    name = "java"
+    tool = "keytool"
+
+    def __init__(self, runner: Runner | None = None, root: Path = Path("/"),
+                 which: Which = shutil.which) -> None:
+        self.runner = runner or SubprocessRunner()
+        self.root = root
+        self.which = which
+
+    @classmethod
+    def available(cls) -> bool:
+        return shutil.which(cls.tool) is not None
+
+    @property
+    def keystore(self) -> Path:
+        return under(self.root, JAVA_KEYSTORE)
+
+    def present(self) -> bool:
+        """Whether this machine has a Java keystore to keep (and keytool to keep it with)."""
+        return self.keystore.is_file() and self.which(self.tool) is not None
+
+    def command(self, *args: str) -> list[str]:
+        return [self.tool, *args, "-keystore", str(self.keystore), "-storepass", self.storepass()]
+
+    def storepass(self) -> str:
+        """ca-certificates-java's password (/etc/default/cacerts may change it; Java's default)."""
+        try:
+            text = under(self.root, "/etc/default/cacerts").read_text()
+        except OSError:
+            return "changeit"
+        found = re.search(r"^\s*storepass=(\S+)", text, re.MULTILINE)
+        return found.group(1).strip("'\"") if found else "changeit"
+
+    def trust(self, ca_cert: Path) -> None:
+        self.untrust()  # an older llmtap CA under the alias (rotation, or the hook's copy)
+        result = self.runner(self.command("-importcert", "-noprompt", "-trustcacerts",
+                                          "-alias", JAVA_ALIAS, "-file", str(ca_cert)))
+        if not result.ok:
+            raise RuntimeFailure(f"keytool could not add the CA to {self.keystore}: {result.reason()}")
+
+    def untrust(self) -> None:
+        if not self.holds():
+            return
+        result = self.runner(self.command("-delete", "-noprompt", "-alias", JAVA_ALIAS))
+        if not result.ok:
+            raise RuntimeFailure(f"keytool could not remove the CA from {self.keystore}: "
+                                 f"{result.reason()}")
+
+    def holds(self) -> bool:
+        """Whether an llmtap CA (any) is in the keystore."""
+        return self.runner(self.command("-list", "-alias", JAVA_ALIAS)).ok
+
+    def is_trusted(self, ca_cert: Path) -> bool:
+        result = self.runner(self.command("-exportcert", "-rfc", "-alias", JAVA_ALIAS))
+        blocks = PEM_BLOCK.findall(result.stdout.encode()) if result.ok else []
+        return der_of(ca_cert.read_bytes()) in {der_of(b) for b in blocks}
