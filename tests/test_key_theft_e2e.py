@@ -101,11 +101,20 @@ def record_with_error(daemon: Daemon, needle: str) -> dict[str, object]:
     raise AssertionError(f"no record with error {needle!r}: {[r.get('error') for r in daemon.records()]}")
 
 
-def test_plain_http_to_a_target_address_never_carries_a_key(testbed, llmtap, sniffer):
+@pytest.fixture
+def extra_address(testbed: Testbed) -> Iterator[Callable[[str, str], None]]:
+    """extra_address(ip, host): one more address for `host` in the client namespace, for this
+    test only (the test bed is shared by the session)."""
+    hosts = Path("/etc/netns") / testbed.client_ns / "hosts"
+    before = hosts.read_text()
+    yield lambda ip, host: hosts.write_text(hosts.read_text() + f"{ip} {host}\n")
+    hosts.write_text(before)
+
+
+def test_plain_http_to_a_target_address_never_carries_a_key(testbed, llmtap, sniffer, extra_address):
     spy = sniffer()
     # The attacker's address is one of the target's: the redirect sends it to the proxy.
-    hosts = Path("/etc/netns") / testbed.client_ns / "hosts"
-    hosts.write_text(hosts.read_text() + f"{spy.address} {ANTHROPIC_HOST}\n")
+    extra_address(spy.address, ANTHROPIC_HOST)
     daemon = llmtap()
     key = real_key("sk-ant-api03-")
     placeholder = set_secret(daemon, "anthropic", key, "--host", ANTHROPIC_HOST, "--header", "x-api-key")
