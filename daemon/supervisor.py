@@ -27,12 +27,14 @@ from llmtap import ca, control, gateway, livehub, proclookup, redirect
 from llmtap.addons import attribution
 from llmtap.config import Config
 from llmtap.errors import LlmtapError, RuntimeFailure, UsageError
+from llmtap.healing import HEARTBEAT_TIMEOUT_S, Healer
 from llmtap.platform.base import OriginalAddrLookup, RedirectBackend, RedirectPlan, TargetAddresses
 from llmtap.privileges import ServiceUser, ensure_service_user, require_root
 from llmtap.proxy import LOOPBACK_HOSTS, ProxySettings
 from llmtap.secrets_store import resolve_at_start
+from llmtap.spawner import WorkerSpawner
 from llmtap.targets import TargetResolver
-from llmtap.worker import WorkerHandle, start_worker
+from llmtap.worker import WorkerHandle
 
 log = logging.getLogger("llmtap")
 
@@ -136,6 +138,10 @@ class Supervisor:
         self.localnet = gateway.RouteLocalnet(config.redirect.gateway_interfaces,
                                               gateway.record_path(config.run_dir))
         self.hub = livehub.LiveHub(lambda: self.counters)
+        self.worker: WorkerHandle | None = None
+        self.plan: RedirectPlan | None = None
+        self.redirect_lock = threading.RLock()  # the backend, as the watchdog and refresh see it
+        self.healer = Healer(self.stop)
 
     def run(self) -> int:
         config = self.config
@@ -160,21 +166,21 @@ class Supervisor:
         settings = self._settings(bundle, hosts, channel.lookup if channel else None)
         lookup = proclookup.LookupService()  # the worker asks it which process is connecting
         attribution.CHANNEL = lookup.client
-        worker = start_worker(settings, user)
+        spawner = WorkerSpawner(settings, user)  # before any thread: it forks every worker
         lookup.start()
         if channel:
             channel.serve()
+        spawner.start()
+        self.plan = self._plan(user)
         guardian_fd = -1
         control_server = None
         try:
-            self._wait_ready(worker)
+            self._start_worker(spawner)
             if not backend_cls.dies_with_owner or self.localnet.interfaces:
                 guardian_fd = start_guardian(functools.partial(self._undo_leftovers, backend_cls))
             self._install_signal_handlers()
             self._enable_gateway()
-            self.backend = backend_cls(self._plan(user))
-            self.backend.install(self.addresses)
-            threading.Thread(target=self._read_reports, args=(worker,), daemon=True).start()
+            self._install_redirect(backend_cls)
             threading.Thread(target=self._refresh, args=(next_refresh,), daemon=True).start()
             control_server = control.ControlServer(
                 config.control_socket, config.service_user, user.gid, self._handle,
@@ -186,15 +192,16 @@ class Supervisor:
                 backend_cls.name, config.redirect.scope, len(self.addresses),
                 ", ".join(self.listening),
             )
-            return self._watch(worker)
+            return self._watch(spawner, backend_cls)
         finally:
-            if self.backend is not None:
-                self.backend.remove()
+            self._lift_redirect()
             gateway.restore(self.localnet.record)
             if guardian_fd >= 0:
                 os.write(guardian_fd, b"done")
                 os.close(guardian_fd)
-            worker.stop()
+            if self.worker is not None:
+                self.worker.stop()
+            spawner.close()
             lookup.close()
             if control_server is not None:
                 control_server.close()
@@ -253,13 +260,31 @@ class Supervisor:
             backend_cls.cleanup_leftovers()
         gateway.restore(self.localnet.record)
 
-    def _wait_ready(self, worker: WorkerHandle) -> None:
+    def _start_worker(self, spawner: WorkerSpawner) -> None:
+        """A new worker, listening, with a thread reading its reports."""
+        worker = spawner.spawn()
+        self.worker = worker
         readable, _, _ = select.select([worker.events], [], [], READY_TIMEOUT_S)
         event = worker.next_event() if readable else None
         if not event or event.get("event") != "ready":
             raise RuntimeFailure("the proxy worker did not start (its reason is printed above)")
         self.listening = list(event.get("listening", []))
         self.worker_pid = worker.pid
+        threading.Thread(target=self._read_reports, args=(worker,), daemon=True).start()
+
+    def _install_redirect(self, backend_cls: type[RedirectBackend]) -> None:
+        assert self.plan is not None
+        with self.redirect_lock:
+            backend = backend_cls(self.plan)
+            backend.install(self.addresses)
+            self.backend = backend
+
+    def _lift_redirect(self) -> None:
+        """Traffic goes direct until the redirect is back (a placeholder then fails safely)."""
+        with self.redirect_lock:
+            backend, self.backend = self.backend, None
+            if backend is not None:
+                backend.remove()
 
     def _install_signal_handlers(self) -> None:
         def request_stop(signum: int, _frame: FrameType | None) -> None:
@@ -269,34 +294,67 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, request_stop)
 
-    def _watch(self, worker: WorkerHandle) -> int:
-        assert self.backend is not None
+    def _watch(self, spawner: WorkerSpawner, backend_cls: type[RedirectBackend]) -> int:
+        """Watches the worker (exit, or silence past HEARTBEAT_TIMEOUT_S) and the redirect;
+        heals either, and ends (exit 1) only when healing keeps failing."""
         while not self.stop.wait(WATCH_INTERVAL_S):
-            status = worker.exited()
-            if status is not None:
-                log.error("the proxy worker exited (%s); redirect removed", _describe(status))
-                return 1
-            if not self.backend.alive():
-                log.error("the redirect rules were lost (the %s helper exited)", self.backend.name)
+            trouble = self._worker_trouble()
+            redirect_lost = self.backend is not None and not self.backend.alive()
+            if not trouble and not redirect_lost:
+                continue
+            reason = trouble or f"the redirect rules were lost (the {backend_cls.name} helper exited)"
+            try:
+                self.healer.heal(reason, functools.partial(self._restore, spawner, backend_cls,
+                                                           bool(trouble)))
+            except RuntimeFailure as exc:
+                log.error("%s; giving up", exc)
                 return 1
         log.info("stopping (%s); removing the redirect", self.exit_reason or "requested")
         return 0
 
+    def _worker_trouble(self) -> str | None:
+        worker = self.worker
+        if worker is None:
+            return None
+        if (status := worker.exited()) is not None:
+            return f"the proxy worker exited ({_describe(status)})"
+        if worker.silent_for() > HEARTBEAT_TIMEOUT_S:
+            return f"the proxy worker stopped answering for {worker.silent_for():.1f} s"
+        return None
+
+    def _restore(self, spawner: WorkerSpawner, backend_cls: type[RedirectBackend],
+                 new_worker: bool) -> None:
+        """One attempt at healing: the worker (if it is the trouble) killed, the redirect lifted,
+        a new worker, the redirect back once it listens.
+
+        The old worker dies before the redirect goes: the resets of its clients' connections must
+        still pass the NAT that made them (without a NAT chain the kernel translates nothing), or
+        those clients wait for their own timeouts instead of retrying at once, direct.
+        """
+        if new_worker and self.worker is not None:
+            self.worker.stop(kill=True)  # SIGKILL: a stopped (SIGSTOP) process takes it too
+        self._lift_redirect()
+        if new_worker:
+            self._start_worker(spawner)
+        self._install_redirect(backend_cls)
+
     def _read_reports(self, worker: WorkerHandle) -> None:
-        while (event := worker.next_event()) is not None:
-            if event.get("event") == "counters":
-                self.counters = event.get("counters", {})
-            elif event.get("event") == "live":
-                self.hub.publish(event.get("events", []))
+        with worker.events:
+            while (event := worker.next_event()) is not None:
+                if event.get("event") == "counters":
+                    self.counters = event.get("counters", {})
+                elif event.get("event") == "live":
+                    self.hub.publish(event.get("events", []))
 
     def _refresh(self, first_in: float) -> None:
         wait = first_in
         while not self.stop.wait(wait):
             try:
                 addresses, wait = self.resolver.refresh()
-                if addresses != self.addresses and self.backend is not None:
-                    self.backend.update_targets(addresses)
-                self.addresses = addresses
+                with self.redirect_lock:
+                    if addresses != self.addresses and self.backend is not None:
+                        self.backend.update_targets(addresses)
+                    self.addresses = addresses
             except Exception as exc:  # keep refreshing; the old set stays in force
                 log.warning("target refresh failed: %s", exc)
                 wait = 30.0
@@ -324,6 +382,7 @@ class Supervisor:
             "explicit": self.config.explicit.listen or None,
             "gateway_interfaces": list(r.gateway_interfaces),
             "rules_present": bool(self.backend and self.backend.alive()),
+            **self.healer.status(),
             "block_quic": r.block_quic,
             "targets": self.resolver.by_host,
             "addresses": {"v4": sorted(self.addresses.v4), "v6": sorted(self.addresses.v6)},

@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any
 
 from llmtap.addons.recorder import allow_leaving_idle_priority, start_writer_process
@@ -30,7 +30,7 @@ from mitmproxy import ctx
 
 log = logging.getLogger("llmtap.worker")
 
-REPORT_INTERVAL_S = 1.0
+REPORT_INTERVAL_S = 0.5  # counters, and the heartbeat the supervisor watches
 GIL_SWITCH_S = 0.0005
 LIVE_INTERVAL_S = 0.2
 # Imported lazily by Python or mitmproxy on first use, which would fail after the drop when the
@@ -71,15 +71,21 @@ def preload() -> None:
 
 @dataclass
 class WorkerHandle:
+    """The supervisor's view of one worker (a child of the spawner, which reaps it and sets
+    `status`)."""
+
     pid: int
     events: IO[str]
-    lifeline: int = -1  # held open for as long as the supervisor lives; never written
+    lifeline: int = -1  # held open for as long as the worker should live; never written
+    status: int | None = None  # its wait status once it has exited
+    last_heard: float = field(default_factory=time.monotonic)  # its last report: the heartbeat
 
     def next_event(self) -> dict[str, Any] | None:
         """The next report from the worker, or None when its pipe is closed (it exited)."""
         line = self.events.readline()
         if not line:
             return None
+        self.last_heard = time.monotonic()
         try:
             event: dict[str, Any] = json.loads(line)
         except ValueError:
@@ -87,27 +93,27 @@ class WorkerHandle:
         return event
 
     def exited(self) -> int | None:
-        """The exit status if the worker has exited (reaped), else None."""
-        pid, status = os.waitpid(self.pid, os.WNOHANG)
-        if pid == 0:
-            return None
-        self.pid = -1
-        return status
+        """The exit status once the worker has exited (and been reaped), else None."""
+        return self.status
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        if self.pid <= 0:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.exited() is not None:
-                return
-            time.sleep(0.05)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGKILL)
-        os.waitpid(self.pid, 0)
-        self.pid = -1
+    def silent_for(self) -> float:
+        return time.monotonic() - self.last_heard
+
+    def stop(self, timeout_s: float = 10.0, kill: bool = False) -> None:
+        """SIGTERM (SIGKILL at once if `kill`, e.g. a hung worker), SIGKILL after `timeout_s`;
+        then the supervisor's ends of its pipes are closed."""
+        for sig, wait_s in ((signal.SIGKILL, 5.0),) if kill else (
+                (signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+            if self.status is not None:
+                break
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+            deadline = time.monotonic() + wait_s
+            while self.status is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+        with contextlib.suppress(OSError):
+            os.close(self.lifeline)
+        self.lifeline = -1
 
 
 def start_worker(settings: ProxySettings, user: ServiceUser) -> WorkerHandle:

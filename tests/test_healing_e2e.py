@@ -1,0 +1,117 @@
+"""Faults injected into a running daemon: each part killed or hung, and the daemon heals.
+
+Every test asserts that a client's requests keep working (through the tap again once healed),
+what `status` reports, and that the records of exchanges completed before the fault are there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from testbed import Daemon, Testbed
+
+pytestmark = pytest.mark.root
+
+
+def wait_for(condition: Any, timeout: float = 20.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if found := condition():
+            return found
+        time.sleep(0.1)
+    return condition()
+
+
+def both_cas(testbed: Testbed, daemon: Daemon) -> Path:
+    """A client that trusts the tap and the upstream alike: its requests succeed tapped or
+    direct, so a test can see that nothing hangs while the daemon heals."""
+    bundle = testbed.workdir / "both-cas.pem"
+    bundle.write_bytes(daemon.ca_pem.read_bytes() + testbed.upstream_ca_pem.read_bytes())
+    return bundle
+
+
+def tapped(testbed: Testbed, daemon: Daemon, tag: str) -> bool:
+    """A request that went through the tap: the record for it appears."""
+    testbed.curl(f"https://api.anthropic.com/{tag}", daemon.ca_pem)
+    return bool(wait_for(lambda: any(r["path"] == f"/{tag}" for r in daemon.records()), 10))
+
+
+def healed(daemon: Daemon, restarts: int) -> dict[str, Any] | None:
+    status = daemon.status()
+    ok = status.get("restarts") == restarts and status.get("rules_present") and not status["healing"]
+    return status if ok else None
+
+
+def test_a_killed_worker_is_replaced_and_the_redirect_comes_back(testbed, llmtap):
+    daemon = llmtap()
+    assert tapped(testbed, daemon, "before")
+    old = daemon.status()["worker_pid"]
+    time.sleep(0.3)  # the record of "before" has left the worker
+    os.kill(old, signal.SIGKILL)
+    status = wait_for(lambda: healed(daemon, 1))
+    assert status, daemon.stderr()
+    assert status["worker_pid"] != old and daemon.proc.poll() is None
+    assert "exited (killed by SIGKILL)" in status["last_restart"]["reason"]
+    assert status["last_restart"]["healed_in_s"] < 10
+    assert tapped(testbed, daemon, "after")
+    assert {"/before", "/after"} <= {r["path"] for r in daemon.records()}  # "before" survived
+
+
+def test_a_hung_worker_is_noticed_within_seconds_and_nothing_hangs(testbed, llmtap):
+    daemon = llmtap()
+    bundle = both_cas(testbed, daemon)
+    old = daemon.status()["worker_pid"]
+    os.kill(old, signal.SIGSTOP)
+    started = time.monotonic()
+    # Hung proxy: the redirect is lifted within the heartbeat timeout, so this gets through.
+    answer = testbed.curl("https://api.anthropic.com/while-hung", bundle, "--retry", "3",
+                          "--retry-all-errors", "--retry-delay", "1")
+    assert json.loads(answer.stdout)["path"] == "/while-hung"
+    assert time.monotonic() - started < 12
+    status = wait_for(lambda: healed(daemon, 1))
+    assert status, daemon.stderr()
+    assert "stopped answering" in status["last_restart"]["reason"]
+    assert not psutil.pid_exists(old) or psutil.Process(old).status() == psutil.STATUS_ZOMBIE
+    assert tapped(testbed, daemon, "after-hang")
+
+
+def nft_helper(daemon: Daemon) -> psutil.Process:
+    helpers = [p for p in psutil.Process(daemon.status()["pid"]).children() if p.name() == "nft"]
+    assert len(helpers) == 1, helpers
+    return helpers[0]
+
+
+def test_a_killed_nft_helper_is_replaced(testbed, llmtap):
+    daemon = llmtap()
+    old = nft_helper(daemon)
+    old.kill()
+    status = wait_for(lambda: healed(daemon, 1))
+    assert status, daemon.stderr()
+    assert "redirect rules were lost" in status["last_restart"]["reason"]
+    assert nft_helper(daemon).pid != old.pid
+    assert status["worker_pid"]  # the worker was fine and stays
+    assert tapped(testbed, daemon, "after-nft")
+
+
+def test_repeated_failure_ends_the_daemon_with_one_line(testbed, llmtap):
+    daemon = llmtap()
+    for _ in range(30):
+        if daemon.proc.poll() is not None:
+            break
+        pid = wait_for(lambda: (s := daemon.status()).get("rules_present") and s.get("worker_pid"))
+        if daemon.proc.poll() is None and pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.3)
+    assert daemon.proc.wait(timeout=30) == 1
+    last = daemon.stderr().strip().splitlines()[-2:]
+    assert any("failures in 120 s, the last: the proxy worker exited" in line for line in last), last
+    assert "llmtap" not in testbed.nft_tables()
