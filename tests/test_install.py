@@ -13,10 +13,13 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
+import signal
 import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -520,13 +523,22 @@ def test_port_in_use_is_refused_before_any_change(tree):
 # --- the keeper ----------------------------------------------------------------------------------
 
 
-def test_keeper_restarts_on_failure_but_not_after_exit_2(tmp_path, capfd):
+def test_keeper_restarts_on_failure_never_giving_up_but_not_after_exit_2(tmp_path, capfd, monkeypatch):
+    monkeypatch.setattr(signal, "signal", lambda *_: None)  # the keeper runs in a thread here
     starts = tmp_path / "starts"
     failing = KeeperSpec(["sh", "-c", f"echo x >> {starts}; exit 1"], ["true"],
-                         str(tmp_path / "pid"), restart_sec=0.05)
-    assert Keeper(failing).run() == 1
-    assert starts.read_text().count("x") == 5  # then it gives up, like StartLimitBurst=5
-    assert "5 starts within 60s: giving up" in capfd.readouterr().err
+                         str(tmp_path / "pid"), restart_sec=0.01)
+    keeper = Keeper(failing)
+    runner = threading.Thread(target=keeper.run)
+    runner.start()
+    deadline = time.monotonic() + 20
+    while (not starts.exists() or starts.read_text().count("x") < 7) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    keeper.stopping = True
+    runner.join(timeout=10)
+    assert starts.read_text().count("x") >= 7  # past StartLimitBurst's old 5: it never gives up
+    delays = re.findall(r"restarting in ([\d.]+)s", capfd.readouterr().err)
+    assert [float(d) for d in delays[:4]] == [0.01, 0.02, 0.04, 0.08]  # backing off
     starts.unlink()
     bad_config = dataclasses.replace(failing, command=["sh", "-c", f"echo x >> {starts}; exit 2"])
     assert Keeper(bad_config).run() == 2

@@ -2,7 +2,8 @@
 
 `llmtap install` starts a detached keeper (`python -m llmtap.platform.linux.keeper SPEC`) that
 runs `llmtap run` and does for it what the systemd unit would: restart on failure (not after
-exit code 2, a bad config; at most BURST starts in BURST_WINDOW_S), run `llmtap cleanup` after
+exit code 2, a bad config), never giving up but waiting longer the more often it failed lately
+(doubling per start within BURST_WINDOW_S, at most MAX_RESTART_SEC), run `llmtap cleanup` after
 every exit, and stop it on SIGTERM. Its pidfile holds "<keeper pid> <daemon pid>". It does not
 start at boot: there is no init system to ask.
 """
@@ -27,8 +28,8 @@ from llmtap.platform.base import ServiceManager
 
 MODULE = "llmtap.platform.linux.keeper"
 RESTART_SEC = 2.0
-BURST = 5
-BURST_WINDOW_S = 60.0
+MAX_RESTART_SEC = 60.0
+BURST_WINDOW_S = 300.0
 NO_RESTART_CODES = (0, 2)  # clean stop; bad config or usage
 STOP_TIMEOUT_S = 40.0
 START_TIMEOUT_S = 10.0
@@ -61,9 +62,11 @@ class Keeper:
             while not self.stopping:
                 code = self._run_once()
                 self._cleanup()
-                if self.stopping or code in NO_RESTART_CODES or not self._may_restart(code):
+                if self.stopping or code in NO_RESTART_CODES:
                     return 0 if self.stopping else code
-                self._sleep(self.spec.restart_sec)
+                delay = self._delay()
+                log(f"restarting in {delay:g}s")
+                self._sleep(delay)
             return 0
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -79,13 +82,10 @@ class Keeper:
         log(f"llmtap run exited with {describe(code)}")
         return code
 
-    def _may_restart(self, code: int) -> bool:
-        window = [t for t in self.starts if time.monotonic() - t < BURST_WINDOW_S]
-        if len(window) >= BURST:
-            log(f"{BURST} starts within {BURST_WINDOW_S:.0f}s: giving up (see the lines above)")
-            return False
-        log(f"restarting in {self.spec.restart_sec:g}s")
-        return True
+    def _delay(self) -> float:
+        """Machines left untapped are worse than a slow retry: never give up, back off."""
+        recent = [t for t in self.starts if time.monotonic() - t < BURST_WINDOW_S]
+        return min(self.spec.restart_sec * 2 ** max(0, len(recent) - 1), MAX_RESTART_SEC)
 
     def _cleanup(self) -> None:
         if self.spec.cleanup:
