@@ -20,12 +20,13 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from llmtap.addons.recorder import allow_leaving_idle_priority, start_writer_process
+from llmtap.addons.recorder import start_writer_process
 from llmtap.errors import LlmtapError
 from llmtap.platform.base import plug_into_mitmproxy
 from llmtap.platform.linux.proc import parent_death_signal
 from llmtap.privileges import ServiceUser, drop_privileges
 from llmtap.proxy import ProxySettings, build_master
+from llmtap.records.writer_process import allow_leaving_idle_priority
 from mitmproxy import ctx
 
 log = logging.getLogger("llmtap.worker")

@@ -16,13 +16,14 @@ from typing import Any
 
 import pytest
 from llmtap import cli
-from llmtap.addons.recorder import SYSTEM_PROMPT, Recorder, RecordWriter, WriterSettings, fields
+from llmtap.addons.recorder import SYSTEM_PROMPT, Recorder, fields
 from llmtap.cli_history import parse_since
 from llmtap.config import ExportConfig, RecordsConfig
 from llmtap.records import otlp, rotation, store
 from llmtap.records.capture import BodyCapture, mask_path, tee_stream
 from llmtap.records.index import Index, index_path
 from llmtap.records.markdown import sse_text
+from llmtap.records.writer import RecordWriter, WriterSettings
 from mitmproxy.test import taddons, tflow
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
@@ -502,7 +503,8 @@ def test_a_stalled_writer_process_never_blocks_the_event_loop_and_drops_only_bey
     import os
     import signal
 
-    from llmtap.addons.recorder import BATCH_S, RecordWriterProcess, build_record, capture_exchange
+    from llmtap.addons.recorder import build_record, capture_exchange
+    from llmtap.records.writer_process import BATCH_S, RecordWriterProcess
 
     writer = RecordWriterProcess(tmp_path, WriterSettings(RecordsConfig(queue_size=3)))
     flows = [anthropic_flow() for _ in range(12)]
@@ -562,7 +564,7 @@ def test_the_record_writer_idles_and_takes_its_fair_share_only_when_starved(nice
     import os
     import resource
 
-    from llmtap.addons.recorder import BackgroundPriority
+    from llmtap.records.writer_process import BackgroundPriority
 
     if nice_limit > resource.getrlimit(resource.RLIMIT_NICE)[1] and not can_raise_limits():
         pytest.skip("this root cannot raise RLIMIT_NICE (no CAP_SYS_RESOURCE in this container)")

@@ -1,0 +1,160 @@
+"""The record writer: JSON record, Markdown twin, system-prompt archive, index row, rotation and
+export, one exchange at a time, behind a bounded queue (a thread here; a process of its own in the
+daemon, llmtap.records.writer_process)."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sqlite3
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmtap.config import ExportConfig, RecordsConfig
+from llmtap.parsers import request as request_parser
+from llmtap.records import markdown, rotation, store
+from llmtap.records.capture import Exchange
+from llmtap.records.index import Index, index_path, row_of
+from llmtap.records.otlp import OtlpExporter
+
+log = logging.getLogger("llmtap.addons.recorder")
+
+QUEUE_SIZE = 1024
+LOG_EVERY = 100  # a full disk would otherwise log a line per request
+
+
+def system_prompt(exchange: Exchange) -> tuple[str, str] | None:
+    """(sha256, text) of the request's system prompt, as the protocols stage parsed it."""
+    text = exchange.system_prompt
+    sha = request_parser.sha256_text(text)
+    return (sha, text) if sha and text else None
+
+
+@dataclass(frozen=True)
+class WriterSettings:
+    records: RecordsConfig = field(default_factory=RecordsConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    spool_dir: Path | None = None
+
+
+class RecordWriter:
+    """The writer thread behind the bounded queue."""
+
+    def __init__(self, directory: Path, settings: WriterSettings | None = None,
+                 threaded: bool = True) -> None:
+        self.directory = directory
+        self.settings = settings or WriterSettings()
+        self.dropped = 0
+        self.written = 0
+        self.index_errors = 0
+        self._queue: queue.Queue[tuple[dict[str, Any], Exchange | None] | None] = queue.Queue(
+            self.settings.records.queue_size)
+        self._policy = rotation.Policy(self.settings.records.max_files,
+                                       self.settings.records.archive_after_days,
+                                       self.settings.records.delete_after_days)
+        self.exporter: OtlpExporter | None = None
+        if self.settings.export.otlp_endpoint:
+            self.exporter = OtlpExporter(self.settings.export,
+                                         self.settings.spool_dir or directory / ".otlp-spool")
+        self._index: Index | None = None
+        self._live = 0  # records in the directory (for rotation)
+        self._thread = threading.Thread(target=self._run, name="llmtap-recorder", daemon=True)
+        if threaded:
+            self._thread.start()
+
+    def submit(self, record: dict[str, Any], exchange: Exchange | None = None) -> None:
+        try:
+            self._queue.put_nowait((record, exchange))
+        except queue.Full:
+            self.dropped += 1
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+        if self.exporter:
+            self.exporter.close()
+
+    def counters(self) -> dict[str, int]:
+        counters = {"records_written": self.written, "records_dropped": self.dropped,
+                    "records_index_errors": self.index_errors}
+        if self.exporter:
+            counters.update(export_spans=self.exporter.exported,
+                            export_dropped=self.exporter.dropped,
+                            export_spooled=self.exporter.spooled())
+        return counters
+
+    def _run(self) -> None:
+        self.start()
+        while (item := self._queue.get()) is not None:
+            self.handle(*item)
+        self.finish()
+
+    def handle(self, record: dict[str, Any], exchange: Exchange | None) -> None:
+        try:
+            self._write(record, exchange)
+        except OSError as exc:
+            self.dropped += 1
+            if self.dropped % LOG_EVERY == 1:
+                log.warning("record %s not written: %s (%d dropped so far)", record["id"],
+                            exc.strerror or exc, self.dropped)
+            return
+        self.written += 1
+        if self.exporter:
+            self.exporter.submit(record)
+
+    def finish(self) -> None:
+        if self._index:
+            self._index.close()
+
+    def start(self) -> None:
+        try:
+            self._index = Index.open_writer(index_path(self.directory))
+        except sqlite3.Error as exc:
+            log.warning("the records index is unavailable (%s): run `llmtap reindex`", exc)
+        try:
+            self._live = len(rotation.live_records(self.directory))
+            if self._live > self._policy.max_files:
+                self._rotate()
+        except OSError as exc:
+            log.warning("cannot rotate the records: %s", exc.strerror or exc)
+
+    def _write(self, record: dict[str, Any], exchange: Exchange | None) -> None:
+        text = None
+        if exchange is not None:  # the record came masked; bodies are decoded only here
+            prompt = system_prompt(exchange)
+            if prompt:
+                sha, prompt_text = prompt
+                record["system_prompt"] = store.save_system_prompt(
+                    self.directory, sha, exchange.mask.text(prompt_text))
+            if self.settings.records.markdown:
+                text = exchange.mask.text(markdown.render(record, exchange))
+        location = store.write_exchange(self.directory, record, text)
+        self._index_add(record, location)
+        self._live += 1
+        if self._live > self._policy.max_files:
+            self._rotate()
+
+    def _index_add(self, record: dict[str, Any], location: str) -> None:
+        if self._index is None:
+            return
+        try:
+            self._index.add([row_of(record, location)])
+        except sqlite3.Error as exc:
+            self.index_errors += 1
+            if self.index_errors % LOG_EVERY == 1:
+                log.warning("record %s not indexed: %s", record["id"], exc)
+
+    def _rotate(self) -> None:
+        try:
+            moves = rotation.rotate(self.directory, self._policy)
+        except OSError as exc:
+            log.warning("rotation failed: %s", exc.strerror or exc)
+            moves = {}
+        self._live = len(rotation.live_records(self.directory))
+        if moves and self._index is not None:
+            try:
+                self._index.relocate(moves)
+            except sqlite3.Error as exc:
+                log.warning("index not updated after rotation (%s): run `llmtap reindex`", exc)
