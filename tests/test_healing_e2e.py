@@ -115,3 +115,24 @@ def test_repeated_failure_ends_the_daemon_with_one_line(testbed, llmtap):
     last = daemon.stderr().strip().splitlines()[-2:]
     assert any("failures in 120 s, the last: the proxy worker exited" in line for line in last), last
     assert "llmtap" not in testbed.nft_tables()
+
+
+def record_writer(daemon: Daemon) -> psutil.Process:
+    worker = psutil.Process(daemon.status()["worker_pid"])
+    [writer] = [p for p in worker.children() if p.username() == worker.username()]
+    return writer
+
+
+def test_a_killed_record_writer_is_replaced_and_no_record_is_lost(testbed, llmtap):
+    daemon = llmtap()
+    for n in range(3):
+        testbed.curl(f"https://api.anthropic.com/before-{n}", daemon.ca_pem)
+    writer = record_writer(daemon)
+    writer.kill()
+    for n in range(3):
+        testbed.curl(f"https://api.anthropic.com/after-{n}", daemon.ca_pem)
+    wanted = {f"/{when}-{n}" for when in ("before", "after") for n in range(3)}
+    assert wait_for(lambda: wanted <= {r["path"] for r in daemon.records()}), daemon.stderr()
+    counters = wait_for(lambda: (c := daemon.status()["counters"]).get("record_writer_restarts") and c)
+    assert counters["records_dropped"] == 0 and counters["records_written"] >= 3
+    assert daemon.stderr().count("the record writer process died (killed by SIGKILL)") == 1

@@ -590,3 +590,36 @@ def test_the_record_writer_idles_and_takes_its_fair_share_only_when_starved(nice
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_killed_writer_process_is_replaced_and_loses_no_record(tmp_path, caplog):
+    """Batches the writer process had taken but not written when it died, and everything after,
+    are written by the writer thread that takes over."""
+    import os
+    import signal
+
+    from llmtap.addons.recorder import build_record, capture_exchange
+    from llmtap.records.writer_process import RecordWriterProcess
+
+    writer = RecordWriterProcess(tmp_path, WriterSettings())
+    flows = [anthropic_flow() for _ in range(6)]
+    os.kill(writer._pid, signal.SIGSTOP)  # it takes nothing from the pipe: all stay unhandled
+    for flow in flows[:4]:
+        writer.submit(build_record(flow), capture_exchange(flow, 1 << 16))  # no loop: sent at once
+    assert len(writer._sent) == 4 and writer.waiting() == 0
+    os.kill(writer._pid, signal.SIGKILL)
+    for _ in range(200):
+        if writer.check():
+            break
+        time.sleep(0.01)
+    assert writer.fallback is not None
+    for flow in flows[4:]:
+        writer.submit(build_record(flow), capture_exchange(flow, 1 << 16))
+    writer.close()
+    assert sorted(json.loads(p.read_text())["id"] for p in tmp_path.glob("*.json")) == sorted(
+        f.id for f in flows)
+    counters = writer.counters()
+    assert counters["records_written"] == 6 and counters["records_dropped"] == 0
+    assert counters["record_writer_restarts"] == 1
+    assert "the record writer process died (killed by SIGKILL)" in caplog.text
+    assert "4 not yet written were handed to it" in caplog.text

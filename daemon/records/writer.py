@@ -32,6 +32,23 @@ def system_prompt(exchange: Exchange) -> tuple[str, str] | None:
     return (sha, text) if sha and text else None
 
 
+class DropLog:
+    """Records dropped are counted always, and logged loudly once per episode: at the first drop
+    after things were fine, not at every one (a full disk would otherwise flood the log)."""
+
+    def __init__(self) -> None:
+        self.dropping = False
+
+    def dropped(self, total: int, why: str) -> None:
+        if not self.dropping:
+            self.dropping = True
+            log.error("records are being dropped: %s (%d dropped so far; see `llmtap status`)",
+                      why, total)
+
+    def recovered(self) -> None:
+        self.dropping = False
+
+
 @dataclass(frozen=True)
 class WriterSettings:
     records: RecordsConfig = field(default_factory=RecordsConfig)
@@ -47,6 +64,7 @@ class RecordWriter:
         self.directory = directory
         self.settings = settings or WriterSettings()
         self.dropped = 0
+        self.drops = DropLog()
         self.written = 0
         self.index_errors = 0
         self._queue: queue.Queue[tuple[dict[str, Any], Exchange | None] | None] = queue.Queue(
@@ -69,6 +87,9 @@ class RecordWriter:
             self._queue.put_nowait((record, exchange))
         except queue.Full:
             self.dropped += 1
+            self.drops.dropped(self.dropped, "the record writer cannot keep up")
+            return
+        self.drops.recovered()
 
     def close(self) -> None:
         self._queue.put(None)

@@ -10,12 +10,13 @@ import os
 import pickle
 import signal
 import time
+from dataclasses import dataclass
 from multiprocessing.sharedctypes import RawArray  # at import: the worker cannot import later
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from llmtap.records.capture import Exchange
-from llmtap.records.writer import RecordWriter, WriterSettings
+from llmtap.records.writer import DropLog, RecordWriter, WriterSettings
 
 log = logging.getLogger("llmtap.addons.recorder")
 
@@ -30,6 +31,28 @@ STARVED_S = 2.0
 CAUGHT_UP_S = 0.5
 # RLIMIT_NICE lets an unprivileged process leave SCHED_IDLE for nice 0 (and nothing higher).
 NICE_LIMIT = 20
+SHARED_COUNTERS = ("records_written", "records_dropped", "records_index_errors", "export_spans",
+                   "export_dropped", "export_spooled")
+HANDLED = len(SHARED_COUNTERS)  # the shared slot after the counters: batches handled
+
+
+@dataclass
+class Pickled:
+    """One batch on its way to the writer process."""
+
+    sequence: int
+    data: bytes
+    count: int
+    offset: int = 0  # how much of it the pipe has taken
+
+    def unsent(self) -> memoryview:
+        return memoryview(self.data)[self.offset:]
+
+
+def _ended(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit code {os.waitstatus_to_exitcode(status)}"
 
 
 class RecordWriterProcess:
@@ -42,15 +65,27 @@ class RecordWriterProcess:
     cost more in GIL hand-offs than the pickling, and waking the writer once per request cost
     the proxy more than the batch's delay costs anyone. What the pipe cannot take yet waits,
     bounded with the collected ones by `queue_size` records, and goes when it is writable.
-    Counters come back through shared memory."""
+    Counters come back through shared memory.
+
+    A batch written to the pipe is kept (pickled) until the writer says it has handled it, so
+    when the writer process dies nothing it had not written yet is lost: a writer thread in the
+    worker takes over (take_over) with those batches first. What the thread cannot take either
+    (its queue is bounded too) is counted and logged, once per episode."""
 
     def __init__(self, directory: Path, settings: WriterSettings) -> None:
         self.directory = directory
         self.dropped = 0  # here: too many records waiting, or the writer process is gone
-        self._shared = RawArray("q", len(SHARED_COUNTERS))  # shared memory, survives the fork
+        self.settings = settings
+        # shared memory, survives the fork: the counters, then how many batches it has handled
+        self._shared = RawArray("q", len(SHARED_COUNTERS) + 1)
         self._max_waiting = settings.records.queue_size
         self._batch: list[tuple[dict[str, Any], Exchange | None]] = []
-        self._waiting: collections.deque[tuple[memoryview, int]] = collections.deque()  # pickled
+        self._waiting: collections.deque[Pickled] = collections.deque()  # not in the pipe yet
+        self._sent: collections.deque[Pickled] = collections.deque()  # in it, not handled yet
+        self._sequence = 0
+        self.fallback: RecordWriter | None = None  # the writer thread, once the process died
+        self._closed = False
+        self.drops = DropLog()
         self._flush_timer: asyncio.TimerHandle | None = None
         self._draining: asyncio.AbstractEventLoop | None = None
         read_fd, write_fd = os.pipe()
@@ -88,14 +123,20 @@ class RecordWriterProcess:
                     writer.handle(record, exchange)
                 for i, value in enumerate(writer.counters().get(n, 0) for n in SHARED_COUNTERS):
                     self._shared[i] = value
+                self._shared[HANDLED] += 1
         writer.finish()
         if writer.exporter:
             writer.exporter.close()
 
     def submit(self, record: dict[str, Any], exchange: Exchange | None = None) -> None:
+        if self.fallback is not None:
+            self.fallback.submit(record, exchange)
+            return
         if self._fd is None or self.waiting() >= self._max_waiting:
             self.dropped += 1
+            self.drops.dropped(self.dropped, "the record writer cannot keep up")
             return
+        self.drops.recovered()
         self._batch.append((record, exchange))
         if len(self._batch) >= BATCH_MAX:
             self._flush()
@@ -107,12 +148,14 @@ class RecordWriterProcess:
 
     def waiting(self) -> int:
         """Records submitted and not yet taken by the pipe."""
-        return len(self._batch) + sum(count for _, count in self._waiting)
+        return len(self._batch) + sum(batch.count for batch in self._waiting)
 
     def _flush(self) -> None:
         if self._flush_timer is not None:
             self._flush_timer.cancel()
             self._flush_timer = None
+        if self.check():
+            return
         batch, self._batch = self._batch, []
         if not batch:
             return
@@ -121,27 +164,68 @@ class RecordWriterProcess:
         except (pickle.PicklingError, TypeError):
             self.dropped += len(batch)
             return
-        self._waiting.append((memoryview(data), len(batch)))
+        self._waiting.append(Pickled(self._sequence, data, len(batch)))
+        self._sequence += 1
         if len(self._waiting) == 1:
             self._drain()
 
     def _drain(self) -> None:
         """Writes what waits until the pipe is full; then waits for it to become writable."""
         while self._waiting and self._fd is not None:
-            head, count = self._waiting[0]
+            head = self._waiting[0]
             try:
-                written = os.write(self._fd, head)
+                written = os.write(self._fd, head.unsent())
             except BlockingIOError:
                 break
-            except OSError:  # the writer process is gone: nothing will take these
-                self.dropped += self.waiting() - len(self._batch)
-                self._waiting.clear()
-                break
-            if written < len(head):
-                self._waiting[0] = (head[written:], count)
-            else:
-                self._waiting.popleft()
+            except OSError:  # the writer process is gone: the writer thread takes these
+                self._watch_writable(False)
+                self.check()
+                return
+            head.offset += written
+            if head.offset == len(head.data):
+                self._sent.append(self._waiting.popleft())
+        self._forget_handled()
         self._watch_writable(bool(self._waiting))
+
+    def _forget_handled(self) -> None:
+        handled = self._shared[HANDLED]
+        while self._sent and self._sent[0].sequence < handled:
+            self._sent.popleft()
+
+    def check(self) -> bool:
+        """True once the writer process has died and the writer thread has taken over."""
+        if self.fallback is not None:
+            return True
+        if self._closed:  # it ended because we closed it
+            return False
+        try:
+            pid, status = os.waitpid(self._pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = self._pid, 0
+        if not pid:
+            return False
+        self.take_over(status)
+        return True
+
+    def take_over(self, status: int) -> None:
+        """The writer process died: a writer thread here writes what it had not, then the rest."""
+        self._watch_writable(False)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._forget_handled()
+        fallback = RecordWriter(self.directory, self.settings)
+        pending = [*self._sent, *self._waiting]
+        self._sent.clear()
+        self._waiting.clear()
+        records = [item for batch in pending for item in pickle.loads(batch.data)[1]]
+        for record, exchange in [*records, *self._batch]:
+            fallback.submit(record, exchange)
+        self._batch = []
+        self.fallback = fallback
+        log.error("the record writer process died (%s): records are written by a thread in the "
+                  "proxy worker from now on; %d not yet written were handed to it",
+                  _ended(status), len(records))
 
     def _watch_writable(self, wanted: bool) -> None:
         if wanted and self._draining is None and self._fd is not None:
@@ -156,25 +240,32 @@ class RecordWriterProcess:
             self._draining = None
 
     def counters(self) -> dict[str, int]:
-        counters = dict(zip(SHARED_COUNTERS, self._shared, strict=True))
+        self.check()
+        counters = dict(zip(SHARED_COUNTERS, self._shared[: len(SHARED_COUNTERS)], strict=True))
         counters["records_dropped"] += self.dropped
+        if self.fallback is not None:
+            for name, value in self.fallback.counters().items():
+                counters[name] = counters.get(name, 0) + value
+            counters["record_writer_restarts"] = 1
         return counters
 
     def close(self) -> None:
         """Hands over what still waits, lets the writer finish it, then waits for it (bounded)."""
+        self._flush()
+        if self.fallback is not None:
+            self.fallback.close()
+            return
         if self._fd is None:
             return
-        self._flush()
+        self._closed = True
         self._watch_writable(False)
         fd, self._fd = self._fd, None
         os.set_blocking(fd, True)
         try:
             while self._waiting:
-                head, count = self._waiting[0]
-                written = os.write(fd, head)  # may be partial even when blocking
-                if written < len(head):
-                    self._waiting[0] = (head[written:], count)
-                else:
+                head = self._waiting[0]
+                head.offset += os.write(fd, head.unsent())  # may be partial even when blocking
+                if head.offset == len(head.data):
                     self._waiting.popleft()
         except OSError:
             self.dropped += self.waiting()
@@ -228,5 +319,3 @@ def allow_leaving_idle_priority() -> None:
         pass  # not Linux, or not root: the writer then stays idle or at its nice
 
 
-SHARED_COUNTERS = ("records_written", "records_dropped", "records_index_errors", "export_spans",
-                   "export_dropped", "export_spooled")
