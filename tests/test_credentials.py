@@ -514,3 +514,43 @@ def test_a_key_bearing_request_asks_for_identity_and_the_flow_keeps_the_clients_
     plain = flow_to("api.anthropic.com", headers={"accept-encoding": "gzip"})
     credentials.requestheaders(plain)
     assert plain.request.headers["accept-encoding"] == "gzip"  # no key, no change
+
+
+def gzip_zeros(size: int) -> bytes:
+    encoder = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    return b"".join([*(encoder.compress(bytes(1 << 20)) for _ in range(size >> 20)), encoder.flush()])
+
+
+def respond_raw(credentials: Credentials, flow: http.HTTPFlow, raw: bytes, encoding: str) -> http.Response:
+    """A held response with its body as the upstream sent it (make() would encode it again)."""
+    flow.response = http.Response.make(200, b"", {"content-type": "application/json"})
+    flow.response.headers["content-encoding"] = encoding
+    flow.response.raw_content = raw
+    credentials.responseheaders(flow)
+    credentials.response(flow)
+    return flow.response
+
+
+@pytest.mark.parametrize(("raw", "why"), [
+    (gzip_zeros(64 << 20), "its gzip body decodes to more than 32 MiB"),
+    (b"\x1f\x8b not gzip", "its body cannot be decoded (corrupt gzip body"),
+])
+def test_a_key_bearing_response_that_cannot_be_checked_is_withheld(addon, raw, why):
+    credentials, ph, _ = addon
+    flow = flow_to("api.anthropic.com", headers={"x-api-key": ph["anthropic"]})
+    credentials.requestheaders(flow)
+    response = respond_raw(credentials, flow, raw, "gzip")
+    assert response.status_code == 502 and response.headers["x-llmtap-blocked"] == "credentials"
+    error = json.loads(response.content or b"")
+    assert error["type"] == "error" and error["error"]["type"] == "api_error"
+    assert why in error["error"]["message"] and "echoed key" in error["error"]["message"]
+    assert fields(flow)["error"] == error["error"]["message"]
+
+
+def test_a_response_without_a_key_is_relayed_untouched_whatever_it_inflates_to(addon):
+    credentials, _, _ = addon
+    flow = flow_to("api.anthropic.com")
+    credentials.requestheaders(flow)
+    bomb = gzip_zeros(64 << 20)
+    response = respond_raw(credentials, flow, bomb, "gzip")
+    assert response.status_code == 200 and response.raw_content is bomb

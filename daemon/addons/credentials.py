@@ -25,7 +25,7 @@ from urllib.parse import unquote
 
 from llmtap import secrets_store as store
 from llmtap.addons.attribution import Attribution
-from llmtap.addons.echoes import EncodedEchoGuard, StreamScrubber, scrub
+from llmtap.addons.echoes import EncodedEchoGuard, StreamScrubber, scrub, scrub_held
 from llmtap.addons.recorder import fields
 from llmtap.addons.replies import refusal
 from llmtap.errors import LlmtapError
@@ -511,12 +511,8 @@ class Credentials:
     def response(self, flow: http.HTTPFlow) -> None:
         state = flow.metadata.get(STATE)
         response = flow.response
-        if not state or response is None or response.raw_content is None:
-            return
-        content = response.get_content(strict=False) or b""
-        scrubbed = scrub(content, self.table.pairs)
-        if scrubbed != content:
-            response.content = scrubbed
+        if state and response is not None and response.raw_content is not None and self.table.pairs:
+            scrub_held(flow, self.table.pairs)
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._restore(flow)

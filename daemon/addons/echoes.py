@@ -1,13 +1,24 @@
 """Real keys an upstream echoes back (in headers, whole bodies, streams), turned back into their
 placeholders before the client sees them, or, where the bytes cannot be rewritten (a compressed
-stream), cut before the key leaves."""
+stream), cut before the key leaves. A whole body that cannot be checked (it does not decode
+within llmtap.addons.bodies' cap) is withheld: the client gets a provider-shaped 502 instead."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 
+from llmtap.addons.bodies import LIMIT, decoded_response
+from llmtap.addons.recorder import fields
+from llmtap.addons.replies import refusal
+from llmtap.parsers.classify import classify
 from llmtap.parsers.encoding import BodyDecoder, DecodeError
 from llmtap.records.capture import StreamFn
+from mitmproxy import http
+
+log = logging.getLogger(__name__)
+
+UNCHECKED_CODE = "llmtap_response_unchecked"
 
 
 def pass_on(inner: StreamFn | bool, out: bytes, end: bool) -> Iterable[bytes] | bytes:
@@ -27,6 +38,29 @@ def scrub(data: bytes, pairs: Iterable[tuple[bytes, bytes]]) -> bytes:
         if value in data:
             data = data.replace(value, placeholder)
     return data
+
+
+def scrub_held(flow: http.HTTPFlow, pairs: tuple[tuple[bytes, bytes], ...]) -> None:
+    """Scrubs a held response body of echoed keys, in its bounded decoded view (written back
+    re-encoded); a body that cannot be checked so is withheld (fail closed)."""
+    decoded = decoded_response(flow)
+    if decoded.error is not None:
+        withhold(flow, decoded.error)
+        return
+    scrubbed = scrub(decoded.data, pairs)
+    if scrubbed is not decoded.data and flow.response is not None:
+        flow.response.content = scrubbed
+
+
+def withhold(flow: http.HTTPFlow, why: str) -> None:
+    """Replaces the upstream's response by a 502 in the provider's shape, saying why."""
+    request = flow.request
+    message = (f"llmtap withheld the upstream's response to a request that carried a key: {why}, "
+               f"so it cannot be checked for an echoed key; the limit is {LIMIT}")
+    provider, _ = classify(request.pretty_host, request.method, request.path)
+    flow.response = refusal(provider, 502, message, UNCHECKED_CODE, "credentials")
+    fields(flow)["error"] = message
+    log.warning("%s: %s %s", message.removeprefix("llmtap "), request.method, request.pretty_host)
 
 
 def held_suffix(data: bytes, pairs: Iterable[tuple[bytes, bytes]]) -> int:
