@@ -143,3 +143,27 @@ def test_a_response_bomb_to_a_key_bearing_request_is_withheld(testbed, llmtap):
     assert "Traceback" not in daemon.stderr()
     assert_no_real_key_anywhere(daemon, key)
 
+
+
+def test_a_streamed_response_bomb_to_a_key_bearing_request_is_cut_and_stays_bounded(testbed, llmtap):
+    daemon = llmtap()
+    key = real_key("sk-ant-api03-")
+    placeholder = set_secret(daemon, "anthropic", key, "--host", ANTHROPIC_HOST, "--header", "x-api-key")
+    url, ca = f"https://{ANTHROPIC_HOST}/llmtap-test/bomb?stream=1", str(daemon.ca_pem)
+    before = peak_mb(daemon)
+    results = run_together(*(lambda: curl(testbed, url, "--cacert", ca, "-H", f"x-api-key: {placeholder}")
+                             for _ in range(3)),
+                           lambda: send_chat(testbed, daemon, "during"))
+    after = peak_mb(daemon)
+    print(f"worker VmHWM: {before:.0f} MB before, {after:.0f} MB after three streamed response bombs")
+    # Watched as it passed, one decoder piece at a time, and cut where it could no longer be.
+    for status, body in results[:3]:
+        assert status == 200 and 0 < len(body) < len(gzip_bomb()) // 2, (status, len(body))
+    assert results[3][0] == 200
+    assert after < PEAK_BUDGET_MB, (before, after)
+    alerts = [a for r in daemon.records(4) for a in r.get("credential_alerts") or []]
+    assert [a["alert"] for a in alerts] == [
+        "more than 256 MiB decoded, too much to check for an echoed key in a compressed stream: "
+        "the stream was cut"] * 3
+    assert "Traceback" not in daemon.stderr()
+    assert_no_real_key_anywhere(daemon, key)

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+import tracemalloc
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -484,20 +485,20 @@ def gzip_stream(text: bytes, pieces: int) -> list[bytes]:
 @pytest.mark.parametrize("pieces", [1, 3, 17, 200])
 def test_a_key_echoed_in_a_gzip_stream_is_cut_before_it_leaves(pieces):
     body = b"data: " + json.dumps({"echo": ANTHROPIC}).encode() + b"\n\n" * 50
-    cut: list[bool] = []
-    guard = EncodedEchoGuard(((ANTHROPIC.encode(), b"PH"),), "gzip", True, lambda: cut.append(True))
+    cut: list[str] = []
+    guard = EncodedEchoGuard(((ANTHROPIC.encode(), b"PH"),), "gzip", True, cut.append)
     sent = b""
     for chunk in [*gzip_stream(body, pieces), b""]:
         out = guard(chunk)
         sent += out if isinstance(out, bytes) else b"".join(out)
-    assert cut == [True]
+    assert cut == [EncodedEchoGuard.ECHOED]
     seen = zlib.decompressobj(31).decompress(sent)  # what the client can decode of it
     assert ANTHROPIC.encode() not in seen and ANTHROPIC[:-1].encode() not in seen
 
 
 def test_a_clean_gzip_stream_passes_unchanged_and_in_time():
     body = b"data: {}\n\n" * 400
-    guard = EncodedEchoGuard(((ANTHROPIC.encode(), b"PH"),), "gzip", True, lambda: None)
+    guard = EncodedEchoGuard(((ANTHROPIC.encode(), b"PH"),), "gzip", True, lambda why: None)
     chunks = gzip_stream(body, 40)
     outs = [guard(chunk) for chunk in [*chunks, b""]]
     assert b"".join(o if isinstance(o, bytes) else b"".join(o) for o in outs) == b"".join(chunks)
@@ -554,3 +555,20 @@ def test_a_response_without_a_key_is_relayed_untouched_whatever_it_inflates_to(a
     bomb = gzip_zeros(64 << 20)
     response = respond_raw(credentials, flow, bomb, "gzip")
     assert response.status_code == 200 and response.raw_content is bomb
+
+
+def test_a_compressed_stream_is_watched_one_piece_at_a_time_and_cut_past_the_cap():
+    cut: list[str] = []
+    guard = EncodedEchoGuard(((ANTHROPIC.encode(), b"PH"),), "gzip", True, cut.append)
+    bomb = gzip_zeros(300 << 20)
+    chunks = chunked(bomb, 64 * 1024)  # each inflates to 64 MiB
+    tracemalloc.start()
+    try:
+        sent = [guard(chunks[0])]
+        _, peak = tracemalloc.get_traced_memory()
+        sent += [guard(chunk) for chunk in [*chunks[1:], b""]]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, peak  # one decoder piece and the chunk, never the chunk's 64 MiB
+    assert sent[0] == chunks[0] and cut == [EncodedEchoGuard.UNCHECKED]
+    assert sum(len(s) for s in sent) < len(bomb)  # nothing past the cap went on

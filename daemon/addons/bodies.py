@@ -12,9 +12,9 @@ The policy:
   one request: Anthropic's Messages API stops at 32 MB), or that cannot be decoded at all
   (unsupported or corrupt content-encoding, truncated), is refused with a provider-shaped 413,
   code `llmtap_body_too_large`: nothing is sent upstream, and the record's `error` says why.
-- The response of a key-bearing flow is checked for echoed keys in its decoded form; one that
-  cannot be decoded within MAX_DECODED cannot be checked, and is replaced by a provider-shaped
-  502 (llmtap.addons.echoes).
+- The held response of a key-bearing flow is checked for echoed keys in its decoded form; one
+  that cannot be decoded within MAX_DECODED cannot be checked, and is replaced by a
+  provider-shaped 502 (llmtap.addons.echoes; a compressed stream is cut past its own cap there).
 - Every other response is relayed as it came: the parsers decode on the side, under their own caps.
 Memory: at most MAX_DECODED (plus one decoder piece) of decoded data per body. Bodies streamed
 past `stream_large_bodies` are never held, so never decoded here.

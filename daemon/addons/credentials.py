@@ -541,7 +541,7 @@ class Credentials:
         encoding = response.headers.get("content-encoding", "identity").strip().lower()
         if encoding != "identity":  # the upstream ignored ask_identity
             response.stream = EncodedEchoGuard(self.table.pairs, encoding, response.stream,
-                                               lambda: self._echo_cut(flow))
+                                               lambda why: self._echo_cut(flow, why))
             return
         response.stream = StreamScrubber(self.table.pairs, response.stream)
         if "content-length" in response.headers:  # a placeholder and its key differ in length
@@ -549,11 +549,11 @@ class Credentials:
             if flow.client_conn.alpn != b"h2":
                 response.headers["transfer-encoding"] = "chunked"
 
-    def _echo_cut(self, flow: http.HTTPFlow) -> None:
+    def _echo_cut(self, flow: http.HTTPFlow, why: str) -> None:
         fields(flow).setdefault("credential_alerts", []).append(
-            {"alert": "the upstream echoed a real key in a compressed stream: the stream was cut"})
-        log.warning("%s echoed a real key in a %s-encoded stream: cut before it reached the "
-                    "client%s", flow.request.pretty_host,
+            {"alert": f"{why} in a compressed stream: the stream was cut"})
+        log.warning("%s: %s in a %s-encoded stream: cut before it reached the client%s",
+                    flow.request.pretty_host, why,
                     flow.response.headers.get("content-encoding") if flow.response else "?",
                     _process(flow))
 
