@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import gzip
 import json
 import time
-import zlib
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,15 +26,6 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 LOG: Path | None = None
 CHUNK_PAUSE_S = 0.01
-BOMB_SIZE = 1 << 30  # what /llmtap-test/bomb inflates to
-
-
-@functools.cache
-def gzip_bomb(size: int = BOMB_SIZE) -> bytes:
-    """One gzip member of `size` zero bytes: about size/1000 on the wire (1 GiB: 1 MiB, ~4 s)."""
-    encoder, block = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS), bytes(1 << 20)
-    pieces = [encoder.compress(block) for _ in range(size >> 20)]
-    return b"".join([*pieces, encoder.compress(bytes(size & ((1 << 20) - 1))), encoder.flush()])
 
 
 def anthropic_sse(model: str, text: str = "Hello from the fake upstream.") -> bytes:
@@ -183,21 +172,6 @@ async def bench(scope: Scope, send: Send) -> None:
     await send({"type": "http.response.body", "body": tail})
 
 
-async def bomb(scope: Scope, send: Send) -> None:
-    """A decompression bomb whatever the client accepts (accept-encoding: identity included):
-    with its size announced, so that a proxy holds it whole; with `?stream=1`, in chunks of
-    unannounced size, so that a proxy streams it."""
-    headers = [*JSON_HEADERS, (b"content-encoding", b"gzip")]
-    if b"stream=1" not in scope.get("query_string", b""):
-        await respond(send, 200, gzip_bomb(), headers)
-        return
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
-    data, size = gzip_bomb(), 64 * 1024
-    for start in range(0, len(data), size):
-        await send({"type": "http.response.body", "body": data[start:start + size], "more_body": True})
-    await send({"type": "http.response.body", "body": b""})
-
-
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
                (b"cache-control", b"no-cache")]
 JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -272,8 +246,6 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
                       [*JSON_HEADERS, (b"content-encoding", b"gzip")])
     elif path == "/llmtap-test/echo-headers":
         await echo_headers(scope, send)
-    elif path == "/llmtap-test/bomb":
-        await bomb(scope, send)
     elif path.startswith("/bytes/"):
         size = int(path.rsplit("/", 1)[1])
         await respond(send, 200, b"x" * size, [(b"content-type", b"application/octet-stream")])

@@ -3,8 +3,9 @@
 
 The worker must never decode more than llmtap's cap of it (llmtap.addons.bodies): a request bomb
 is refused with a 413 and nothing reaches the upstream; a response bomb to a request that carried
-a real key cannot be checked for an echo, so the client gets a 502 instead. The worker's peak
-memory (VmHWM) stays under a fixed budget throughout, and other clients are served meanwhile.
+a real key cannot be checked for an echo, so the client gets a 502 instead (a streamed one is
+cut). The worker's peak memory (VmHWM) stays under a fixed budget throughout, and other clients
+are served meanwhile.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from fake_upstream import gzip_bomb
+from fake_providers import bomb as gzip_bomb
 from test_credentials_e2e import assert_no_real_key_anywhere, real_key, set_secret
 from test_key_theft_e2e import ANTHROPIC_HOST, record_with_error
 from testbed import Daemon, Testbed
@@ -24,6 +25,7 @@ from testbed import Daemon, Testbed
 pytestmark = pytest.mark.root
 
 PEAK_BUDGET_MB = 300  # the worker's VmHWM at any point of these tests
+BOMB_SIZE = 1 << 30  # what each bomb inflates to; about 1 MiB on the wire
 MESSAGES = f"https://{ANTHROPIC_HOST}/v1/messages"
 CHAT = {"model": "claude-sonnet-4-5", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
 
@@ -40,7 +42,7 @@ def peak_mb(daemon: Daemon) -> float:
 @pytest.fixture(scope="module")
 def bomb_file(testbed: Testbed) -> Path:
     path = testbed.workdir / "bomb.json.gz"
-    path.write_bytes(gzip_bomb())
+    path.write_bytes(gzip_bomb(BOMB_SIZE))
     path.chmod(0o644)
     return path
 
@@ -63,9 +65,11 @@ def send_bomb(testbed: Testbed, daemon: Daemon, bomb: Path, tag: str, *headers: 
                 "--data-binary", f"@{bomb}")
 
 
-def send_chat(testbed: Testbed, daemon: Daemon, tag: str) -> tuple[int, bytes]:
+def send_chat(testbed: Testbed, daemon: Daemon, tag: str, *headers: str) -> tuple[int, bytes]:
+    """A Messages call; `x-fake-bomb: N` among the headers makes the upstream answer a bomb."""
     return curl(testbed, f"{MESSAGES}?ok={tag}", "--cacert", str(daemon.ca_pem),
-                "-H", "content-type: application/json", "-d", json.dumps(CHAT))
+                "-H", "content-type: application/json", "-d", json.dumps(CHAT),
+                *(arg for header in headers for arg in ("-H", header)))
 
 
 def assert_refused(status: int, body: bytes) -> None:
@@ -122,20 +126,22 @@ def test_a_response_bomb_to_a_key_bearing_request_is_withheld(testbed, llmtap):
     daemon = llmtap()
     key = real_key("sk-ant-api03-")
     placeholder = set_secret(daemon, "anthropic", key, "--host", ANTHROPIC_HOST, "--header", "x-api-key")
-    url, ca = f"https://{ANTHROPIC_HOST}/llmtap-test/bomb", str(daemon.ca_pem)
+    bomb = f"x-fake-bomb: {BOMB_SIZE}"  # answered whatever accept-encoding the request has
     before = peak_mb(daemon)
-    # Without a key it is not llmtap's to check: relayed as it came (curl does not inflate it).
-    status, body = curl(testbed, url, "--cacert", ca)
-    assert status == 200 and body == gzip_bomb(), (status, body[:100])
-    results = run_together(*(lambda: curl(testbed, url, "--cacert", ca, "-H", f"x-api-key: {placeholder}")
+    # Without a key it is not llmtap's to check: relayed as it came (curl does not inflate it),
+    # and parsed on the side under the parsers' own caps.
+    status, body = send_chat(testbed, daemon, "plain", bomb)
+    assert status == 200 and body == gzip_bomb(BOMB_SIZE), (status, body[:100])
+    results = run_together(*(lambda: send_chat(testbed, daemon, "keyed", bomb, f"x-api-key: {placeholder}")
                              for _ in range(3)),
                            lambda: send_chat(testbed, daemon, "during"))
     after = peak_mb(daemon)
     print(f"worker VmHWM: {before:.0f} MB before, {after:.0f} MB after four response bombs")
     for status, body in results[:3]:
         assert status == 502, (status, body[:300])
-        message = json.loads(body)["error"]["message"]
-        assert "decodes to more than 32 MiB" in message and "echoed key" in message
+        error = json.loads(body)["error"]
+        assert error["type"] == "api_error"
+        assert "decodes to more than 32 MiB" in error["message"] and "echoed key" in error["message"]
     assert results[3][0] == 200
     assert after < PEAK_BUDGET_MB, (before, after)
     record = record_with_error(daemon, "cannot be checked for an echoed key")
@@ -144,21 +150,20 @@ def test_a_response_bomb_to_a_key_bearing_request_is_withheld(testbed, llmtap):
     assert_no_real_key_anywhere(daemon, key)
 
 
-
 def test_a_streamed_response_bomb_to_a_key_bearing_request_is_cut_and_stays_bounded(testbed, llmtap):
     daemon = llmtap()
     key = real_key("sk-ant-api03-")
     placeholder = set_secret(daemon, "anthropic", key, "--host", ANTHROPIC_HOST, "--header", "x-api-key")
-    url, ca = f"https://{ANTHROPIC_HOST}/llmtap-test/bomb?stream=1", str(daemon.ca_pem)
+    # No content-length: the proxy streams it through the echo guard instead of holding it.
+    bomb = (f"x-fake-bomb: {BOMB_SIZE}", "x-fake-unsized: 1", f"x-api-key: {placeholder}")
     before = peak_mb(daemon)
-    results = run_together(*(lambda: curl(testbed, url, "--cacert", ca, "-H", f"x-api-key: {placeholder}")
-                             for _ in range(3)),
+    results = run_together(*(lambda: send_chat(testbed, daemon, "streamed", *bomb) for _ in range(3)),
                            lambda: send_chat(testbed, daemon, "during"))
     after = peak_mb(daemon)
     print(f"worker VmHWM: {before:.0f} MB before, {after:.0f} MB after three streamed response bombs")
     # Watched as it passed, one decoder piece at a time, and cut where it could no longer be.
     for status, body in results[:3]:
-        assert status == 200 and 0 < len(body) < len(gzip_bomb()) // 2, (status, len(body))
+        assert status == 200 and 0 < len(body) < len(gzip_bomb(BOMB_SIZE)) // 2, (status, len(body))
     assert results[3][0] == 200
     assert after < PEAK_BUDGET_MB, (before, after)
     alerts = [a for r in daemon.records(4) for a in r.get("credential_alerts") or []]

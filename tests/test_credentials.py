@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fake_providers import bomb
 from llmtap import secrets_store as store
 from llmtap.addons import credentials as cred
 from llmtap.addons.credentials import Credentials, CredentialStreams
@@ -517,11 +518,6 @@ def test_a_key_bearing_request_asks_for_identity_and_the_flow_keeps_the_clients_
     assert plain.request.headers["accept-encoding"] == "gzip"  # no key, no change
 
 
-def gzip_zeros(size: int) -> bytes:
-    encoder = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
-    return b"".join([*(encoder.compress(bytes(1 << 20)) for _ in range(size >> 20)), encoder.flush()])
-
-
 def respond_raw(credentials: Credentials, flow: http.HTTPFlow, raw: bytes, encoding: str) -> http.Response:
     """A held response with its body as the upstream sent it (make() would encode it again)."""
     flow.response = http.Response.make(200, b"", {"content-type": "application/json"})
@@ -533,7 +529,7 @@ def respond_raw(credentials: Credentials, flow: http.HTTPFlow, raw: bytes, encod
 
 
 @pytest.mark.parametrize(("raw", "why"), [
-    (gzip_zeros(64 << 20), "its gzip body decodes to more than 32 MiB"),
+    (bomb(64 << 20), "its gzip body decodes to more than 32 MiB"),
     (b"\x1f\x8b not gzip", "its body cannot be decoded (corrupt gzip body"),
 ])
 def test_a_key_bearing_response_that_cannot_be_checked_is_withheld(addon, raw, why):
@@ -552,16 +548,16 @@ def test_a_response_without_a_key_is_relayed_untouched_whatever_it_inflates_to(a
     credentials, _, _ = addon
     flow = flow_to("api.anthropic.com")
     credentials.requestheaders(flow)
-    bomb = gzip_zeros(64 << 20)
-    response = respond_raw(credentials, flow, bomb, "gzip")
-    assert response.status_code == 200 and response.raw_content is bomb
+    raw = bomb(64 << 20)
+    response = respond_raw(credentials, flow, raw, "gzip")
+    assert response.status_code == 200 and response.raw_content is raw
 
 
 def test_a_compressed_stream_is_watched_one_piece_at_a_time_and_cut_past_the_cap():
     cut: list[str] = []
     guard = EncodedEchoGuard(((ANTHROPIC.encode(), b"PH"),), "gzip", True, cut.append)
-    bomb = gzip_zeros(300 << 20)
-    chunks = chunked(bomb, 64 * 1024)  # each inflates to 64 MiB
+    raw = bomb(300 << 20)
+    chunks = chunked(raw, 64 * 1024)  # each inflates to 64 MiB
     tracemalloc.start()
     try:
         sent = [guard(chunks[0])]
@@ -571,4 +567,4 @@ def test_a_compressed_stream_is_watched_one_piece_at_a_time_and_cut_past_the_cap
         tracemalloc.stop()
     assert peak < 4 << 20, peak  # one decoder piece and the chunk, never the chunk's 64 MiB
     assert sent[0] == chunks[0] and cut == [EncodedEchoGuard.UNCHECKED]
-    assert sum(len(s) for s in sent) < len(bomb)  # nothing past the cap went on
+    assert sum(len(s) for s in sent) < len(raw)  # nothing past the cap went on
