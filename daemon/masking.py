@@ -63,6 +63,10 @@ class SecretMask:
     def data(self, data: bytes) -> bytes:
         return self._bytes.sub(MARKER.encode(), data) if self._bytes is not None else data
 
+    def in_data(self, data: bytes) -> bool:
+        """Whether a held value may be in `data` (UTF-8): a gate that needs no decoded copy."""
+        return self._bytes is not None and self._bytes.search(data) is not None
+
     def found_in(self, text: str) -> list[tuple[int, int]]:
         """Where held values are in `text` (start, end)."""
         return [m.span() for m in self._text.finditer(text)] if self._text is not None else []

@@ -10,7 +10,8 @@ Any request may steer the reply with headers:
     x-fake-lie-encoding: E      claim content-encoding E while sending the body as it is
     x-fake-body: TEXT           this body (200, application/json) instead of a fixture
     x-fake-big: N               an N-byte Messages reply (its usage at the very end)
-    x-fake-bomb: N              a gzip body that inflates to N bytes
+    x-fake-bomb: N              a gzip body that inflates to N bytes (whatever accept-encoding says)
+    x-fake-unsized: 1           no content-length: a body that is not streamed goes out chunked
     x-fake-pause-ms: N          pause between stream chunks (default 10)
 Without them these paths get their fixture: POST /v1/responses, /v1/messages/count_tokens, and
 Gemini's :generateContent, :streamGenerateContent (alt=sse or the JSON array) and :countTokens.
@@ -183,7 +184,7 @@ async def send_reply(send: Send, reply: Reply, headers: dict[str, str]) -> None:
     out: Headers = [(b"content-type", reply.content_type.encode()), *reply.headers]
     if encoding or "x-fake-lie-encoding" in headers:
         out.append((b"content-encoding", (encoding or headers["x-fake-lie-encoding"]).encode()))
-    if not reply.streamed:
+    if not reply.streamed and "x-fake-unsized" not in headers:
         out.append((b"content-length", str(sum(map(len, pieces))).encode()))
     await send({"type": "http.response.start", "status": reply.status, "headers": out})
     abort = int(headers["x-fake-abort"]) if "x-fake-abort" in headers else None

@@ -6,11 +6,13 @@ import asyncio
 import json
 import logging
 import os
+import tracemalloc
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fake_providers import bomb
 from llmtap import secrets_store as store
 from llmtap.addons import credentials as cred
 from llmtap.addons.credentials import Credentials, CredentialStreams
@@ -484,20 +486,20 @@ def gzip_stream(text: bytes, pieces: int) -> list[bytes]:
 @pytest.mark.parametrize("pieces", [1, 3, 17, 200])
 def test_a_key_echoed_in_a_gzip_stream_is_cut_before_it_leaves(pieces):
     body = b"data: " + json.dumps({"echo": ANTHROPIC}).encode() + b"\n\n" * 50
-    cut: list[bool] = []
-    guard = EncodedEchoGuard(((ANTHROPIC.encode(), b"PH"),), "gzip", True, lambda: cut.append(True))
+    cut: list[str] = []
+    guard = EncodedEchoGuard(((ANTHROPIC.encode(), b"PH"),), "gzip", True, cut.append)
     sent = b""
     for chunk in [*gzip_stream(body, pieces), b""]:
         out = guard(chunk)
         sent += out if isinstance(out, bytes) else b"".join(out)
-    assert cut == [True]
+    assert cut == [EncodedEchoGuard.ECHOED]
     seen = zlib.decompressobj(31).decompress(sent)  # what the client can decode of it
     assert ANTHROPIC.encode() not in seen and ANTHROPIC[:-1].encode() not in seen
 
 
 def test_a_clean_gzip_stream_passes_unchanged_and_in_time():
     body = b"data: {}\n\n" * 400
-    guard = EncodedEchoGuard(((ANTHROPIC.encode(), b"PH"),), "gzip", True, lambda: None)
+    guard = EncodedEchoGuard(((ANTHROPIC.encode(), b"PH"),), "gzip", True, lambda why: None)
     chunks = gzip_stream(body, 40)
     outs = [guard(chunk) for chunk in [*chunks, b""]]
     assert b"".join(o if isinstance(o, bytes) else b"".join(o) for o in outs) == b"".join(chunks)
@@ -514,3 +516,55 @@ def test_a_key_bearing_request_asks_for_identity_and_the_flow_keeps_the_clients_
     plain = flow_to("api.anthropic.com", headers={"accept-encoding": "gzip"})
     credentials.requestheaders(plain)
     assert plain.request.headers["accept-encoding"] == "gzip"  # no key, no change
+
+
+def respond_raw(credentials: Credentials, flow: http.HTTPFlow, raw: bytes, encoding: str) -> http.Response:
+    """A held response with its body as the upstream sent it (make() would encode it again)."""
+    flow.response = http.Response.make(200, b"", {"content-type": "application/json"})
+    flow.response.headers["content-encoding"] = encoding
+    flow.response.raw_content = raw
+    credentials.responseheaders(flow)
+    credentials.response(flow)
+    return flow.response
+
+
+@pytest.mark.parametrize(("raw", "why"), [
+    (bomb(64 << 20), "its gzip body decodes to more than 32 MiB"),
+    (b"\x1f\x8b not gzip", "its body cannot be decoded (corrupt gzip body"),
+])
+def test_a_key_bearing_response_that_cannot_be_checked_is_withheld(addon, raw, why):
+    credentials, ph, _ = addon
+    flow = flow_to("api.anthropic.com", headers={"x-api-key": ph["anthropic"]})
+    credentials.requestheaders(flow)
+    response = respond_raw(credentials, flow, raw, "gzip")
+    assert response.status_code == 502 and response.headers["x-llmtap-blocked"] == "credentials"
+    error = json.loads(response.content or b"")
+    assert error["type"] == "error" and error["error"]["type"] == "api_error"
+    assert why in error["error"]["message"] and "echoed key" in error["error"]["message"]
+    assert fields(flow)["error"] == error["error"]["message"]
+
+
+def test_a_response_without_a_key_is_relayed_untouched_whatever_it_inflates_to(addon):
+    credentials, _, _ = addon
+    flow = flow_to("api.anthropic.com")
+    credentials.requestheaders(flow)
+    raw = bomb(64 << 20)
+    response = respond_raw(credentials, flow, raw, "gzip")
+    assert response.status_code == 200 and response.raw_content is raw
+
+
+def test_a_compressed_stream_is_watched_one_piece_at_a_time_and_cut_past_the_cap():
+    cut: list[str] = []
+    guard = EncodedEchoGuard(((ANTHROPIC.encode(), b"PH"),), "gzip", True, cut.append)
+    raw = bomb(300 << 20)
+    chunks = chunked(raw, 64 * 1024)  # each inflates to 64 MiB
+    tracemalloc.start()
+    try:
+        sent = [guard(chunks[0])]
+        _, peak = tracemalloc.get_traced_memory()
+        sent += [guard(chunk) for chunk in [*chunks[1:], b""]]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, peak  # one decoder piece and the chunk, never the chunk's 64 MiB
+    assert sent[0] == chunks[0] and cut == [EncodedEchoGuard.UNCHECKED]
+    assert sum(len(s) for s in sent) < len(raw)  # nothing past the cap went on

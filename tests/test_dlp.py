@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from llmtap import dlp
+from llmtap.addons import bodies
 from llmtap.addons import dlp as dlp_addon
 from llmtap.addons.dlp import Dlp, DlpStreams, chain
 from llmtap.addons.filters import Filters
@@ -321,7 +322,7 @@ def test_compressed_bodies_are_read_and_written_back_compressed(tmp_path: Path) 
         scan.request(flow)
     assert flow.request.raw_content is not None and flow.request.raw_content[:2] == b"\x1f\x8b"
     assert json.loads(flow.request.content or b"") == {"t": "b [REDACTED:aws_access_key]"}
-    assert dlp_addon.BODY_CACHE.take(flow.id, flow.request.raw_content) is None  # handed over
+    assert bodies.take_over(flow) is None  # handed over
 
 
 def test_filters_alone_write_the_body_themselves(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from urllib.parse import unquote
 
 from llmtap import secrets_store as store
 from llmtap.addons.attribution import Attribution
-from llmtap.addons.echoes import EncodedEchoGuard, StreamScrubber, scrub
+from llmtap.addons.echoes import EncodedEchoGuard, StreamScrubber, scrub, scrub_held
 from llmtap.addons.recorder import fields
 from llmtap.addons.replies import refusal
 from llmtap.errors import LlmtapError
@@ -511,12 +511,8 @@ class Credentials:
     def response(self, flow: http.HTTPFlow) -> None:
         state = flow.metadata.get(STATE)
         response = flow.response
-        if not state or response is None or response.raw_content is None:
-            return
-        content = response.get_content(strict=False) or b""
-        scrubbed = scrub(content, self.table.pairs)
-        if scrubbed != content:
-            response.content = scrubbed
+        if state and response is not None and response.raw_content is not None and self.table.pairs:
+            scrub_held(flow, self.table.pairs)
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._restore(flow)
@@ -545,7 +541,7 @@ class Credentials:
         encoding = response.headers.get("content-encoding", "identity").strip().lower()
         if encoding != "identity":  # the upstream ignored ask_identity
             response.stream = EncodedEchoGuard(self.table.pairs, encoding, response.stream,
-                                               lambda: self._echo_cut(flow))
+                                               lambda why: self._echo_cut(flow, why))
             return
         response.stream = StreamScrubber(self.table.pairs, response.stream)
         if "content-length" in response.headers:  # a placeholder and its key differ in length
@@ -553,11 +549,11 @@ class Credentials:
             if flow.client_conn.alpn != b"h2":
                 response.headers["transfer-encoding"] = "chunked"
 
-    def _echo_cut(self, flow: http.HTTPFlow) -> None:
+    def _echo_cut(self, flow: http.HTTPFlow, why: str) -> None:
         fields(flow).setdefault("credential_alerts", []).append(
-            {"alert": "the upstream echoed a real key in a compressed stream: the stream was cut"})
-        log.warning("%s echoed a real key in a %s-encoded stream: cut before it reached the "
-                    "client%s", flow.request.pretty_host,
+            {"alert": f"{why} in a compressed stream: the stream was cut"})
+        log.warning("%s: %s in a %s-encoded stream: cut before it reached the client%s",
+                    flow.request.pretty_host, why,
                     flow.response.headers.get("content-encoding") if flow.response else "?",
                     _process(flow))
 

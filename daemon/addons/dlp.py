@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from llmtap.addons import bodies
 from llmtap.addons.filters import load_body
 from llmtap.addons.recorder import addon_config, fields
 from llmtap.addons.replies import refusal
@@ -35,7 +36,7 @@ from llmtap.dlp import (
 from llmtap.masking import NO_MASK, SecretMask
 from llmtap.parsers.classify import classify
 from llmtap.rules import Body, Protected
-from llmtap.rules.strings import BODY_CACHE, Strings
+from llmtap.rules.strings import Strings
 from mitmproxy import ctx, http
 
 log = logging.getLogger(__name__)
@@ -110,14 +111,16 @@ class Dlp:
     def request(self, flow: http.HTTPFlow) -> None:
         request = flow.request
         # The body as the filters stage parsed (and maybe changed) it, if it did.
-        body: Body | str | None = BODY_CACHE.take(flow.id, request.raw_content)
+        body: Body | str | None = bodies.take_over(flow)
         if request.stream:
             self._streamed(flow)
+            return
+        if bodies.refuse_unreadable(flow, "dlp"):  # the filters stage has, if there is one
             return
         kept: dict[int, str] = {}
         try:
             if flow.response is None and (self.scanner or self._held()):
-                body = body or self._load(request)
+                body = body or self._load(flow)
                 if isinstance(body, Body):
                     kept = self._scan(flow, body)
         finally:  # the rules' changes and ours, written once
@@ -166,17 +169,15 @@ class Dlp:
             self.held.key_bearing(flow)
         return findings
 
-    def _load(self, request: http.Request) -> Body | str | None:
-        """The body, parsed, unless one look at the raw bytes shows there is nothing to find.
+    def _load(self, flow: http.HTTPFlow) -> Body | str | None:
+        """The body, parsed, unless one look at its decoded bytes shows there is nothing to find.
         A JSON escape (\\u0073k-...) hides text from that look: such a body is always parsed."""
-        try:
-            content = request.get_content(strict=True)
-        except ValueError:
-            content = None
-        if content is not None and b"\\u" not in content and not self.scanner.may_find(content) \
-                and not self._held().found_in(content.decode("utf-8", "replace")):
+        decoded = bodies.decoded_request(flow)
+        content = decoded.data
+        if decoded.error is None and b"\\u" not in content and not self.scanner.may_find(content) \
+                and not self._held().in_data(content):
             return None
-        return load_body(request)
+        return load_body(flow)
 
     def _block(self, flow: http.HTTPFlow, what: list[str]) -> None:
         request = flow.request

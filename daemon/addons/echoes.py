@@ -1,13 +1,24 @@
 """Real keys an upstream echoes back (in headers, whole bodies, streams), turned back into their
 placeholders before the client sees them, or, where the bytes cannot be rewritten (a compressed
-stream), cut before the key leaves."""
+stream), cut before the key leaves. A whole body that cannot be checked (it does not decode
+within llmtap.addons.bodies' cap) is withheld: the client gets a provider-shaped 502 instead."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 
-from llmtap.parsers.encoding import BodyDecoder, DecodeError
+from llmtap.addons.bodies import LIMIT, decoded_response
+from llmtap.addons.recorder import fields
+from llmtap.addons.replies import refusal
+from llmtap.parsers.classify import classify
+from llmtap.parsers.encoding import BodyDecoder, DecodeError, TooLarge
 from llmtap.records.capture import StreamFn
+from mitmproxy import http
+
+log = logging.getLogger(__name__)
+
+UNCHECKED_CODE = "llmtap_response_unchecked"
 
 
 def pass_on(inner: StreamFn | bool, out: bytes, end: bool) -> Iterable[bytes] | bytes:
@@ -27,6 +38,29 @@ def scrub(data: bytes, pairs: Iterable[tuple[bytes, bytes]]) -> bytes:
         if value in data:
             data = data.replace(value, placeholder)
     return data
+
+
+def scrub_held(flow: http.HTTPFlow, pairs: tuple[tuple[bytes, bytes], ...]) -> None:
+    """Scrubs a held response body of echoed keys, in its bounded decoded view (written back
+    re-encoded); a body that cannot be checked so is withheld (fail closed)."""
+    decoded = decoded_response(flow)
+    if decoded.error is not None:
+        withhold(flow, decoded.error)
+        return
+    scrubbed = scrub(decoded.data, pairs)
+    if scrubbed is not decoded.data and flow.response is not None:
+        flow.response.content = scrubbed
+
+
+def withhold(flow: http.HTTPFlow, why: str) -> None:
+    """Replaces the upstream's response by a 502 in the provider's shape, saying why."""
+    request = flow.request
+    message = (f"llmtap withheld the upstream's response to a request that carried a key: {why}, "
+               f"so it cannot be checked for an echoed key; the limit is {LIMIT}")
+    provider, _ = classify(request.pretty_host, request.method, request.path)
+    flow.response = refusal(provider, 502, message, UNCHECKED_CODE, "credentials")
+    fields(flow)["error"] = message
+    log.warning("%s: %s %s", message.removeprefix("llmtap "), request.method, request.pretty_host)
 
 
 def held_suffix(data: bytes, pairs: Iterable[tuple[bytes, bytes]]) -> int:
@@ -69,48 +103,57 @@ class StreamScrubber:
 
 class EncodedEchoGuard:
     """A compressed response `stream` of a key-bearing flow, whose bytes cannot be rewritten:
-    each chunk is decoded on the side (bounded) and passed on unchanged unless the text so far
-    holds a key. Chunks whose decoded end could begin a key wait for the next one; a key found
-    cuts the stream there, so no byte that completes it leaves."""
+    each chunk is decoded on the side, one decoder piece at a time, and passed on unchanged
+    unless the text so far holds a key. Chunks whose decoded end could begin a key wait for the
+    next one; a key found cuts the stream there, so no byte that completes it leaves. So does
+    decoding past MAX_DECODED: what follows could not be checked."""
 
     MAX_HELD = 1 << 20  # compressed bytes held at most while a key prefix is pending
-    MAX_DECODED = 256 << 20  # past this the body is not watched further, only relayed
+    MAX_DECODED = 256 << 20  # watched this far (it bounds the work, not the memory)
+    ECHOED = "the upstream echoed a real key"
+    UNCHECKED = f"more than {MAX_DECODED >> 20} MiB decoded, too much to check for an echoed key"
 
     def __init__(self, pairs: tuple[tuple[bytes, bytes], ...], encoding: str,
-                 inner: StreamFn | bool, on_cut: Callable[[], None]) -> None:
+                 inner: StreamFn | bool, on_cut: Callable[[str], None]) -> None:
         self.pairs = pairs
         self.inner = inner
-        self.on_cut = on_cut
+        self.on_cut = on_cut  # called once with why, ECHOED or UNCHECKED
         self.longest = max(len(value) for value, _ in pairs)
         self.decoder: BodyDecoder | None = BodyDecoder(encoding, self.MAX_DECODED)
-        self.tail = b""  # the decoded text's last bytes, to find a key across chunks
+        self.tail = b""  # the decoded text's last bytes, to find a key across pieces
         self.held: list[bytes] = []
         self.cut = False
 
     def __call__(self, data: bytes) -> Iterable[bytes] | bytes:
         if self.cut:
             return b""
-        window = self.tail + self._decoded(data)
-        if any(value in window for value, _ in self.pairs):
+        why = self._watch(data)
+        if why is not None:
             self.cut, self.held = True, []
-            self.on_cut()
+            self.on_cut(why)
             return b""
-        self.tail = window[-self.longest:]
         self.held.append(data)
         held = sum(map(len, self.held))
-        if data and held_suffix(window, self.pairs) and held < self.MAX_HELD:
+        if data and held_suffix(self.tail, self.pairs) and held < self.MAX_HELD:
             return b""
         out, self.held = b"".join(self.held), []
         return self._pass(out, end=not data)
 
-    def _decoded(self, data: bytes) -> bytes:
+    def _watch(self, data: bytes) -> str | None:
+        """Why the stream must be cut at `data` (b"": its end), or None."""
         if self.decoder is None:
-            return b""
+            return None
         try:
-            return b"".join([*self.decoder.decode(data)] if data else self.decoder.finish())
+            for piece in self.decoder.decode(data) if data else self.decoder.finish():
+                window = self.tail + piece
+                if any(value in window for value, _ in self.pairs):
+                    return self.ECHOED
+                self.tail = window[-self.longest:]
+        except TooLarge:
+            return self.UNCHECKED
         except DecodeError:  # undecodable here is undecodable for the client too
             self.decoder = None
-            return b""
+        return None
 
     def _pass(self, out: bytes, end: bool) -> Iterable[bytes] | bytes:
         return pass_on(self.inner, out, end)

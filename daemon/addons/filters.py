@@ -5,6 +5,9 @@ Rules are read from state_dir/rules.db and reloaded as soon as `llmtap rules ...
 body has (a body streamed past mitmproxy's `stream_large_bodies` is never held, so its body
 rules are recorded as missed). The record gets `rules_hit` (which rule changed what) and
 `rules_missed` (json_path rules that found nothing to change, and why).
+
+Being the first stage to read request bodies, it refuses those that cannot be read within the cap
+(llmtap.addons.bodies), whether or not any rule would read them.
 """
 
 from __future__ import annotations
@@ -12,25 +15,25 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from llmtap.addons import bodies
 from llmtap.addons.recorder import addon_config, fields
 from llmtap.rules import Body, Outcome, Protected, RuleSet, RuleSource, db_path
-from llmtap.rules.strings import BODY_CACHE
 from mitmproxy import ctx, http
 
 log = logging.getLogger(__name__)
 
 
-def load_body(request: http.Request) -> Body | str | None:
-    """The request body, parsed; why not; or None when there is none."""
+def load_body(flow: http.HTTPFlow) -> Body | str | None:
+    """The request body (its bounded decoded view), parsed; why not; or None when there is none."""
+    request = flow.request
     if not request.raw_content:
         return None
-    try:
-        content = request.get_content(strict=True)
-    except ValueError:
-        return "body has a content-encoding llmtap cannot read"
-    if not content:
+    decoded = bodies.decoded_request(flow)
+    if decoded.error is not None:
+        return decoded.error
+    if not decoded.data:
         return None
-    return Body.parse(content, request.headers.get("content-type", ""), raw=request.raw_content)
+    return Body.parse(decoded.data, request.headers.get("content-type", ""), raw=request.raw_content)
 
 
 def hand_over(flow: http.HTTPFlow, body: Body) -> None:
@@ -40,7 +43,7 @@ def hand_over(flow: http.HTTPFlow, body: Body) -> None:
         flow.request.content = body.serialize()
         body.changed = False
     body.raw = flow.request.raw_content
-    BODY_CACHE.put(flow.id, body)
+    bodies.hand_over(flow, body)
 
 
 def record(flow: http.HTTPFlow, outcome: Outcome) -> None:
@@ -96,14 +99,16 @@ class Filters:
         record(flow, outcome)
 
     def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None or not self.rules.has_body_rules:
+        if flow.response is not None or bodies.refuse_unreadable(flow, "filters"):
+            return
+        if not self.rules.has_body_rules:
             return
         request = flow.request
         if request.stream:  # it has passed already, never held
             self._streamed(flow)
             return
         outcome, body = self.rules.run(request.headers, request.pretty_host, request.path,
-                                       loader=lambda: load_body(request), header_rules=False)
+                                       loader=lambda: load_body(flow), header_rules=False)
         if body is not None:
             hand_over(flow, body)
         record(flow, outcome)

@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from llmtap.addons import bodies
 from llmtap.addons.live import PARSER as LIVE_PARSER
 from llmtap.addons.recorder import BLOCKED_HEADER, RECORD_FIELDS, STREAM_FLAG, SYSTEM_PROMPT, fields
 from llmtap.parsers import (
@@ -180,6 +181,16 @@ def complete(parser: ResponseParser, info: RequestInfo) -> bool:
     return parser.finished and parser.error is None and parser.events > 0 and info.api != "unknown"
 
 
+def read_request(flow: http.HTTPFlow) -> RequestInfo:
+    """A held request, read from the bounded decoded view the earlier stages share."""
+    req = flow.request
+    decoded = bodies.decoded_request(flow)
+    info = parse_request(req.pretty_host, req.method, req.path, decoded.data)
+    if decoded.error is not None and info.api != "unknown":
+        info.error = f"llmtap: request body not read: {decoded.error}"
+    return info
+
+
 def blocked_reason(flow: http.HTTPFlow) -> str | None:
     """The reason a stage gave for a response llmtap made itself (a block), which the parser
     would only report as "http 403"."""
@@ -227,13 +238,13 @@ class Protocols:
             info = salvage_request(req.pretty_host, req.method, req.path, b"", b"")
             self._exchanges[flow] = Exchange(info)
             return
-        encoding = req.headers.get("content-encoding")
-        info = parse_request(req.pretty_host, req.method, req.path, req.raw_content or b"", encoding)
+        info = read_request(flow)
+        bodies.forget_request(flow)  # the last stage to read it: the copy need not wait for the reply
         exchange = Exchange(info)
         if info.system_text:  # parsed once here; the recorder archives it
             flow.metadata[SYSTEM_PROMPT] = info.system_text
         self._exchanges[flow] = exchange
-        rewrite = usage_rewrite(info, req.raw_content or b"", encoding)
+        rewrite = usage_rewrite(info, req.raw_content or b"", req.headers.get("content-encoding"))
         if rewrite.strip_usage_chunk:
             req.content = rewrite.body  # also sets content-length
             req.headers.update(rewrite.headers)
@@ -401,7 +412,7 @@ class Protocols:
         sub.response.content = b"\n".join(done.received)
         sub.response.timestamp_start = done.started
         sub.response.timestamp_end = ended
-        sub.metadata = {k: v for k, v in flow.metadata.items() if k != RECORD_FIELDS}
+        sub.metadata = {k: v for k, v in flow.metadata.items() if k not in (RECORD_FIELDS, bodies.KEY)}
         sub.metadata[WS_EXCHANGE] = flow.id
         result = done.parser.result()
         result["request"] = info.record()

@@ -14,6 +14,7 @@ KINDS = {
     403: ("permission_error", "PERMISSION_DENIED", "permission_error"),
     413: ("request_too_large", "INVALID_ARGUMENT", "invalid_request_error"),
     429: ("rate_limit_error", "RESOURCE_EXHAUSTED", "rate_limit_error"),
+    502: ("api_error", "UNAVAILABLE", "server_error"),
 }
 
 

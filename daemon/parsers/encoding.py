@@ -9,6 +9,7 @@ Identity bodies are not capped here (they cannot inflate); the parsers bound wha
 
 from __future__ import annotations
 
+import io
 import sys
 import zlib
 from collections.abc import Iterable, Iterator
@@ -28,6 +29,10 @@ class DecodeError(ValueError):
     """The body cannot be decoded: unsupported or corrupt encoding, truncated, or over the cap."""
 
 
+class TooLarge(DecodeError):
+    """The body decodes to more than the cap (a decompression bomb, or simply too much)."""
+
+
 class Budget:
     """The decoded-size cap shared by a chain of codecs."""
 
@@ -38,7 +43,7 @@ class Budget:
     def take(self, piece: bytes) -> bytes:
         self.used += len(piece)
         if self.used > self.max_bytes:
-            raise DecodeError(f"decoded body over {self.max_bytes} bytes (decompression bomb?)")
+            raise TooLarge(f"decoded body over {self.max_bytes} bytes (decompression bomb?)")
         return piece
 
 
@@ -206,6 +211,11 @@ class BodyDecoder:
         if not self._chain:
             self._chain = [Identity(self.budget)]
 
+    @property
+    def identity(self) -> bool:
+        """Whether the body is sent as it is (nothing to decode)."""
+        return isinstance(self._chain[0], Identity)
+
     def _codec(self, name: str) -> Codec:
         # Intermediate stages of a chain share the budget: each stage's output counts.
         if name in ("gzip", "x-gzip"):
@@ -238,6 +248,15 @@ def _through(codec: Codec, pieces: Iterable[bytes]) -> Iterator[bytes]:
 
 
 def decode_all(data: bytes, content_encoding: str | None, max_bytes: int) -> bytes:
-    """A whole body at once (request bodies), with the same cap and errors."""
+    """A whole body at once (request bodies), with the same cap and errors. The pieces go into
+    one growing buffer whose bytes getvalue() hands over without a copy, so memory holds the
+    decoded body once, never a list of pieces and their join besides."""
     decoder = BodyDecoder(content_encoding, max_bytes)
-    return b"".join([*decoder.decode(data), *decoder.finish()])
+    if decoder.identity:
+        return data
+    out = io.BytesIO()
+    for piece in decoder.decode(data):
+        out.write(piece)
+    for piece in decoder.finish():
+        out.write(piece)
+    return out.getvalue()

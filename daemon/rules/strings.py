@@ -16,7 +16,6 @@ import bisect
 import itertools
 import json
 import re
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -226,28 +225,3 @@ class Body:
             return str(self.document).encode("utf-8")
         return json.dumps(self.document, ensure_ascii=False, separators=(",", ":"),
                           check_circular=False).encode("utf-8")  # parsed JSON has no cycles
-
-
-class BodyCache:
-    """Hands the parsed body from the filters stage to the DLP stage, so a body is parsed once.
-
-    Not flow.metadata: mitmproxy deep-copies that. The entry is valid only while the request's
-    raw content is the very object it was parsed from or written to.
-    """
-
-    def __init__(self, size: int = 8) -> None:
-        self._entries: OrderedDict[str, Body] = OrderedDict()
-        self._size = size
-
-    def put(self, flow_id: str, body: Body) -> None:
-        self._entries[flow_id] = body
-        self._entries.move_to_end(flow_id)
-        while len(self._entries) > self._size:
-            self._entries.popitem(last=False)
-
-    def take(self, flow_id: str, raw: bytes | None) -> Body | None:
-        body = self._entries.pop(flow_id, None)
-        return body if body is not None and raw is not None and body.raw is raw else None
-
-
-BODY_CACHE = BodyCache()
