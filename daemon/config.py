@@ -89,6 +89,11 @@ class RedirectConfig:
     # Gateway mode: TCP forwarded from containers/VMs behind these interfaces (docker0, virbr0)
     # is redirected too, IPv4 only (see llmtap.gateway for IPv6).
     gateway_interfaces: tuple[str, ...] = ()
+    # Connection limits. Each user's concurrent connections into the proxy are capped by the
+    # kernel (nft; 0 = no cap), so one user's flood cannot use up the proxy's descriptors; a
+    # connection with no traffic either way for idle_timeout_s is closed.
+    max_connections_per_user: int = 512
+    idle_timeout_s: int = 600
 
 
 @dataclass(frozen=True)
@@ -282,6 +287,10 @@ def validate(config: Config) -> None:
         raise UsageError("redirect.ports must list at least one port")
     if r.proxy_port in r.ports:
         raise UsageError(f"redirect.proxy_port {r.proxy_port} must not be one of redirect.ports")
+    if r.max_connections_per_user < 0:
+        raise UsageError("redirect.max_connections_per_user must be 0 (no cap) or more")
+    if r.idle_timeout_s < 1:
+        raise UsageError("redirect.idle_timeout_s must be at least 1")
     for host in config.targets.all_hosts:
         if not HOSTNAME_RE.match(host):
             raise UsageError(f"targets: {host!r} is not a valid host name")

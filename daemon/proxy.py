@@ -192,6 +192,7 @@ class ProxySettings:
     original_addr: OriginalAddrLookup | None = None
     explicit_listen: tuple[str, int] | None = None  # (ip, port) of the regular HTTP/CONNECT proxy
     key_ports: tuple[int, ...] = (443,)  # the redirected ports: the only ones keys are added toward
+    idle_timeout_s: int = 600
 
 
 def transparent_modes(port: int, hosts: Iterable[str]) -> list[str]:
@@ -239,6 +240,7 @@ def build_master(settings: ProxySettings, with_pipeline: bool = True) -> master.
         ssl_insecure=False,
         ssl_verify_upstream_trusted_ca=str(settings.upstream_ca_bundle),
         stream_large_bodies=STREAM_LARGE_BODIES,
+        tcp_timeout=settings.idle_timeout_s,  # a connection with no traffic either way is closed
     )
     if with_pipeline:
         # Deferred: each llmtap_* option is declared by the addon that owns it, in its load().

@@ -13,11 +13,13 @@ import errno
 import functools
 import logging
 import os
+import resource
 import select
 import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -41,6 +43,7 @@ log = logging.getLogger("llmtap")
 READY_TIMEOUT_S = 60.0
 WATCH_INTERVAL_S = 0.2
 GATEWAY_CHECK_S = 5.0  # how soon a gateway interface created after the start is tapped
+CAP_LOG_S = 5.0  # how often the connection cap's refusals are looked at (and logged)
 
 
 def listen_hosts(port: int, explicit: tuple[str, int] | None = None,
@@ -151,6 +154,7 @@ class Supervisor:
         user = ensure_service_user(config.service_user)
         prepare_dirs(config, user)
         resolve_at_start(config.state_dir, user.uid, user.name)  # as root, before the fork
+        raise_descriptor_limit(config.redirect.max_connections_per_user)
         if removed := redirect.cleanup_all():
             log.info("removed llmtap rules left by an earlier run (%s)", ", ".join(removed))
         if restored := gateway.restore(self.localnet.record):
@@ -224,6 +228,7 @@ class Supervisor:
             explicit_listen=config.explicit.address,
             original_addr=original_addr,
             key_ports=config.redirect.ports,
+            idle_timeout_s=config.redirect.idle_timeout_s,
         )
 
     def _plan(self, user: ServiceUser) -> RedirectPlan:
@@ -235,6 +240,7 @@ class Supervisor:
             scope=r.scope,
             block_quic=r.block_quic,
             gateway_interfaces=r.gateway_interfaces,
+            max_connections_per_user=r.max_connections_per_user,
         )
 
     def _enable_gateway(self) -> None:
@@ -297,7 +303,9 @@ class Supervisor:
     def _watch(self, spawner: WorkerSpawner, backend_cls: type[RedirectBackend]) -> int:
         """Watches the worker (exit, or silence past HEARTBEAT_TIMEOUT_S) and the redirect;
         heals either, and ends (exit 1) only when healing keeps failing."""
+        cap = ConnectionCapWatch(self.config.redirect.max_connections_per_user)
         while not self.stop.wait(WATCH_INTERVAL_S):
+            cap.check(self.backend)
             trouble = self._worker_trouble()
             redirect_lost = self.backend is not None and not self.backend.alive()
             if not trouble and not redirect_lost:
@@ -390,6 +398,41 @@ class Supervisor:
             "ca_cert": str(ca.public_cert_path(self.config.ca_dir)),
             "records_dir": str(self.config.records_dir),
         }
+
+
+def raise_descriptor_limit(per_user: int) -> None:
+    """The soft limit up to the hard one (the unit sets LimitNOFILE): each intercepted connection
+    holds two descriptors in the worker, which inherits this limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    connections = resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2
+    if per_user and connections < per_user:
+        log.warning("only about %d connections fit in this process's descriptor limit, fewer than "
+                    "redirect.max_connections_per_user (%d): raise LimitNOFILE", connections, per_user)
+
+
+class ConnectionCapWatch:
+    """Says, at most every CAP_LOG_S, when the per-user connection cap refused connections."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.seen = 0
+        self.next_check = 0.0
+
+    def check(self, backend: RedirectBackend | None) -> None:
+        now = time.monotonic()
+        if not self.cap or backend is None or now < self.next_check:
+            return
+        self.next_check = now + CAP_LOG_S
+        refused = backend.refused_connections()
+        if refused > self.seen:
+            log.warning("the per-user connection cap (redirect.max_connections_per_user = %d) "
+                        "refused %d new connection(s): a local process opens too many",
+                        self.cap, refused - self.seen)
+        self.seen = max(self.seen, refused)
 
 
 def _describe(status: int) -> str:

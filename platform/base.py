@@ -36,6 +36,7 @@ class RedirectPlan:
     scope: str = "targets"  # targets | all
     block_quic: bool = True
     gateway_interfaces: tuple[str, ...] = field(default_factory=tuple)
+    max_connections_per_user: int = 0  # concurrent connections into the proxy per uid; 0: no cap
 
 
 class RedirectBackend(ABC):
@@ -69,6 +70,10 @@ class RedirectBackend(ABC):
     @abstractmethod
     def alive(self) -> bool:
         """False if the rules were lost behind our back (e.g. the nft helper died)."""
+
+    def refused_connections(self) -> int:
+        """How many connections the per-user cap has refused so far (0 where there is none)."""
+        return 0
 
     @classmethod
     @abstractmethod

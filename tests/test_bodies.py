@@ -212,3 +212,14 @@ def test_the_response_view_is_its_own() -> None:
     flow.response.headers["content-encoding"] = "br"
     flow.response.raw_content = brotli.compress(b"reply")
     assert decoded_response(flow).data == b"reply" and decoded_request(flow).data == BODY
+
+
+def test_a_body_of_countless_tiny_json_objects_is_refused_before_anyone_parses_it() -> None:
+    from llmtap.addons.bodies import MAX_JSON_CONTAINERS, decode
+
+    body = b"[" + b"{}," * (MAX_JSON_CONTAINERS // 2 + 1) + b"{}]"  # about 750 KB
+    request = http.Request.make("POST", "https://api.anthropic.com/v1/messages", gzip.compress(body),
+                                {"content-encoding": "gzip"})
+    decoded = decode(request, parsed_later=True)
+    assert decoded.error and "more than 500000 JSON objects and arrays" in decoded.error
+    assert decode(request).error is None  # a response is only searched, never parsed whole

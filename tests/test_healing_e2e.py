@@ -10,13 +10,15 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
-from testbed import Daemon, Testbed
+from testbed import Daemon, Testbed, start_daemon
 
 pytestmark = pytest.mark.root
 
@@ -136,3 +138,45 @@ def test_a_killed_record_writer_is_replaced_and_no_record_is_lost(testbed, llmta
     counters = wait_for(lambda: (c := daemon.status()["counters"]).get("record_writer_restarts") and c)
     assert counters["records_dropped"] == 0 and counters["records_written"] >= 3
     assert daemon.stderr().count("the record writer process died (killed by SIGKILL)") == 1
+
+
+IDLE_FLOOD = """
+import socket, sys, time
+held = []
+for _ in range(int(sys.argv[1])):
+    s = socket.socket()
+    s.settimeout(2)
+    try:
+        s.connect(("api.anthropic.com", 443))
+        held.append(s)
+    except OSError:
+        pass
+print(len(held), flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_an_idle_flood_from_one_user_leaves_another_users_requests_working(testbed):
+    """A worker with 256 descriptors: without the per-user cap, 200 idle connections from one
+    user (two descriptors each once intercepted) would starve every other request."""
+    daemon = start_daemon(testbed, "", prefix=("prlimit", "--nofile=256:256"),
+                          max_connections_per_user=48)
+    try:
+        daemon.wait_ready()
+        flood = subprocess.Popen(
+            ["ip", "netns", "exec", testbed.client_ns, "setpriv", "--reuid=nobody",
+             "--regid=nogroup", "--clear-groups", sys.executable, "-c", IDLE_FLOOD, "200", "30"],
+            stdout=subprocess.PIPE, text=True)
+        try:
+            assert flood.stdout is not None
+            held = int(flood.stdout.readline())
+            assert held <= 48  # the kernel refused the rest: the proxy never saw them
+            for n in range(5):
+                answer = testbed.curl(f"https://api.anthropic.com/during-flood-{n}", daemon.ca_pem)
+                assert json.loads(answer.stdout)["path"] == f"/during-flood-{n}"
+            assert wait_for(lambda: "per-user connection cap" in daemon.stderr(), 10), daemon.stderr()
+        finally:
+            flood.kill()
+            flood.wait()
+    finally:
+        daemon.stop()

@@ -37,6 +37,14 @@ def test_nft_ruleset_for_targets_scope():
     assert render_ruleset(PLAN) == NFT_TARGETS
 
 
+def test_nft_caps_each_users_connections_into_the_proxy():
+    rules = render_ruleset(RedirectPlan(proxy_port=8443, service_uid=999, max_connections_per_user=64))
+    assert "\tset per_user { type uid; flags dynamic; }\n\tcounter refused { }\n" in rules
+    assert ("ct state new ct status dnat tcp dport 8443 add @per_user { meta skuid ct count over 64 }"
+            " counter name refused reject with tcp reset") in rules
+    assert rules.index("meta skuid 999 return", rules.index("chain connection_cap")) > 0
+
+
 def test_nft_ruleset_for_all_scope_without_quic_block():
     plan = RedirectPlan(proxy_port=9000, service_uid=5, ports=(443, 8443), scope="all",
                         block_quic=False)

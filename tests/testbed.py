@@ -316,12 +316,13 @@ def write_config(path: Path, root: Path, bed: Testbed, extra_toml: str = "", **r
 
 
 def start_daemon(bed: Testbed, extra_toml: str = "", run_args: tuple[str, ...] = (),
-                 **redirect: Any) -> Daemon:
+                 prefix: tuple[str, ...] = (), **redirect: Any) -> Daemon:
+    """`prefix` goes before the command (e.g. prlimit with its options)."""
     root = make_workdir()
     config_path = write_config(root / "config.toml", root, bed, extra_toml, **redirect)
     stderr = open(root / "daemon.stderr", "wb")  # noqa: SIM115 - the daemon keeps writing to it
     proc = subprocess.Popen(
-        ["ip", "netns", "exec", bed.client_ns, LLMTAP, "run",
+        ["ip", "netns", "exec", bed.client_ns, *prefix, LLMTAP, "run",
          "--config", str(config_path), *run_args],
         stdout=stderr, stderr=stderr, env=clean_env(),
     )

@@ -9,7 +9,8 @@ the next reader decodes the new bytes.
 
 The policy:
 - A held request body that decodes to more than MAX_DECODED, 32 MiB (no LLM API takes more in
-  one request: Anthropic's Messages API stops at 32 MB), or that cannot be decoded at all
+  one request: Anthropic's Messages API stops at 32 MB), that holds more than
+  MAX_JSON_CONTAINERS objects and arrays, or that cannot be decoded at all
   (unsupported or corrupt content-encoding, truncated), is refused with a provider-shaped 413,
   code `llmtap_body_too_large`: nothing is sent upstream, and the record's `error` says why.
 - The held response of a key-bearing flow is checked for echoed keys in its decoded form; one
@@ -36,6 +37,10 @@ from mitmproxy import http
 log = logging.getLogger(__name__)
 
 MAX_DECODED = 32 * 1024 * 1024
+# Parsed, every JSON object or array costs the worker far more than its two bytes: 31 MiB of
+# `[{},{},...]` grew it by 770 MB. Counted before any stage parses (braces inside strings count
+# too, so this is generous: a large agent request has tens of thousands).
+MAX_JSON_CONTAINERS = 500_000
 KEY = "llmtap.bodies"  # flow.metadata: the flow's Views
 TOO_LARGE_CODE = "llmtap_body_too_large"
 LIMIT = f"{MAX_DECODED >> 20} MiB decoded, as identity, gzip, deflate, br or zstd"
@@ -61,17 +66,21 @@ class Views:
         return Views()  # a cache, not state: a copied flow decodes its own bodies
 
 
-def decode(message: http.Message) -> Decoded:
+def decode(message: http.Message, parsed_later: bool = False) -> Decoded:
+    """`parsed_later`: the stages will parse it as JSON (a request), so its objects are counted."""
     raw = message.raw_content
     if not raw:
         return Decoded()
     encoding = (message.headers.get("content-encoding") or "identity")[:40]
     try:
-        return Decoded(decode_all(raw, encoding, MAX_DECODED))
+        data = decode_all(raw, encoding, MAX_DECODED)
     except TooLarge:
         return Decoded(error=f"its {encoding} body decodes to more than {MAX_DECODED >> 20} MiB")
     except DecodeError as exc:
         return Decoded(error=f"its body cannot be decoded ({str(exc)[:160]})")
+    if parsed_later and data.count(b"{") + data.count(b"[") > MAX_JSON_CONTAINERS:
+        return Decoded(error=f"its body has more than {MAX_JSON_CONTAINERS} JSON objects and arrays")
+    return Decoded(data)
 
 
 def views(flow: http.HTTPFlow) -> Views:
@@ -87,7 +96,7 @@ def _decoded(flow: http.HTTPFlow, direction: str, message: http.Message) -> Deco
     raw = message.raw_content
     if kept is not None and kept[0] is raw:
         return kept[1]
-    decoded = decode(message)
+    decoded = decode(message, parsed_later=direction == "request")
     cache[direction] = (raw, decoded)
     return decoded
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import json
 import os
 import shutil
 import subprocess
@@ -58,10 +59,29 @@ def render_ruleset(plan: RedirectPlan) -> str:
             "\t\tip6 daddr @targets6 udp dport 443 reject",
             "\t}",
         ]
+    if plan.max_connections_per_user:
+        lines += _connection_cap(plan)
     if plan.gateway_interfaces:
         lines += _gateway_chains(plan, ports)
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def _connection_cap(plan: RedirectPlan) -> list[str]:
+    """Each local user's concurrent connections into the proxy, capped by the kernel: a new one
+    past the cap is reset before the proxy sees it, so one user's flood (idle connections hold
+    a descriptor each) never starves another user's requests. Counted in `refused`."""
+    return [
+        "\tset per_user { type uid; flags dynamic; }",
+        "\tcounter refused { }",
+        "\tchain connection_cap {",
+        "\t\ttype filter hook output priority filter; policy accept;",
+        f"\t\tmeta skuid {plan.service_uid} return",
+        f"\t\tct state new ct status dnat tcp dport {plan.proxy_port} add @per_user "
+        f"{{ meta skuid ct count over {plan.max_connections_per_user} }} counter name refused "
+        "reject with tcp reset",
+        "\t}",
+    ]
 
 
 def _gateway_chains(plan: RedirectPlan, ports: str) -> list[str]:
@@ -220,6 +240,17 @@ class NftBackend(RedirectBackend):
 
     def alive(self) -> bool:
         return self._session is not None and self._session.alive()
+
+    def refused_connections(self) -> int:
+        if self._session is None or not self.plan.max_connections_per_user:
+            return 0
+        listing = subprocess.run(["nft", "-j", "list", "counter", FAMILY, TABLE, "refused"],
+                                 capture_output=True, text=True)
+        try:
+            items = json.loads(listing.stdout)["nftables"]
+            return int(next(i["counter"]["packets"] for i in items if "counter" in i))
+        except (ValueError, KeyError, StopIteration, TypeError):
+            return 0
 
     @classmethod
     def rules_present(cls) -> bool:
