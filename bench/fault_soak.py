@@ -5,10 +5,11 @@
 In the test bed's namespaces (tests/testbed.py), like bench/run.py. Every FAULT_EVERY_S one fault
 is injected, in turn: SIGKILL of the worker, SIGSTOP of the worker, SIGKILL of the record writer,
 SIGKILL of the nft helper. The clients (one process each, httpx, trusting both the tap's CA and
-the upstream's, so a request succeeds tapped or direct) loop over JSON calls and SSE streams and
-log every request: whether it succeeded and whether it went through the tap (the issuer of the
-certificate it saw). Reported: peak memory of each kind of process, recovery time after each
-fault, requests failed, and records lost (tapped requests that succeeded and have no record).
+the upstream's, so a request succeeds tapped or direct) loop over JSON calls and SSE streams
+(waiting 0.25 s after a failure, as SDKs do before retrying) and log every request: whether it
+succeeded and whether it went through the tap (the issuer of the certificate it saw). Reported:
+peak memory of each kind of process, recovery time after each fault, requests failed, and
+records lost (tapped requests that succeeded and have no record).
 Appends its table to bench/RESULTS.md under "Fault soak".
 """
 
@@ -48,7 +49,7 @@ CLIENT = textwrap.dedent("""\
             stream = n % 3 == 0
             url = ("https://api.anthropic.com/v1/messages?bench=stream&n=20&gap_ms=20&t=" if stream
                    else "https://api.anthropic.com/v1/messages?bench=json&t=") + tag
-            started, ok, tapped = time.time(), False, None
+            started, ok, tapped, error = time.time(), False, None, None
             try:
                 with httpx.Client(verify=bundle, timeout=15) as client:
                     with client.stream("POST", url, json={"model": "claude-sonnet-4-5"}) as reply:
@@ -57,10 +58,13 @@ CLIENT = textwrap.dedent("""\
                         tapped = "llmtap" in issuer.get("commonName", "")
                         reply.read()
                         ok = reply.status_code == 200
+                        error = None if ok else f"http {reply.status_code}"
             except Exception as exc:
-                ok = False
+                error = f"{type(exc).__name__}: {exc}"[:200]
             out.write(json.dumps({"tag": tag, "ok": ok, "tapped": tapped, "at": started,
-                                  "s": time.time() - started}) + "\\n")
+                                  "s": time.time() - started, "error": error}) + "\\n")
+            if not ok:
+                time.sleep(0.25)  # as SDKs do before a retry: a failing client does not spin
 """)
 
 
@@ -167,6 +171,11 @@ def soak(bed: Testbed, seconds: float, clients: int) -> dict[str, Any]:
     recorded_tags = {r["path"].rsplit("t=", 1)[-1] for r in daemon.records() if "t=" in r["path"]}
     tapped_ok = [r for r in requests if r["ok"] and r["tapped"]]
     lost = [r for r in tapped_ok if r["tag"] not in recorded_tags]
+    failures: dict[str, int] = {}
+    for r in requests:
+        if not r["ok"]:
+            failures[r["error"]] = failures.get(r["error"], 0) + 1
+    print("failures by reason:", json.dumps(failures, indent=1)[:3000], file=sys.stderr)
     return {"seconds": seconds, "clients": clients, "requests": len(requests),
             "failed": sum(not r["ok"] for r in requests), "tapped": len(tapped_ok),
             "direct": sum(1 for r in requests if r["ok"] and r["tapped"] is False),

@@ -34,7 +34,7 @@ from llmtap.privileges import ServiceUser
 from llmtap.proxy import ProxySettings
 from llmtap.worker import WorkerHandle, preload, start_worker
 
-REAP_INTERVAL_S = 0.2
+REAP_INTERVAL_S = 0.05
 SPAWN_TIMEOUT_S = 30.0
 
 

@@ -43,6 +43,7 @@ log = logging.getLogger("llmtap")
 READY_TIMEOUT_S = 60.0
 WATCH_INTERVAL_S = 0.2
 GATEWAY_CHECK_S = 5.0  # how soon a gateway interface created after the start is tapped
+REAP_WAIT_S = 0.5  # how long the watchdog waits for a dead worker's exit status, for the log
 CAP_LOG_S = 5.0  # how often the connection cap's refusals are looked at (and logged)
 
 
@@ -143,6 +144,7 @@ class Supervisor:
         self.hub = livehub.LiveHub(lambda: self.counters)
         self.worker: WorkerHandle | None = None
         self.plan: RedirectPlan | None = None
+        self.wake = threading.Event()  # the watchdog looks now, not at its next round
         self.redirect_lock = threading.RLock()  # the backend, as the watchdog and refresh see it
         self.healer = Healer(self.stop)
 
@@ -296,6 +298,7 @@ class Supervisor:
         def request_stop(signum: int, _frame: FrameType | None) -> None:
             self.exit_reason = signal.Signals(signum).name
             self.stop.set()
+            self.wake.set()
 
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, request_stop)
@@ -304,7 +307,11 @@ class Supervisor:
         """Watches the worker (exit, or silence past HEARTBEAT_TIMEOUT_S) and the redirect;
         heals either, and ends (exit 1) only when healing keeps failing."""
         cap = ConnectionCapWatch(self.config.redirect.max_connections_per_user)
-        while not self.stop.wait(WATCH_INTERVAL_S):
+        while not self.stop.is_set():
+            self.wake.wait(WATCH_INTERVAL_S)  # or sooner: a worker's reports ended
+            self.wake.clear()
+            if self.stop.is_set():
+                break
             cap.check(self.backend)
             trouble = self._worker_trouble()
             redirect_lost = self.backend is not None and not self.backend.alive()
@@ -324,8 +331,9 @@ class Supervisor:
         worker = self.worker
         if worker is None:
             return None
-        if (status := worker.exited()) is not None:
-            return f"the proxy worker exited ({_describe(status)})"
+        if worker.ended or worker.exited() is not None:
+            status = worker.wait_status(REAP_WAIT_S)
+            return f"the proxy worker exited ({_describe(status) if status is not None else 'no status'})"
         if worker.silent_for() > HEARTBEAT_TIMEOUT_S:
             return f"the proxy worker stopped answering for {worker.silent_for():.1f} s"
         return None
@@ -339,10 +347,12 @@ class Supervisor:
         still pass the NAT that made them (without a NAT chain the kernel translates nothing), or
         those clients wait for their own timeouts instead of retrying at once, direct.
         """
-        if new_worker and self.worker is not None:
-            self.worker.stop(kill=True)  # SIGKILL: a stopped (SIGSTOP) process takes it too
+        worker = self.worker if new_worker else None
+        if worker is not None and not worker.ended:
+            worker.stop(kill=True)  # SIGKILL: a stopped (SIGSTOP) process takes it too
         self._lift_redirect()
-        if new_worker:
+        if worker is not None:
+            worker.stop(kill=True)  # reaped, and our ends of its pipes closed
             self._start_worker(spawner)
         self._install_redirect(backend_cls)
 
@@ -353,6 +363,8 @@ class Supervisor:
                     self.counters = event.get("counters", {})
                 elif event.get("event") == "live":
                     self.hub.publish(event.get("events", []))
+        worker.ended = True  # it exited: every moment the redirect still points at it is refusals
+        self.wake.set()
 
     def _refresh(self, first_in: float) -> None:
         wait = first_in

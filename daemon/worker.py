@@ -80,6 +80,7 @@ class WorkerHandle:
     lifeline: int = -1  # held open for as long as the worker should live; never written
     status: int | None = None  # its wait status once it has exited
     last_heard: float = field(default_factory=time.monotonic)  # its last report: the heartbeat
+    ended: bool = False  # its report pipe closed: it has exited
 
     def next_event(self) -> dict[str, Any] | None:
         """The next report from the worker, or None when its pipe is closed (it exited)."""
@@ -95,6 +96,13 @@ class WorkerHandle:
 
     def exited(self) -> int | None:
         """The exit status once the worker has exited (and been reaped), else None."""
+        return self.status
+
+    def wait_status(self, timeout_s: float) -> int | None:
+        """The exit status, waiting up to `timeout_s` for the spawner to report it."""
+        deadline = time.monotonic() + timeout_s
+        while self.status is None and time.monotonic() < deadline:
+            time.sleep(0.01)
         return self.status
 
     def silent_for(self) -> float:
