@@ -175,8 +175,7 @@ def soak(bed: Testbed, seconds: float, clients: int) -> dict[str, Any]:
     for r in requests:
         if not r["ok"]:
             failures[r["error"]] = failures.get(r["error"], 0) + 1
-    print("failures by reason:", json.dumps(failures, indent=1)[:3000], file=sys.stderr)
-    return {"seconds": seconds, "clients": clients, "requests": len(requests),
+    return {"seconds": seconds, "clients": clients, "requests": len(requests), "failures": failures,
             "failed": sum(not r["ok"] for r in requests), "tapped": len(tapped_ok),
             "direct": sum(1 for r in requests if r["ok"] and r["tapped"] is False),
             "records_lost": len(lost), "recoveries": recoveries, "peak_rss_mb": sampler.peak,
@@ -197,6 +196,14 @@ def report(result: dict[str, Any]) -> list[str]:
         lines.append(f"| peak RSS, {kind} (MB) | {peak:.0f} |")
     for fault, seconds in result["recoveries"]:
         lines.append(f"| recovery after {fault} (s) | {seconds:.2f} |")
+    lines += ["", "Failed requests by reason:", ""]
+    lines += [f"- {count}: {reason}" for reason, count in sorted(
+        result["failures"].items(), key=lambda item: -item[1])]
+    lines += ["", "Recovery is from the fault to `status` showing the redirect back (a hung worker "
+              "is noticed after the 2 s heartbeat timeout; later faults in the same 120 s window "
+              "wait out a longer backoff). Requests in flight on a killed worker are cut; new ones "
+              "in the moment between a worker's death (or kill) and the redirect's removal are "
+              "refused; a record lost is one still in the worker's 50 ms batch when it was killed."]
     return lines
 
 

@@ -313,6 +313,8 @@ class Supervisor:
             if self.stop.is_set():
                 break
             cap.check(self.backend)
+            if self.worker is not None and self.worker.ended:
+                self._lift_redirect()  # dead: until the redirect goes, connections are refused
             trouble = self._worker_trouble()
             redirect_lost = self.backend is not None and not self.backend.alive()
             if not trouble and not redirect_lost:
