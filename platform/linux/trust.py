@@ -61,14 +61,10 @@ def bundle_contains(bundle: Path, ca_cert: Path) -> bool:
     return False
 
 
-class DistroTrustStore(TrustStore):
-    """A distribution store: an anchor file (or p11-kit entry) plus the tool that extracts the
-    bundle every TLS library on the system reads."""
+class ToolTrustStore(TrustStore):
+    """A store kept with one command-line tool, run through `runner`, under `root`."""
 
     tool: ClassVar[str]
-    anchor_path: ClassVar[str] = ""
-    bundle_path: ClassVar[str]
-    package: ClassVar[str]  # where the tool comes from, for the error message
 
     def __init__(self, runner: Runner | None = None, root: Path = Path("/"),
                  which: Which = shutil.which) -> None:
@@ -79,6 +75,15 @@ class DistroTrustStore(TrustStore):
     @classmethod
     def available(cls) -> bool:
         return shutil.which(cls.tool) is not None
+
+
+class DistroTrustStore(ToolTrustStore):
+    """A distribution store: an anchor file (or p11-kit entry) plus the tool that extracts the
+    bundle every TLS library on the system reads."""
+
+    anchor_path: ClassVar[str] = ""
+    bundle_path: ClassVar[str]
+    package: ClassVar[str]  # where the tool comes from, for the error message
 
     @property
     def anchor(self) -> Path:
@@ -375,7 +380,7 @@ JAVA_KEYSTORE = "/etc/ssl/certs/java/cacerts"  # Debian/Ubuntu (ca-certificates-
 JAVA_ALIAS = f"debian:{ANCHOR_NAME}.pem"  # the alias ca-certificates-java's hook gives our anchor
 
 
-class JavaTrustStore(TrustStore):
+class JavaTrustStore(ToolTrustStore):
     """Java's own keystore (JetBrains IDEs, Gradle, every JVM tool), with keytool.
 
     ca-certificates-java's hook adds the OS store's new anchors to it, but `update-ca-certificates
@@ -386,16 +391,6 @@ class JavaTrustStore(TrustStore):
 
     name = "java"
     tool = "keytool"
-
-    def __init__(self, runner: Runner | None = None, root: Path = Path("/"),
-                 which: Which = shutil.which) -> None:
-        self.runner = runner or SubprocessRunner()
-        self.root = root
-        self.which = which
-
-    @classmethod
-    def available(cls) -> bool:
-        return shutil.which(cls.tool) is not None
 
     @property
     def keystore(self) -> Path:
