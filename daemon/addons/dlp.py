@@ -163,6 +163,9 @@ class Dlp:
         """A real key llmtap holds, in a string of the body (JSON escapes resolved): a finding
         like any detector's; and if it is let through, the response is scrubbed of its echo."""
         held = self._held()
+        decoded = bodies.decoded_request(flow).data  # cached: one look at the bytes first
+        if not held or (b"\\u" not in decoded and not held.in_data(decoded)):
+            return []
         findings = [Finding(HELD_KEY, self.held_action, leaf, start, end)
                     for leaf, text in enumerate(strings.values) for start, end in held.found_in(text)]
         if findings and self.held_action == "alert" and self.held is not None:
