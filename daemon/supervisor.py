@@ -13,7 +13,6 @@ import errno
 import functools
 import logging
 import os
-import resource
 import select
 import signal
 import socket
@@ -417,6 +416,8 @@ class Supervisor:
 def raise_descriptor_limit(per_user: int) -> None:
     """The soft limit up to the hard one (the unit sets LimitNOFILE): each intercepted connection
     holds two descriptors in the worker, which inherits this limit."""
+    import resource  # here: POSIX only, and the Windows runner imports this module
+
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
     if soft < wanted:
