@@ -7,6 +7,7 @@ Any request may steer the reply with headers:
     x-fake-encoding: E          gzip | deflate | br | zstd (a stream is flushed chunk by chunk)
     x-fake-truncate: N          only the first N bytes of the body, then a clean end
     x-fake-abort: N             N bytes of the (encoded) body, then the connection is reset
+    x-fake-trailer-delay-ms: N  with x-fake-encoding: the encoding's end comes N ms after the rest
     x-fake-lie-encoding: E      claim content-encoding E while sending the body as it is
     x-fake-body: TEXT           this body (200, application/json) instead of a fixture
     x-fake-big: N               an N-byte Messages reply (its usage at the very end)
@@ -190,7 +191,10 @@ async def send_reply(send: Send, reply: Reply, headers: dict[str, str]) -> None:
     abort = int(headers["x-fake-abort"]) if "x-fake-abort" in headers else None
     pause = int(headers.get("x-fake-pause-ms", "10")) / 1000 if reply.streamed else 0
     sent = 0
-    for piece in pieces:
+    trailer_delay = int(headers.get("x-fake-trailer-delay-ms", "0")) / 1000
+    for n, piece in enumerate(pieces):
+        if trailer_delay and encoding and n == len(pieces) - 1:  # the encoding's end, late
+            await asyncio.sleep(trailer_delay)
         for part in (piece[i : i + BIG_PIECE] for i in range(0, len(piece), BIG_PIECE)):
             if abort is not None and sent + len(part) > abort:
                 await send({"type": "http.response.body", "body": part[: abort - sent], "more_body": True})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import zlib
 
 import pytest
 from hypothesis import given, settings
@@ -263,3 +264,31 @@ def test_a_50_mb_body_is_not_held_and_still_gives_usage() -> None:
     assert result["usage"]["input_tokens"] == 2095
     assert result["stop_reason"] is None  # only usage and identity are salvaged
     assert result["error"] == "llmtap: body over 33554432 bytes: parsed best-effort"
+
+
+def gzip_stream_without_trailer(data: bytes, cut_events: int = 0) -> list[bytes]:
+    """As a server flushes a gzip SSE stream event by event; the trailer (and the last
+    `cut_events` events) never arrive: the client hung up."""
+    packer = zlib.compressobj(6, zlib.DEFLATED, 31)
+    events = data.split(b"\n\n")
+    kept = events[: len(events) - cut_events] if cut_events else events
+    return [packer.compress(event + b"\n\n") + packer.flush(zlib.Z_SYNC_FLUSH) for event in kept]
+
+
+def parse_chunks(chunks: list[bytes]) -> tuple[dict[str, object], list[str]]:
+    info = parse_request("api.anthropic.com", "POST", "/v1/messages", b"")
+    parser = response_parser(info, started=T0, status=200, headers={
+        "content-type": "text/event-stream", "content-encoding": "gzip"})
+    for chunk in chunks:
+        parser.feed(chunk, T0 + 0.2)
+    parser.feed(b"", T0 + 0.3)
+    return parser.result(), parser.notes
+
+
+def test_a_client_that_hangs_up_after_the_last_event_leaves_a_complete_record() -> None:
+    result, notes = parse_chunks(gzip_stream_without_trailer(load(STREAM)))
+    assert result["error"] is None and result["stop_reason"] == "tool_use"
+    assert notes == ["truncated gzip body after the stream's last event (the client hung up once "
+                     "it had it)"]
+    cut, _ = parse_chunks(gzip_stream_without_trailer(load(STREAM), cut_events=3))
+    assert cut["error"] is not None  # a stream cut before its end is still an error

@@ -148,6 +148,31 @@ def test_anthropic_sdk_streamed_and_not(testbed, tap):
     assert streamed["chunks"] == len(streamed["timeline"]) > 50
 
 
+def test_a_client_that_hangs_up_after_the_last_gzip_event_gets_a_complete_record(testbed, tap):
+    """litellm and aider close the connection as soon as they have the last event; with gzip the
+    encoding's trailer may not have come yet. The exchange was complete: no error."""
+    out = client(testbed, tap, """
+        headers = {"content-type": "application/json", "accept-encoding": "gzip",
+                   "x-fake-fixture": "anthropic_messages_stream.sse", "x-fake-encoding": "gzip",
+                   "x-fake-pause-ms": "0", "x-fake-trailer-delay-ms": "1500"}
+        seen = []
+        with httpx.Client(verify=CA, timeout=30) as http:
+            with http.stream("POST", "https://api.anthropic.com/v1/messages?t=hangup",
+                             content=json.dumps({"model": "claude-sonnet-4-5", "stream": True}),
+                             headers=headers) as reply:
+                for line in reply.iter_lines():  # httpx decodes the gzip as it comes
+                    seen.append(line)
+                    if "message_stop" in line:
+                        break  # and hang up, trailer or not
+        print(json.dumps({"last": seen[-1]}))
+    """)
+    assert "message_stop" in out["last"]
+    [record] = records(tap, "hangup", 1)
+    assert record["error"] is None and record["stop_reason"] == "tool_use"
+    assert record["usage"] == usage(472, 189, read=10240, w5m=1536, w1h=512, reasoning=None)
+    assert any("truncated gzip body after the stream's last event" in n for n in record["notes"])
+
+
 def test_openai_sdk_chat_gets_exact_usage_the_client_never_asked_for(testbed, tap):
     out = client(testbed, tap, """
         import openai

@@ -342,7 +342,7 @@ class Protocols:
         result = parser.result()
         result["request"] = exchange.info.record()
         flow_error = flow.error.msg if flow.error else None
-        notes = list(exchange.notes)
+        notes = [*exchange.notes, *parser.notes]
         if flow_error and complete(parser, exchange.info):
             # SDKs hang up as soon as they see the stream's last event: not a failed exchange.
             notes.append(f"{flow_error} (after the complete response)")

@@ -179,6 +179,7 @@ class ResponseParser:
         self.extra: dict[str, Any] = header_fields(headers if headers is not None else {})
         self.timeline = Timeline(started, limits.max_timeline)
         self.finished = False
+        self.notes: list[str] = []  # worth knowing, but not a failed exchange
         self._failed = False
         self._now = started
         self._ws = False  # fed WebSocket messages
@@ -235,14 +236,32 @@ class ResponseParser:
         self._now = now
         if not self._failed and self._framer is not None:
             try:
-                for piece in self._decoder.finish():
-                    self._framer.feed(piece)
+                trailer = self._finish_decoding()
                 self._framer.end()
                 self._check_complete()
             except Exception as exc:
                 self.fail(describe(exc))
+            else:
+                if trailer is not None:  # every event came: only the encoding's end is missing
+                    self.notes.append(f"{trailer} after the stream's last event (the client hung "
+                                      "up once it had it)")
         if self.error is None and self.status >= 400:
             self.error = f"http {self.status}"
+
+    def _finish_decoding(self) -> str | None:
+        """Feeds what the decoder still holds. A compressed stream cut before its trailer is
+        returned as a reason, not raised: whether that matters depends on the events (a client
+        that hangs up after the last event, as litellm and aider do, cuts only the trailer)."""
+        assert self._framer is not None
+        try:
+            pieces = self._decoder.finish()
+        except DecodeError as exc:
+            if not self.streamed or "truncated" not in str(exc):
+                raise
+            return str(exc)
+        for piece in pieces:
+            self._framer.feed(piece)
+        return None
 
     def result(self) -> dict[str, Any]:
         streamed = self.streamed
