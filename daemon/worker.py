@@ -1,4 +1,5 @@
-"""The proxy worker: a child forked by the root supervisor that drops to the service user.
+"""The proxy worker: forked, as root, by the spawner (llmtap.spawner), then dropping to the
+service user.
 
 It is forked rather than executed because the interpreter may live where the service user cannot
 read (pyenv under /root): everything it needs is imported before the fork, and the few modules
@@ -126,13 +127,14 @@ class WorkerHandle:
 
 
 def start_worker(settings: ProxySettings, user: ServiceUser) -> WorkerHandle:
-    """Forks the worker. Call before the supervisor starts any thread."""
+    """Forks the worker. Called in the single-threaded spawner (llmtap.spawner), never in a
+    process with other threads."""
     preload()
     read_fd, write_fd = os.pipe()
     # The worker's lifeline: it never carries data; EOF means the supervisor is gone, however it
     # ended, on every OS (PR_SET_PDEATHSIG, Linux only, is the second line of defence).
     lifeline_read, lifeline_write = os.pipe()
-    supervisor = os.getpid()
+    parent = os.getpid()  # the spawner: if it dies, so does the worker
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -146,7 +148,7 @@ def start_worker(settings: ProxySettings, user: ServiceUser) -> WorkerHandle:
                 allow_leaving_idle_priority()
             drop_privileges(user)
             if sys.platform == "linux":  # after the drop: a credential change clears it
-                parent_death_signal(supervisor)
+                parent_death_signal(parent)
             if settings.pipeline:  # before any thread: it forks the record writer process
                 start_writer_process(settings.records_dir, settings.config_file, settings.state_dir)
             with os.fdopen(write_fd, "w", buffering=1) as report:
