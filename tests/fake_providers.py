@@ -14,6 +14,7 @@ Any request may steer the reply with headers:
     x-fake-bomb: N              a gzip body that inflates to N bytes (whatever accept-encoding says)
     x-fake-unsized: 1           no content-length: a body that is not streamed goes out chunked
     x-fake-pause-ms: N          pause between stream chunks (default 10)
+    x-fake-usage: JSON          the usage of fake_upstream's default Messages stream (/v1/messages)
 Without them these paths get their fixture: POST /v1/responses, /v1/messages/count_tokens, and
 Gemini's :generateContent, :streamGenerateContent (alt=sse or the JSON array) and :countTokens.
 The Responses WebSocket (GET /v1/responses, upgraded) answers each `response.create` with the

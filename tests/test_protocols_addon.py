@@ -85,7 +85,7 @@ def test_sse_passes_through_unchanged_and_is_parsed():
     assert record["request"]["max_tokens"] == 64 and len(record["request"]["system_sha256"]) == 64
     assert record["chunks"] == len(record["timeline"]) > 100
     assert record["ttft_ms"] is not None and record["cost_usd"] > 0
-    assert record["price_row"] == "claude-sonnet-4-5"
+    assert record["price"]["row"] == "anthropic/claude-sonnet-4-5"
 
 
 def test_chat_stream_gets_usage_the_client_does_not_see():
@@ -386,17 +386,19 @@ def test_pricing_uses_and_reloads_the_override(tmp_path: Path):
     with taddons.context(pricing) as tctx:
         tctx.configure(pricing, llmtap_state_dir=str(tmp_path))
         pricing.response(flow)
-        assert (fields(flow)["cost_usd"], fields(flow)["price_row"]) == (None, None)
+        assert (fields(flow)["cost_usd"], fields(flow)["price"]) == (None, None)
         litellm = tmp_path / "litellm.json"
         litellm.write_text(json.dumps({"fake-model-x": {
             "litellm_provider": "openai", "mode": "chat",
             "input_cost_per_token": 1.1e-06, "output_cost_per_token": 2e-06}}))
-        from llmtap.pricing import import_litellm, save_table
+        from llmtap.price_override import import_litellm, save_table
 
         save_table(import_litellm(litellm), tmp_path / "prices.json")
         pricing._checked = 0
         pricing.response(flow)
-        assert (fields(flow)["cost_usd"], fields(flow)["price_row"]) == (1.1, "fake-model-x")
+        assert fields(flow)["cost_usd"] == 1.1
+        assert fields(flow)["price"] == {"source": "override", "row": "fake-model-x",
+                                         "version": "litellm:litellm.json"}
         (tmp_path / "prices.json").write_text("{broken")
         os.utime(tmp_path / "prices.json", ns=(1, 1))
         pricing._checked = 0

@@ -146,6 +146,11 @@ class AnthropicParser(ResponseParser):
         self.usage = usage_from(self._raw_usage)
         if update.get("service_tier"):
             self.extra["service_tier"] = str(update["service_tier"])
+        if update.get("speed"):  # "fast" mode is billed at its own rates
+            self.extra["speed"] = str(update["speed"])
+        searches = as_dict(update.get("server_tool_use")).get("web_search_requests")
+        if isinstance(searches, int) and not isinstance(searches, bool) and searches > 0:
+            self.extra["web_search_requests"] = searches  # billed per search, on top of tokens
 
     def incomplete(self) -> str | None:
         if self.api == "messages" and not self._stopped:

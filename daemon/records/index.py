@@ -248,10 +248,13 @@ class Index:
         return dict(self.conn.execute(sql, args).fetchone())
 
     def unpriced(self, since: float | None = None) -> list[dict[str, Any]]:
-        """Models whose calls have no cost (unknown to the price table), with their counts."""
+        """Models (at a host) whose calls reported usage but have no cost: unknown to the prices."""
         where, args = self._filters(since, None, None)
-        sql = (f"SELECT model, COUNT(*) AS calls FROM calls WHERE {' AND '.join(where)} AND "
-               "cost_usd IS NULL AND model IS NOT NULL GROUP BY model ORDER BY calls DESC")
+        sql = (f"SELECT model, host, MAX(provider) AS provider, COUNT(*) AS calls, "
+               f"MAX(started_at) AS last_seen FROM calls WHERE {' AND '.join(where)} AND "
+               "cost_usd IS NULL AND model IS NOT NULL AND "
+               "(input_tokens IS NOT NULL OR output_tokens IS NOT NULL) "
+               "GROUP BY model, host ORDER BY calls DESC")
         return [dict(row) for row in self.conn.execute(sql, args)]
 
     def latest_per_model(self, since: float | None = None) -> list[sqlite3.Row]:
