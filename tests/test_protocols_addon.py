@@ -406,6 +406,36 @@ def test_pricing_uses_and_reloads_the_override(tmp_path: Path):
         assert fields(flow)["cost_usd"] is None
 
 
+def test_pricing_fetches_prices_itself_when_asked_and_uses_them(tmp_path: Path):
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{
+        "id": "openai", "name": "OpenAI", "api_pattern": "https://api\\.openai\\.com",
+        "models": [{"id": "gpt-mystery", "match": {"equals": "gpt-mystery"},
+                    "prices": {"input_mtok": 7, "output_mtok": 9}}]}]))
+    config = tmp_path / "config.toml"
+    config.write_text(f'[prices]\nupdate_hours = 24\nurl = "{data.as_uri()}"\n')
+    flow = tflow.tflow(resp=True)
+    flow.request.host = "api.openai.com"
+    fields(flow).update(model="gpt-mystery", usage={"input_tokens": 1_000_000, "output_tokens": 0})
+
+    async def run(pricing: Pricing) -> None:
+        pricing.running()
+        for _ in range(100):  # the first fetch runs at once, on a thread
+            await asyncio.sleep(0.05)
+            if (tmp_path / "genai-prices.json").exists():
+                break
+        pricing._checked = 0
+        pricing.response(flow)
+        pricing.done()
+
+    pricing = Pricing()
+    with taddons.context(pricing) as tctx:
+        tctx.configure(pricing, llmtap_state_dir=str(tmp_path), llmtap_config_file=str(config))
+        asyncio.run(run(pricing))
+    assert fields(flow)["cost_usd"] == 7.0
+    assert fields(flow)["price"]["version"].startswith("fetched ")
+
+
 def test_bare_mitmproxy_has_no_pipeline(tmp_path: Path):
     settings = ProxySettings(proxy_port=18443, confdir=tmp_path, upstream_ca_bundle=tmp_path / "ca.pem",
                              targets=("api.openai.com",), records_dir=None)
