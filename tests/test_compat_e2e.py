@@ -216,11 +216,32 @@ def test_google_genai_vertex_client(testbed, tap):
     assert_token_only_upstream(testbed, tap, "/projects/t-genai/")
 
 
+def test_vertex_openai_compatible_endpoint(testbed, tap):
+    out = run_client(testbed, tap, """
+        sdk = compat("https://us-central1-aiplatform.googleapis.com/v1/projects/t-vxoa/locations/"
+                     "us-central1/endpoints/openapi", key=TOKEN)  # the OAuth token as bearer
+        chunks = dump(sdk.chat.completions.create(
+            model="google/gemini-2.5-flash", messages=[{"role": "user", "content": "Capital?"}],
+            stream=True, extra_headers={"x-fake-fixture": "gemini_compat_chat_stream.sse"}))
+        print(json.dumps({"chunks": chunks}))
+    """)
+    assert text_of(out["chunks"]).startswith("Paris")
+    [record] = by_path(tap, "/projects/t-vxoa/", 1)
+    assert_clean(record, "google", "chat.completions", "gemini-2.5-flash", True)
+    assert record["request"] is not None and record["host"] == VERTEX_HOST
+    assert record["usage"] == usage(13, 397, read=2048, reasoning=383)
+    assert_token_only_upstream(testbed, tap, "/projects/t-vxoa/")
+
+
 def assert_token_only_upstream(testbed: Testbed, daemon: Daemon, piece: str) -> None:
-    """Google's OAuth token is signed by the client: it reaches Vertex unchanged and is never
-    written anywhere llmtap records."""
+    """Google's OAuth token is signed by the client: it reaches Vertex unchanged, and llmtap's
+    records show the header masked, never the token."""
     seen = [r for r in testbed.upstream_requests() if piece in r["path"]]
     assert seen and all(r["headers"]["authorization"] == f"Bearer {TOKEN}" for r in seen)
+    masked = False
     for path in Path(daemon.records_dir).rglob("*"):
         if path.is_file():
-            assert TOKEN.encode() not in path.read_bytes(), path
+            data = path.read_bytes()
+            assert TOKEN.encode() not in data and TOKEN[:20].encode() not in data, path
+            masked = masked or (piece.encode() in data and "Bearer ••••".encode() in data)
+    assert masked  # the Markdown twin shows the header, masked
