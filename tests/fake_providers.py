@@ -63,6 +63,7 @@ COMPAT_CHAT: dict[tuple[str | None, str], tuple[str, str | None]] = {
     (None, "/openai/v1/chat/completions"): ("groq_chat_stream.sse", None),
     (None, "/api/v1/chat/completions"): ("openrouter_chat_stream.sse", None),
     ("api.deepseek.com", "/chat/completions"): ("deepseek_chat_stream.sse", None),
+    ("api.mistral.ai", "/v1/chat/completions"): ("mistral_chat_stream.sse", None),
 }
 USAGE_IF_ASKED = ("gemini_compat_chat_stream.sse", "anthropic_compat_chat_stream.sse",
                   "groq_chat_stream.sse")
@@ -191,6 +192,15 @@ def vertex_fixture(host: str, path: str, query: str) -> str | None:
     return None
 
 
+def mistral_extra_forbidden() -> Reply:
+    """What Mistral answers a request with a field it does not know, stream_options included."""
+    detail = [{"type": "extra_forbidden", "loc": ["body", "stream_options"],
+               "msg": "Extra inputs are not permitted", "input": {"include_usage": True}}]
+    body = {"object": "error", "message": {"detail": detail}, "type": "invalid_request_error",
+            "param": None, "code": None}
+    return Reply(422, streams.JSON, json.dumps(body).encode(), False)
+
+
 def big_reply(size: int) -> Reply:
     head = (b'{"id": "msg_big", "type": "message", "role": "assistant", '
             b'"model": "claude-sonnet-4-5-20250929", "content": [{"type": "text", "text": "')
@@ -210,6 +220,8 @@ def bomb(size: int) -> bytes:
 
 def choose(scope: Scope, request: dict[str, Any], headers: dict[str, str]) -> Reply | None:
     host = headers.get("host", headers.get(":authority", "")).split(":")[0]
+    if host == "api.mistral.ai" and "stream_options" in request:
+        return mistral_extra_forbidden()
     if "x-fake-body" in headers:
         return Reply(200, streams.JSON, headers["x-fake-body"].encode(), False)
     if "x-fake-big" in headers:

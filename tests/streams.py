@@ -41,6 +41,7 @@ _COMPAT = {
     "openrouter": ("openrouter.ai", "/api/v1/chat/completions"),
     "deepseek": ("api.deepseek.com", "/chat/completions"),
     "xai": ("api.x.ai", "/v1/chat/completions"),
+    "mistral": ("api.mistral.ai", "/v1/chat/completions"),
 }
 VERTEX_HOST = "us-central1-aiplatform.googleapis.com"
 VERTEX_MODELS = "/v1beta1/projects/llmtap-test/locations/us-central1/publishers/google/models"
@@ -87,6 +88,7 @@ FIXTURES: dict[str, Fixture] = {
         Fixture("openrouter_chat_stream.sse", *_COMPAT["openrouter"], content_type=SSE),
         Fixture("deepseek_chat_stream.sse", *_COMPAT["deepseek"], content_type=SSE),
         Fixture("xai_chat.json", *_COMPAT["xai"]),
+        Fixture("mistral_chat_stream.sse", *_COMPAT["mistral"], content_type=SSE),
         Fixture("vertex_gemini_stream.sse", VERTEX_HOST,
                 VERTEX_MODELS + "/gemini-2.5-flash:streamGenerateContent?alt=sse", content_type=SSE),
         Fixture("vertex_gemini_generate.json", VERTEX_HOST,

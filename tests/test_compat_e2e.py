@@ -127,7 +127,7 @@ def test_anthropic_openai_compat_streamed_and_not(testbed, tap):
     assert whole["usage"] == usage(25, 12) and whole["request"]["max_tokens"] == 64
 
 
-def test_groq_openrouter_deepseek_streams(testbed, tap):
+def test_groq_openrouter_deepseek_mistral_streams(testbed, tap):
     out = run_client(testbed, tap, """
         ask = dict(messages=[{"role": "user", "content": "Hi"}], stream=True)
         groq = dump(compat("https://api.groq.com/openai/v1").chat.completions.create(
@@ -136,7 +136,9 @@ def test_groq_openrouter_deepseek_streams(testbed, tap):
             model="anthropic/claude-sonnet-4.5", **ask, extra_query={"t": "router"}))
         deep = dump(compat("https://api.deepseek.com").chat.completions.create(
             model="deepseek-reasoner", **ask, extra_query={"t": "deep"}))
-        print(json.dumps({"groq": groq, "router": router, "deep": deep}))
+        mistral = dump(compat("https://api.mistral.ai/v1").chat.completions.create(
+            model="mistral-large-latest", **ask, extra_query={"t": "mistral"}))
+        print(json.dumps({"groq": groq, "router": router, "deep": deep, "mistral": mistral}))
     """)
     assert text_of(out["groq"]) == "Hola! ¿En qué puedo ayudarte?"
     assert out["router"][-1]["usage"]["cost"] == 0.0070434  # OpenRouter's usage reaches the client
@@ -155,6 +157,11 @@ def test_groq_openrouter_deepseek_streams(testbed, tap):
     assert "stream_options" not in upstream_bodies(testbed, "groq")[0]
     assert "stream_options" not in upstream_bodies(testbed, "router")[0]
     assert upstream_bodies(testbed, "deep")[0]["stream_options"] == {"include_usage": True}
+    # Mistral refuses stream_options (422): llmtap leaves its requests alone; its usage comes anyway.
+    assert text_of(out["mistral"]) == "Bonjour, je suis Le Chat."
+    [mistral] = records(tap, "mistral", 1)
+    assert_clean(mistral, "mistral", "chat.completions", "mistral-large-latest", True)
+    assert mistral["usage"] == usage(10, 9)
 
 
 def test_anthropic_vertex_client(testbed, tap):

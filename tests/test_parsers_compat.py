@@ -118,6 +118,13 @@ def test_deepseek_cache_hits_and_reasoning() -> None:
                                                 cache_read_tokens=1024)
 
 
+def test_mistral_usage_on_the_finish_chunk() -> None:
+    result = run("mistral_chat_stream.sse")
+    assert (result["provider"], result["model"]) == ("mistral", "mistral-large-latest")
+    assert result["usage"] == usage(input_tokens=10, output_tokens=9)
+    assert result["error"] is None and result["stop_reason"] == "stop"
+
+
 def test_xai_reasoning_is_output_though_completion_tokens_leaves_it_out() -> None:
     result = run("xai_chat.json")
     assert (result["provider"], result["model"]) == ("xai", "grok-3-mini")
@@ -150,6 +157,7 @@ def test_any_rechunking_of_the_compat_streams_gives_the_same_result(data: st.Dat
         ("api.deepseek.com", "/chat/completions", True),
         ("api.groq.com", "/openai/v1/chat/completions", False),  # x_groq.usage always comes
         ("openrouter.ai", "/api/v1/chat/completions", False),  # its usage always comes
+        ("api.mistral.ai", "/v1/chat/completions", False),  # always comes; stream_options is a 422
     ],
 )
 def test_include_usage_is_added_only_where_the_usage_would_be_missing(

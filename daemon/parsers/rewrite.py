@@ -19,9 +19,10 @@ from llmtap.parsers.request import RequestInfo
 from llmtap.parsers.sse import DEFAULT_MAX_EVENT_BYTES, next_line
 
 _OPTION = b'"stream_options":{"include_usage":true}'
-# Hosts whose streams always end with the usage, asked for or not (OpenRouter in `usage`, Groq in
-# `x_groq.usage`): their requests are left as sent, so the client gets exactly what it would have.
-USAGE_ALWAYS_STREAMED = frozenset({"openrouter", "groq"})
+# Providers whose streams always end with the usage, asked for or not (OpenRouter and Mistral in
+# `usage`, Groq in `x_groq.usage`): their requests are left as sent. Mistral must be: it answers
+# 422 (extra_forbidden) to a request with stream_options.
+USAGE_ALWAYS_STREAMED = frozenset({"openrouter", "groq", "mistral"})
 _EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')  # cheap test before decoding any JSON
 
 
