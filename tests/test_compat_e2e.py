@@ -89,7 +89,8 @@ def test_gemini_openai_compat_streamed_and_not(testbed, tap):
     out = run_client(testbed, tap, """
         sdk = compat("https://generativelanguage.googleapis.com/v1beta/openai/")
         ask = dict(model="gemini-2.5-flash", messages=[{"role": "user", "content": "Capital?"}])
-        chunks = dump(sdk.chat.completions.create(**ask, stream=True, extra_query={"t": "gem-sse"}))
+        chunks = dump(sdk.chat.completions.create(**ask, stream=True, extra_query={"t": "gem-sse"},
+                                                  extra_headers={"x-fake-pause-ms": "50"}))
         whole = sdk.chat.completions.create(**ask, extra_query={"t": "gem-json"})
         print(json.dumps({"chunks": chunks, "whole": whole.model_dump()}))
     """)
@@ -100,6 +101,8 @@ def test_gemini_openai_compat_streamed_and_not(testbed, tap):
     # completion_tokens 14 + the 383 thought tokens only total_tokens counts.
     assert streamed["usage"] == usage(13, 397, read=2048, reasoning=383)
     assert streamed["stop_reason"] == "stop"
+    # The SDK hangs up once it has `data: [DONE]`, before the body's end (50 ms later): a note.
+    assert streamed["notes"] == ["Client disconnected. (after the complete response)"]
     [whole] = records(tap, "gem-json", 1)
     assert_clean(whole, "google", "chat.completions", "gemini-2.5-flash", False)
     assert whole["usage"] == usage(11, 397, reasoning=383)
