@@ -58,6 +58,8 @@ VERTEX = "/v1/projects/p/locations/us-central1/publishers"
         (VERTEX_HOST, "POST", "/v1/projects/p/locations/us-central1/endpoints/openapi/chat/completions",
          ("google", "chat.completions")),
         (VERTEX_HOST, "POST", f"{VERTEX}/meta/models/llama:rawPredict", ("google", "unknown")),
+        (VERTEX_HOST, "POST", "/v1/projects/p/locations/us-central1/endpoints/4567:generateContent",
+         ("google", "generateContent")),  # a tuned Gemini model deployed to an endpoint
         ("evil-aiplatform.googleapis.com.example.net", "POST", "/v1/chat/completions",
          ("openai", "chat.completions")),  # not Google's: a gateway, named by its wire shape
     ],

@@ -55,8 +55,9 @@ _ROUTE_SPECS: tuple[tuple[str | None, str | None, str, str], ...] = (
     ("openai", None, r"/responses/resp_[^/]+", "responses"),
     ("openai", "POST", r"/completions", "completions"),
     ("openai", "POST", r"/embeddings", "embeddings"),
-    ("google", "POST", r"/(models|tunedModels)/[^/:]+:generateContent", "generateContent"),
-    ("google", "POST", r"/(models|tunedModels)/[^/:]+:streamGenerateContent",
+    # Vertex AI also serves tuned Gemini models from `endpoints/{id}`.
+    ("google", "POST", r"/(models|tunedModels|endpoints)/[^/:]+:generateContent", "generateContent"),
+    ("google", "POST", r"/(models|tunedModels|endpoints)/[^/:]+:streamGenerateContent",
      "streamGenerateContent"),
     ("google", "POST", r"/models/[^/:]+:countTokens", "countTokens"),
     ("google", "POST", r"/models/[^/:]+:(batchEmbedContents|embedContent)", "embedContent"),
