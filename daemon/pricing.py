@@ -163,6 +163,8 @@ def find_row(data: PriceData, model: str, host: str, path: str = "",
     provider = provider_for(data, host, path, provider_name, model)
     if provider is not None:
         row = provider.find_model(model, all_providers=providers)
+        if row is None and "/" in model:  # a publisher prefix, e.g. Vertex's google/gemini-2.5-flash
+            row = provider.find_model(model.split("/", 1)[1], all_providers=providers)
         return None if row is None else (provider, row)
     if host or provider_name:
         return None  # a known party's calls are never priced at another's rates

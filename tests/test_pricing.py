@@ -97,6 +97,8 @@ def test_variants_batch_service_tier_fast_mode_and_web_searches() -> None:
      "google/claude-sonnet-4-5"),
     ("myres.openai.azure.com", "/openai/deployments/d/chat/completions", "gpt-4o-2024-11-20", "azure/gpt-4o"),
     (GEMINI, "/v1beta/openai/chat/completions", "gemini-2.5-flash", "google/gemini-2.5-flash"),
+    ("us-central1-aiplatform.googleapis.com", "/v1/projects/p/locations/us-central1/endpoints/openapi/"
+     "chat/completions", "google/gemini-2.5-flash", "google/gemini-2.5-flash"),
     (ANTHROPIC, "/v1/chat/completions", "claude-sonnet-4-5", "anthropic/claude-sonnet-4-5"),
     ("api.groq.com", "/openai/v1/chat/completions", "llama-3.3-70b-versatile", "groq/"),
     ("openrouter.ai", "/api/v1/chat/completions", "anthropic/claude-sonnet-4.5", "openrouter/"),

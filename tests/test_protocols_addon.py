@@ -466,6 +466,38 @@ def test_client_hanging_up_after_the_last_event_is_no_error():
     assert record["notes"] == ["Client disconnected. (after the complete response)"]
 
 
+@pytest.mark.parametrize(("fixture", "provider", "output_tokens"), [
+    ("gemini_compat_chat_stream.sse", "google", 397),
+    ("anthropic_compat_chat_stream.sse", "anthropic", 12),
+    ("groq_chat_stream.sse", "groq", 15),
+    ("openrouter_chat_stream.sse", "openrouter", 310),
+    ("deepseek_chat_stream.sse", "deepseek", 420),
+    ("mistral_chat_stream.sse", "mistral", 9),
+])
+def test_compat_stream_hung_up_after_done_is_no_error(fixture: str, provider: str,
+                                                       output_tokens: int):
+    """A compatible endpoint's stream is read as Chat Completions under its host's provider: the
+    SDK hanging up after `data: [DONE]` is a note, as on OpenAI (it used to be an error)."""
+    known = streams.FIXTURES[fixture]
+    protocols = Protocols()
+    flow = request_flow(known.host, known.path, {"model": "m", "stream": True, "messages": []})
+    with run_addons(protocols):
+        protocols.request(flow)
+        response_headers(flow, 200, SSE)
+        protocols.responseheaders(flow)
+        out = b"".join(flow.response.stream(known.body))
+        flow.error = tflow.terr("Client disconnected.")
+        protocols.error(flow)
+    record = fields(flow)
+    assert (record["provider"], record["api"], record["error"]) == (provider, "chat.completions", None)
+    assert record["usage"]["output_tokens"] == output_tokens
+    assert record["notes"] == ["Client disconnected. (after the complete response)"]
+    expected = known.body
+    if fixture == "anthropic_compat_chat_stream.sse":  # minus the usage-only event llmtap asked for
+        expected = b"\n\n".join(e for e in known.body.split(b"\n\n") if b'"choices":[]' not in e)
+    assert out == expected
+
+
 def test_a_large_or_compressed_held_body_is_parsed_off_the_event_loop():
     import fake_providers
 
