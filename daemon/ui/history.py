@@ -7,15 +7,18 @@ but never counted in totals or charts.
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from llmtap.dashboard import context_window
+from llmtap.records import store
 from llmtap.records.index import Index
 
 WINDOW = 2000  # the calls sessions are grouped over (the newest)
+MAX_KNOWN = 100_000
 CONTEXT_KEYS = ("input_tokens", "cache_read_tokens", "cache_write_5m_tokens", "cache_write_1h_tokens",
                 "output_tokens")
 
@@ -29,10 +32,41 @@ def opened(records_dir: Path) -> Iterator[Index]:
         index.close()
 
 
+def has_counted(index: Index) -> bool:
+    return "counted" in {row[1] for row in index.conn.execute("PRAGMA table_info(calls)")}
+
+
 def counted_sql(index: Index) -> str:
     """A WHERE clause that keeps billed calls only (every call, on an index without `counted`)."""
-    columns = {row[1] for row in index.conn.execute("PRAGMA table_info(calls)")}
-    return "COALESCE(counted, 1) != 0" if "counted" in columns else "1=1"
+    return "COALESCE(counted, 1) != 0" if has_counted(index) else "1=1"
+
+
+class Billed:
+    """Whether a call counts, from its JSON record where the index has no `counted` column yet.
+
+    Records never change, so each answer is kept (bounded).
+    """
+
+    def __init__(self, records_dir: Path) -> None:
+        self.records_dir = records_dir
+        self._known: dict[str, bool] = {}
+
+    def keep(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [row for row in rows if self.counts(row)]
+
+    def counts(self, row: dict[str, Any]) -> bool:
+        if "counted" in row:
+            return row["counted"] != 0
+        if row["id"] not in self._known:
+            data = store.read_location(self.records_dir, str(row["location"]))
+            try:
+                record = json.loads(data) if data else {}
+            except ValueError:
+                record = {}
+            if len(self._known) >= MAX_KNOWN:
+                self._known.pop(next(iter(self._known)))
+            self._known[row["id"]] = not (isinstance(record, dict) and record.get("counted") is False)
+        return self._known[row["id"]]
 
 
 def context_use(row: Any) -> dict[str, Any]:
@@ -72,8 +106,10 @@ def search(index: Index, text: str, limit: int = 200) -> list[dict[str, Any]]:
 
 def usage_rows(index: Index, since: float | None) -> list[dict[str, Any]]:
     """Billed calls since a time, oldest first, with what the charts add up."""
-    sql = (f"SELECT id, location, started_ts, model, COALESCE(process_tool, process_name) AS process, "
-           f"input_tokens, output_tokens, cache_read_tokens, cache_write_5m_tokens, "
+    counted = ", counted" if has_counted(index) else ""
+    sql = (f"SELECT id, location, started_ts{counted}, model, "
+           f"COALESCE(process_tool, process_name) AS process, input_tokens, output_tokens, "
+           f"cache_read_tokens, cache_write_5m_tokens, "
            f"cache_write_1h_tokens, cost_usd FROM calls WHERE {counted_sql(index)} AND "
            f"started_ts >= ? ORDER BY started_ts")
     try:

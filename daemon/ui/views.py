@@ -38,6 +38,7 @@ class Views:
         self.config, self.token, self.live = config, token, live
         self.records_dir = config.records_dir
         self.sessions = Sessions(self.records_dir)
+        self.billed = history.Billed(self.records_dir)
         self._lock = threading.Lock()  # Sessions learns as it goes: one reader at a time
         self.env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES),
                                       autoescape=True)
@@ -108,13 +109,14 @@ class Views:
 
     def _summary(self, key: str, calls: list[dict[str, Any]]) -> dict[str, Any]:
         first = calls[0]
+        billed = self.billed.keep(calls)
         return {"key": key, "label": self.sessions.label(first) or key, "calls": len(calls),
                 "first": first["started_ts"], "last": calls[-1]["started_ts"],
                 "tool": first["process_tool"] or first["process_name"] or "?",
                 "models": sorted({c["model"] or "?" for c in calls}),
-                "cost": sum(c["cost_usd"] or 0 for c in calls),
-                "input": sum((c["input_tokens"] or 0) + (c["cache_read_tokens"] or 0) for c in calls),
-                "output": sum(c["output_tokens"] or 0 for c in calls)}
+                "cost": sum(c["cost_usd"] or 0 for c in billed),
+                "input": sum((c["input_tokens"] or 0) + (c["cache_read_tokens"] or 0) for c in billed),
+                "output": sum(c["output_tokens"] or 0 for c in billed)}
 
     def session(self, params: dict[str, str]) -> Reply:
         with history.opened(self.records_dir) as index:
@@ -169,7 +171,7 @@ class Views:
         bucket = _choice(params.get("bucket"), tuple(charts.BUCKETS), "hour")
         span = SINCE.get(params.get("since") or "7d", SINCE["7d"])
         with history.opened(self.records_dir) as index:
-            rows = history.usage_rows(index, time.time() - span if span else None)
+            rows = self.billed.keep(history.usage_rows(index, time.time() - span if span else None))
             labels: dict[str, str] = {}
             if by == "session":
                 window, keys = self._grouped(index)
