@@ -141,10 +141,14 @@ def test_session_ids_from_headers_and_response_chains(tmp_path: Path) -> None:
                headers=[("session_id", "codex-abc")])
     write_call(directory, "k1", "2026-12-01T10:00:03.000Z", {"model": "claude", "messages": []},
                {"content": []}, headers=[("X-Claude-Code-Session-Id", "s-1")])
+    write_call(directory, "m1", "2026-12-01T10:00:04.000Z", {"model": "claude", "messages": []},
+               {"content": []}, headers=[("X-Claude-Code-Session-Id", "••••")])  # as records have it
+    write_call(directory, "n1", "2026-12-01T10:00:05.000Z", {}, {"content": []}, model=None)
     with history.opened(directory) as index:
         keys = Sessions(directory).assign(history.window(index))
     assert keys["r1"] == keys["r2"] and keys["r1"].startswith("prefix:")
     assert keys["c1"] == "codex:codex-abc" and keys["k1"] == "claude-code:s-1"
+    assert keys["m1"].startswith("prefix:") and "n1" not in keys
 
 
 def test_charts_leave_out_calls_that_are_not_billed(records: Path) -> None:

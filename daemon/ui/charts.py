@@ -10,16 +10,17 @@ from typing import Any
 from llmtap.dashboard import context_window
 
 TOP_GROUPS = 8
-BUCKETS = {"hour": 3600, "day": 86400}
+BUCKETS = {"minute": 60, "hour": 3600, "day": 86400}
 GROUPINGS = ("model", "process", "session")
 
 
 def bucket_start(ts: float, bucket: str) -> float:
     moment = datetime.datetime.fromtimestamp(ts)
+    moment = moment.replace(second=0, microsecond=0)
+    if bucket in ("hour", "day"):
+        moment = moment.replace(minute=0)
     if bucket == "day":
-        moment = moment.replace(hour=0, minute=0, second=0, microsecond=0)
-    else:
-        moment = moment.replace(minute=0, second=0, microsecond=0)
+        moment = moment.replace(hour=0)
     return moment.timestamp()
 
 
@@ -32,6 +33,8 @@ def series(rows: list[dict[str, Any]], by: str, bucket: str,
         return str(row.get(by) or "?")
 
     starts = sorted({bucket_start(r["started_ts"], bucket) for r in rows if r["started_ts"]})
+    if len(starts) == 1:  # one bucket: its empty neighbours too, so it is drawn as a bucket
+        starts = [starts[0] - BUCKETS[bucket], starts[0], starts[0] + BUCKETS[bucket]]
     slot = {start: i for i, start in enumerate(starts)}
     totals: dict[str, float] = defaultdict(float)
     for row in rows:
@@ -57,6 +60,7 @@ def series(rows: list[dict[str, Any]], by: str, bucket: str,
         "cache": {"labels": ["cache hit %"], "data": [starts, _hit_ratio(kinds)]},
         "context": _context(rows),
         "groups": [{"name": g, "cost": round(totals[g], 6)} for g in top],
+        "bucket_s": BUCKETS[bucket],
     }
 
 

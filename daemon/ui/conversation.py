@@ -206,11 +206,15 @@ def _dump(value: Any) -> str:
     return json.dumps(value, indent=2, ensure_ascii=False)
 
 
+MAX_SYSTEM_DIFF = 200  # lines
+
+
 @dataclass
 class Diff:
     added: list[int]  # indexes of the turns of the newer call that the older did not have
     removed: list[Turn]  # turns of the older call that fell out of the newer one
     system_changed: bool
+    system_diff: list[str] = field(default_factory=list)  # unified diff lines of the system prompt
 
 
 def diff(older: Conversation, newer: Conversation) -> Diff:
@@ -223,4 +227,6 @@ def diff(older: Conversation, newer: Conversation) -> Diff:
             removed += older.turns[a0:a1]
         if tag in ("replace", "insert"):
             added += range(b0, b1)
-    return Diff(added, removed, older.system != newer.system)
+    lines = list(difflib.unified_diff(older.system.splitlines(), newer.system.splitlines(),
+                                      "previous", "this call", n=1, lineterm=""))
+    return Diff(added, removed, older.system != newer.system, lines[2:MAX_SYSTEM_DIFF])

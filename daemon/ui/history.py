@@ -111,7 +111,7 @@ def usage_rows(index: Index, since: float | None) -> list[dict[str, Any]]:
            f"COALESCE(process_tool, process_name) AS process, input_tokens, output_tokens, "
            f"cache_read_tokens, cache_write_5m_tokens, "
            f"cache_write_1h_tokens, cost_usd FROM calls WHERE {counted_sql(index)} AND "
-           f"started_ts >= ? ORDER BY started_ts")
+           f"model IS NOT NULL AND started_ts >= ? ORDER BY started_ts")
     try:
         return [dict(row) for row in index.conn.execute(sql, [since or 0])]
     except sqlite3.Error:

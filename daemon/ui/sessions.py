@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmtap.records.capture import MASK
 from llmtap.ui.calls import Call, load
 from llmtap.ui.conversation import conversation
 from llmtap.ui.streams import response_id
@@ -50,7 +51,8 @@ def facts(call: Call) -> Facts:
 
 def _own_key(call: Call, body: dict[str, Any]) -> str | None:
     for header, client in SESSION_HEADERS:
-        if value := call.header(header):
+        value = call.header(header)
+        if value and MASK not in value:  # the recorder masks session headers: none to group by
             return f"{client}:{value[:80]}"
     metadata = body.get("metadata")
     user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
@@ -90,9 +92,11 @@ class Sessions:
         return found
 
     def assign(self, rows: list[Any]) -> dict[str, str]:
-        """record id -> session key, for rows oldest first."""
+        """record id -> session key, for the model calls among rows (oldest first)."""
         keys: dict[str, str] = {}
         for row in rows:
+            if not row["model"]:
+                continue  # not a model call (a client's settings, a health check)
             found = self.facts_of(row)
             if found is None:
                 continue

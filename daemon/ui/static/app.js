@@ -47,7 +47,7 @@ function startLive(section) {
     } else if (event.type === "end") {
       active.delete(String(event.id));
       // the record lands a moment after the call ends
-      setTimeout(() => htmx.trigger("#recent", "refresh"), 800);
+      for (const wait of [800, 3000]) setTimeout(() => htmx.trigger("#recent", "refresh"), wait);
     }
     render();
   };
@@ -57,14 +57,29 @@ function startLive(section) {
 const PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1",
                  "#ff9da7", "#9c755f", "#bab0ac"];
 
-function drawChart(node, spec) {
+const FORMAT = {
+  cost: (v) => "$" + (v >= 1 ? v.toFixed(2) : v.toPrecision(2)),
+  tokens: fmtTokens,
+  cache: (v) => v + "%",
+  context: (v) => v + "%",
+};
+
+function drawChart(node, spec, pad) {
   const points = node.dataset.points === "1";
+  const kind = node.dataset.chart;
   const series = [{}].concat(spec.labels.map((label, i) => ({
     label: label, stroke: PALETTE[i % PALETTE.length], width: points ? 0 : 2,
+    value: (u, v) => (v === null || v === undefined ? "—" : FORMAT[kind](v)),
     points: { show: points || spec.data[0].length < 3, size: 6, fill: PALETTE[i % PALETTE.length] },
   })));
   const width = Math.max(320, node.clientWidth || 800);
-  const plot = new uPlot({ width: width, height: 220, series: series, scales: { x: { time: true } } },
+  const scales = {
+    // a bucket of room on each side, so one bucket is not a lone dot at the edge of years
+    x: { time: true, range: (u, min, max) => [min - pad, max + pad] },
+    y: kind === "cache" || kind === "context" ? { range: [0, 100] } : { range: (u, min, max) => [0, max * 1.1 || 1] },
+  };
+  const axes = [{}, { size: 70, values: (u, values) => values.map((v) => FORMAT[kind](v)) }];
+  const plot = new uPlot({ width: width, height: 220, series: series, scales: scales, axes: axes },
                          spec.data, node);
   node.dataset.rendered = String(spec.data[0].length);
   return plot;
@@ -79,7 +94,7 @@ function startCharts(box) {
         node.dataset.rendered = "0";
         continue;
       }
-      drawChart(node, spec);
+      drawChart(node, spec, data.bucket_s);
     }
     const table = document.getElementById("groups");
     for (const group of data.groups) {
