@@ -306,3 +306,19 @@ def test_another_local_user_is_refused_even_with_the_token(records: Path, tmp_pa
         assert server.get(f"/?token={TOKEN}")[0] == 200  # root (our own user) still may
     finally:
         server.close()
+
+
+def test_the_command_refuses_bad_usage_and_missing_records(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    llmtap = str(Path(sys.executable).parent / "llmtap")
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(f'state_dir = "{tmp_path}"\nrecords_dir = "{tmp_path / "none"}"\n')
+    bad = subprocess.run([llmtap, "ui", "--no-open", "--port", "70000", "--config", str(config_file)],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--port" in bad.stderr
+    missing = subprocess.run([llmtap, "ui", "--no-open", "--config", str(config_file)],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and "no records yet" in missing.stderr
+    assert "Traceback" not in missing.stderr

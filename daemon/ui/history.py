@@ -17,7 +17,7 @@ from llmtap.dashboard import context_window
 from llmtap.records import store
 from llmtap.records.index import Index
 
-WINDOW = 2000  # the calls sessions are grouped over (the newest)
+WINDOW = 1000  # the calls sessions are grouped over (the newest; each is read once)
 MAX_KNOWN = 100_000
 CONTEXT_KEYS = ("input_tokens", "cache_read_tokens", "cache_write_5m_tokens", "cache_write_1h_tokens",
                 "output_tokens")
