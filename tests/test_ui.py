@@ -322,3 +322,14 @@ def test_the_command_refuses_bad_usage_and_missing_records(tmp_path: Path) -> No
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 1 and "no records yet" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_oversized_requests_are_refused_without_reading_them_whole(running: Running) -> None:
+    with socket.create_connection(("127.0.0.1", running.port), timeout=10) as sock:
+        sock.sendall(f"GET /?token={TOKEN} HTTP/1.1\r\nHost: 127.0.0.1:{running.port}\r\n"
+                     f"X-Big: {'a' * 32768}\r\n\r\n".encode())
+        assert sock.recv(65536)[:12] in (b"", b"HTTP/1.1 400", b"HTTP/1.1 431")
+    with socket.create_connection(("127.0.0.1", running.port), timeout=10) as sock:
+        sock.sendall(f"POST /?token={TOKEN} HTTP/1.1\r\nHost: 127.0.0.1:{running.port}\r\n"
+                     f"Content-Length: 10000000\r\n\r\n".encode() + b"x" * 100_000)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 413")

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from browser import Browser
 from test_claude_code_e2e import CLAUDE, USAGE, placeholder_for
-from testbed import LLMTAP, Daemon, Testbed
+from testbed import LLMTAP, Daemon, Testbed, clean_env
 
 pytestmark = pytest.mark.root
 
@@ -63,8 +63,10 @@ ONE_MORE = """
 import sys, anthropic
 claude = anthropic.Anthropic(api_key="sk-ant-api03-NOTAREALKEYATALL", max_retries=0,
                              http_client=anthropic.DefaultHttpxClient(verify=sys.argv[1]))
-claude.messages.create(model="claude-haiku-4-5", max_tokens=16,
-                       messages=[{"role": "user", "content": "one more"}])
+with claude.messages.stream(model="claude-haiku-4-5", max_tokens=16,
+                            messages=[{"role": "user", "content": "one more"}],
+                            extra_headers={"x-fake-pause-ms": "400"}) as stream:  # slow: in flight
+    stream.get_final_message()
 """
 
 
@@ -203,12 +205,20 @@ def test_the_live_feed_shows_a_new_call(recorded: tuple[Daemon, str], testbed: T
     browser.open(ui.url("/"))
     browser.wait("document.getElementById('daemon').innerText === 'daemon connected'")
     before = browser.eval("document.querySelectorAll('#recent a[href^=\"/call/\"]').length")
-    testbed.client(sys.executable, "-c", ONE_MORE, str(tap.ca_pem), timeout=60)
-    browser.wait("document.body.innerText.includes('claude-haiku-4-5')", timeout=40)
+    client = subprocess.Popen(["ip", "netns", "exec", testbed.client_ns, sys.executable, "-c", ONE_MORE,
+                               str(tap.ca_pem)], env=clean_env())
+    try:
+        browser.wait("document.querySelector('#active .card').innerText.includes('/v1/messages')")
+        browser.screenshot(DOCS / "ui-live.png")  # the call in flight, over the latest calls
+        assert client.wait(timeout=60) == 0
+    finally:
+        if client.poll() is None:
+            client.kill()
+    browser.wait("document.querySelector('#active').innerText.includes('nothing in flight')")
+    browser.wait("document.querySelector('#recent').innerText.includes('claude-haiku-4-5')", timeout=40)
     after = browser.eval("document.querySelectorAll('#recent a[href^=\"/call/\"]').length")
     assert after > before
     assert browser.csp_violations() == []
-    browser.screenshot(DOCS / "ui-live.png")
 
 
 def test_the_browser_gets_nothing_without_the_token_or_from_a_foreign_host(ui: Ui, browser: Browser) -> None:

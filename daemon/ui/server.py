@@ -30,7 +30,7 @@ MAX_HEAD = 16 * 1024
 MAX_BODY = 64 * 1024
 MAX_CONNECTIONS = 64
 IDLE_S = 30.0
-READ = 64 * 1024
+READ = MAX_HEAD // 2  # small reads: h11 then refuses any head over MAX_HEAD, however it arrives
 
 
 class Server:

@@ -24,7 +24,7 @@ function startLive(section) {
     for (const call of active.values()) {
       const card = el("div", "card");
       const who = call.process ? (call.process.tool || call.process.name || "?") + "[" + call.process.pid + "]" : "?";
-      card.append(el("div", "model", call.model || "?"), el("div", "muted", who + " → " + (call.host || "")));
+      card.append(el("div", "model", call.model || (call.method || "") + " " + (call.path || "?")), el("div", "muted", who + " → " + (call.host || "")));
       const out = call.output_tokens !== undefined && call.output_tokens !== null ? call.output_tokens : call.output_tokens_estimate;
       card.append(el("div", "small", "in " + fmtTokens(call.input_tokens) + " · out " + fmtTokens(out) +
         " · " + ((Date.now() / 1000 - call.ts).toFixed(1)) + "s"));
