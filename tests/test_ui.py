@@ -47,7 +47,8 @@ def write_call(directory: Path, call_id: str, started: str, body: dict[str, Any]
     store.write_exchange(directory, record, markdown.render(record, exchange))
 
 
-FIRST = [{"role": "user", "content": [{"type": "text", "text": "What is in this picture?"},
+FIRST = [{"role": "user", "content": [{"type": "text", "text": "<system-reminder>\nctx\n</system-reminder>"},
+                                      {"type": "text", "text": "What is in this picture?"},
                                       {"type": "image", "source": {"type": "base64",
                                                                    "media_type": "image/png", "data": PNG}}]}]
 SECOND = [*FIRST,
@@ -100,8 +101,8 @@ def test_a_call_reads_as_a_conversation_with_a_diff(records: Path) -> None:
     assert first and second
     older, newer = conversation(first), conversation(second)
     assert newer.system == "You look at pictures."
-    assert [p.kind for p in newer.turns[0].parts] == ["text", "image"]
-    assert newer.turns[0].parts[1].image == f"data:image/png;base64,{PNG}"
+    assert [p.kind for p in newer.turns[0].parts] == ["text", "text", "image"]
+    assert newer.turns[0].parts[2].image == f"data:image/png;base64,{PNG}"
     assert [p.kind for p in newer.turns[1].parts] == ["thinking", "tool_call"]
     assert newer.turns[2].parts[0].kind == "tool_result"
     assert newer.turns[2].parts[0].text == "a cat, zoomed"
@@ -115,8 +116,8 @@ def test_a_call_reads_as_a_conversation_with_a_diff(records: Path) -> None:
 def test_an_image_of_another_type_is_never_inlined(records: Path) -> None:
     call = load(records, row(records, "call1")["location"])
     assert call
-    call.request.body_json["messages"][0]["content"][1]["source"]["media_type"] = "image/svg+xml"
-    image = conversation(call).turns[0].parts[1]
+    call.request.body_json["messages"][0]["content"][2]["source"]["media_type"] = "image/svg+xml"
+    image = conversation(call).turns[0].parts[2]
     assert image.image is None and "not shown" in image.text
 
 
@@ -126,6 +127,7 @@ def test_sessions_by_client_id_and_by_prompt_prefix(records: Path) -> None:
     keys = Sessions(records).assign(rows)
     assert keys["call1"] == keys["call2"] == keys["call5"] == f"claude-code:{SESSION}"
     assert keys["call3"] == keys["call4"] and keys["call3"].startswith("prefix:")
+    assert Sessions(records).label(rows[0]) == "What is in this picture?"  # not Claude Code's reminder
 
 
 def test_session_ids_from_headers_and_response_chains(tmp_path: Path) -> None:

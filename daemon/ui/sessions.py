@@ -25,6 +25,8 @@ SESSION_IN_USER_ID = re.compile(r"session_([0-9A-Za-z-]{8,64})")
 SESSION_HEADERS = (("x-claude-code-session-id", "claude-code"), ("session_id", "codex"),
                    ("conversation_id", "codex"), ("x-session-id", "session"))
 MAX_CACHED = 50_000
+# What a client adds to the user's words (Claude Code's reminders): not what names a session.
+INJECTED = re.compile(r"<(system-reminder|command-[a-z-]+|local-command-[a-z-]+)>.*?</\1>", re.S)
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ def facts(call: Call) -> Facts:
     convo = conversation(call)
     first = next((t for t in convo.turns if t.role == "user"), None)
     words = " ".join(p.text for p in first.parts if p.kind == "text") if first else ""
+    words = INJECTED.sub(" ", words).strip() or words
     prefix = hashlib.sha256(json.dumps([convo.system, first.key() if first else None]).encode())
     previous = body.get("previous_response_id")
     return Facts(_own_key(call, body), str(previous) if previous else None, response_id(call),
