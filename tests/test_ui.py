@@ -149,6 +149,10 @@ def test_session_ids_from_headers_and_response_chains(tmp_path: Path) -> None:
     with history.opened(directory) as index:
         keys = Sessions(directory).assign(history.window(index))
     assert keys["r1"] == keys["r2"] and keys["r1"].startswith("prefix:")
+    first, second = (load(directory, row(directory, i)["location"]) for i in ("r1", "r2"))
+    assert first and second
+    chained = diff(conversation(first), conversation(second))
+    assert chained.added == [0] and chained.removed == []  # the server holds the context
     assert keys["c1"] == "codex:codex-abc" and keys["k1"] == "claude-code:s-1"
     assert keys["m1"].startswith("prefix:") and "n1" not in keys
 

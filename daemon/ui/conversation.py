@@ -43,6 +43,7 @@ class Conversation:
     turns: list[Turn] = field(default_factory=list)
     reply: Turn | None = None
     tools: list[str] = field(default_factory=list)
+    chained: bool = False  # previous_response_id: the earlier context is held by the server
 
 
 def conversation(call: Call) -> Conversation:
@@ -75,7 +76,7 @@ def _messages(body: dict[str, Any], convo: Conversation) -> None:
         role = str(message.get("role") or "?")
         parts = _content(message.get("content"))
         for call in message.get("tool_calls") or []:
-            function = call.get("function") or {} if isinstance(call, dict) else {}
+            function = (call.get("function") or {}) if isinstance(call, dict) else {}
             parts.append(Part("tool_call", str(function.get("arguments") or ""),
                               str(function.get("name") or "?")))
         if role in ("system", "developer") and not convo.turns:
@@ -89,6 +90,7 @@ def _messages(body: dict[str, Any], convo: Conversation) -> None:
 def _responses(body: dict[str, Any], convo: Conversation) -> None:
     """OpenAI Responses: instructions, then input items."""
     convo.system = _text(body.get("instructions"))
+    convo.chained = bool(body.get("previous_response_id"))
     items = body.get("input")
     if isinstance(items, str):
         convo.turns.append(Turn("user", [Part("text", items)]))
@@ -218,6 +220,10 @@ class Diff:
 
 
 def diff(older: Conversation, newer: Conversation) -> Diff:
+    lines = list(difflib.unified_diff(older.system.splitlines(), newer.system.splitlines(),
+                                      "previous", "this call", n=1, lineterm=""))[2:MAX_SYSTEM_DIFF]
+    if newer.chained:  # it sends only what is new; nothing fell out
+        return Diff(list(range(len(newer.turns))), [], older.system != newer.system, lines)
     before, after = [t.key() for t in older.turns], [t.key() for t in newer.turns]
     matcher = difflib.SequenceMatcher(a=before, b=after, autojunk=False)
     added: list[int] = []
@@ -227,6 +233,4 @@ def diff(older: Conversation, newer: Conversation) -> Diff:
             removed += older.turns[a0:a1]
         if tag in ("replace", "insert"):
             added += range(b0, b1)
-    lines = list(difflib.unified_diff(older.system.splitlines(), newer.system.splitlines(),
-                                      "previous", "this call", n=1, lineterm=""))
-    return Diff(added, removed, older.system != newer.system, lines[2:MAX_SYSTEM_DIFF])
+    return Diff(added, removed, older.system != newer.system, lines)
