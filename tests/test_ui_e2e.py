@@ -59,6 +59,13 @@ with claude.messages.stream(model="claude-sonnet-4-5", max_tokens=64, system="Yo
                             messages=second) as stream:
     stream.get_final_message()
 """
+RESPONSES_CLIENT = """
+import sys, openai
+gpt = openai.OpenAI(api_key="sk-proj-PLACEHOLDERNEVERUSED", max_retries=0,
+                    http_client=openai.DefaultHttpxClient(verify=sys.argv[1]))
+first = gpt.responses.create(model="gpt-5", instructions="Answer in one word.", input="Capital of France?")
+gpt.responses.create(model="gpt-5", previous_response_id=first.id, input="And of Italy?")
+"""
 ONE_MORE = """
 import sys, anthropic
 claude = anthropic.Anthropic(api_key="sk-ant-api03-NOTAREALKEYATALL", max_retries=0,
@@ -100,6 +107,7 @@ def run_clients(testbed: Testbed, tap: Daemon, home: Path) -> str:
         testbed.client("env", "-C", str(home), str(CLAUDE), "-p", "--output-format", "json", *args,
                        timeout=120, env=env)
     testbed.client(sys.executable, "-c", SDK_CLIENT, str(tap.ca_pem), placeholder, PNG, timeout=60)
+    testbed.client(sys.executable, "-c", RESPONSES_CLIENT, str(tap.ca_pem), timeout=60)
     return session
 
 
@@ -117,7 +125,7 @@ def recorded(testbed: Testbed, tmp_path_factory: pytest.TempPathFactory,
         home = tmp_path_factory.mktemp("home")
         home.chmod(0o755)
         session = run_clients(testbed, tap, home)
-        tap.records(expected=5, timeout=20)
+        tap.records(expected=7, timeout=20)
         yield tap, session
     finally:
         tap.stop()
@@ -185,6 +193,23 @@ def test_a_conversation_shows_the_image_tool_call_and_result(recorded: tuple[Dae
     assert "2 message(s) added" in text and "0 fell out of the context" in text
     assert browser.csp_violations() == []
     browser.screenshot(DOCS / "ui-conversation.png")
+
+
+def test_a_previous_response_id_chain_is_one_session(recorded: tuple[Daemon, str], ui: Ui,
+                                                     browser: Browser) -> None:
+    tap, _ = recorded
+    chained = [r for r in tap.records()
+               if r["path"] == "/v1/responses" and _mentions(tap, r, "And of Italy?")]
+    assert chained
+    browser.open(ui.url(f"/call/{chained[-1]['id']}"))
+    text = browser.text()
+    assert "Against the previous call of this session" in text and "previous_response_id" in text
+    assert "1 message(s) added" in text and "0 fell out of the context" in text
+    assert "Capital of France?" not in text  # only what it sent; the server holds the rest
+    previous = browser.eval("document.querySelector('.diff a').getAttribute('href')")
+    browser.open(f"{ui.base}{previous.lstrip('/')}")
+    assert "Capital of France?" in browser.text()
+    assert browser.csp_violations() == []
 
 
 def test_the_charts_render(ui: Ui, browser: Browser) -> None:
