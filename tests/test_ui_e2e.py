@@ -1,13 +1,15 @@
 """`llmtap ui` in a real browser (Debian's chromium, headless) over records made by real clients
 through the test bed: the Claude Code CLI (two turns of one session) and the Anthropic SDK (a
 conversation with an image and a tool call). Checks that a session groups its calls, that the
-diff shows the added message and that the charts render; saves screenshots under docs/.
+diff shows the added message and that the charts render; with LLMTAP_SAVE_SCREENSHOT=1 it
+refreshes the screenshots in docs/.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import secrets
 import shutil
@@ -142,6 +144,12 @@ def ui(recorded: tuple[Daemon, str]) -> Iterator[Ui]:
 
 
 @pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """docs/ with LLMTAP_SAVE_SCREENSHOT=1 (refreshes the committed ones), else a temporary folder."""
+    return DOCS if os.environ.get("LLMTAP_SAVE_SCREENSHOT") else tmp_path_factory.mktemp("shots")
+
+
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     chrome = Browser()
     try:
@@ -160,7 +168,7 @@ def _mentions(daemon: Daemon, record: dict[str, Any], text: str) -> bool:
 
 
 def test_a_claude_code_session_groups_its_calls_and_the_diff_shows_the_new_message(
-        recorded: tuple[Daemon, str], ui: Ui, browser: Browser) -> None:
+        recorded: tuple[Daemon, str], ui: Ui, browser: Browser, shots: Path) -> None:
     tap, session = recorded
     browser.open(ui.url("/sessions"))
     rows = browser.eval("[...document.querySelectorAll('tr.session')].map(r => r.innerText)")
@@ -169,7 +177,7 @@ def test_a_claude_code_session_groups_its_calls_and_the_diff_shows_the_new_messa
     count = browser.eval(f"[...document.querySelectorAll('tr.session')].filter(r => r.innerText.includes("
                          f"'{session}'))[0].querySelector('.calls-count').innerText")
     assert int(count) == 2  # the two turns, and nothing else of Claude Code's traffic
-    browser.screenshot(DOCS / "ui-sessions.png")
+    browser.screenshot(shots / "ui-sessions.png")
     goodbye = [c for c in messages_calls(tap) if _mentions(tap, c, "Now say goodbye.")]
     assert goodbye, "no recorded call carries the second prompt"
     browser.open(ui.url(f"/call/{goodbye[-1]['id']}"))
@@ -178,11 +186,11 @@ def test_a_claude_code_session_groups_its_calls_and_the_diff_shows_the_new_messa
     assert "Against the previous call of this session" in browser.text()
     assert browser.csp_violations() == []
     browser.eval("document.querySelector('.turn.added').scrollIntoView({block: 'center'})")
-    browser.screenshot(DOCS / "ui-call-diff.png")
+    browser.screenshot(shots / "ui-call-diff.png")
 
 
 def test_a_conversation_shows_the_image_tool_call_and_result(recorded: tuple[Daemon, str], ui: Ui,
-                                                            browser: Browser) -> None:
+                                                            browser: Browser, shots: Path) -> None:
     tap, _ = recorded
     zoomed = [c for c in messages_calls(tap) if _mentions(tap, c, "zoomed twice")]
     assert zoomed
@@ -192,7 +200,7 @@ def test_a_conversation_shows_the_image_tool_call_and_result(recorded: tuple[Dae
     assert "TOOL CALL" in text.upper() and "zoom" in text and "a white pixel, zoomed twice" in text
     assert "2 message(s) added" in text and "0 fell out of the context" in text
     assert browser.csp_violations() == []
-    browser.screenshot(DOCS / "ui-conversation.png")
+    browser.screenshot(shots / "ui-conversation.png")
 
 
 def test_a_previous_response_id_chain_is_one_session(recorded: tuple[Daemon, str], ui: Ui,
@@ -212,7 +220,7 @@ def test_a_previous_response_id_chain_is_one_session(recorded: tuple[Daemon, str
     assert browser.csp_violations() == []
 
 
-def test_the_charts_render(ui: Ui, browser: Browser) -> None:
+def test_the_charts_render(ui: Ui, browser: Browser, shots: Path) -> None:
     browser.open(ui.url("/charts", since="all", by="model", bucket="minute"))
     browser.wait("document.getElementById('charts').dataset.ready === '1'")
     rendered = browser.eval("Object.fromEntries([...document.querySelectorAll('[data-chart]')]"
@@ -221,11 +229,11 @@ def test_the_charts_render(ui: Ui, browser: Browser) -> None:
     assert browser.eval("document.querySelectorAll('#charts canvas').length") >= 4
     assert "claude-sonnet-4-5" in browser.eval("document.getElementById('groups').innerText")
     assert browser.csp_violations() == []
-    browser.screenshot(DOCS / "ui-charts.png")
+    browser.screenshot(shots / "ui-charts.png")
 
 
 def test_the_live_feed_shows_a_new_call(recorded: tuple[Daemon, str], testbed: Testbed, ui: Ui,
-                                        browser: Browser) -> None:
+                                        browser: Browser, shots: Path) -> None:
     tap, _ = recorded
     browser.open(ui.url("/"))
     browser.wait("document.getElementById('daemon').innerText === 'daemon connected'")
@@ -234,7 +242,7 @@ def test_the_live_feed_shows_a_new_call(recorded: tuple[Daemon, str], testbed: T
                                str(tap.ca_pem)], env=clean_env())
     try:
         browser.wait("document.querySelector('#active .card').innerText.includes('/v1/messages')")
-        browser.screenshot(DOCS / "ui-live.png")  # the call in flight, over the latest calls
+        browser.screenshot(shots / "ui-live.png")  # the call in flight, over the latest calls
         assert client.wait(timeout=60) == 0
     finally:
         if client.poll() is None:
