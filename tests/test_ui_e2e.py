@@ -178,6 +178,12 @@ def test_a_claude_code_session_groups_its_calls_and_the_diff_shows_the_new_messa
                          f"'{session}'))[0].querySelector('.calls-count').innerText")
     assert int(count) == 2  # the two turns, and nothing else of Claude Code's traffic
     browser.screenshot(shots / "ui-sessions.png")
+    link = browser.eval(f"[...document.querySelectorAll('tr.session')].filter(r => r.innerText.includes("
+                        f"'{session}'))[0].querySelector('a').getAttribute('href')")
+    browser.open(f"{ui.base}{link.lstrip('/')}")
+    assert browser.wait("document.getElementById('session-context').dataset.rendered") == "2"
+    assert browser.eval("document.querySelectorAll('table.calls tbody tr').length") == 2
+    browser.screenshot(shots / "ui-session.png")
     goodbye = [c for c in messages_calls(tap) if _mentions(tap, c, "Now say goodbye.")]
     assert goodbye, "no recorded call carries the second prompt"
     browser.open(ui.url(f"/call/{goodbye[-1]['id']}"))

@@ -31,6 +31,11 @@ class Turn:
     role: str
     parts: list[Part] = field(default_factory=list)
 
+    @property
+    def size(self) -> int:
+        """Characters it adds to the context (a rough share of the prompt's tokens)."""
+        return sum(len(p.text) + len(p.image or "") for p in self.parts)
+
     def key(self) -> str:
         """What identifies the turn when two calls are compared."""
         text = json.dumps([self.role, [(p.kind, p.name, p.text, p.image) for p in self.parts]])

@@ -124,8 +124,11 @@ class Views:
         calls = self._decorate([r for r in rows if keys.get(r["id"]) == params["key"]])
         if not calls:
             return Reply(404, self.env.get_template("missing.html").render(what="session"))
+        points = [(c["started_ts"], c["context"]["percent"]) for c in calls
+                  if c["started_ts"] and c["context"]["percent"] is not None]
+        context = {"labels": ["context window %"], "data": [[p[0] for p in points], [p[1] for p in points]]}
         return self.page("session.html", summary=self._summary(params["key"], calls), calls=calls,
-                         nav="sessions")
+                         nav="sessions", context_json=json.dumps(context))
 
     def call(self, params: dict[str, str]) -> Reply:
         with history.opened(self.records_dir) as index:

@@ -111,4 +111,10 @@ document.addEventListener("DOMContentLoaded", () => {
   if (live) startLive(live);
   const charts = document.getElementById("charts");
   if (charts) startCharts(charts);
+  const session = document.getElementById("session-context");
+  if (session) {
+    const spec = JSON.parse(session.dataset.series);
+    if (spec.data[0].length) drawChart(session, spec, 60);
+    else session.append(el("p", "muted", "no model with a known context window"));
+  }
 });
