@@ -53,6 +53,9 @@ class Pricing:
             self._checked = now
             self._reload()
         record = fields(flow)
+        if record.get("counted") is False:  # a retrieval, a poll, an upgrade: billed elsewhere
+            record["cost_usd"] = 0.0
+            return
         model, usage = record.get("model"), record.get("usage") or {}
         price = self.table.price(model)
         cost = self.table.cost(model, usage, batch=bool(record.get("batch_pricing")))
