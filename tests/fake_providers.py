@@ -16,6 +16,11 @@ Any request may steer the reply with headers:
     x-fake-pause-ms: N          pause between stream chunks (default 10)
 Without them these paths get their fixture: POST /v1/responses, /v1/messages/count_tokens, and
 Gemini's :generateContent, :streamGenerateContent (alt=sse or the JSON array) and :countTokens.
+Background responses: `POST /v1/responses` with `background: true` answers `queued` (a new id);
+`GET /v1/responses/{that id}` answers `in_progress` at the first poll, `completed` with usage
+after; with `?stream=true` (and `starting_after=N`) the completed response's events after N.
+Message batches: `GET /v1/messages/batches/{id}` has ended, and its `results_url` serves the
+batch results fixture (JSON lines, `application/binary`) as often as it is asked.
 The Responses WebSocket (GET /v1/responses, upgraded) answers each `response.create` with the
 fixture's events, one text message each. Error fixtures come with their rate-limit headers.
 """
@@ -26,6 +31,7 @@ import asyncio
 import functools
 import json
 import re
+import uuid
 import zlib
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -50,6 +56,9 @@ RATE_LIMIT_HEADERS: dict[str, Headers] = {
     "generativelanguage.googleapis.com": [(b"retry-after", b"30")],
 }
 _GEMINI = re.compile(r"/models/[^/:]+:(generateContent|streamGenerateContent|countTokens)$")
+_RESPONSE = re.compile(r"^/v1/responses/(resp_[^/]+)$")
+_BATCH = re.compile(r"^/v1/messages/batches/([^/]+)(/results)?$")
+BACKGROUND: dict[str, int] = {}  # background response id -> polls answered (the fake's state)
 
 
 @dataclass
@@ -131,6 +140,56 @@ def default_fixture(method: str, path: str, query: str, request: dict[str, Any])
     return None
 
 
+def stored_response(response_id: str, status: str) -> dict[str, Any]:
+    """The Responses object as a background response is at `status` (usage once completed)."""
+    response = json.loads(streams.load("openai_responses.json"))
+    response.update(id=response_id, status=status, background=True)
+    if status != "completed":
+        response.update(output=[], usage=None)
+    return response
+
+
+def resumed_stream(response_id: str, query: str) -> bytes:
+    """The stream of a background response from `starting_after` on (OpenAI's stream resume)."""
+    after = int(dict(p.split("=", 1) for p in query.split("&") if "=" in p).get("starting_after", -1))
+    fixture = streams.load("openai_responses_stream.sse").replace(
+        b"resp_67ccd2bed1ec8190b14f964abc0542670bb6a6b452d3795b", response_id.encode())
+    events = [e for e in fixture.split(b"\n\n") if e.strip()]
+    kept = [e for e in events if json.loads(e.split(b"data: ", 1)[1])["sequence_number"] > after]
+    return b"".join(e + b"\n\n" for e in kept)
+
+
+def background_reply(method: str, path: str, query: str, request: dict[str, Any]) -> Reply | None:
+    if method == "POST" and path == "/v1/responses" and request.get("background") is True:
+        response_id = "resp_bg" + uuid.uuid4().hex
+        BACKGROUND[response_id] = 0
+        return Reply(200, streams.JSON, json.dumps(stored_response(response_id, "queued")).encode(),
+                     False)
+    match = _RESPONSE.match(path)
+    if method != "GET" or match is None or match[1] not in BACKGROUND:
+        return None
+    BACKGROUND[match[1]] += 1
+    status = "in_progress" if BACKGROUND[match[1]] == 1 else "completed"
+    if "stream=true" in query and status == "completed":
+        return Reply(200, streams.SSE, resumed_stream(match[1], query), True)
+    return Reply(200, streams.JSON, json.dumps(stored_response(match[1], status)).encode(), False)
+
+
+def batch_reply(method: str, path: str) -> Reply | None:
+    match = _BATCH.match(path)
+    if method != "GET" or match is None:
+        return None
+    if match[2]:  # the results, JSON lines (as Anthropic serves them: application/binary)
+        fixture = streams.FIXTURES["anthropic_batch_results.jsonl"]
+        return Reply(200, fixture.content_type, fixture.body, False)
+    batch = json.loads(streams.load("anthropic_batch.json"))
+    batch.update(id=match[1], processing_status="ended", ended_at="2024-09-24T19:02:11.812Z",
+                 request_counts={"processing": 0, "succeeded": 2, "errored": 1, "canceled": 0,
+                                 "expired": 0},
+                 results_url=f"https://api.anthropic.com/v1/messages/batches/{match[1]}/results")
+    return Reply(200, streams.JSON, json.dumps(batch).encode(), False)
+
+
 def big_reply(size: int) -> Reply:
     head = (b'{"id": "msg_big", "type": "message", "role": "assistant", '
             b'"model": "claude-sonnet-4-5-20250929", "content": [{"type": "text", "text": "')
@@ -158,8 +217,11 @@ def choose(scope: Scope, request: dict[str, Any], headers: dict[str, str]) -> Re
         reply = Reply(200, streams.JSON, bomb(int(headers["x-fake-bomb"])), False)
         reply.headers.append((b"content-encoding", b"gzip"))
         return reply
-    name = headers.get("x-fake-fixture") or default_fixture(
-        scope["method"], scope["path"], scope.get("query_string", b"").decode(), request)
+    method, path, query = scope["method"], scope["path"], scope.get("query_string", b"").decode()
+    if "x-fake-fixture" not in headers and (
+            made := background_reply(method, path, query, request) or batch_reply(method, path)):
+        return made
+    name = headers.get("x-fake-fixture") or default_fixture(method, path, query, request)
     return fixture_reply(name, request, host) if name else None
 
 

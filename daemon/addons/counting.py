@@ -57,9 +57,10 @@ class Decision:
     why: str | None = None  # said in the record's notes when it does not count
 
 
-def decide(record: Mapping[str, Any], method: str, path: str, *, upgrade: bool = False,
-           ws_exchange: bool = False) -> Decision:
-    """The decision for one record (its fields so far), from what it is, not what came before."""
+def decide(record: Mapping[str, Any], method: str, path: str, *, status: int | None = 200,
+           upgrade: bool = False, ws_exchange: bool = False) -> Decision:
+    """The decision for one record (its fields so far and the response's status), from what it
+    is, not from what came before."""
     bare = path.split("?", 1)[0].rstrip("/")
     api = record.get("api")
     if ws_exchange:
@@ -69,8 +70,9 @@ def decide(record: Mapping[str, Any], method: str, path: str, *, upgrade: bool =
     if api in NOT_CALLS or (api in ("unknown", None) and HOUSEKEEPING.search(bare)):
         return Decision(False, None, "not a model call")
     if api == "messages.batches.results" and (match := BATCH_RESULTS.search(bare)):
-        complete = record.get("status") == 200 and record.get("error") is None
-        return Decision(None if complete else False, match["id"], "batch results downloaded again")
+        complete = status == 200 and record.get("error") is None
+        return Decision(None if complete else False, match["id"],
+                        "batch results are billed at their first complete download")
     if api == "responses" or (api == "unknown" and RESPONSE_PATH.search(bare)):
         return _responses(record, method.upper(), bare)
     return Decision(True)
@@ -150,8 +152,9 @@ class Counting:
             return  # decided at its response; an error after it changes nothing
         upgrade = flow.websocket is not None or "websocket" in flow.request.headers.get(
             "upgrade", "").lower()
-        decision = decide(record, flow.request.method, flow.request.path, upgrade=upgrade,
-                          ws_exchange=WS_EXCHANGE in flow.metadata)
+        status = flow.response.status_code if flow.response else None
+        decision = decide(record, flow.request.method, flow.request.path, status=status,
+                          upgrade=upgrade, ws_exchange=WS_EXCHANGE in flow.metadata)
         self.apply(record, decision)
 
     def apply(self, record: dict[str, Any], decision: Decision) -> None:
