@@ -7,7 +7,11 @@ Any request may steer the reply with headers:
     x-fake-encoding: E          gzip | deflate | br | zstd (a stream is flushed chunk by chunk)
     x-fake-truncate: N          only the first N bytes of the body, then a clean end
     x-fake-abort: N             N bytes of the (encoded) body, then the connection is reset
-    x-fake-trailer-delay-ms: N  with x-fake-encoding: the encoding's end comes N ms after the rest
+    x-fake-trailer-delay-ms: N  the body's end comes N ms after the rest: the encoding's end with
+                                x-fake-encoding, else the end of the body itself (HTTP/1's last
+                                chunk, HTTP/2's END_STREAM)
+    x-fake-tail-bytes: N        with x-fake-trailer-delay-ms: the body's last N bytes come late too
+                                (a JSON array's closing bracket)
     x-fake-lie-encoding: E      claim content-encoding E while sending the body as it is
     x-fake-body: TEXT           this body (200, application/json) instead of a fixture
     x-fake-big: N               an N-byte Messages reply (its usage at the very end)
@@ -107,8 +111,10 @@ class Encoder:
         return self._zstd.flush(zstd.ZstdCompressor.FLUSH_FRAME)
 
 
-def wire_pieces(reply: Reply, encoding: str | None) -> list[bytes]:
-    pieces = list(chunks_of(reply.body)) if reply.streamed else [reply.body]
+def wire_pieces(reply: Reply, encoding: str | None, tail: int = 0) -> list[bytes]:
+    body, late = (reply.body[:-tail], reply.body[-tail:]) if tail else (reply.body, b"")
+    pieces = list(chunks_of(body)) if reply.streamed else [body]
+    pieces += [late] if late else []
     if not encoding:
         return pieces
     encoder = Encoder(encoding)
@@ -243,7 +249,8 @@ async def handle(scope: Scope, body: bytes, send: Send) -> bool:
 
 async def send_reply(send: Send, reply: Reply, headers: dict[str, str]) -> None:
     encoding = headers.get("x-fake-encoding")
-    pieces = wire_pieces(reply, encoding)
+    tail = int(headers.get("x-fake-tail-bytes", "0"))
+    pieces = wire_pieces(reply, encoding, tail)
     out: Headers = [(b"content-type", reply.content_type.encode()), *reply.headers]
     if encoding or "x-fake-lie-encoding" in headers:
         out.append((b"content-encoding", (encoding or headers["x-fake-lie-encoding"]).encode()))
@@ -255,7 +262,7 @@ async def send_reply(send: Send, reply: Reply, headers: dict[str, str]) -> None:
     sent = 0
     trailer_delay = int(headers.get("x-fake-trailer-delay-ms", "0")) / 1000
     for n, piece in enumerate(pieces):
-        if trailer_delay and encoding and n == len(pieces) - 1:  # the encoding's end, late
+        if trailer_delay and (encoding or tail) and n == len(pieces) - 1:  # the end, late
             await asyncio.sleep(trailer_delay)
         for part in (piece[i : i + BIG_PIECE] for i in range(0, len(piece), BIG_PIECE)):
             if abort is not None and sent + len(part) > abort:
@@ -265,6 +272,8 @@ async def send_reply(send: Send, reply: Reply, headers: dict[str, str]) -> None:
             sent += len(part)
         if pause:
             await asyncio.sleep(pause)
+    if trailer_delay and not (encoding or tail):  # the last chunk / END_STREAM, late
+        await asyncio.sleep(trailer_delay)
     await send({"type": "http.response.body", "body": b""})
 
 

@@ -213,6 +213,13 @@ def test_the_websocket_upgrade_is_no_call_and_each_response_on_it_is_one() -> No
     assert records[0]["cost_usd"] and records[0]["cost_usd"] > 0
 
 
+def test_a_websocket_exchange_sheds_what_it_took_from_its_upgrade() -> None:
+    record = {"counted": False, "notes": ["kept", "not counted: a WebSocket upgrade"],
+              "repeat_of": "x"}  # the connection's fields, copied into each exchange's
+    Counting().apply(record, Decision(True, "r1"))
+    assert record == {"counted": True, "notes": ["kept"], "billed_id": "r1"}
+
+
 def test_a_failed_upgrade_is_no_call() -> None:
     addons = pipeline()
     protocols, counting, pricing = addons

@@ -25,6 +25,7 @@ looked up in the records index (`billed_id`), so a retrieval next week is still 
 from __future__ import annotations
 
 import re
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from llmtap.parsers.base import as_dict
 from llmtap.records.index import BilledLookup, index_path
 from mitmproxy import ctx, http
 
+NOTE = "not counted: "
 REMEMBERED = 20_000  # billed ids kept in memory (~2 MB); older ones are asked of the index
 TERMINAL = frozenset({"completed", "failed", "incomplete", "cancelled"})
 NOT_CALLS = frozenset({"models", "messages.count_tokens", "countTokens", "responses.input_tokens",
@@ -127,6 +129,7 @@ class Counting:
     def __init__(self, billed: BilledIds | None = None) -> None:
         self.billed = billed or BilledIds()
         self._lookup: BilledLookup | None = None
+        self._decided: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
 
     def load(self, loader) -> None:  # type: ignore[no-untyped-def]
         loader.add_option("llmtap_records_dir", str, "", "Directory for the exchange records.")
@@ -147,9 +150,10 @@ class Counting:
         self.count(flow)
 
     def count(self, flow: http.HTTPFlow) -> None:
-        record = fields(flow)
-        if "counted" in record:
+        if flow in self._decided:
             return  # decided at its response; an error after it changes nothing
+        self._decided.add(flow)
+        record = fields(flow)
         upgrade = flow.websocket is not None or "websocket" in flow.request.headers.get(
             "upgrade", "").lower()
         status = flow.response.status_code if flow.response else None
@@ -158,10 +162,18 @@ class Counting:
         self.apply(record, decision)
 
     def apply(self, record: dict[str, Any], decision: Decision) -> None:
+        """Sets `counted` and its company, over any a WebSocket exchange took from its upgrade."""
         counted, key = decision.counted, decision.key
         if counted is None:
             counted = key is None or not self.billed.billed(key)
         record["counted"] = counted
+        record.pop("billed_id", None)
+        record.pop("repeat_of", None)
+        notes = [n for n in record.get("notes", []) if not n.startswith(NOTE)]
+        if notes:
+            record["notes"] = notes
+        else:
+            record.pop("notes", None)
         if counted and key is not None:
             self.billed.add(key)
             record["billed_id"] = key
@@ -169,7 +181,7 @@ class Counting:
             if key is not None:
                 record["repeat_of"] = key
             if decision.why:
-                record["notes"] = [*record.get("notes", []), f"not counted: {decision.why}"]
+                record["notes"] = [*notes, NOTE + decision.why]
 
     def done(self) -> None:
         if self._lookup is not None:
