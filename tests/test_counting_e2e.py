@@ -8,13 +8,15 @@ exchange is no error whatever the client does after its final event.
 from __future__ import annotations
 
 import json
+import subprocess
+import textwrap
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import streams
 from test_protocols_e2e import client, cost, records, usage
-from testbed import Daemon, Testbed, start_daemon
+from testbed import LLMTAP, Daemon, Testbed, clean_env, start_daemon
 
 pytestmark = pytest.mark.root
 
@@ -139,6 +141,54 @@ def test_a_websocket_session_counts_its_responses_not_its_upgrade(testbed, tap):
     assert all(t["cost_usd"] and t["error"] is None for t in turns)
     assert calls_of(tap, "gpt-5-2025-08-07") == 2  # the responses, not the connection
     assert stats(tap)["not_counted"] == before + 1
+
+
+def restarted(daemon: Daemon) -> Daemon:
+    """The same daemon (config, state, records) stopped and started again."""
+    daemon.stop()
+    stderr = open(daemon.root / "daemon.stderr", "ab")  # noqa: SIM115 - the daemon writes to it
+    proc = subprocess.Popen(["ip", "netns", "exec", daemon.bed.client_ns, LLMTAP, "run",
+                             "--config", str(daemon.config_path)], stdout=stderr, stderr=stderr,
+                            env=clean_env())
+    again = Daemon(daemon.bed, daemon.root, proc, daemon.config_path)
+    again.wait_ready()
+    return again
+
+
+SDK = """
+import openai
+sdk = openai.OpenAI(api_key="sk-placeholder", max_retries=0,
+                    http_client=openai.DefaultHttpxClient(verify=CA))
+"""
+
+
+def test_a_retrieval_after_a_restart_is_still_a_repeat(testbed):
+    """The ids already billed are found in the records index by the restarted (unprivileged)
+    worker: what the old one remembered went with it."""
+    daemon = start_daemon(testbed)
+    try:
+        daemon.wait_ready()
+        out = client(testbed, daemon, SDK + textwrap.dedent("""
+            tag = {"t": "cnt-restart"}
+            created = sdk.responses.create(model="gpt-4.1-mini", input="Hi", background=True,
+                                           extra_query=tag)
+            while sdk.responses.retrieve(created.id, extra_query=tag).status != "completed":
+                pass
+            print(json.dumps({"id": created.id}))
+        """))
+        assert [r["counted"] for r in records(daemon, "cnt-restart", 3)] == [False, False, True]
+        daemon = restarted(daemon)
+        client(testbed, daemon, SDK + textwrap.dedent(f"""
+            sdk.responses.retrieve({out["id"]!r}, extra_query={{"t": "cnt-restart-after"}})
+            print("{{}}")
+        """))
+        [again] = records(daemon, "cnt-restart-after", 1)
+        assert (again["counted"], again["repeat_of"], again["cost_usd"]) == (False, out["id"], 0.0)
+        assert "Traceback" not in daemon.stderr()
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.stop()
+        testbed.ns_exec(testbed.client_ns, "nft", "delete", "table", "inet", "llmtap", check=False)
 
 
 # --- no false error on a complete exchange, whatever the client does after its final event -----
