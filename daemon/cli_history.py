@@ -206,12 +206,13 @@ def print_stats(by: str, groups: list[dict[str, Any]], unpriced: list[dict[str, 
     console.print(table)
     if unpriced:
         total = sum(u["calls"] for u in unpriced)
-        console.print(f"* unpriced: {total} call{'s' if total != 1 else ''} with tokens and no "
-                      "cost, not in the totals (models: " + ", ".join(
-                          f"{u['model'] or '?'} ({u['calls']})" for u in unpriced) + ")")
+        models = ", ".join(f"{u['model'] or '?'} ({u['calls']})" for u in unpriced)
+        console.print(f"* unpriced: {total} call{'s' if total != 1 else ''} (models: {models}): "
+                      "tokens used, no price known, not in the cost")
     if not_counted:
-        console.print(f"not counted: {not_counted} record{'s' if not_counted != 1 else ''} that "
-                      "repeat or carry no call (retrievals, polls, WebSocket upgrades, listings)")
+        console.print(f"not counted: {not_counted} record{'s' if not_counted != 1 else ''} "
+                      "(retrievals, polls, repeat downloads, WebSocket upgrades, listings: no "
+                      "call, no cost)")
 
 
 def _sum(*values: Any) -> int | None:

@@ -337,9 +337,8 @@ def test_stats_command_says_what_is_unpriced_and_not_counted(tmp_path: Path, cap
     config = str(write_config(tmp_path, records_dir))
     code, out, _ = run_cli(capsys, "stats", "--config", config)
     assert code == 0
-    assert "* unpriced: 1 call with tokens and no cost, not in the totals (models: mystery-1 (1))" \
-        in out
-    assert "not counted: 1 record that repeat" in out
+    assert "* unpriced: 1 call (models: mystery-1 (1)): tokens used, no price known" in out
+    assert "not counted: 1 record (retrievals, polls, repeat downloads" in out
     code, out, _ = run_cli(capsys, "logs", "--config", config)
     assert "(not counted: repeat of r1)" in out.splitlines()[1]
 
