@@ -204,9 +204,14 @@ def print_stats(by: str, groups: list[dict[str, Any]], unpriced: list[dict[str, 
                       millis(g["ttft_p95_ms"]))
     console = Console(width=max(120, Console().width))
     console.print(table)
-    if unpriced:
-        total = sum(u["calls"] for u in unpriced)
-        models = ", ".join(f"{u['model'] or '?'} ({u['calls']})" for u in unpriced)
+    total = sum(g["unpriced"] or 0 for g in groups)
+    if total:
+        by_model: dict[str, int] = {}
+        for u in unpriced:  # per model and host: one line says it per model
+            by_model[u["model"]] = by_model.get(u["model"], 0) + u["calls"]
+        if total > sum(by_model.values()):
+            by_model["?"] = total - sum(by_model.values())  # tokens, but no model named
+        models = ", ".join(f"{model} ({calls})" for model, calls in by_model.items())
         console.print(f"* unpriced: {total} call{'s' if total != 1 else ''} (models: {models}): "
                       "tokens used, no price known, not in the cost")
     if not_counted:

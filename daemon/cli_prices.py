@@ -1,4 +1,4 @@
-"""`llmtap prices show MODEL` and `llmtap prices import FILE`: the table behind `cost_usd`."""
+"""`llmtap prices show|update|missing|import`: the prices behind each record's `cost_usd`."""
 
 from __future__ import annotations
 
@@ -7,29 +7,29 @@ import datetime
 import json
 import os
 from dataclasses import replace
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import typer
+from llmtap import price_data
+from llmtap.cli_history import ReadOnlyOption, SinceOption, open_index, parse_since
 from llmtap.cli_options import ConfigOption
 from llmtap.config import Config, load_config
 from llmtap.errors import RuntimeFailure, UsageError
-from llmtap.pricing import (
-    ModelPrice,
+from llmtap.price_data import PriceData
+from llmtap.price_override import (
     PriceTable,
     Rates,
-    default_table,
-    effective_table,
     import_litellm,
     override_path,
-    save_table,
+    read_override,
 )
+from llmtap.pricing import Call, Pricer
 
 with contextlib.suppress(ImportError):  # not on Windows (llmtap.inprocess)
     import pwd
 
-prices_app = typer.Typer(no_args_is_help=True, help="The price table behind each record's cost_usd.")
+prices_app = typer.Typer(no_args_is_help=True, help="The prices behind each record's cost_usd.")
 
 _RATE_LABELS = {
     "input": "input",
@@ -38,79 +38,136 @@ _RATE_LABELS = {
     "cache_write_5m": "cache write 5m",
     "cache_write_1h": "cache write 1h",
 }
+HostOption = typer.Option("", "--host", help="Price as a call to this API host would be "
+                          "(e.g. bedrock-runtime.us-east-1.amazonaws.com); default: by the name.")
+
+
+def pricer(settings: Config) -> Pricer:
+    """The sources the daemon prices with, as this user can read them (warnings on stderr)."""
+    fetched: list[PriceData] = []
+    path = price_data.fetched_path(settings.state_dir)
+    try:
+        if (data := price_data.load_fetched(path)) is not None:
+            fetched.append(data)
+    except (OSError, ValueError) as exc:
+        typer.echo(f"llmtap: {path} ignored ({exc}); using the bundled prices", err=True)
+    return Pricer([*fetched, price_data.bundled()], _override(settings))
+
+
+def _override(settings: Config) -> PriceTable | None:
+    path = override_path(settings.state_dir)
+    try:
+        return read_override(path)
+    except PermissionError:
+        typer.echo(f"llmtap: cannot read {path} (run with sudo); showing it without", err=True)
+    except (OSError, ValueError) as exc:
+        typer.echo(f"llmtap: {path} ignored ({exc})", err=True)
+    return None
 
 
 @prices_app.command("show")
 def show(
     model: str = typer.Argument(..., help="A model name, alias or dated snapshot."),
+    host: str = HostOption,
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     config: str | None = ConfigOption,
 ) -> None:
-    """The prices llmtap bills MODEL at (USD per 1M tokens), and where they come from."""
-    settings = load_config(config)
-    table, override = _tables(settings)
-    price = table.price(model)
-    if price is None:
+    """The prices llmtap bills MODEL at, and which source and row they come from."""
+    prices = pricer(load_config(config))
+    shown = _describe(prices, model, host)
+    if shown is None:
         raise RuntimeFailure(
-            f"no price for model {model!r}: its calls are recorded with cost_usd null "
-            "(add it with `llmtap prices import FILE`)"
+            f"no price for model {model!r}{' at ' + host if host else ''}: its calls are recorded "
+            "with cost_usd null (`sudo llmtap prices update` fetches current prices; "
+            "`llmtap prices import FILE` adds your own)"
         )
-    source = "override" if override is not None and price.name in override.models else "shipped"
-    origin = override if source == "override" and override is not None else default_table()
     if as_json:
-        typer.echo(json.dumps(_json(model, price, source, origin, table), indent=2))
+        typer.echo(json.dumps(shown, indent=2))
         return
-    for line in _lines(model, price, source, origin, table):
-        typer.echo(line)
+    matched = "" if shown["row"].split("/")[-1] == model else f" (for {model!r})"
+    typer.echo(f"{shown['row']}{matched}")
+    for line in shown["lines"]:
+        typer.echo(f"  {line}")
+    typer.echo(f"  source: {shown['source']} {shown['version']}")
 
 
-def _tables(settings: Config) -> tuple[PriceTable, PriceTable | None]:
-    path = override_path(settings.state_dir)
-    try:
-        return effective_table(path)
-    except PermissionError:
-        typer.echo(f"llmtap: cannot read {path} (run with sudo); showing the shipped table", err=True)
-    except (OSError, ValueError) as exc:
-        typer.echo(f"llmtap: {path} ignored ({exc}); showing the shipped table", err=True)
-    return default_table(), None
+def _describe(prices: Pricer, model: str, host: str) -> dict[str, Any] | None:
+    if prices.override is not None and (row := prices.override.price(model)) is not None:
+        lines = [f"USD per 1M tokens: {_rates_text(row.rates)}"]
+        lines += [f"above {t.above_input_tokens} prompt tokens: {_rates_text(t.rates)}" for t in row.tiers]
+        return {"model": model, "row": row.name, "source": "override", "version": prices.override.version,
+                "lines": lines, "prices": row.rates.to_json()}
+    found = prices.row(Call(model, {}, host=host))
+    if found is None:
+        return None
+    data, provider, info = found
+    current = info.get_prices(datetime.datetime.now(datetime.UTC))
+    rates = {key: _price_text(value) for key, value in vars(current).items() if value is not None}
+    lines = [f"{key}: {value}" for key, value in rates.items()]
+    lines += [f"variant {variant.when}: " + ", ".join(
+        f"{k} {_price_text(v)}" for k, v in vars(variant.prices).items() if v is not None)
+        for variant in info.price_variants or ()]
+    return {"model": model, "row": f"{provider.id}/{info.id}", "source": price_data.SOURCE,
+            "version": data.version, "lines": ["USD per 1M tokens (per 1K for *_kcount):", *lines],
+            "prices": rates}
+
+
+def _price_text(value: Any) -> str:
+    tiers = getattr(value, "tiers", None)
+    if tiers is None:
+        return str(value)
+    above = ", ".join(f"above {t.start}: {t.price}" for t in tiers)
+    return f"{value.base} ({above})"
 
 
 def _rates_text(rates: Rates) -> str:
     return ", ".join(f"{_RATE_LABELS[k]} {v}" for k, v in rates.to_json().items())
 
 
-def _lines(model: str, price: ModelPrice, source: str, origin: PriceTable, table: PriceTable) -> list[str]:
-    matched = "" if price.name == model else f" (for {model!r})"
-    lines = [
-        f"{price.name}{matched}: {price.provider}",
-        f"  USD per 1M tokens: {_rates_text(price.rates)}",
-    ]
-    for tier in price.tiers:
-        lines.append(f"  above {tier.above_input_tokens} prompt tokens: {_rates_text(tier.rates)}")
-    if price.aliases:
-        lines.append(f"  aliases: {', '.join(price.aliases)}")
-    discount = table.batch_discount.get(price.provider)
-    if discount is not None and discount != Decimal(1):
-        lines.append(f"  batch: x{discount.normalize()}")
-    sources = origin.sources.get(price.provider) or ", ".join(origin.sources.values())
-    lines.append(f"  table: {source} {origin.version} (as of {origin.as_of}; {sources})")
-    return lines
+@prices_app.command("update")
+def update(
+    url: str = typer.Option("", "--url", help="Where to fetch from (default: prices.url, upstream "
+                            "genai-prices; a file: URL works offline)."),
+    config: str | None = ConfigOption,
+) -> None:
+    """Fetch current prices (genai-prices' data) for the daemon; it uses them within seconds."""
+    settings = load_config(config)
+    source = url or settings.prices.url
+    try:
+        data = price_data.update(source, settings.state_dir, _owner(settings.service_user))
+    except ValueError as exc:
+        raise RuntimeFailure(f"{source} was not stored: {exc}") from None
+    except OSError as exc:
+        hint = " (run with sudo)" if isinstance(exc, PermissionError) else ""
+        raise RuntimeFailure(f"cannot update prices: {exc}{hint}") from None
+    typer.echo(f"prices updated: {data.models} models from {source} ({price_data.SOURCE} {data.version}), "
+               f"stored in {price_data.fetched_path(settings.state_dir)}")
 
 
-def _json(
-    model: str, price: ModelPrice, source: str, origin: PriceTable, table: PriceTable
-) -> dict[str, Any]:
-    return {
-        "model": model,
-        "row": price.name,
-        "provider": price.provider,
-        "usd_per_1m_tokens": price.rates.to_json(),
-        "tiers": [{"above_input_tokens": t.above_input_tokens, **t.rates.to_json()} for t in price.tiers],
-        "aliases": list(price.aliases),
-        "batch_discount": str(table.batch_discount.get(price.provider, Decimal(1)).normalize()),
-        "table": {"source": source, "version": origin.version, "as_of": origin.as_of,
-                  "sources": dict(origin.sources)},
-    }
+@prices_app.command("missing")
+def missing(
+    since: str | None = SinceOption,
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    read_only: bool = ReadOnlyOption,
+    config: str | None = ConfigOption,
+) -> None:
+    """Models of recorded calls that have no price (cost_usd null), and whether they have one now."""
+    settings = load_config(config)
+    rows = open_index(settings, read_only).unpriced(parse_since(since))
+    prices = pricer(settings)
+    for row in rows:
+        call = Call(row["model"], {"input_tokens": 0}, host=row.get("host") or "",
+                    provider=row.get("provider"))
+        row["priced_now"] = prices.quote(call).provenance
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        typer.echo("every recorded call with usage has a price")
+        return
+    for row in rows:
+        now = f"priced now by {row['priced_now']['row']}" if row["priced_now"] else "still unpriced"
+        typer.echo(f"{row['model']}  {row['calls']} calls  at {row.get('host') or '?'}  ({now})")
 
 
 @prices_app.command("import")
@@ -118,16 +175,20 @@ def import_(
     file: Path = typer.Argument(..., help="LiteLLM's model_prices_and_context_window.json."),
     config: str | None = ConfigOption,
 ) -> None:
-    """Replace the price override with FILE's prices (LiteLLM format), for updating offline."""
+    """Make FILE's prices (LiteLLM format) override the maintained ones, for the models it lists."""
     settings = load_config(config)
     table = _read_litellm(file)
     table = replace(table, as_of=datetime.date.today().isoformat())
     target = override_path(settings.state_dir)
-    _write_override(table, target, settings.service_user)
+    try:
+        price_data.write_public(target, (json.dumps(table.to_json(), indent=2) + "\n").encode(),
+                                _owner(settings.service_user))
+    except OSError as exc:
+        hint = " (run with sudo)" if isinstance(exc, PermissionError) else ""
+        raise RuntimeFailure(f"cannot write {target}: {exc.strerror}{hint}") from None
     typer.echo(
-        f"imported {len(table.models)} model prices from {file} into {target}; "
-        f"they take precedence over the shipped table ({default_table().version}), "
-        "and a running daemon uses them within seconds"
+        f"imported {len(table.models)} model prices from {file} into {target}; they take precedence "
+        "over the maintained prices, and a running daemon uses them within seconds"
     )
 
 
@@ -150,30 +211,12 @@ def _read_litellm(file: Path) -> PriceTable:
     return table
 
 
-def _write_override(table: PriceTable, target: Path, service_user: str) -> None:
-    """Atomically, readable by the service user (the proxy worker reads it)."""
-    owner = _service_ids(service_user) if os.geteuid() == 0 else None
-    tmp = target.with_name(f".{target.name}.tmp")
+def _owner(service_user: str) -> tuple[int, int] | None:
+    """Who must read the price files: the service user (the proxy worker), when running as root."""
+    if os.geteuid() != 0:
+        return None
     try:
-        if not target.parent.exists():
-            target.parent.mkdir(mode=0o700, parents=True)
-            if owner:
-                os.chown(target.parent, *owner)
-        save_table(table, tmp)
-        os.chmod(tmp, 0o644)
-        if owner:
-            os.chown(tmp, *owner)
-        os.replace(tmp, target)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        hint = " (run with sudo)" if isinstance(exc, PermissionError) else ""
-        raise RuntimeFailure(f"cannot write {target}: {exc.strerror}{hint}") from None
-
-
-def _service_ids(name: str) -> tuple[int, int] | None:
-    try:
-        entry = pwd.getpwnam(name)
+        entry = pwd.getpwnam(service_user)
     except KeyError:
         return None  # not installed yet: `llmtap run` hands the state dir over when it starts
     return entry.pw_uid, entry.pw_gid

@@ -122,6 +122,15 @@ class RecordsConfig:
 
 
 @dataclass(frozen=True)
+class PricesConfig:
+    """The maintained price data (genai-prices). `llmtap prices update` fetches it on demand; with
+    update_hours > 0 the daemon fetches it that often too (opt-in: the machine must be online)."""
+
+    update_hours: float = 0.0
+    url: str = "https://raw.githubusercontent.com/pydantic/genai-prices/refs/heads/main/prices/new_data/v2/data.json"
+
+
+@dataclass(frozen=True)
 class DashboardConfig:
     daily_budget_usd: float = 0.0  # 0: no budget gauge or alerts
     alert_at: tuple[float, ...] = (0.5, 0.8, 1.0)  # fractions of the budget that alert once a day
@@ -231,6 +240,7 @@ class Config:
     explicit: ExplicitConfig = field(default_factory=ExplicitConfig)
     records: RecordsConfig = field(default_factory=RecordsConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
+    prices: PricesConfig = field(default_factory=PricesConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     install: InstallConfig = field(default_factory=InstallConfig)
     rules: RulesConfig = field(default_factory=RulesConfig)
@@ -341,6 +351,10 @@ def validate_history(config: Config) -> None:
         raise UsageError("records.delete_after_days must be 0 (keep) or more")
     if config.dashboard.daily_budget_usd < 0:
         raise UsageError("dashboard.daily_budget_usd must not be negative")
+    if config.prices.update_hours < 0:
+        raise UsageError("prices.update_hours must be 0 (off) or more")
+    if not config.prices.url.startswith(("https://", "file:")):
+        raise UsageError(f"prices.url must be an https:// (or file:) URL, not {config.prices.url!r}")
     if export.otlp_endpoint and not re.match(r"^https?://[^/\s]+", export.otlp_endpoint):
         raise UsageError(f"export.otlp_endpoint must be an http(s) URL, not {export.otlp_endpoint!r}")
     for header in export.headers:

@@ -1,366 +1,191 @@
-"""Cost of a call from the versioned price table shipped in llmtap/data/prices.json.
+"""The cost of one call, and where its price came from.
 
-Prices are USD per 1M tokens, held as Decimal so a 1M-token call costs exactly the list price.
-Usage follows llmtap.parsers.base: input_tokens excludes cache reads and writes, output_tokens
-includes reasoning tokens, so each counter is billed once at one rate:
+Sources, first that knows the model wins: the user's override (`llmtap prices import`,
+llmtap.price_override), then the maintained data (genai-prices: what `llmtap prices update`
+fetched, then the snapshot bundled with the package; llmtap.price_data).
 
-    cost = input*in + output*out + cache_read*read + write_5m*w5m + write_1h*w1h   (per 1M)
+The host decides whose prices apply (genai-prices matches each provider's API URL), so Claude on
+Bedrock or Vertex is billed at AWS's or Google's rates and an OpenAI-compatible endpoint at its own
+provider's. A host genai-prices does not know (a gateway, chatgpt.com) is priced as the record's
+provider, and failing that as the provider whose models the name matches. A model no source
+knows costs None, never 0.
 
-A long-context tier (e.g. above 200K input tokens) applies to the whole call once the prompt,
-i.e. input + cache reads + cache writes, exceeds its threshold, as Anthropic and Google bill it.
-An unknown model costs None, never 0.
+Usage semantics differ: llmtap's input_tokens excludes cache reads and writes (as Anthropic
+reports it) while genai-prices expects the whole prompt, so the counters are converted here, once.
 """
 
 from __future__ import annotations
 
-import functools
-import json
+import datetime
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from decimal import Decimal
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
-MILLION = Decimal(1_000_000)
-_RATE_FIELDS = ("input", "output", "cache_read", "cache_write_5m", "cache_write_1h")
+from genai_prices import Usage
+from genai_prices.data_snapshot import find_provider_by_id
+from genai_prices.types import ModelInfo, Provider
+from llmtap.price_data import SOURCE, PriceData
+from llmtap.price_override import PriceTable
+
+OVERRIDE = "override"
+LOOKUPS_KEPT = 2048  # (host, model) answers remembered; model names come from clients: bounded
+
+# llmtap's provider names where genai-prices spells them differently.
+_PROVIDER_IDS = {"bedrock": "aws", "xai": "x-ai"}
+# Service tiers as responses report them -> genai-prices' request variants.
+_TIER_CONTEXT = {"batch": {"processing": "batch"}}
 
 
 @dataclass(frozen=True)
-class Rates:
-    """USD per 1M tokens; a missing cache rate bills those tokens at the input rate."""
+class Call:
+    """What a price depends on, from the record."""
 
-    input: Decimal
-    output: Decimal
-    cache_read: Decimal | None = None
-    cache_write_5m: Decimal | None = None
-    cache_write_1h: Decimal | None = None
-
-    @classmethod
-    def from_json(cls, raw: Mapping[str, Any], base: Rates | None = None) -> Rates:
-        values = {name: _decimal(raw.get(name)) for name in _RATE_FIELDS}
-        if base is not None:  # a tier only lists what changes
-            values = {k: v if v is not None else getattr(base, k) for k, v in values.items()}
-        if values["input"] is None or values["output"] is None:
-            raise ValueError("a price needs input and output rates")
-        return cls(**values)  # type: ignore[arg-type]
-
-    def to_json(self) -> dict[str, str]:
-        return {k: _text(v) for k in _RATE_FIELDS if (v := getattr(self, k)) is not None}
+    model: str | None
+    usage: Mapping[str, Any]
+    host: str = ""
+    path: str = ""
+    provider: str | None = None
+    batch: bool = False
+    service_tier: str | None = None
+    speed: str | None = None  # Anthropic's "fast" mode
+    web_searches: int = 0  # server-side web searches, billed per 1K
+    at: datetime.datetime | None = None  # prices change over time; None: now
 
 
 @dataclass(frozen=True)
-class Tier:
-    above_input_tokens: int
-    rates: Rates
+class Quote:
+    cost: Decimal | None
+    source: str | None = None  # "genai-prices" or "override"
+    version: str | None = None  # of the data the row came from
+    row: str | None = None  # "anthropic/claude-sonnet-4-5", or the override's row name
 
-
-@dataclass(frozen=True)
-class ModelPrice:
-    name: str
-    provider: str
-    rates: Rates
-    tiers: tuple[Tier, ...] = ()
-    aliases: tuple[str, ...] = ()
-
-    def rates_for(self, prompt_tokens: int) -> Rates:
-        chosen = self.rates
-        for tier in sorted(self.tiers, key=lambda t: t.above_input_tokens):
-            if prompt_tokens > tier.above_input_tokens:
-                chosen = tier.rates
-        return chosen
-
-    def cost(self, usage: Mapping[str, int | None]) -> Decimal:
-        n = {key: int(usage.get(key) or 0) for key in _USAGE_KEYS}
-        prompt = sum(n[k] for k in _USAGE_KEYS if k not in ("output_tokens",))
-        r = self.rates_for(prompt)
-        write_5m = r.cache_write_5m if r.cache_write_5m is not None else r.input
-        write_1h = r.cache_write_1h if r.cache_write_1h is not None else write_5m
-        total = (
-            n["input_tokens"] * r.input
-            + n["output_tokens"] * r.output
-            + n["cache_read_tokens"] * (r.cache_read if r.cache_read is not None else r.input)
-            + n["cache_write_5m_tokens"] * write_5m
-            + n["cache_write_1h_tokens"] * write_1h
-        )
-        return total / MILLION
-
-
-_USAGE_KEYS = (
-    "input_tokens",
-    "output_tokens",
-    "cache_read_tokens",
-    "cache_write_5m_tokens",
-    "cache_write_1h_tokens",
-)
-
-
-def _decimal(value: Any) -> Decimal | None:
-    if value is None:
-        return None
-    if isinstance(value, float):
-        value = repr(value)  # the shortest text that round-trips, not the binary expansion
-    return Decimal(str(value))
-
-
-def _text(value: Decimal) -> str:
-    return format(value.normalize(), "f")
-
-
-# -- model name resolution -------------------------------------------------------------------
-
-_PREFIXES = re.compile(
-    r"^(models/|anthropic/|openai/|google/|gemini/|vertex_ai/|"
-    r"(?:[a-z]{2,4}\.)?anthropic\.)"  # Bedrock: anthropic.claude-..., us.anthropic.claude-...
-)
-_BEDROCK_VERSION = re.compile(r"-v\d+(:\d+)?$")
-_VERTEX_DATE = re.compile(r"@(\d{8})$")
-_SUFFIXES = (
-    re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8})$"),  # dated snapshots
-    re.compile(r"-latest$"),
-    re.compile(r"-\d{3}$"),  # Gemini's stable versions: gemini-2.0-flash-001
-)
-
-
-def canonical(name: str) -> str:
-    """Lower case without provider prefixes and packaging suffixes (Bedrock, Vertex)."""
-    name = name.strip().lower()
-    while (stripped := _PREFIXES.sub("", name)) != name:
-        name = stripped
-    name = _BEDROCK_VERSION.sub("", name)
-    return _VERTEX_DATE.sub(r"-\1", name)
-
-
-def candidates(name: str) -> list[str]:
-    """Names to look up, most specific first: as given, then without date/-latest/version."""
-    found = [canonical(name)]
-    current = found[0]
-    for suffix in _SUFFIXES:
-        stripped = suffix.sub("", current)
-        if stripped != current:
-            current = stripped
-            found.append(current)
-    return found
-
-
-# -- the table -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PriceTable:
-    version: str
-    as_of: str
-    sources: Mapping[str, str]
-    models: Mapping[str, ModelPrice]
-    batch_discount: Mapping[str, Decimal]
-
-    @functools.cached_property
-    def _aliases(self) -> dict[str, str]:
-        table = {alias.lower(): name for name, p in self.models.items() for alias in p.aliases}
-        table.update({name.lower(): name for name in self.models})
-        return table
-
-    def resolve(self, model: str | None) -> str | None:
-        """The table's row name for a model, alias or dated snapshot; None when unknown."""
-        if not model:
+    @property
+    def provenance(self) -> dict[str, str] | None:
+        """The record's `price` object: where its cost came from (None when unpriced)."""
+        if self.source is None:
             return None
-        for name in candidates(model):
-            if name in self._aliases:
-                return self._aliases[name]
-        return None
-
-    def price(self, model: str | None) -> ModelPrice | None:
-        name = self.resolve(model)
-        return self.models[name] if name else None
-
-    def cost(self, model: str | None, usage: Mapping[str, int | None], batch: bool = False) -> Decimal | None:
-        price = self.price(model)
-        if price is None or not _usage_known(usage):
-            return None
-        total = price.cost(usage)
-        if batch:
-            total *= self.batch_discount.get(price.provider, Decimal(1))
-        return total
-
-    def merged_over(self, base: PriceTable) -> PriceTable:
-        """This table's rows win; `base` fills in the models this one lacks."""
-        return replace(self, models={**base.models, **self.models})
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "schema": 1,
-            "version": self.version,
-            "as_of": self.as_of,
-            "currency": "USD",
-            "unit": "per 1M tokens",
-            "sources": dict(self.sources),
-            "batch_discount": {k: _text(v) for k, v in self.batch_discount.items()},
-            "models": {name: _price_json(p) for name, p in self.models.items()},
-        }
+        return {"source": self.source, "version": self.version or "", "row": self.row or ""}
 
 
-def _usage_known(usage: Mapping[str, int | None]) -> bool:
-    return any(usage.get(key) is not None for key in _USAGE_KEYS)
+UNPRICED = Quote(None)
 
 
-def _price_json(price: ModelPrice) -> dict[str, Any]:
-    row: dict[str, Any] = {"provider": price.provider, **price.rates.to_json()}
-    if price.tiers:
-        row["tiers"] = [
-            {"above_input_tokens": t.above_input_tokens, **t.rates.to_json()} for t in price.tiers
-        ]
-    if price.aliases:
-        row["aliases"] = list(price.aliases)
-    return row
+_COUNTERS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_5m_tokens",
+             "cache_write_1h_tokens")
 
 
-def table_from_json(raw: Mapping[str, Any]) -> PriceTable:
-    models = {name: _price_from_json(name, row) for name, row in raw["models"].items()}
-    return PriceTable(
-        version=str(raw.get("version", "unknown")),
-        as_of=str(raw.get("as_of", "unknown")),
-        sources=dict(raw.get("sources") or {}),
-        models=models,
-        batch_discount={k: Decimal(str(v)) for k, v in (raw.get("batch_discount") or {}).items()},
+def usage_known(usage: Mapping[str, Any]) -> bool:
+    return usage.get("input_tokens") is not None or usage.get("output_tokens") is not None
+
+
+def genai_usage(usage: Mapping[str, Any], web_searches: int = 0) -> Usage:
+    """llmtap's counters as genai-prices counts them: input is the whole prompt, and cache writes
+    are one counter with the 1h ones also given apart (the rest are billed at the 5m rate)."""
+    n = {key: int(usage.get(key) or 0) for key in _COUNTERS}
+    writes = n["cache_write_5m_tokens"] + n["cache_write_1h_tokens"]
+    return Usage(
+        input_tokens=n["input_tokens"] + n["cache_read_tokens"] + writes,
+        output_tokens=n["output_tokens"],
+        cache_read_tokens=n["cache_read_tokens"],
+        cache_write_tokens=writes,
+        cache_write_1h_tokens=n["cache_write_1h_tokens"],
+        web_searches=web_searches,
     )
 
 
-def _price_from_json(name: str, row: Mapping[str, Any]) -> ModelPrice:
-    rates = Rates.from_json(row)
-    tiers = tuple(
-        Tier(int(t["above_input_tokens"]), Rates.from_json(t, base=rates)) for t in row.get("tiers") or []
-    )
-    aliases = tuple(str(a) for a in row.get("aliases") or [])
-    return ModelPrice(name, str(row.get("provider", "unknown")), rates, tiers, aliases)
+def price_context(call: Call) -> dict[str, str]:
+    context = dict(_TIER_CONTEXT.get(call.service_tier or "", {}))
+    if call.service_tier and not context:
+        context["service_tier"] = call.service_tier
+    if call.batch:
+        context["processing"] = "batch"
+    if call.speed:
+        context["speed"] = call.speed
+    return context
 
 
-def load_table(path: Path) -> PriceTable:
-    return table_from_json(json.loads(path.read_text(encoding="utf-8")))
+class Pricer:
+    """Prices calls from the override and the data snapshots, most preferred first."""
 
+    def __init__(self, data: Sequence[PriceData], override: PriceTable | None = None) -> None:
+        self.data = tuple(data)
+        self.override = override
+        self._found: OrderedDict[tuple[int, str, str, str], tuple[Provider, ModelInfo] | None] = OrderedDict()
 
-def save_table(table: PriceTable, path: Path) -> None:
-    path.write_text(json.dumps(table.to_json(), indent=2) + "\n", encoding="utf-8")
+    def quote(self, call: Call) -> Quote:
+        if not call.model or not usage_known(call.usage):
+            return UNPRICED
+        if self.override is not None and (row := self.override.price(call.model)) is not None:
+            cost = self.override.cost(call.model, call.usage, batch=call.batch)
+            return Quote(cost, OVERRIDE, self.override.version, row.name)
+        for index, data in enumerate(self.data):
+            found = self._find(index, data, call)
+            if found is not None:
+                provider, model = found
+                return Quote(self._cost(provider, model, call), SOURCE, data.version,
+                             f"{provider.id}/{model.id}")
+        return UNPRICED
 
-
-@functools.cache
-def default_table() -> PriceTable:
-    """The table shipped with the package."""
-    text = resources.files("llmtap").joinpath("data/prices.json").read_text(encoding="utf-8")
-    return table_from_json(json.loads(text))
-
-
-def cost_usd(
-    model: str | None,
-    usage: Mapping[str, int | None],
-    table: PriceTable | None = None,
-    batch: bool = False,
-) -> float | None:
-    """USD for one call; None (never 0) when the model or the usage is unknown.
-
-    `usage` is the record's usage object; `batch=True` applies the provider's batch discount.
-    """
-    total = (table or default_table()).cost(model, usage, batch=batch)
-    return None if total is None else float(total)
-
-
-# -- LiteLLM import --------------------------------------------------------------------------
-
-# The providers whose list prices LiteLLM copies, as (rank, our provider name); resellers
-# (azure, bedrock, openrouter...) may price the same names differently and are skipped.
-# The lower rank wins a name clash.
-_LITELLM_PROVIDERS = {
-    "anthropic": (0, "anthropic"),
-    "openai": (0, "openai"),
-    "gemini": (0, "google"),
-    "text-completion-openai": (1, "openai"),
-    "vertex_ai-language-models": (2, "google"),
-    "vertex_ai-anthropic_models": (2, "anthropic"),
-}
-_LITELLM_MODES = {None, "chat", "completion", "responses", "embedding"}
-_LITELLM_FIELDS = {
-    "input_cost_per_token": "input",
-    "output_cost_per_token": "output",
-    "cache_read_input_token_cost": "cache_read",
-    "cache_creation_input_token_cost": "cache_write_5m",
-    "cache_creation_input_token_cost_above_1hr": "cache_write_1h",
-}
-_LITELLM_TIER = re.compile(r"^(?P<field>.+)_above_(?P<k>\d+)k_tokens$")
-
-
-def import_litellm(path: Path) -> PriceTable:
-    """A table from LiteLLM's model_prices_and_context_window.json (per-token USD floats)."""
-    raw = json.loads(Path(path).read_text(encoding="utf-8"))
-    chosen: dict[str, tuple[tuple[int, int], ModelPrice]] = {}
-    for key, row in raw.items():
-        price = _litellm_row(key, row)
-        if price is None:
-            continue
-        rank = (_LITELLM_PROVIDERS[row["litellm_provider"]][0], int("/" in key))
-        if price.name not in chosen or rank < chosen[price.name][0]:
-            chosen[price.name] = (rank, price)
-    return PriceTable(
-        version=f"litellm:{Path(path).name}",
-        as_of="imported",
-        sources={"litellm": str(path)},
-        models={name: price for name, (_, price) in sorted(chosen.items())},
-        batch_discount=default_table().batch_discount,
-    )
-
-
-def _litellm_row(key: str, row: Any) -> ModelPrice | None:
-    if not isinstance(row, dict) or row.get("litellm_provider") not in _LITELLM_PROVIDERS:
+    def row(self, call: Call) -> tuple[PriceData, Provider, ModelInfo] | None:
+        """The genai-prices row that would price `call` (for `llmtap prices show`)."""
+        for index, data in enumerate(self.data):
+            if (found := self._find(index, data, call)) is not None:
+                return (data, *found)
         return None
-    if row.get("mode") not in _LITELLM_MODES or "input_cost_per_token" not in row:
-        return None
-    try:
-        base = Rates.from_json(_litellm_rates(row, ""), None)
-        tiers = _litellm_tiers(row, base)
-    except (ValueError, ArithmeticError):
-        return None
-    return ModelPrice(canonical(key), _LITELLM_PROVIDERS[row["litellm_provider"]][1], base, tiers)
+
+    def _cost(self, provider: Provider, model: ModelInfo, call: Call) -> Decimal:
+        at = call.at or datetime.datetime.now(datetime.UTC)
+        usage = genai_usage(call.usage, call.web_searches)
+        result = model.calc_price(usage, provider, genai_request_timestamp=at,
+                                  price_context=price_context(call) or None)
+        return result.total_price
+
+    def _find(self, index: int, data: PriceData, call: Call) -> tuple[Provider, ModelInfo] | None:
+        key = (index, call.host.lower(), call.provider or "", str(call.model).lower())
+        if key in self._found:
+            self._found.move_to_end(key)
+            return self._found[key]
+        found = find_row(data, str(call.model), call.host, call.path, call.provider)
+        self._found[key] = found
+        if len(self._found) > LOOKUPS_KEPT:
+            self._found.popitem(last=False)
+        return found
 
 
-def _litellm_rates(row: Mapping[str, Any], suffix: str) -> dict[str, Decimal]:
-    rates = {}
-    for field, name in _LITELLM_FIELDS.items():
-        value = _decimal(row.get(field + suffix))
-        if value is not None:
-            rates[name] = (value * MILLION).quantize(Decimal("0.000001")).normalize()
-    return rates
+def find_row(data: PriceData, model: str, host: str, path: str = "",
+             provider_name: str | None = None) -> tuple[Provider, ModelInfo] | None:
+    """The provider billing calls to `host` and its row for `model`; None when it has none."""
+    model = model.removeprefix("models/")  # Gemini's resource name for a model
+    providers = data.snapshot.providers
+    provider = provider_for(data, host, path, provider_name, model)
+    if provider is not None:
+        row = provider.find_model(model, all_providers=providers)
+        if row is None and "/" in model:  # a publisher prefix, e.g. Vertex's google/gemini-2.5-flash
+            row = provider.find_model(model.split("/", 1)[1], all_providers=providers)
+        return None if row is None else (provider, row)
+    if host or provider_name:
+        return None  # a known party's calls are never priced at another's rates
+    for provider in providers:  # nothing to go by but the name: the first provider listing it
+        if (row := provider.find_model(model, all_providers=providers)) is not None:
+            return provider, row
+    return None
 
 
-def _litellm_tiers(row: Mapping[str, Any], base: Rates) -> tuple[Tier, ...]:
-    thresholds = sorted(
-        {int(m["k"]) for key in row if (m := _LITELLM_TIER.match(key)) and m["field"] in _LITELLM_FIELDS}
-    )
-    tiers = []
-    for k in thresholds:
-        rates = _litellm_rates(row, f"_above_{k}k_tokens")
-        if rates:
-            tiers.append(Tier(k * 1000, Rates.from_json(rates, base=base)))
-    return tuple(tiers)
-
-
-# -- the override written by `llmtap prices import` -------------------------------------------
-
-OVERRIDE_NAME = "prices.json"
-
-
-def override_path(state_dir: Path) -> Path:
-    """Where `llmtap prices import` puts its table; its rows win over the shipped ones."""
-    return Path(state_dir) / OVERRIDE_NAME
-
-
-def effective_table(override: Path | None) -> tuple[PriceTable, PriceTable | None]:
-    """(the table to price with, the override merged into it or None when there is none).
-
-    Raises OSError or ValueError when the override exists but cannot be read.
-    """
-    if override is None or not override.exists():
-        return default_table(), None
-    try:
-        table = load_table(override)
-    except (KeyError, TypeError, AttributeError, ArithmeticError) as exc:
-        raise ValueError(f"{override} is not a price table: {exc!r}") from None
-    return table.merged_over(default_table()), table
+def provider_for(data: PriceData, host: str, path: str, provider_name: str | None,
+                 model: str) -> Provider | None:
+    providers = data.snapshot.providers
+    if host:
+        url = f"https://{host.lower()}{path.split('?', 1)[0]}"
+        for provider in providers:
+            if re.match(provider.api_pattern, url):
+                return provider
+    if provider_name and (known := find_provider_by_id(
+            providers, _PROVIDER_IDS.get(provider_name, provider_name))) is not None:
+        return known
+    for provider in providers:  # a host and provider nobody knows (a gateway): go by the name
+        if provider.model_match is not None and provider.model_match.is_match(model.lower()):
+            return provider
+    return None

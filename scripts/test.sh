@@ -21,6 +21,8 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
 fi
 
 scripts/venv-from-lock.sh .venv test --editable  # the locked product and test tools
+# The real CLIs the end-to-end tests drive, pinned with their hashes in tests/clis/package-lock.json.
+(cd tests/clis && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
 .venv/bin/uv lock --check --quiet   # uv.lock still matches pyproject.toml (scripts/lock.sh mends it)
 .venv/bin/deptry .                  # every import declared, every dependency used
 

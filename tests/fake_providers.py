@@ -18,8 +18,13 @@ Any request may steer the reply with headers:
     x-fake-bomb: N              a gzip body that inflates to N bytes (whatever accept-encoding says)
     x-fake-unsized: 1           no content-length: a body that is not streamed goes out chunked
     x-fake-pause-ms: N          pause between stream chunks (default 10)
-Without them these paths get their fixture: POST /v1/responses, /v1/messages/count_tokens, and
-Gemini's :generateContent, :streamGenerateContent (alt=sse or the JSON array) and :countTokens.
+    x-fake-usage: JSON          the usage of fake_upstream's default Messages stream (/v1/messages)
+Without them these paths get their fixture: POST /v1/responses, /v1/messages/count_tokens,
+Gemini's :generateContent, :streamGenerateContent (alt=sse or the JSON array) and :countTokens
+(Vertex AI's own on its hosts), Claude on Vertex AI (:rawPredict, :streamRawPredict, count-tokens),
+and the OpenAI-compatible chat completions of Gemini, Anthropic, Groq, OpenRouter and DeepSeek, each
+in its dialect. Those that send usage only when asked (USAGE_IF_ASKED) leave it out unless the
+request set stream_options.include_usage, as the real ones do.
 Background responses: `POST /v1/responses` with `background: true` answers `queued` (a new id);
 `GET /v1/responses/{that id}` answers `in_progress` at the first poll, `completed` with usage
 after; with `?stream=true` (and `starting_after=N`) the completed response's events after N.
@@ -63,6 +68,19 @@ _GEMINI = re.compile(r"/models/[^/:]+:(generateContent|streamGenerateContent|cou
 _RESPONSE = re.compile(r"^/v1/responses/(resp_[^/]+)$")
 _BATCH = re.compile(r"^/v1/messages/batches/([^/]+)(/results)?$")
 BACKGROUND: dict[str, int] = {}  # background response id -> polls answered (the fake's state)
+_VERTEX_CLAUDE = re.compile(r"/publishers/anthropic/models/([^/:]+):(rawPredict|streamRawPredict)$")
+# (host or None for any, path suffix) -> (streamed fixture, whole fixture or None)
+COMPAT_CHAT: dict[tuple[str | None, str], tuple[str, str | None]] = {
+    (None, "/v1beta/openai/chat/completions"): ("gemini_compat_chat_stream.sse", "gemini_compat_chat.json"),
+    ("api.anthropic.com", "/v1/chat/completions"): ("anthropic_compat_chat_stream.sse",
+                                                     "anthropic_compat_chat.json"),
+    (None, "/openai/v1/chat/completions"): ("groq_chat_stream.sse", None),
+    (None, "/api/v1/chat/completions"): ("openrouter_chat_stream.sse", None),
+    ("api.deepseek.com", "/chat/completions"): ("deepseek_chat_stream.sse", None),
+    ("api.mistral.ai", "/v1/chat/completions"): ("mistral_chat_stream.sse", None),
+}
+USAGE_IF_ASKED = ("gemini_compat_chat_stream.sse", "anthropic_compat_chat_stream.sse",
+                  "groq_chat_stream.sse")
 
 
 @dataclass
@@ -123,17 +141,45 @@ def wire_pieces(reply: Reply, encoding: str | None, tail: int = 0) -> list[bytes
 
 
 def fixture_reply(name: str, request: dict[str, Any], host: str) -> Reply:
-    if name == "openai_chat_stream.sse" and not (request.get("stream_options") or {}).get("include_usage"):
+    asked = bool((request.get("stream_options") or {}).get("include_usage"))
+    if name == "openai_chat_stream.sse" and not asked:
         name = "openai_chat_stream_stripped.sse"  # what OpenAI sends a client that did not ask
     fixture = streams.FIXTURES[name]
     streamed = fixture.content_type == streams.SSE or name == "gemini_stream.json"
     headers = RATE_LIMIT_HEADERS.get(host, []) if fixture.status in (429, 529) else []
-    return Reply(fixture.status, fixture.content_type, fixture.body, streamed, list(headers))
+    body = fixture.body if asked or name not in USAGE_IF_ASKED else without_usage(fixture.body)
+    return Reply(fixture.status, fixture.content_type, body, streamed, list(headers))
 
 
-def default_fixture(method: str, path: str, query: str, request: dict[str, Any]) -> str | None:
+def without_usage(body: bytes) -> bytes:
+    """A chat stream as sent to a client that did not ask for usage: no usage-only event, and no
+    `usage` on the other chunks (each event is re-encoded compactly, as these fixtures are)."""
+    separator = b"\r\n\r\n" if b"\r\n\r\n" in body else b"\n\n"
+    kept = []
+    for event in body.split(separator):
+        data = event.removeprefix(b"data: ")
+        if not event.startswith(b"data: {"):
+            kept.append(event)
+            continue
+        chunk = json.loads(data)
+        if chunk.get("choices") == [] and "usage" in chunk:
+            continue
+        if "usage" in chunk:
+            del chunk["usage"]
+            event = b"data: " + json.dumps(chunk, separators=(",", ":"), ensure_ascii=False).encode()
+        kept.append(event)
+    return separator.join(kept)
+
+
+def default_fixture(method: str, path: str, query: str, request: dict[str, Any],
+                    host: str = "") -> str | None:
     """The fixture a path gets without asking; None leaves it to fake_upstream."""
     streamed = bool(request.get("stream"))
+    if method == "POST" and (found := vertex_fixture(host, path, query)):
+        return found
+    for (want_host, suffix), (stream_name, whole_name) in COMPAT_CHAT.items():
+        if method == "POST" and path.endswith(suffix) and want_host in (None, host):
+            return stream_name if streamed else whole_name
     if method == "POST" and path == "/v1/responses":
         return "openai_responses_stream.sse" if streamed else "openai_responses.json"
     if method == "POST" and path == "/v1/messages/count_tokens":
@@ -196,6 +242,31 @@ def batch_reply(method: str, path: str) -> Reply | None:
     return Reply(200, streams.JSON, json.dumps(batch).encode(), False)
 
 
+def vertex_fixture(host: str, path: str, query: str) -> str | None:
+    """Vertex AI: Claude's Messages replies on rawPredict, and Vertex's own Gemini replies."""
+    if "aiplatform" not in host:
+        return None
+    if path.endswith("/count-tokens:rawPredict"):
+        return "anthropic_count_tokens.json"
+    if match := _VERTEX_CLAUDE.search(path):
+        return "anthropic_messages_stream.sse" if match.group(2) == "streamRawPredict" else \
+            "anthropic_message.json"
+    if path.endswith(":streamGenerateContent"):
+        return "vertex_gemini_stream.sse" if "alt=sse" in query else "gemini_stream.json"
+    if path.endswith(":generateContent"):
+        return "vertex_gemini_generate.json"
+    return None
+
+
+def mistral_extra_forbidden() -> Reply:
+    """What Mistral answers a request with a field it does not know, stream_options included."""
+    detail = [{"type": "extra_forbidden", "loc": ["body", "stream_options"],
+               "msg": "Extra inputs are not permitted", "input": {"include_usage": True}}]
+    body = {"object": "error", "message": {"detail": detail}, "type": "invalid_request_error",
+            "param": None, "code": None}
+    return Reply(422, streams.JSON, json.dumps(body).encode(), False)
+
+
 def big_reply(size: int) -> Reply:
     head = (b'{"id": "msg_big", "type": "message", "role": "assistant", '
             b'"model": "claude-sonnet-4-5-20250929", "content": [{"type": "text", "text": "')
@@ -215,6 +286,8 @@ def bomb(size: int) -> bytes:
 
 def choose(scope: Scope, request: dict[str, Any], headers: dict[str, str]) -> Reply | None:
     host = headers.get("host", headers.get(":authority", "")).split(":")[0]
+    if host == "api.mistral.ai" and "stream_options" in request:
+        return mistral_extra_forbidden()
     if "x-fake-body" in headers:
         return Reply(200, streams.JSON, headers["x-fake-body"].encode(), False)
     if "x-fake-big" in headers:
@@ -227,7 +300,7 @@ def choose(scope: Scope, request: dict[str, Any], headers: dict[str, str]) -> Re
     if "x-fake-fixture" not in headers and (
             made := background_reply(method, path, query, request) or batch_reply(method, path)):
         return made
-    name = headers.get("x-fake-fixture") or default_fixture(method, path, query, request)
+    name = headers.get("x-fake-fixture") or default_fixture(method, path, query, request, host)
     return fixture_reply(name, request, host) if name else None
 
 

@@ -28,13 +28,21 @@ LOG: Path | None = None
 CHUNK_PAUSE_S = 0.01
 
 
-def anthropic_sse(model: str, text: str = "Hello from the fake upstream.") -> bytes:
+def anthropic_sse(model: str, text: str = "Hello from the fake upstream.",
+                  usage: dict[str, Any] | None = None) -> bytes:
+    """A Messages stream; `usage` (Anthropic's object, e.g. from the x-fake-usage header) replaces
+    the default counts: message_start carries it, message_delta its final output_tokens."""
+    start_usage = {"input_tokens": 25, "cache_creation_input_tokens": 0,
+                   "cache_read_input_tokens": 0, "output_tokens": 1}
+    final_output = 12
+    if usage:
+        start_usage = {**usage, "output_tokens": 1}
+        final_output = int(usage.get("output_tokens", final_output))
     events: list[tuple[str, dict[str, Any]]] = [
         ("message_start", {"type": "message_start", "message": {
             "id": "msg_01Fake", "type": "message", "role": "assistant", "model": model,
             "content": [], "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": 25, "cache_creation_input_tokens": 0,
-                      "cache_read_input_tokens": 0, "output_tokens": 1}}}),
+            "usage": start_usage}}),
         ("content_block_start", {"type": "content_block_start", "index": 0,
                                  "content_block": {"type": "text", "text": ""}}),
         ("ping", {"type": "ping"}),
@@ -47,7 +55,7 @@ def anthropic_sse(model: str, text: str = "Hello from the fake upstream.") -> by
         ("content_block_stop", {"type": "content_block_stop", "index": 0}),
         ("message_delta", {"type": "message_delta",
                            "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                           "usage": {"output_tokens": 12}}),
+                           "usage": {"output_tokens": final_output}}),
         ("message_stop", {"type": "message_stop"}),
     ]
     return b"".join(
@@ -232,7 +240,8 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
     streamed = isinstance(request, dict) and bool(request.get("stream"))
     if path == "/v1/messages":
         if streamed:
-            await stream(send, anthropic_sse(model), SSE_HEADERS)
+            usage = json.loads(dict(scope["headers"]).get(b"x-fake-usage", b"null"))
+            await stream(send, anthropic_sse(model, usage=usage), SSE_HEADERS)
         else:
             await respond(send, 200, json.dumps(anthropic_json(model)).encode(), JSON_HEADERS)
     elif path == "/v1/chat/completions":

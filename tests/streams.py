@@ -33,6 +33,18 @@ _ANTHROPIC = "api.anthropic.com"
 _OPENAI = "api.openai.com"
 _GOOGLE = "generativelanguage.googleapis.com"
 _GEMINI_STREAM = "/v1beta/models/gemini-2.5-flash:streamGenerateContent"
+# OpenAI-compatible Chat Completions on other providers' hosts, and Vertex AI.
+_COMPAT = {
+    "gemini": (_GOOGLE, "/v1beta/openai/chat/completions"),
+    "anthropic": (_ANTHROPIC, "/v1/chat/completions"),
+    "groq": ("api.groq.com", "/openai/v1/chat/completions"),
+    "openrouter": ("openrouter.ai", "/api/v1/chat/completions"),
+    "deepseek": ("api.deepseek.com", "/chat/completions"),
+    "xai": ("api.x.ai", "/v1/chat/completions"),
+    "mistral": ("api.mistral.ai", "/v1/chat/completions"),
+}
+VERTEX_HOST = "us-central1-aiplatform.googleapis.com"
+VERTEX_MODELS = "/v1beta1/projects/llmtap-test/locations/us-central1/publishers/google/models"
 
 FIXTURES: dict[str, Fixture] = {
     f.name: f
@@ -68,6 +80,19 @@ FIXTURES: dict[str, Fixture] = {
             status=429,
         ),
         Fixture("gemini_count_tokens.json", _GOOGLE, "/v1beta/models/gemini-2.5-pro:countTokens"),
+        Fixture("gemini_compat_chat_stream.sse", *_COMPAT["gemini"], content_type=SSE),
+        Fixture("gemini_compat_chat.json", *_COMPAT["gemini"]),
+        Fixture("anthropic_compat_chat_stream.sse", *_COMPAT["anthropic"], content_type=SSE),
+        Fixture("anthropic_compat_chat.json", *_COMPAT["anthropic"]),
+        Fixture("groq_chat_stream.sse", *_COMPAT["groq"], content_type=SSE),
+        Fixture("openrouter_chat_stream.sse", *_COMPAT["openrouter"], content_type=SSE),
+        Fixture("deepseek_chat_stream.sse", *_COMPAT["deepseek"], content_type=SSE),
+        Fixture("xai_chat.json", *_COMPAT["xai"]),
+        Fixture("mistral_chat_stream.sse", *_COMPAT["mistral"], content_type=SSE),
+        Fixture("vertex_gemini_stream.sse", VERTEX_HOST,
+                VERTEX_MODELS + "/gemini-2.5-flash:streamGenerateContent?alt=sse", content_type=SSE),
+        Fixture("vertex_gemini_generate.json", VERTEX_HOST,
+                VERTEX_MODELS + "/gemini-2.5-flash:generateContent"),
     )
 }
 

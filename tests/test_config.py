@@ -49,6 +49,8 @@ def test_full_file_is_read(tmp_path):
     ("[targets]\nhosts = ['not a host']", "'not a host' is not a valid host name"),
     ("[upstream]\nextra_ca = '/nonexistent.pem'", "upstream.extra_ca: /nonexistent.pem is not a file"),
     ("redirect = 3", "config key 'redirect' must be a table"),
+    ("[prices]\nupdate_hours = -1", "prices.update_hours must be 0 (off) or more"),
+    ("[prices]\nurl = 'http://example.com/p.json'", "prices.url must be an https:// (or file:) URL"),
     ("x = [", "is not valid TOML"),
 ])
 def test_bad_config_names_the_key(tmp_path, text, message):

@@ -298,8 +298,8 @@ def test_history_counts_only_counted_calls_and_lists_the_unpriced(tmp_path: Path
         assert (mystery["calls"], mystery["unpriced"], unnamed["unpriced"]) == (2, 2, 1)
         totals = index.totals()
         assert (totals["calls"], totals["cost_usd"], totals["unpriced"]) == (5, 0.01, 3)
-        assert index.unpriced() == [{"model": "mystery-1", "calls": 2},
-                                    {"model": None, "calls": 1}]
+        assert [(u["model"], u["host"], u["calls"]) for u in index.unpriced()] == [
+            ("mystery-1", OPENAI, 2)]  # per model: the one with no model name is no model
         assert index.not_counted() == 3
         assert len(index.calls()) == 8 and len(index.calls(counted_only=True)) == 5
         assert [r["model"] for r in index.latest_per_model()] == ["gpt-4.1-mini", "mystery-1"]

@@ -85,7 +85,7 @@ def test_sse_passes_through_unchanged_and_is_parsed():
     assert record["request"]["max_tokens"] == 64 and len(record["request"]["system_sha256"]) == 64
     assert record["chunks"] == len(record["timeline"]) > 100
     assert record["ttft_ms"] is not None and record["cost_usd"] > 0
-    assert record["price_row"] == "claude-sonnet-4-5"
+    assert record["price"]["row"] == "anthropic/claude-sonnet-4-5"
 
 
 def test_chat_stream_gets_usage_the_client_does_not_see():
@@ -386,22 +386,54 @@ def test_pricing_uses_and_reloads_the_override(tmp_path: Path):
     with taddons.context(pricing) as tctx:
         tctx.configure(pricing, llmtap_state_dir=str(tmp_path))
         pricing.response(flow)
-        assert (fields(flow)["cost_usd"], fields(flow)["price_row"]) == (None, None)
+        assert (fields(flow)["cost_usd"], fields(flow)["price"]) == (None, None)
         litellm = tmp_path / "litellm.json"
         litellm.write_text(json.dumps({"fake-model-x": {
             "litellm_provider": "openai", "mode": "chat",
             "input_cost_per_token": 1.1e-06, "output_cost_per_token": 2e-06}}))
-        from llmtap.pricing import import_litellm, save_table
+        from llmtap.price_override import import_litellm, save_table
 
         save_table(import_litellm(litellm), tmp_path / "prices.json")
         pricing._checked = 0
         pricing.response(flow)
-        assert (fields(flow)["cost_usd"], fields(flow)["price_row"]) == (1.1, "fake-model-x")
+        assert fields(flow)["cost_usd"] == 1.1
+        assert fields(flow)["price"] == {"source": "override", "row": "fake-model-x",
+                                         "version": "litellm:litellm.json"}
         (tmp_path / "prices.json").write_text("{broken")
         os.utime(tmp_path / "prices.json", ns=(1, 1))
         pricing._checked = 0
         pricing.response(flow)  # a broken override is ignored, never fatal
         assert fields(flow)["cost_usd"] is None
+
+
+def test_pricing_fetches_prices_itself_when_asked_and_uses_them(tmp_path: Path):
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{
+        "id": "openai", "name": "OpenAI", "api_pattern": "https://api\\.openai\\.com",
+        "models": [{"id": "gpt-mystery", "match": {"equals": "gpt-mystery"},
+                    "prices": {"input_mtok": 7, "output_mtok": 9}}]}]))
+    config = tmp_path / "config.toml"
+    config.write_text(f'[prices]\nupdate_hours = 24\nurl = "{data.as_uri()}"\n')
+    flow = tflow.tflow(resp=True)
+    flow.request.host = "api.openai.com"
+    fields(flow).update(model="gpt-mystery", usage={"input_tokens": 1_000_000, "output_tokens": 0})
+
+    async def run(pricing: Pricing) -> None:
+        pricing.running()
+        for _ in range(100):  # the first fetch runs at once, on a thread
+            await asyncio.sleep(0.05)
+            if (tmp_path / "genai-prices.json").exists():
+                break
+        pricing._checked = 0
+        pricing.response(flow)
+        pricing.done()
+
+    pricing = Pricing()
+    with taddons.context(pricing) as tctx:
+        tctx.configure(pricing, llmtap_state_dir=str(tmp_path), llmtap_config_file=str(config))
+        asyncio.run(run(pricing))
+    assert fields(flow)["cost_usd"] == 7.0
+    assert fields(flow)["price"]["version"].startswith("fetched ")
 
 
 def test_bare_mitmproxy_has_no_pipeline(tmp_path: Path):
@@ -432,6 +464,38 @@ def test_client_hanging_up_after_the_last_event_is_no_error():
     record = fields(flow)
     assert record["error"] is None and record["usage"]["output_tokens"] == 56
     assert record["notes"] == ["Client disconnected. (after the complete response)"]
+
+
+@pytest.mark.parametrize(("fixture", "provider", "output_tokens"), [
+    ("gemini_compat_chat_stream.sse", "google", 397),
+    ("anthropic_compat_chat_stream.sse", "anthropic", 12),
+    ("groq_chat_stream.sse", "groq", 15),
+    ("openrouter_chat_stream.sse", "openrouter", 310),
+    ("deepseek_chat_stream.sse", "deepseek", 420),
+    ("mistral_chat_stream.sse", "mistral", 9),
+])
+def test_compat_stream_hung_up_after_done_is_no_error(fixture: str, provider: str,
+                                                       output_tokens: int):
+    """A compatible endpoint's stream is read as Chat Completions under its host's provider: the
+    SDK hanging up after `data: [DONE]` is a note, as on OpenAI (it used to be an error)."""
+    known = streams.FIXTURES[fixture]
+    protocols = Protocols()
+    flow = request_flow(known.host, known.path, {"model": "m", "stream": True, "messages": []})
+    with run_addons(protocols):
+        protocols.request(flow)
+        response_headers(flow, 200, SSE)
+        protocols.responseheaders(flow)
+        out = b"".join(flow.response.stream(known.body))
+        flow.error = tflow.terr("Client disconnected.")
+        protocols.error(flow)
+    record = fields(flow)
+    assert (record["provider"], record["api"], record["error"]) == (provider, "chat.completions", None)
+    assert record["usage"]["output_tokens"] == output_tokens
+    assert record["notes"] == ["Client disconnected. (after the complete response)"]
+    expected = known.body
+    if fixture == "anthropic_compat_chat_stream.sse":  # minus the usage-only event llmtap asked for
+        expected = b"\n\n".join(e for e in known.body.split(b"\n\n") if b'"choices":[]' not in e)
+    assert out == expected
 
 
 def test_a_large_or_compressed_held_body_is_parsed_off_the_event_loop():

@@ -445,9 +445,11 @@ def test_unknown_models_cost_null_until_prices_are_imported(testbed, tap):
     client(testbed, tap, call.replace("TAG", "px-before"))
     [before] = records(tap, "px-before", 1)
     assert before["model"] == "mystery-model-1" and before["usage"]["output_tokens"] == 12
-    assert before["cost_usd"] is None and before["price_row"] is None  # unknown, never 0
+    assert before["cost_usd"] is None and before["price"] is None  # unknown, never 0
     refused = tap.llmtap("prices", "show", "mystery-model-1", check=False)
     assert refused.returncode == 1 and "no price for model 'mystery-model-1'" in refused.stderr
+    missing = tap.llmtap("prices", "missing").stdout
+    assert "mystery-model-1  1 calls  at api.anthropic.com  (still unpriced)" in missing
 
     litellm = tap.root / "litellm.json"
     litellm.write_text(json.dumps(LITELLM))
@@ -456,16 +458,51 @@ def test_unknown_models_cost_null_until_prices_are_imported(testbed, tap):
     override = tap.state_dir / "prices.json"
     assert override.stat().st_mode & 0o777 == 0o644 and override.owner() == "llmtap"
     shown = tap.llmtap("prices", "show", "mystery-model-1").stdout
-    assert "input 2, output 9" in shown and "table: override" in shown
-    assert "input 3, output 15" in tap.llmtap("prices", "show", "claude-sonnet-4-5-20250929").stdout
+    assert "input 2, output 9" in shown and "source: override" in shown
+    assert "input_mtok: 3 (above" in tap.llmtap("prices", "show", "claude-sonnet-4-5-20250929").stdout
+    assert "(priced now by mystery-model-1)" in tap.llmtap("prices", "missing").stdout
 
     time.sleep(2.5)  # the worker re-reads a changed override within two seconds
     client(testbed, tap, call.replace("TAG", "px-after"))
     [after] = records(tap, "px-after", 1)
     assert after["cost_usd"] == cost(input=(25, "2"), output=(12, "9"))
-    assert after["price_row"] == "mystery-model-1"
+    assert after["price"]["row"] == "mystery-model-1" and after["price"]["source"] == "override"
     bad = tap.llmtap("prices", "import", str(tap.root / "missing.json"), check=False)
     assert bad.returncode == 2 and bad.stderr.strip().endswith("missing.json is not a file")
+
+
+UPDATED_PRICES = [{
+    "id": "anthropic", "name": "Anthropic", "api_pattern": "https://api\\.anthropic\\.com",
+    "models": [{"id": "mystery-model-2", "match": {"equals": "mystery-model-2"},
+                "prices": {"input_mtok": 5, "output_mtok": 11}}],
+}]
+
+
+def test_prices_update_reaches_the_running_daemon_and_records_say_so(testbed, tap):
+    call = """
+        import anthropic
+        sdk = anthropic.Anthropic(api_key="sk-ant-placeholder", max_retries=0,
+                                  http_client=anthropic.DefaultHttpxClient(verify=CA))
+        for model in ("mystery-model-2", "claude-sonnet-4-5-20250929"):
+            sdk.messages.create(model=model, max_tokens=10, messages=[], extra_query={"t": "TAG"})
+        print("{}")
+    """
+    data = tap.root / "genai-prices-data.json"
+    data.write_text(json.dumps(UPDATED_PRICES))
+    updated = tap.llmtap("prices", "update", "--url", data.as_uri())
+    assert updated.stdout.startswith(f"prices updated: 1 models from {data.as_uri()}")
+    stored = tap.state_dir / "genai-prices.json"
+    assert stored.owner() == "llmtap" and stored.stat().st_mode & 0o777 == 0o644
+    time.sleep(2.5)  # the worker re-reads changed price files within two seconds
+    client(testbed, tap, call.replace("TAG", "pu-after"))
+    mystery, sonnet = records(tap, "pu-after", 2)
+    assert mystery["cost_usd"] == cost(input=(25, "5"), output=(12, "11"))
+    assert mystery["price"]["source"] == "genai-prices"
+    assert mystery["price"]["version"].startswith("fetched ")
+    assert mystery["price"]["row"] == "anthropic/mystery-model-2"
+    # What the update lacks is still priced by the bundled data.
+    assert sonnet["price"]["version"].endswith(" bundled") and sonnet["cost_usd"] > 0
+    stored.unlink()  # the session's daemon goes back to the bundled data for the tests after this
 
 
 def test_no_addon_failed_along_the_way(tap):

@@ -309,7 +309,9 @@ def test_history_commands(tmp_path, capsys):
     assert (claude["calls"], claude["input_tokens"], claude["cache_read_tokens"]) == (2, 200, 10)
     assert claude["cost_usd"] == pytest.approx(0.06)
     assert (claude["ttft_p50_ms"], claude["ttft_p95_ms"]) == (300.0, 500.0)
-    assert stats["unpriced"] == [{"model": "mystery-model", "calls": 1}]
+    [unpriced] = stats["unpriced"]
+    assert (unpriced["model"], unpriced["host"], unpriced["calls"]) == (
+        "mystery-model", "api.anthropic.com", 1)
     code, out, _ = run_cli(capsys, "stats", "--by", "process", "--config", config)
     assert code == 0 and "claude" in out and "mystery-model (1)" in out
     code, out, _ = run_cli(capsys, "logs", "--process", "python", "--config", config)

@@ -27,6 +27,10 @@ import trustme
 
 PREFIX = "lt"  # every namespace this suite makes starts with it (stale ones are removed)
 TARGET_HOSTS = ("api.anthropic.com", "api.openai.com", "generativelanguage.googleapis.com")
+# More provider hosts the fake upstream answers for (in the client's hosts file and the upstream's
+# certificate) but that are not in the daemon's targets unless a test adds them (`extra_hosts`).
+MORE_API_HOSTS = ("api.groq.com", "openrouter.ai", "api.deepseek.com", "api.mistral.ai",
+                  "us-central1-aiplatform.googleapis.com", "aiplatform.googleapis.com")
 # Not targets. OTHER_HOST has an address of its own; SHARED_HOST shares the targets' address, so
 # in scope "targets" its connections reach the proxy and must be passed through by SNI.
 OTHER_HOST = "files.example.net"
@@ -138,7 +142,7 @@ class Testbed:
         etc = Path("/etc/netns") / self.client_ns
         etc.mkdir(parents=True, exist_ok=True)
         lines = ["127.0.0.1 localhost", "::1 localhost"]
-        for host in (*TARGET_HOSTS, SHARED_HOST):
+        for host in (*TARGET_HOSTS, *MORE_API_HOSTS, SHARED_HOST):
             lines += [f"{self.upstream_v4} {host}", f"{self.upstream_v6} {host}"]
         lines += [f"{self.other_v4} {OTHER_HOST}", f"{self.other_v6} {OTHER_HOST}"]
         (etc / "hosts").write_text("\n".join(lines) + "\n")
@@ -151,7 +155,7 @@ class Testbed:
 
     def start_upstream(self) -> None:
         ca = trustme.CA()
-        cert = ca.issue_cert(*TARGET_HOSTS, OTHER_HOST, SHARED_HOST)
+        cert = ca.issue_cert(*TARGET_HOSTS, *MORE_API_HOSTS, OTHER_HOST, SHARED_HOST)
         self.upstream_ca_pem = self.workdir / "upstream-ca.pem"
         ca.cert_pem.write_to_path(str(self.upstream_ca_pem))
         key_and_chain = self.workdir / "upstream-server.pem"
@@ -295,8 +299,8 @@ def make_workdir() -> Path:
     return path
 
 
-def write_config(path: Path, root: Path, bed: Testbed, extra_toml: str = "", **redirect: Any
-                 ) -> Path:
+def write_config(path: Path, root: Path, bed: Testbed, extra_toml: str = "",
+                 extra_hosts: tuple[str, ...] = (), **redirect: Any) -> Path:
     """The daemon's config; `extra_toml` (whole tables, e.g. "[dlp]\n...") is appended."""
     settings = {"backend": "auto", "scope": "targets", "proxy_port": 8443,
                 "dns_refresh_max_s": 30, **redirect}
@@ -308,6 +312,7 @@ def write_config(path: Path, root: Path, bed: Testbed, extra_toml: str = "", **r
         *(f"{key} = {json.dumps(value)}" for key, value in settings.items()),
         "[targets]",
         f"hosts = {json.dumps(list(TARGET_HOSTS))}",
+        f"extra_hosts = {json.dumps(list(extra_hosts))}",
         "[upstream]",
         f'extra_ca = "{bed.upstream_ca_pem}"',
     ]
@@ -316,10 +321,13 @@ def write_config(path: Path, root: Path, bed: Testbed, extra_toml: str = "", **r
 
 
 def start_daemon(bed: Testbed, extra_toml: str = "", run_args: tuple[str, ...] = (),
-                 prefix: tuple[str, ...] = (), **redirect: Any) -> Daemon:
-    """`prefix` goes before the command (e.g. prlimit with its options)."""
+                 prefix: tuple[str, ...] = (), extra_hosts: tuple[str, ...] = (),
+                 **redirect: Any) -> Daemon:
+    """`prefix` goes before the command (e.g. prlimit with its options); `extra_hosts` are
+    targets besides TARGET_HOSTS (e.g. some of MORE_API_HOSTS)."""
     root = make_workdir()
-    config_path = write_config(root / "config.toml", root, bed, extra_toml, **redirect)
+    config_path = write_config(root / "config.toml", root, bed, extra_toml, extra_hosts,
+                               **redirect)
     stderr = open(root / "daemon.stderr", "wb")  # noqa: SIM115 - the daemon keeps writing to it
     proc = subprocess.Popen(
         ["ip", "netns", "exec", bed.client_ns, *prefix, LLMTAP, "run",

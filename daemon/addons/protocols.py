@@ -415,6 +415,7 @@ class Protocols:
         sub.metadata = {k: v for k, v in flow.metadata.items() if k not in (RECORD_FIELDS, bodies.KEY)}
         sub.metadata[WS_EXCHANGE] = flow.id
         result = done.parser.result()
+        result["provider"] = info.provider  # the host's, as for every other exchange
         result["request"] = info.record()
         result["error"] = join_errors(result["error"], info.error)
         result["transport"] = "websocket"

@@ -5,7 +5,8 @@ writes; cache_creation_input_tokens is split by `cache_creation.ephemeral_5m_inp
 `ephemeral_1h_input_tokens` when present (any remainder, or no split at all, is the default 5m
 TTL). Anthropic does not report thinking tokens apart from output_tokens: reasoning_tokens is None.
 In a stream, message_start carries the input side and message_delta the cumulative totals; a
-field in message_delta replaces the one from message_start.
+field in message_delta replaces the one from message_start. Claude on Vertex AI speaks the same
+wire shape on `publishers/anthropic/models/{model}:rawPredict` (`:streamRawPredict` for SSE).
 """
 
 from __future__ import annotations
@@ -146,6 +147,18 @@ class AnthropicParser(ResponseParser):
         self.usage = usage_from(self._raw_usage)
         if update.get("service_tier"):
             self.extra["service_tier"] = str(update["service_tier"])
+        if update.get("speed"):  # "fast" mode is billed at its own rates
+            self.extra["speed"] = str(update["speed"])
+        searches = as_dict(update.get("server_tool_use")).get("web_search_requests")
+        if isinstance(searches, int) and not isinstance(searches, bool) and searches > 0:
+            self.extra["web_search_requests"] = searches  # billed per search, on top of tokens
+
+    def set_model(self, model: Any) -> None:
+        # Vertex AI names its Claude models in the path (claude-sonnet-4-5@20250929) and the
+        # reply names them Anthropic's way: the path's name is the one Vertex bills under.
+        if self.model and "@" in self.model:
+            return
+        super().set_model(model)
 
     def incomplete(self) -> str | None:
         if self.api == "messages" and not self._stopped:

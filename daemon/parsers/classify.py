@@ -1,8 +1,13 @@
 """Which provider and API an intercepted request speaks, from its host, method and path.
 
-A known provider host decides the provider; any other target host (a gateway, a compatible
-server in `extra_hosts`) is recognised by the shape of its path. A path that matches nothing
-is `api: "unknown"` and is relayed and recorded as such.
+Two independent questions. The HOST decides `provider`: the party that bills the call (its id is
+what pricing and the records use). The PATH decides `api`, the wire shape, on any host: Gemini's
+`/v1beta/openai/chat/completions`, Anthropic's `/v1/chat/completions`, Groq's
+`/openai/v1/chat/completions` and OpenRouter's `/api/v1/chat/completions` are all Chat Completions,
+so the Chat Completions parser reads them while the host's provider is recorded. A host that is not
+a known provider (a gateway, a compatible server in `extra_hosts`) is recorded under the family of
+the wire shape it speaks. A path that matches nothing is `api: "unknown"` and is relayed and
+recorded as such.
 """
 
 from __future__ import annotations
@@ -14,38 +19,64 @@ PROVIDER_HOSTS: dict[str, str] = {
     "api.openai.com": "openai",
     "chatgpt.com": "openai",  # Codex signed in with ChatGPT: /backend-api/codex/responses
     "generativelanguage.googleapis.com": "google",
-    "aiplatform.googleapis.com": "google",
+    "aiplatform.googleapis.com": "google",  # Vertex AI's global endpoint
+    "api.together.xyz": "together",
+    "api.together.ai": "together",
+    "api.fireworks.ai": "fireworks",
+    "api.mistral.ai": "mistral",
+    "api.x.ai": "xai",
+    "api.deepseek.com": "deepseek",
+    "api.groq.com": "groq",
+    "openrouter.ai": "openrouter",
 }
 
-# (provider, method or None for any, path pattern searched at the end of the path, api)
-_ROUTES: tuple[tuple[str, str | None, re.Pattern[str], str], ...] = tuple(
-    (provider, method, re.compile(pattern + r"$"), api)
-    for provider, method, pattern, api in (
-        ("anthropic", "POST", r"/v1/messages", "messages"),
-        ("anthropic", "POST", r"/v1/messages/count_tokens", "messages.count_tokens"),
-        ("anthropic", None, r"/v1/messages/batches/[^/]+/results", "messages.batches.results"),
-        ("anthropic", None, r"/v1/messages/batches(/[^/]+(/cancel)?)?", "messages.batches"),
-        ("anthropic", "POST", r"/v1/complete", "complete"),
-        ("openai", "POST", r"/chat/completions", "chat.completions"),
-        ("openai", "POST", r"/responses/input_tokens", "responses.input_tokens"),
-        ("openai", None, r"/responses", "responses"),  # GET: the WebSocket upgrade
-        ("openai", None, r"/responses/resp_[^/]+", "responses"),
-        ("openai", "POST", r"/completions", "completions"),
-        ("openai", "POST", r"/embeddings", "embeddings"),
-        ("google", "POST", r"/(models|tunedModels)/[^/:]+:generateContent", "generateContent"),
-        (
-            "google",
-            "POST",
-            r"/(models|tunedModels)/[^/:]+:streamGenerateContent",
-            "streamGenerateContent",
-        ),
-        ("google", "POST", r"/models/[^/:]+:countTokens", "countTokens"),
-        ("google", "POST", r"/models/[^/:]+:(batchEmbedContents|embedContent)", "embedContent"),
-        ("anthropic", "GET", r"/v1/models(/[^/]+)?", "models"),
-        ("openai", "GET", r"/v1/models(/[^/]+)?", "models"),
-        ("google", "GET", r"/v1(beta|alpha)?/models(/[^/:]+)?", "models"),
-    )
+# Vertex AI's regional (us-central1-aiplatform.googleapis.com) and multi-region
+# (aiplatform.us.rep.googleapis.com) endpoints.
+_VERTEX_HOST = re.compile(r"^([a-z0-9-]+-)?aiplatform(\.[a-z0-9-]+\.rep)?\.googleapis\.com$")
+
+# Vertex AI Claude: Anthropic's Messages body on `publishers/anthropic/models/{model}:rawPredict`
+# (JSON) or `:streamRawPredict` (SSE); token counting is the pseudo-model `count-tokens`.
+_VERTEX_CLAUDE = r"/publishers/anthropic/models/[^/:]+:(raw|streamRaw)Predict"
+
+# (wire family, method or None for any, path pattern searched at the end of the path, api).
+# The family picks the parser and names the provider of a host that is not a known one.
+_ROUTE_SPECS: tuple[tuple[str | None, str | None, str, str], ...] = (
+    ("anthropic", "POST", r"/v1/messages", "messages"),
+    ("anthropic", "POST", r"/v1/messages/count_tokens", "messages.count_tokens"),
+    ("anthropic", None, r"/v1/messages/batches/[^/]+/results", "messages.batches.results"),
+    ("anthropic", None, r"/v1/messages/batches(/[^/]+(/cancel)?)?", "messages.batches"),
+    ("anthropic", "POST", r"/v1/complete", "complete"),
+    ("anthropic", "POST", r"/publishers/anthropic/models/count-tokens:rawPredict",
+     "messages.count_tokens"),
+    ("anthropic", "POST", _VERTEX_CLAUDE, "messages"),
+    ("openai", "POST", r"/chat/completions", "chat.completions"),
+    ("openai", "POST", r"/responses/input_tokens", "responses.input_tokens"),
+    ("openai", None, r"/responses", "responses"),  # GET: the WebSocket upgrade
+    ("openai", None, r"/responses/resp_[^/]+", "responses"),
+    ("openai", "POST", r"/completions", "completions"),
+    ("openai", "POST", r"/embeddings", "embeddings"),
+    # Vertex AI also serves tuned Gemini models from `endpoints/{id}`.
+    ("google", "POST", r"/(models|tunedModels|endpoints)/[^/:]+:generateContent", "generateContent"),
+    ("google", "POST", r"/(models|tunedModels|endpoints)/[^/:]+:streamGenerateContent",
+     "streamGenerateContent"),
+    ("google", "POST", r"/models/[^/:]+:countTokens", "countTokens"),
+    ("google", "POST", r"/models/[^/:]+:(batchEmbedContents|embedContent)", "embedContent"),
+    (None, "GET", r"/v1/models(/[^/]+)?", "models"),
+    (None, "GET", r"/v1(beta|alpha)?/models(/[^/:]+)?", "models"),
 )
+
+_ROUTES: tuple[tuple[str | None, str | None, re.Pattern[str], str], ...] = tuple(
+    (family, method, re.compile(pattern + r"$"), api)
+    for family, method, pattern, api in _ROUTE_SPECS
+)
+
+# The wire family of each api: it picks the parser and the request reader, whatever the host.
+WIRE_SHAPES: dict[str, str] = {api: family for family, _, _, api in _ROUTE_SPECS if family}
+
+
+def wire_shape(api: str) -> str | None:
+    """"anthropic", "openai" or "google": whose protocol `api` is; None for unknown and models."""
+    return WIRE_SHAPES.get(api)
 
 
 def normalise_host(host: str) -> str:
@@ -59,7 +90,7 @@ def host_provider(host: str) -> str | None:
     host = normalise_host(host)
     if host in PROVIDER_HOSTS:
         return PROVIDER_HOSTS[host]
-    if host.endswith("-aiplatform.googleapis.com"):  # Vertex AI regional endpoints
+    if _VERTEX_HOST.match(host):
         return "google"
     return None
 
@@ -69,13 +100,11 @@ def classify(host: str, method: str, path: str) -> tuple[str, str]:
     bare = re.sub(r"/{2,}", "/", path.split("?", 1)[0].split("#", 1)[0]).rstrip("/")
     known = host_provider(host)
     method = method.upper()
-    for provider, want_method, pattern, api in _ROUTES:
-        if known is not None and provider != known:
-            continue
-        if known is None and api == "models":
+    for family, want_method, pattern, api in _ROUTES:
+        if known is None and family is None:
             continue  # a models listing says nothing about which protocol a gateway speaks
         if want_method is not None and method != want_method:
             continue
         if pattern.search(bare):
-            return provider, api
+            return known or family or "unknown", api
     return known or "unknown", "unknown"

@@ -11,20 +11,21 @@ from llmtap.parsers.openai_chat import ChatCompletionsParser
 from llmtap.parsers.openai_responses import ResponsesParser
 from llmtap.parsers.request import RequestInfo
 
-_PARSERS: dict[tuple[str, str], type[ResponseParser]] = {
-    ("anthropic", "messages"): AnthropicParser,
-    ("anthropic", "messages.count_tokens"): AnthropicParser,
-    ("anthropic", "messages.batches"): AnthropicParser,
-    ("anthropic", "messages.batches.results"): AnthropicParser,
-    ("openai", "chat.completions"): ChatCompletionsParser,
-    ("openai", "completions"): ChatCompletionsParser,
-    ("openai", "embeddings"): ChatCompletionsParser,
-    ("openai", "responses"): ResponsesParser,
-    ("openai", "responses.input_tokens"): ResponsesParser,
-    ("google", "generateContent"): GeminiParser,
-    ("google", "streamGenerateContent"): GeminiParser,
-    ("google", "countTokens"): GeminiParser,
-    ("google", "embedContent"): GeminiParser,
+# Keyed by api, the wire shape: the same parser reads it on every host that speaks it.
+_PARSERS: dict[str, type[ResponseParser]] = {
+    "messages": AnthropicParser,
+    "messages.count_tokens": AnthropicParser,
+    "messages.batches": AnthropicParser,
+    "messages.batches.results": AnthropicParser,
+    "chat.completions": ChatCompletionsParser,
+    "completions": ChatCompletionsParser,
+    "embeddings": ChatCompletionsParser,
+    "responses": ResponsesParser,
+    "responses.input_tokens": ResponsesParser,
+    "generateContent": GeminiParser,
+    "streamGenerateContent": GeminiParser,
+    "countTokens": GeminiParser,
+    "embedContent": GeminiParser,
 }
 
 
@@ -41,7 +42,7 @@ def response_parser(
     `started` and every later `now` must come from the same clock (e.g. time.time(), as
     mitmproxy's timestamps do); offsets are measured from `started`.
     """
-    cls = _PARSERS.get((info.provider, info.api), UnknownParser)
+    cls = _PARSERS.get(info.api, UnknownParser)
     parser = cls(
         info.api,
         started=started,
@@ -51,6 +52,5 @@ def response_parser(
         headers=headers,
         limits=limits,
     )
-    if cls is UnknownParser:
-        parser.provider = info.provider
+    parser.provider = info.provider  # the host's: who bills it, whatever wire shape it speaks
     return parser

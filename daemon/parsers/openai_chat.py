@@ -6,7 +6,9 @@ input_tokens = prompt_tokens - prompt_tokens_details.cached_tokens and cache_rea
 output_tokens = completion_tokens (reasoning included), reasoning_tokens =
 completion_tokens_details.reasoning_tokens. OpenAI caching has no write charge: writes are 0.
 A stream carries usage only when the request set `stream_options.include_usage` (see
-llmtap.parsers.rewrite): then a last chunk has `choices: []` and the usage.
+llmtap.parsers.rewrite): then a last chunk has `choices: []` and the usage. The compatible APIs on
+other hosts speak the same wire shape, with the usage dialects `usage_from` reads; some send the
+usage on the last chunk that still has choices, or always (OpenRouter; Groq in `x_groq`).
 """
 
 from __future__ import annotations
@@ -28,17 +30,28 @@ _CONTENT_KEYS = (
 
 def usage_from(raw: dict[str, Any], prompt_key: str = "prompt_tokens",
                completion_key: str = "completion_tokens") -> Usage:
-    """OpenAI's usage object; the Responses API names the same counters input/output_tokens."""
+    """OpenAI's usage object; the Responses API names the same counters input/output_tokens.
+
+    The compatible APIs' dialects: DeepSeek counts cache hits as `prompt_cache_hit_tokens`
+    (part of prompt_tokens, like cached_tokens); OpenRouter adds the cache writes a provider
+    billed as `prompt_tokens_details.cache_write_tokens` (also part of prompt_tokens); xAI's
+    completion_tokens and Gemini's on its compatible endpoint leave the reasoning out, which
+    total_tokens still counts: what total_tokens has beyond prompt + completion is billed output.
+    """
     prompt = as_int(raw.get(prompt_key))
-    cached = as_int(as_dict(raw.get(f"{prompt_key}_details")).get("cached_tokens"))
-    reasoning = as_dict(raw.get(f"{completion_key}_details")).get("reasoning_tokens")
+    details = as_dict(raw.get(f"{prompt_key}_details"))
+    cached = as_int(details.get("cached_tokens")) or as_int(raw.get("prompt_cache_hit_tokens"))
+    written = as_int(details.get("cache_write_tokens"))
+    completion = as_int(raw.get(completion_key))
+    reasoning = as_int(as_dict(raw.get(f"{completion_key}_details")).get("reasoning_tokens"))
+    hidden = max(0, as_int(raw.get("total_tokens")) - prompt - completion)
     return Usage(
-        input_tokens=max(0, prompt - cached),
-        output_tokens=as_int(raw.get(completion_key)),
+        input_tokens=max(0, prompt - cached - written),
+        output_tokens=completion + hidden,
         cache_read_tokens=cached,
-        cache_write_5m_tokens=0,
+        cache_write_5m_tokens=written,
         cache_write_1h_tokens=0,
-        reasoning_tokens=as_int(reasoning),
+        reasoning_tokens=max(reasoning, hidden),
     )
 
 
@@ -63,8 +76,18 @@ class ChatCompletionsParser(ResponseParser):
         for choice in obj.get("choices") or []:
             if isinstance(choice, dict):
                 self._choice(choice)
-        if isinstance(obj.get("usage"), dict):
-            self.usage = usage_from(obj["usage"])
+        self._usage(obj)
+
+    def _usage(self, obj: dict[str, Any]) -> None:
+        # Groq streams its usage in `x_groq.usage` on the last chunk, asked for or not.
+        raw = obj.get("usage")
+        raw = raw if isinstance(raw, dict) else as_dict(obj.get("x_groq")).get("usage")
+        if not isinstance(raw, dict):
+            return
+        self.usage = usage_from(raw)
+        cost = raw.get("cost")  # OpenRouter: what it charged, in USD credits
+        if isinstance(cost, int | float) and not isinstance(cost, bool):
+            self.extra["provider_cost_usd"] = cost
 
     def _identity(self, obj: dict[str, Any]) -> None:
         if obj.get("id") and "response_id" not in self.extra:
@@ -72,6 +95,8 @@ class ChatCompletionsParser(ResponseParser):
         for key in ("service_tier", "system_fingerprint"):
             if obj.get(key):
                 self.extra[key] = str(obj[key])
+        if isinstance(obj.get("provider"), str) and obj["provider"]:
+            self.extra["served_by"] = obj["provider"]  # OpenRouter: the provider it routed to
 
     def _choice(self, choice: dict[str, Any]) -> None:
         # A streamed chunk has `delta`, a whole reply has `message`, legacy completions `text`.

@@ -12,11 +12,12 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 from llmtap import jsontext
 from llmtap.parsers import anthropic, gemini, openai_chat, openai_responses
 from llmtap.parsers.base import as_dict
-from llmtap.parsers.classify import classify
+from llmtap.parsers.classify import classify, wire_shape
 from llmtap.parsers.encoding import decode_all
 
 MAX_REQUEST_BYTES = 64 * 1024 * 1024  # raw or decoded; a larger body is relayed but not read
@@ -56,16 +57,18 @@ def sha256_text(text: str | None) -> str | None:
     return hashlib.sha256(text.encode("utf-8")).hexdigest() if text else None
 
 
-def _fields(provider: str, api: str, body: dict[str, Any], path: str) -> dict[str, Any]:
-    if provider == "anthropic" and api == "messages.batches":
+def _fields(api: str, body: dict[str, Any], path: str) -> dict[str, Any]:
+    """The request's fields, read by its wire shape (a compatible API on any host)."""
+    shape = wire_shape(api)
+    if api == "messages.batches":
         return anthropic.batch_request_fields(body)
-    if provider == "anthropic":
+    if shape == "anthropic":
         return anthropic.request_fields(body)
     if api in ("responses", "responses.input_tokens"):
         return openai_responses.request_fields(body)
-    if provider == "openai":
+    if shape == "openai":
         return openai_chat.request_fields(body)
-    if provider == "google":
+    if shape == "google":
         return gemini.request_fields(body, path)
     return {}
 
@@ -84,8 +87,9 @@ def parse_request(
     """Classifies and reads a request; problems end up in `.error`, never as an exception."""
     provider, api = classify(host, method, path)
     info = RequestInfo(provider, api)
-    if provider == "google":
-        info.model = gemini.model_from_path(path)
+    if wire_shape(api) in ("google", "anthropic"):  # Gemini and Vertex AI name it in the path
+        model = gemini.model_from_path(path)
+        info.model = unquote(model) if model else None
         info.stream = api == "streamGenerateContent"
     if api == "unknown" or not body:
         return info
@@ -94,7 +98,7 @@ def parse_request(
         return info
     try:
         obj = as_dict(jsontext.parse(decode_all(body, content_encoding, MAX_REQUEST_BYTES)))
-        _fill(info, _fields(provider, api, obj, path))
+        _fill(info, _fields(api, obj, path))
     except Exception as exc:
         info.error = f"llmtap: request not understood: {type(exc).__name__}: {exc}"[:300]
     return info

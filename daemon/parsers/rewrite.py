@@ -3,7 +3,9 @@
 OpenAI sends usage in a stream only when the request sets `stream_options.include_usage`. For a
 streamed request without it, `usage_rewrite` adds the option, and `UsageChunkStripper` removes the
 one extra event it causes (the chunk with `choices: []` and a `usage`) from what the client
-receives; every other byte reaches the client unchanged.
+receives; every other byte reaches the client unchanged. The same holds on the compatible APIs
+of other hosts: one that puts the usage on a chunk that still has choices (Gemini's, DeepSeek's)
+loses nothing, since only a chunk with `choices: []` and a usage is ever removed.
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ from llmtap.parsers.request import RequestInfo
 from llmtap.parsers.sse import DEFAULT_MAX_EVENT_BYTES, next_line
 
 _OPTION = b'"stream_options":{"include_usage":true}'
+# Providers whose streams always end with the usage, asked for or not (OpenRouter and Mistral in
+# `usage`, Groq in `x_groq.usage`): their requests are left as sent. Mistral must be: it answers
+# 422 (extra_forbidden) to a request with stream_options.
+USAGE_ALWAYS_STREAMED = frozenset({"openrouter", "groq", "mistral"})
 _EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')  # cheap test before decoding any JSON
 
 
@@ -36,6 +42,8 @@ class UsageRewrite:
 def usage_rewrite(info: RequestInfo, body: bytes, content_encoding: str | None = None) -> UsageRewrite:
     """For a streamed Chat Completions request lacking include_usage: the body with it added."""
     if info.api != "chat.completions" or not info.stream or info.error:
+        return UsageRewrite(body)
+    if info.provider in USAGE_ALWAYS_STREAMED:
         return UsageRewrite(body)
     if content_encoding and content_encoding.strip().lower() != "identity":
         return UsageRewrite(body)  # re-encoding a compressed request body is not worth it

@@ -270,11 +270,12 @@ class Index:
         return dict(self.conn.execute(sql, args).fetchone())
 
     def unpriced(self, since: float | None = None) -> list[dict[str, Any]]:
-        """Calls that used tokens and have no cost (a model unknown to the price table), by
-        model (None: the reply named none), most first."""
+        """Models (at a host) of counted calls that reported usage but have no cost: unknown to
+        the prices."""
         where, args = self._filters(since, None, None)
-        sql = (f"SELECT model, COUNT(*) AS calls FROM calls WHERE {' AND '.join(where)} AND "
-               f"{UNPRICED} GROUP BY model ORDER BY calls DESC, model")
+        sql = (f"SELECT model, host, MAX(provider) AS provider, COUNT(*) AS calls, "
+               f"MAX(started_at) AS last_seen FROM calls WHERE {' AND '.join(where)} AND "
+               f"{UNPRICED} AND model IS NOT NULL GROUP BY model, host ORDER BY calls DESC")
         return [dict(row) for row in self.conn.execute(sql, args)]
 
     def not_counted(self, since: float | None = None) -> int:
