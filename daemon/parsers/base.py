@@ -83,7 +83,8 @@ def as_dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-_SECRETISH = re.compile(r"\b(sk-[\w*-]{6,}|AIza[\w-]{10,}|(?:Bearer|Basic)\s+\S+)", re.IGNORECASE)
+_SECRETISH = re.compile(r"\b(sk-[\w*-]{6,}|AIza[\w-]{10,}|ABSK[\w+/=]{20,}|bedrock-api-key-\S{20,}"
+                        r"|(?:Bearer|Basic)\s+\S+)", re.IGNORECASE)
 
 
 def scrub(text: str, limit: int = 500) -> str:
