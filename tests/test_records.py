@@ -15,14 +15,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import streams
 from llmtap import cli
 from llmtap.addons.recorder import SYSTEM_PROMPT, Recorder, fields
 from llmtap.cli_history import parse_since
 from llmtap.config import ExportConfig, RecordsConfig
 from llmtap.records import otlp, rotation, store
-from llmtap.records.capture import BodyCapture, mask_path, mask_secrets, masked_headers, tee_stream
+from llmtap.records.capture import (
+    Body,
+    BodyCapture,
+    Exchange,
+    mask_path,
+    mask_secrets,
+    masked_headers,
+    tee_stream,
+)
 from llmtap.records.index import Index, index_path
-from llmtap.records.markdown import sse_text
+from llmtap.records.markdown import render, sse_text
 from llmtap.records.writer import RecordWriter, WriterSettings
 from mitmproxy.test import taddons, tflow
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -155,6 +164,21 @@ def test_aws_credentials_are_masked_in_headers_and_text():
     short = "bedrock-api-key-YmVkcm9jay5hbWF6b25hd3MuY29tLz9BY3Rpb249Q2FsbFdpdGhCZWFyZXJUb2tlbg%3D%3D"
     masked = mask_secrets(f"key {key} and {short}")
     assert key not in masked and short not in masked and masked.startswith("key ABS")
+
+
+def test_an_aws_event_stream_twin_shows_its_messages_and_text():
+    def twin(body: bytes) -> str:
+        return render({"id": "r1"}, Exchange([], [], Body(b"", 0),
+                                             Body(body, len(body), None, streams.EVENTSTREAM)))
+
+    raw = streams.load("bedrock_invoke_stream.eventstream")
+    whole = twin(raw)
+    assert "Je vérifie la météo à Paris. Un instant… ☀️" in whole  # from the decoded chunks
+    assert 'chunk: {"type":"message_stop","amazon-bedrock-invocationMetrics"' in whole
+    first = int.from_bytes(raw[:4], "big")  # the first message's length
+    for broken in (raw[:-10], raw[:first] + b"\xff" * 40):  # cut inside a message; a corrupt one
+        md = twin(broken)
+        assert '"type":"message_start"' in md and "message_stop" not in md and "\x00" not in md
 
 
 def test_sse_text_for_each_provider():
