@@ -69,6 +69,16 @@ ENV_VARS = {
     "api.groq.com": ("GROQ_API_KEY",),
     "openrouter.ai": ("OPENROUTER_API_KEY",),
 }
+# AWS Bedrock's regional runtime hosts take an API key as a bearer token (boto3 and
+# AnthropicBedrock read it from AWS_BEARER_TOKEN_BEDROCK); SigV4 credentials are not held.
+_BEDROCK_HOST = re.compile(r"^bedrock-runtime(-fips)?\.[a-z0-9-]+\.amazonaws\.com(\.cn)?$")
+
+
+def env_vars(host: str) -> tuple[str, ...]:
+    """The variables the tools for `host` read its key from."""
+    if _BEDROCK_HOST.match(host):
+        return ("AWS_BEARER_TOKEN_BEDROCK",)
+    return ENV_VARS.get(host, ())
 
 _URLSAFE = string.ascii_letters + string.digits + "-_"
 _ALNUM = string.ascii_letters + string.digits
@@ -90,6 +100,7 @@ _FORMATS = {
     "deepseek": lambda: "sk-" + _random(_HEX, 48),
     "groq": lambda: "gsk_" + _random(_ALNUM, 52),
     "openrouter": lambda: "sk-or-v1-" + _random(_HEX, 64),
+    "bedrock": lambda: "ABSK" + _random(_ALNUM, 128),  # a long-term Bedrock API key's prefix
     "generic": lambda: "sk-" + _random(_ALNUM, 48),
 }
 _FORMAT_BY_HOST = {
@@ -103,12 +114,15 @@ _FORMAT_BY_HOST = {
     "openrouter.ai": "openrouter",
 }
 _FORMAT_BY_PREFIX = (("sk-ant-", "anthropic"), ("sk-or-", "openrouter"), ("sk-", "openai"),
-                     ("AIza", "google"), ("xai-", "xai"), ("gsk_", "groq"))
+                     ("AIza", "google"), ("xai-", "xai"), ("gsk_", "groq"), ("ABSK", "bedrock"),
+                     ("bedrock-api-key-", "bedrock"))
 
 
 def make_placeholder(hosts: tuple[str, ...], value: str | None) -> str:
     """A placeholder shaped like the key the first host expects (else like the value itself)."""
     kind = _FORMAT_BY_HOST.get(hosts[0]) if hosts else None
+    if hosts and _BEDROCK_HOST.match(hosts[0]):
+        kind = "bedrock"
     if kind is None and value:
         kind = next((k for prefix, k in _FORMAT_BY_PREFIX if value.startswith(prefix)), None)
     return _FORMATS[kind or "generic"]()

@@ -18,7 +18,7 @@ from typing import Any
 import fake_bedrock
 import pytest
 import streams
-from test_credentials_e2e import set_secret
+from test_credentials_e2e import exports, set_secret
 from test_protocols_e2e import CLIENT, body_of, records, upstream_seen, usage
 from testbed import BEDROCK_HOST, Daemon, Testbed, start_daemon
 
@@ -169,9 +169,19 @@ def test_bedrock_errors_are_recorded_with_aws_error_types(testbed, tap):
             sdk.converse(modelId="{SONNET}", messages=ASK)
         except botocore.exceptions.ClientError as exc:
             badsig = exc.response["Error"]["Code"]
-        print(json.dumps([throttled, midway, badsig]))
+        TAG.update(t="b-dlp", headers={{}})
+        sdk = bedrock(**SIGV4)
+        leak = [{{"role": "user", "content": [{{"text": "my key is AKIAIOSFODNN7EXAMPLF"}}]}}]
+        try:
+            sdk.converse(modelId="{SONNET}", messages=leak)
+        except botocore.exceptions.ClientError as exc:
+            dlp = exc.response["Error"]["Code"] + ": " + exc.response["Error"]["Message"]
+        print(json.dumps([throttled, midway, badsig, dlp]))
     """)
-    assert out == ["ThrottlingException", "throttlingException", "InvalidSignatureException"]
+    assert out[:3] == ["ThrottlingException", "throttlingException", "InvalidSignatureException"]
+    # DLP would redact the key, but the body is signed: blocked here, never sent broken
+    assert out[3].startswith("AccessDeniedException: llmtap blocked this request: its body must change")
+    assert upstream_seen(testbed, "b-dlp") == []
     [throttled] = records(tap, "b-429", 1)
     assert throttled["error"] == "ThrottlingException: Too many requests, please wait before trying again."
     [midway] = records(tap, "b-midway", 1)
@@ -213,6 +223,7 @@ def test_a_bedrock_api_key_is_injected_for_its_placeholder(testbed, tap):
     daemon = tap  # the store is re-read when it changes: no restart
     real = "ABSK" + secrets.token_urlsafe(96)
     placeholder = set_secret(daemon, "bedrock", real, "--host", BEDROCK_HOST)
+    assert placeholder.startswith("ABSK") and exports(daemon)["AWS_BEARER_TOKEN_BEDROCK"] == placeholder
     out = run(testbed, daemon, f"""
         import anthropic
         sdk = bedrock()  # boto3 reads AWS_BEARER_TOKEN_BEDROCK
