@@ -250,3 +250,10 @@ def test_count_tokens_is_free_and_not_counted() -> None:
     result = run("bedrock_count_tokens.json")
     assert (result["api"], result["counted"], result["counted_input_tokens"]) == ("count-tokens", False, 1337)
     assert result["usage"] == usage(reasoning_tokens=None)
+
+
+def test_an_api_key_in_an_error_message_is_not_recorded() -> None:
+    key = "ABSKQmVkcm9ja0FQSUtleS1hYmNkLWF0LTEyMzQ1Njc4OTAxMg"
+    frame = aws.exception("validationException", f"The API key {key} is invalid")
+    result = run("bedrock_converse_stream.eventstream", [frame])
+    assert key not in result["error"] and result["error"].startswith("validationException: The API key")
