@@ -35,6 +35,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from llmtap.config import HOSTNAME_RE
 from llmtap.errors import RuntimeFailure, UsageError
+from llmtap.parsers.classify import host_provider
 
 with contextlib.suppress(ImportError):  # POSIX
     import fcntl
@@ -69,14 +70,12 @@ ENV_VARS = {
     "api.groq.com": ("GROQ_API_KEY",),
     "openrouter.ai": ("OPENROUTER_API_KEY",),
 }
-# AWS Bedrock's regional runtime hosts take an API key as a bearer token (boto3 and
-# AnthropicBedrock read it from AWS_BEARER_TOKEN_BEDROCK); SigV4 credentials are not held.
-_BEDROCK_HOST = re.compile(r"^bedrock-runtime(-fips)?\.[a-z0-9-]+\.amazonaws\.com(\.cn)?$")
 
 
 def env_vars(host: str) -> tuple[str, ...]:
-    """The variables the tools for `host` read its key from."""
-    if _BEDROCK_HOST.match(host):
+    """The variables the tools for `host` read its key from. AWS Bedrock's regional runtime hosts
+    take an API key as a bearer token (boto3 and AnthropicBedrock read this variable)."""
+    if host_provider(host) == "bedrock":
         return ("AWS_BEARER_TOKEN_BEDROCK",)
     return ENV_VARS.get(host, ())
 
@@ -121,7 +120,7 @@ _FORMAT_BY_PREFIX = (("sk-ant-", "anthropic"), ("sk-or-", "openrouter"), ("sk-",
 def make_placeholder(hosts: tuple[str, ...], value: str | None) -> str:
     """A placeholder shaped like the key the first host expects (else like the value itself)."""
     kind = _FORMAT_BY_HOST.get(hosts[0]) if hosts else None
-    if hosts and _BEDROCK_HOST.match(hosts[0]):
+    if hosts and host_provider(hosts[0]) == "bedrock":
         kind = "bedrock"
     if kind is None and value:
         kind = next((k for prefix, k in _FORMAT_BY_PREFIX if value.startswith(prefix)), None)
