@@ -79,6 +79,7 @@ def env_vars(host: str) -> tuple[str, ...]:
         return ("AWS_BEARER_TOKEN_BEDROCK",)
     return ENV_VARS.get(host, ())
 
+
 _URLSAFE = string.ascii_letters + string.digits + "-_"
 _ALNUM = string.ascii_letters + string.digits
 _HEX = "0123456789abcdef"
