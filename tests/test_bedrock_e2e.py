@@ -19,7 +19,7 @@ import fake_bedrock
 import pytest
 import streams
 from test_credentials_e2e import exports, set_secret
-from test_protocols_e2e import CLIENT, body_of, records, upstream_seen, usage
+from test_protocols_e2e import CLIENT, body_of, cost, records, upstream_seen, usage
 from testbed import BEDROCK_HOST, Daemon, Testbed, start_daemon
 
 pytestmark = pytest.mark.root
@@ -117,10 +117,16 @@ def test_boto3_invoke_and_converse_streamed_and_not(testbed, tap):
         "invoke-with-response-stream", SONNET, True)
     assert invoke_stream["usage"] == usage(472, 189, read=10240, w5m=1536, w1h=512, reasoning=None)
     assert invoke_stream["stop_reason"] == "tool_use" and invoke_stream["error"] is None
+    assert invoke_stream["cost_usd"] == cost(input=(472, "3.3"), output=(189, "16.5"), read=(10240, "0.33"),
+                                             w5m=(1536, "4.125"), w1h=(512, "6.6"))
     assert 0 < invoke_stream["ttft_ms"] < invoke_stream["duration_ms"] - 200  # parsed as it passed
     [converse] = records(tap, "b-converse", 1)
     assert (converse["api"], converse["model"], converse["stream"]) == ("converse", HAIKU, False)
     assert converse["usage"] == usage(385, 71, read=2048, w5m=512, reasoning=None)
+    # the host decides whose prices apply: AWS's, the us. cross-region profile's (+10%) here
+    assert converse["cost_usd"] == cost(input=(385, "1.1"), output=(71, "5.5"), read=(2048, "0.11"),
+                                        w5m=(512, "1.375"))
+    assert converse["price"]["row"] == "aws/regional.anthropic.claude-haiku-4-5-20251001-v1:0"
     assert converse["request"]["system_sha256"] is not None and converse["request"]["temperature"] == 0.2
     [converse_stream] = records(tap, "b-converse-stream", 1)
     assert (converse_stream["api"], converse_stream["stream"]) == ("converse-stream", True)
@@ -128,6 +134,7 @@ def test_boto3_invoke_and_converse_streamed_and_not(testbed, tap):
     assert converse_stream["chunks"] > 50 and converse_stream["error"] is None
     [count] = records(tap, "b-count", 1)
     assert (count["api"], count["counted"], count["counted_input_tokens"]) == ("count-tokens", False, 1337)
+    assert count["cost_usd"] == 0.0
 
     seen = [r for t in ("b-invoke", "b-converse-stream") for r in upstream_seen(testbed, t)]
     assert all(r["headers"]["authorization"].startswith("AWS4-HMAC-SHA256 Credential=") for r in seen)
