@@ -225,7 +225,7 @@ def env_lines(items: list[store.Secret], shell: str) -> list[str]:
     exports: dict[str, str] = {}
     lines = []
     for secret in items:
-        names = [var for host in secret.hosts for var in store.ENV_VARS.get(host, ())]
+        names = [var for host in secret.hosts for var in store.env_vars(host)]
         for var in names:
             exports.setdefault(var, secret.placeholder)  # the first secret for a provider wins
         if not names:

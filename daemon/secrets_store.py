@@ -35,6 +35,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from llmtap.config import HOSTNAME_RE
 from llmtap.errors import RuntimeFailure, UsageError
+from llmtap.parsers.classify import host_provider
 
 with contextlib.suppress(ImportError):  # POSIX
     import fcntl
@@ -70,6 +71,15 @@ ENV_VARS = {
     "openrouter.ai": ("OPENROUTER_API_KEY",),
 }
 
+
+def env_vars(host: str) -> tuple[str, ...]:
+    """The variables the tools for `host` read its key from. AWS Bedrock's regional runtime hosts
+    take an API key as a bearer token (boto3 and AnthropicBedrock read this variable)."""
+    if host_provider(host) == "bedrock":
+        return ("AWS_BEARER_TOKEN_BEDROCK",)
+    return ENV_VARS.get(host, ())
+
+
 _URLSAFE = string.ascii_letters + string.digits + "-_"
 _ALNUM = string.ascii_letters + string.digits
 _HEX = "0123456789abcdef"
@@ -90,6 +100,7 @@ _FORMATS = {
     "deepseek": lambda: "sk-" + _random(_HEX, 48),
     "groq": lambda: "gsk_" + _random(_ALNUM, 52),
     "openrouter": lambda: "sk-or-v1-" + _random(_HEX, 64),
+    "bedrock": lambda: "ABSK" + _random(_ALNUM, 128),  # a long-term Bedrock API key's prefix
     "generic": lambda: "sk-" + _random(_ALNUM, 48),
 }
 _FORMAT_BY_HOST = {
@@ -103,12 +114,15 @@ _FORMAT_BY_HOST = {
     "openrouter.ai": "openrouter",
 }
 _FORMAT_BY_PREFIX = (("sk-ant-", "anthropic"), ("sk-or-", "openrouter"), ("sk-", "openai"),
-                     ("AIza", "google"), ("xai-", "xai"), ("gsk_", "groq"))
+                     ("AIza", "google"), ("xai-", "xai"), ("gsk_", "groq"), ("ABSK", "bedrock"),
+                     ("bedrock-api-key-", "bedrock"))
 
 
 def make_placeholder(hosts: tuple[str, ...], value: str | None) -> str:
     """A placeholder shaped like the key the first host expects (else like the value itself)."""
     kind = _FORMAT_BY_HOST.get(hosts[0]) if hosts else None
+    if hosts and host_provider(hosts[0]) == "bedrock":
+        kind = "bedrock"
     if kind is None and value:
         kind = next((k for prefix, k in _FORMAT_BY_PREFIX if value.startswith(prefix)), None)
     return _FORMATS[kind or "generic"]()

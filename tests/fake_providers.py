@@ -24,7 +24,9 @@ Gemini's :generateContent, :streamGenerateContent (alt=sse or the JSON array) an
 (Vertex AI's own on its hosts), Claude on Vertex AI (:rawPredict, :streamRawPredict, count-tokens),
 and the OpenAI-compatible chat completions of Gemini, Anthropic, Groq, OpenRouter and DeepSeek, each
 in its dialect. Those that send usage only when asked (USAGE_IF_ASKED) leave it out unless the
-request set stream_options.include_usage, as the real ones do.
+request set stream_options.include_usage, as the real ones do. Bedrock's /model/{modelId}/invoke,
+invoke-with-response-stream, converse, converse-stream and count-tokens get theirs too
+(tests/fake_bedrock.py; a SigV4 signature that does not verify gets AWS's 403).
 Background responses: `POST /v1/responses` with `background: true` answers `queued` (a new id);
 `GET /v1/responses/{that id}` answers `in_progress` at the first poll, `completed` with usage
 after; with `?stream=true` (and `starting_after=N`) the completed response's events after N.
@@ -47,6 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import brotli
+import fake_bedrock
 import streams
 from llmtap.parsers.encoding import zstd
 
@@ -145,8 +148,10 @@ def fixture_reply(name: str, request: dict[str, Any], host: str) -> Reply:
     if name == "openai_chat_stream.sse" and not asked:
         name = "openai_chat_stream_stripped.sse"  # what OpenAI sends a client that did not ask
     fixture = streams.FIXTURES[name]
-    streamed = fixture.content_type == streams.SSE or name == "gemini_stream.json"
+    streamed = fixture.content_type in (streams.SSE, streams.EVENTSTREAM) or name == "gemini_stream.json"
     headers = RATE_LIMIT_HEADERS.get(host, []) if fixture.status in (429, 529) else []
+    if name.startswith("bedrock_"):
+        headers = fake_bedrock.reply_headers(name)
     body = fixture.body if asked or name not in USAGE_IF_ASKED else without_usage(fixture.body)
     return Reply(fixture.status, fixture.content_type, body, streamed, list(headers))
 
@@ -176,6 +181,8 @@ def default_fixture(method: str, path: str, query: str, request: dict[str, Any],
     """The fixture a path gets without asking; None leaves it to fake_upstream."""
     streamed = bool(request.get("stream"))
     if method == "POST" and (found := vertex_fixture(host, path, query)):
+        return found
+    if method == "POST" and (found := fake_bedrock.default_fixture(path)):
         return found
     for (want_host, suffix), (stream_name, whole_name) in COMPAT_CHAT.items():
         if method == "POST" and path.endswith(suffix) and want_host in (None, host):
@@ -311,6 +318,10 @@ async def handle(scope: Scope, body: bytes, send: Send) -> bool:
         request = json.loads(body) if body else {}
     except ValueError:
         request = {}
+    if problem := fake_bedrock.signature_problem(scope, body):
+        await send_reply(send, Reply(403, streams.JSON, json.dumps({"message": problem}).encode(), False,
+                                     [(b"x-amzn-errortype", b"InvalidSignatureException")]), {})
+        return True
     reply = choose(scope, request if isinstance(request, dict) else {}, headers)
     if reply is None:
         return False

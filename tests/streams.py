@@ -14,6 +14,7 @@ DIR = Path(__file__).parent / "fixtures" / "streams"
 
 SSE = "text/event-stream"
 JSON = "application/json"
+EVENTSTREAM = "application/vnd.amazon.eventstream"  # AWS's binary framing (Bedrock streams)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,9 @@ _COMPAT = {
 }
 VERTEX_HOST = "us-central1-aiplatform.googleapis.com"
 VERTEX_MODELS = "/v1beta1/projects/llmtap-test/locations/us-central1/publishers/google/models"
+BEDROCK = "bedrock-runtime.us-east-1.amazonaws.com"
+BEDROCK_SONNET = "/model/us.anthropic.claude-sonnet-4-5-20250929-v1:0"
+BEDROCK_HAIKU = "/model/us.anthropic.claude-haiku-4-5-20251001-v1:0"
 
 FIXTURES: dict[str, Fixture] = {
     f.name: f
@@ -93,11 +97,25 @@ FIXTURES: dict[str, Fixture] = {
                 VERTEX_MODELS + "/gemini-2.5-flash:streamGenerateContent?alt=sse", content_type=SSE),
         Fixture("vertex_gemini_generate.json", VERTEX_HOST,
                 VERTEX_MODELS + "/gemini-2.5-flash:generateContent"),
+        Fixture("bedrock_invoke.json", BEDROCK, BEDROCK_HAIKU + "/invoke"),
+        Fixture("bedrock_invoke_stream.eventstream", BEDROCK,
+                BEDROCK_SONNET + "/invoke-with-response-stream", content_type=EVENTSTREAM),
+        Fixture("bedrock_invoke_stream_llama.eventstream", BEDROCK,
+                "/model/meta.llama3-3-70b-instruct-v1%3A0/invoke-with-response-stream",
+                content_type=EVENTSTREAM),
+        Fixture("bedrock_converse.json", BEDROCK, BEDROCK_HAIKU + "/converse"),
+        Fixture("bedrock_converse_stream.eventstream", BEDROCK, BEDROCK_SONNET + "/converse-stream",
+                content_type=EVENTSTREAM),
+        Fixture("bedrock_converse_stream_throttled.eventstream", BEDROCK,
+                BEDROCK_SONNET + "/converse-stream", content_type=EVENTSTREAM),
+        Fixture("bedrock_error_429.json", BEDROCK, BEDROCK_SONNET + "/converse", status=429),
+        Fixture("bedrock_count_tokens.json", BEDROCK, BEDROCK_SONNET + "/count-tokens"),
     )
 }
 
 # Whole-stream fixtures whose re-chunking must not change the parse (the property tests).
-STREAMED = (*(n for n, f in FIXTURES.items() if f.content_type == SSE), "gemini_stream.json")
+STREAMED = (*(n for n, f in FIXTURES.items() if f.content_type in (SSE, EVENTSTREAM)),
+            "gemini_stream.json")
 
 
 def load(name: str) -> bytes:

@@ -108,6 +108,9 @@ def pipeline(billed: BilledIds | None = None) -> tuple[Protocols, Counting, Pric
     ({"api": "countTokens"}, "POST", "/v1beta/models/g:countTokens", Decision(False, None)),
     ({"api": "responses.input_tokens"}, "POST", "/v1/responses/input_tokens",
      Decision(False, None)),
+    ({"api": "count-tokens"}, "POST", "/model/anthropic.claude-sonnet-4-5/count-tokens",
+     Decision(False, None)),  # Bedrock's
+    ({"api": "converse"}, "POST", "/model/anthropic.claude-sonnet-4-5/converse", Decision(True)),
     ({"api": "unknown"}, "GET", "/v1/files/file-1/content", Decision(False, None)),
     ({"api": "unknown"}, "POST", "/v1/batches", Decision(False, None)),
     ({"api": "unknown"}, "GET", "/v1/chat/completions/chatcmpl-1", Decision(False, None)),

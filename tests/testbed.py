@@ -29,8 +29,9 @@ PREFIX = "lt"  # every namespace this suite makes starts with it (stale ones are
 TARGET_HOSTS = ("api.anthropic.com", "api.openai.com", "generativelanguage.googleapis.com")
 # More provider hosts the fake upstream answers for (in the client's hosts file and the upstream's
 # certificate) but that are not in the daemon's targets unless a test adds them (`extra_hosts`).
+BEDROCK_HOST = "bedrock-runtime.us-east-1.amazonaws.com"  # AWS Bedrock's regional runtime endpoint
 MORE_API_HOSTS = ("api.groq.com", "openrouter.ai", "api.deepseek.com", "api.mistral.ai",
-                  "us-central1-aiplatform.googleapis.com", "aiplatform.googleapis.com")
+                  "us-central1-aiplatform.googleapis.com", "aiplatform.googleapis.com", BEDROCK_HOST)
 # Not targets. OTHER_HOST has an address of its own; SHARED_HOST shares the targets' address, so
 # in scope "targets" its connections reach the proxy and must be passed through by SNI.
 OTHER_HOST = "files.example.net"

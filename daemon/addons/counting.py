@@ -42,7 +42,7 @@ NOTE = "not counted: "
 REMEMBERED = 20_000  # billed ids kept in memory (~2 MB); older ones are asked of the index
 TERMINAL = frozenset({"completed", "failed", "incomplete", "cancelled"})
 NOT_CALLS = frozenset({"models", "messages.count_tokens", "countTokens", "responses.input_tokens",
-                       "messages.batches"})
+                       "messages.batches", "count-tokens"})  # count-tokens: Bedrock's
 RESPONSE_PATH = re.compile(r"/responses/(?P<id>[^/]+)(?P<sub>/[^/]+)?$")
 BATCH_RESULTS = re.compile(r"/messages/batches/(?P<id>[^/]+)/results$")
 # Endpoints no parser reads that manage state rather than call a model.

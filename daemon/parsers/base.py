@@ -83,7 +83,8 @@ def as_dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-_SECRETISH = re.compile(r"\b(sk-[\w*-]{6,}|AIza[\w-]{10,}|(?:Bearer|Basic)\s+\S+)", re.IGNORECASE)
+_SECRETISH = re.compile(r"\b(sk-[\w*-]{6,}|AIza[\w-]{10,}|ABSK[\w+/=]{20,}|bedrock-api-key-\S{20,}"
+                        r"|(?:Bearer|Basic)\s+\S+)", re.IGNORECASE)
 
 
 def scrub(text: str, limit: int = 500) -> str:
@@ -191,7 +192,7 @@ class ResponseParser:
     def _setup(self, content_encoding: str | None) -> None:
         try:
             self._decoder = BodyDecoder(content_encoding, self.limits.max_decoded_bytes)
-            self._framer = make_framer(self.framing(), self)
+            self._framer = self.new_framer()
         except Exception as exc:
             self._decoder = BodyDecoder(None, self.limits.max_decoded_bytes)
             self.fail(str(exc))
@@ -299,6 +300,10 @@ class ResponseParser:
     def framing(self) -> str:
         """Which framer reads the body: "sse", "array", "lines" or "body"."""
         return "sse" if self.content_type == "text/event-stream" else "body"
+
+    def new_framer(self) -> Framer:
+        """The framer for this reply; a protocol with a binary framing of its own overrides it."""
+        return make_framer(self.framing(), self)
 
     def on_event(self, event: Event) -> None:
         """An SSE event; by default its data is one JSON object (or OpenAI's [DONE])."""

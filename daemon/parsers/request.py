@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from llmtap import jsontext
-from llmtap.parsers import anthropic, gemini, openai_chat, openai_responses
+from llmtap.parsers import anthropic, bedrock, gemini, openai_chat, openai_responses
 from llmtap.parsers.base import as_dict
 from llmtap.parsers.classify import classify, wire_shape
 from llmtap.parsers.encoding import decode_all
@@ -70,6 +70,8 @@ def _fields(api: str, body: dict[str, Any], path: str) -> dict[str, Any]:
         return openai_chat.request_fields(body)
     if shape == "google":
         return gemini.request_fields(body, path)
+    if shape == "bedrock":
+        return bedrock.request_fields(body, path)
     return {}
 
 
@@ -91,6 +93,9 @@ def parse_request(
         model = gemini.model_from_path(path)
         info.model = unquote(model) if model else None
         info.stream = api == "streamGenerateContent"
+    if wire_shape(api) == "bedrock":  # the model and the stream flag are in the path, not the body
+        info.model = bedrock.model_from_path(path)
+        info.stream = api in bedrock.STREAMS
     if api == "unknown" or not body:
         return info
     if len(body) > MAX_REQUEST_BYTES:
