@@ -363,10 +363,21 @@ async def send_reply(send: Send, reply: Reply, headers: dict[str, str]) -> None:
 
 async def websocket(scope: Scope, receive: Receive, send: Send,
                     log: Callable[[Scope, bytes], None]) -> None:
-    """The Responses WebSocket: every response.create gets the fixture's server events."""
+    """The Responses WebSocket: every response.create gets the fixture's server events. An upgrade
+    with `x-fake-reject: STATUS` is refused with that status and OpenAI's error body instead."""
     log({**scope, "method": "WEBSOCKET"}, b"")
+    reject = dict(scope["headers"]).get(b"x-fake-reject")
     while True:
         message = await receive()
+        if message["type"] == "websocket.connect" and reject:
+            body = json.dumps({"error": {"message": "Incorrect API key provided.", "code":
+                                         "invalid_api_key", "type": "invalid_request_error",
+                                         "param": None}}).encode()
+            await send({"type": "websocket.http.response.start", "status": int(reject),
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "websocket.http.response.body", "body": body})
+            return
         if message["type"] == "websocket.connect":
             await send({"type": "websocket.accept"})
         elif message["type"] == "websocket.disconnect":

@@ -139,8 +139,25 @@ def test_a_websocket_session_counts_its_responses_not_its_upgrade(testbed, tap):
     assert (upgrade["status"], upgrade["counted"], upgrade["cost_usd"]) == (101, False, 0.0)
     assert [t["counted"] for t in turns] == [True, True]
     assert all(t["cost_usd"] and t["error"] is None for t in turns)
-    assert calls_of(tap, "gpt-5-2025-08-07") == 2  # the responses, not the connection
-    assert stats(tap)["not_counted"] == before + 1
+    refused = client(testbed, tap, """
+        import socket, ssl
+        import wsproto
+        from wsproto import events as ev
+        tls = ssl.create_default_context(cafile=CA).wrap_socket(
+            socket.create_connection(("api.openai.com", 443)), server_hostname="api.openai.com")
+        ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+        tls.sendall(ws.send(ev.Request(host="api.openai.com", target="/v1/responses?t=cnt-ws-401",
+                                       extra_headers=[(b"x-fake-reject", b"401")])))
+        while not (seen := [e for e in (ws.receive_data(tls.recv(65536)) or ws.events())
+                            if isinstance(e, ev.RejectConnection)]):
+            pass
+        print(json.dumps({"status": seen[0].status_code}))
+    """)
+    assert refused["status"] == 401
+    [failed] = records(tap, "cnt-ws-401", 1)
+    assert (failed["status"], failed["counted"], failed["cost_usd"]) == (401, False, 0.0)
+    assert calls_of(tap, "gpt-5-2025-08-07") == 2  # the responses, not the connections
+    assert stats(tap)["not_counted"] == before + 2
 
 
 def restart(daemon: Daemon) -> None:
