@@ -7,7 +7,11 @@ Any request may steer the reply with headers:
     x-fake-encoding: E          gzip | deflate | br | zstd (a stream is flushed chunk by chunk)
     x-fake-truncate: N          only the first N bytes of the body, then a clean end
     x-fake-abort: N             N bytes of the (encoded) body, then the connection is reset
-    x-fake-trailer-delay-ms: N  with x-fake-encoding: the encoding's end comes N ms after the rest
+    x-fake-trailer-delay-ms: N  the body's end comes N ms after the rest: the encoding's end with
+                                x-fake-encoding, else the end of the body itself (HTTP/1's last
+                                chunk, HTTP/2's END_STREAM)
+    x-fake-tail-bytes: N        with x-fake-trailer-delay-ms: the body's last N bytes come late too
+                                (a JSON array's closing bracket)
     x-fake-lie-encoding: E      claim content-encoding E while sending the body as it is
     x-fake-body: TEXT           this body (200, application/json) instead of a fixture
     x-fake-big: N               an N-byte Messages reply (its usage at the very end)
@@ -23,6 +27,11 @@ in its dialect. Those that send usage only when asked (USAGE_IF_ASKED) leave it 
 request set stream_options.include_usage, as the real ones do. Bedrock's /model/{modelId}/invoke,
 invoke-with-response-stream, converse, converse-stream and count-tokens get theirs too
 (tests/fake_bedrock.py; a SigV4 signature that does not verify gets AWS's 403).
+Background responses: `POST /v1/responses` with `background: true` answers `queued` (a new id);
+`GET /v1/responses/{that id}` answers `in_progress` at the first poll, `completed` with usage
+after; with `?stream=true` (and `starting_after=N`) the completed response's events after N.
+Message batches: `GET /v1/messages/batches/{id}` has ended, and its `results_url` serves the
+batch results fixture (JSON lines, `application/binary`) as often as it is asked.
 The Responses WebSocket (GET /v1/responses, upgraded) answers each `response.create` with the
 fixture's events, one text message each. Error fixtures come with their rate-limit headers.
 """
@@ -33,6 +42,7 @@ import asyncio
 import functools
 import json
 import re
+import uuid
 import zlib
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -58,6 +68,9 @@ RATE_LIMIT_HEADERS: dict[str, Headers] = {
     "generativelanguage.googleapis.com": [(b"retry-after", b"30")],
 }
 _GEMINI = re.compile(r"/models/[^/:]+:(generateContent|streamGenerateContent|countTokens)$")
+_RESPONSE = re.compile(r"^/v1/responses/(resp_[^/]+)$")
+_BATCH = re.compile(r"^/v1/messages/batches/([^/]+)(/results)?$")
+BACKGROUND: dict[str, int] = {}  # background response id -> polls answered (the fake's state)
 _VERTEX_CLAUDE = re.compile(r"/publishers/anthropic/models/([^/:]+):(rawPredict|streamRawPredict)$")
 # (host or None for any, path suffix) -> (streamed fixture, whole fixture or None)
 COMPAT_CHAT: dict[tuple[str | None, str], tuple[str, str | None]] = {
@@ -119,8 +132,10 @@ class Encoder:
         return self._zstd.flush(zstd.ZstdCompressor.FLUSH_FRAME)
 
 
-def wire_pieces(reply: Reply, encoding: str | None) -> list[bytes]:
-    pieces = list(chunks_of(reply.body)) if reply.streamed else [reply.body]
+def wire_pieces(reply: Reply, encoding: str | None, tail: int = 0) -> list[bytes]:
+    body, late = (reply.body[:-tail], reply.body[-tail:]) if tail else (reply.body, b"")
+    pieces = list(chunks_of(body)) if reply.streamed else [body]
+    pieces += [late] if late else []
     if not encoding:
         return pieces
     encoder = Encoder(encoding)
@@ -184,6 +199,56 @@ def default_fixture(method: str, path: str, query: str, request: dict[str, Any],
     return None
 
 
+def stored_response(response_id: str, status: str) -> dict[str, Any]:
+    """The Responses object as a background response is at `status` (usage once completed)."""
+    response = json.loads(streams.load("openai_responses.json"))
+    response.update(id=response_id, status=status, background=True)
+    if status != "completed":
+        response.update(output=[], usage=None)
+    return response
+
+
+def resumed_stream(response_id: str, query: str) -> bytes:
+    """The stream of a background response from `starting_after` on (OpenAI's stream resume)."""
+    after = int(dict(p.split("=", 1) for p in query.split("&") if "=" in p).get("starting_after", -1))
+    fixture = streams.load("openai_responses_stream.sse").replace(
+        b"resp_67ccd2bed1ec8190b14f964abc0542670bb6a6b452d3795b", response_id.encode())
+    events = [e for e in fixture.split(b"\n\n") if e.strip()]
+    kept = [e for e in events if json.loads(e.split(b"data: ", 1)[1])["sequence_number"] > after]
+    return b"".join(e + b"\n\n" for e in kept)
+
+
+def background_reply(method: str, path: str, query: str, request: dict[str, Any]) -> Reply | None:
+    if method == "POST" and path == "/v1/responses" and request.get("background") is True:
+        response_id = "resp_bg" + uuid.uuid4().hex
+        BACKGROUND[response_id] = 0
+        return Reply(200, streams.JSON, json.dumps(stored_response(response_id, "queued")).encode(),
+                     False)
+    match = _RESPONSE.match(path)
+    if method != "GET" or match is None or match[1] not in BACKGROUND:
+        return None
+    BACKGROUND[match[1]] += 1
+    status = "in_progress" if BACKGROUND[match[1]] == 1 else "completed"
+    if "stream=true" in query and status == "completed":
+        return Reply(200, streams.SSE, resumed_stream(match[1], query), True)
+    return Reply(200, streams.JSON, json.dumps(stored_response(match[1], status)).encode(), False)
+
+
+def batch_reply(method: str, path: str) -> Reply | None:
+    match = _BATCH.match(path)
+    if method != "GET" or match is None:
+        return None
+    if match[2]:  # the results, JSON lines (as Anthropic serves them: application/binary)
+        fixture = streams.FIXTURES["anthropic_batch_results.jsonl"]
+        return Reply(200, fixture.content_type, fixture.body, False)
+    batch = json.loads(streams.load("anthropic_batch.json"))
+    batch.update(id=match[1], processing_status="ended", ended_at="2024-09-24T19:02:11.812Z",
+                 request_counts={"processing": 0, "succeeded": 2, "errored": 1, "canceled": 0,
+                                 "expired": 0},
+                 results_url=f"https://api.anthropic.com/v1/messages/batches/{match[1]}/results")
+    return Reply(200, streams.JSON, json.dumps(batch).encode(), False)
+
+
 def vertex_fixture(host: str, path: str, query: str) -> str | None:
     """Vertex AI: Claude's Messages replies on rawPredict, and Vertex's own Gemini replies."""
     if "aiplatform" not in host:
@@ -238,8 +303,11 @@ def choose(scope: Scope, request: dict[str, Any], headers: dict[str, str]) -> Re
         reply = Reply(200, streams.JSON, bomb(int(headers["x-fake-bomb"])), False)
         reply.headers.append((b"content-encoding", b"gzip"))
         return reply
-    name = headers.get("x-fake-fixture") or default_fixture(
-        scope["method"], scope["path"], scope.get("query_string", b"").decode(), request, host)
+    method, path, query = scope["method"], scope["path"], scope.get("query_string", b"").decode()
+    if "x-fake-fixture" not in headers and (
+            made := background_reply(method, path, query, request) or batch_reply(method, path)):
+        return made
+    name = headers.get("x-fake-fixture") or default_fixture(method, path, query, request, host)
     return fixture_reply(name, request, host) if name else None
 
 
@@ -265,7 +333,8 @@ async def handle(scope: Scope, body: bytes, send: Send) -> bool:
 
 async def send_reply(send: Send, reply: Reply, headers: dict[str, str]) -> None:
     encoding = headers.get("x-fake-encoding")
-    pieces = wire_pieces(reply, encoding)
+    tail = int(headers.get("x-fake-tail-bytes", "0"))
+    pieces = wire_pieces(reply, encoding, tail)
     out: Headers = [(b"content-type", reply.content_type.encode()), *reply.headers]
     if encoding or "x-fake-lie-encoding" in headers:
         out.append((b"content-encoding", (encoding or headers["x-fake-lie-encoding"]).encode()))
@@ -277,7 +346,7 @@ async def send_reply(send: Send, reply: Reply, headers: dict[str, str]) -> None:
     sent = 0
     trailer_delay = int(headers.get("x-fake-trailer-delay-ms", "0")) / 1000
     for n, piece in enumerate(pieces):
-        if trailer_delay and encoding and n == len(pieces) - 1:  # the encoding's end, late
+        if trailer_delay and (encoding or tail) and n == len(pieces) - 1:  # the end, late
             await asyncio.sleep(trailer_delay)
         for part in (piece[i : i + BIG_PIECE] for i in range(0, len(piece), BIG_PIECE)):
             if abort is not None and sent + len(part) > abort:
@@ -287,15 +356,28 @@ async def send_reply(send: Send, reply: Reply, headers: dict[str, str]) -> None:
             sent += len(part)
         if pause:
             await asyncio.sleep(pause)
+    if trailer_delay and not (encoding or tail):  # the last chunk / END_STREAM, late
+        await asyncio.sleep(trailer_delay)
     await send({"type": "http.response.body", "body": b""})
 
 
 async def websocket(scope: Scope, receive: Receive, send: Send,
                     log: Callable[[Scope, bytes], None]) -> None:
-    """The Responses WebSocket: every response.create gets the fixture's server events."""
+    """The Responses WebSocket: every response.create gets the fixture's server events. An upgrade
+    with `x-fake-reject: STATUS` is refused with that status and OpenAI's error body instead."""
     log({**scope, "method": "WEBSOCKET"}, b"")
+    reject = dict(scope["headers"]).get(b"x-fake-reject")
     while True:
         message = await receive()
+        if message["type"] == "websocket.connect" and reject:
+            body = json.dumps({"error": {"message": "Incorrect API key provided.", "code":
+                                         "invalid_api_key", "type": "invalid_request_error",
+                                         "param": None}}).encode()
+            await send({"type": "websocket.http.response.start", "status": int(reject),
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "websocket.http.response.body", "body": body})
+            return
         if message["type"] == "websocket.connect":
             await send({"type": "websocket.accept"})
         elif message["type"] == "websocket.disconnect":

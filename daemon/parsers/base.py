@@ -352,10 +352,16 @@ class ResponseParser:
     def _check_complete(self) -> None:
         if self.error is not None or self.status >= 400:
             return  # an error reply has no end marker to wait for
-        reason = self._framer.incomplete() if self._framer else None
-        reason = reason or (self.incomplete() if self.streamed else None)
-        if reason:
-            raise ParseStop(reason)
+        framing = self._framer.incomplete() if self._framer else None
+        final = self.incomplete() if self.streamed else None
+        if framing and not final and self._framer and self._framer.only_end_missing():
+            # Every event came, its final one too: a client that hangs up once it has the last
+            # element never waits for the array's `]`.
+            self.notes.append(f"{framing}, after the stream's last element (the client hung up "
+                              "once it had it)")
+            framing = None
+        if framing or final:
+            raise ParseStop(framing or final)
 
     def on_body_fallback(self, raw: bytes, exc: Exception) -> None:
         """A whole body that is not JSON: an error page, or garbage."""
@@ -392,6 +398,10 @@ class Framer:
     def incomplete(self) -> str | None:
         return None
 
+    def only_end_missing(self) -> bool:
+        """Whether only the framing's own end is missing: every event that began has ended."""
+        return False
+
 
 class SSEFramer(Framer):
     def __init__(self, parser: ResponseParser) -> None:
@@ -421,6 +431,9 @@ class ArrayFramer(Framer):
         if self.decoder.complete:
             return None
         return "JSON stream ended before its closing bracket"
+
+    def only_end_missing(self) -> bool:
+        return self.decoder.only_end_missing
 
 
 class LinesFramer(Framer):

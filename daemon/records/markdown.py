@@ -16,7 +16,8 @@ from llmtap.records.capture import Body, Exchange, mask_secrets
 
 MAX_DECODED = 8 * 1024 * 1024
 SUMMARY_KEYS = ("host", "method", "path", "status", "provider", "api", "model", "stream",
-                "stop_reason", "cost_usd", "ttft_ms", "duration_ms", "chunks", "credential", "error")
+                "stop_reason", "cost_usd", "ttft_ms", "duration_ms", "chunks", "credential", "error",
+                "counted", "repeat_of")
 
 
 def render(record: dict[str, Any], exchange: Exchange) -> str:
