@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 import typer
+from llmtap import hostpatterns
 from llmtap import secrets_store as store
 from llmtap.cli_options import ConfigOption
 from llmtap.config import Config, load_config
@@ -145,8 +146,9 @@ def set_secret(
 
 
 def _warn_non_targets(settings: Config, hosts: tuple[str, ...]) -> None:
+    targets = settings.targets.host_set()
     for host in hosts:
-        if host not in settings.targets.all_hosts:
+        if not targets.covers(hostpatterns.parse(host)):
             print(f"llmtap: warning: {host} is not a target (targets.extra_hosts): llmtap does not see "
                   "its traffic", file=sys.stderr)
 
