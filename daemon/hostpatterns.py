@@ -76,12 +76,22 @@ class HostPattern:
         return self.subtree is not None
 
     def matches(self, host: str) -> bool:
-        # ASCII only: str.lower() would turn the Kelvin sign into "k" (IDNA names are xn--)
-        return host.isascii() and bool(self.regex.match(normalise(host)))
+        return bool(self.regex.match(canonical(host)))
 
 
 def normalise(host: str) -> str:
+    """A name as a user typed it (config, --host): spaces, case and a trailing dot do not count."""
     return host.strip().lower().rstrip(".")
+
+
+def canonical(host: str) -> str:
+    """A name from the wire (SNI, Host) as it is matched: case and one trailing dot do not count,
+    anything else does. Not ASCII is no match: str.lower() turns the Kelvin sign into "k" (IDNA
+    names travel as xn--)."""
+    if not host.isascii():
+        return ""
+    host = host.lower()
+    return host[:-1] if host.endswith(".") else host
 
 
 def parse(text: str) -> HostPattern:
@@ -150,9 +160,7 @@ class HostSet:
         return cls(patterns, exact)
 
     def matches(self, host: str) -> bool:
-        if not host.isascii():
-            return False
-        host = normalise(host)
+        host = canonical(host)
         return host in self.exact or any(p.regex.match(host) for p in self.patterns if p.wildcard)
 
     def covers(self, pattern: HostPattern) -> bool:

@@ -193,11 +193,18 @@ def add_credential(request: http.Request, header: str, value: str) -> None:
         request.headers[header] = value
 
 
+def wire_name(name: str) -> str:
+    """A Host or server name as checked: one not in ASCII, or with spaces, stays as it is and
+    matches no binding (lower() would turn the Kelvin sign into a "k"; real names travel as
+    IDNA xn-- labels)."""
+    return normalise_host(name) if name.isascii() and name == name.strip() else name
+
+
 def destinations(flow: http.HTTPFlow) -> set[str]:
     """Where the request really goes: its Host/authority and the TLS server name, both checked."""
-    hosts = {normalise_host(flow.request.pretty_host)}
+    hosts = {wire_name(flow.request.pretty_host)}
     if flow.client_conn.sni:
-        hosts.add(normalise_host(flow.client_conn.sni))
+        hosts.add(wire_name(flow.client_conn.sni))
     return hosts
 
 
@@ -217,7 +224,7 @@ def verified_tls_name(flow: http.HTTPFlow) -> str | None:
         name = server.sni or flow.client_conn.sni
     else:
         name = request.host
-    return normalise_host(name) if name else None
+    return wire_name(name) if name else None
 
 
 # --- last-used times ---
