@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from llmtap.parsers import UsageChunkStripper, parse_request, usage_rewrite
 from llmtap.parsers.classify import classify, host_provider
+from llmtap.records.capture import MASK, masked_headers
 from parser_helpers import body, cuts_for, run, split, stable, usage
 from streams import load
 
@@ -126,3 +127,9 @@ def test_stripper_keeps_the_prompt_filter_chunk() -> None:
     out = b"".join(stripper.feed(piece) for piece in split(load(STREAM), range(5, 4000, 97)))
     out += stripper.feed(b"")
     assert out == load("azure_chat_stream_stripped.sse")
+
+
+def test_the_api_key_header_is_masked_in_records() -> None:
+    headers = masked_headers([("api-key", "0123456789abcdef0123456789abcdef"), ("Api-Key", "x" * 32),
+                              ("x-ms-region", "Sweden Central")])
+    assert headers == [("api-key", MASK), ("Api-Key", MASK), ("x-ms-region", "Sweden Central")]
