@@ -148,9 +148,13 @@ def set_secret(
 def _warn_non_targets(settings: Config, hosts: tuple[str, ...]) -> None:
     targets = settings.targets.host_set()
     for host in hosts:
-        if not targets.covers(hostpatterns.parse(host)):
+        pattern = hostpatterns.parse(host)
+        if not targets.covers(pattern):
             print(f"llmtap: warning: {host} is not a target (targets.extra_hosts): llmtap does not see "
                   "its traffic", file=sys.stderr)
+        elif settings.redirect.scope == "targets" and not set(pattern.names) <= set(targets.resolvable):
+            print(f"llmtap: warning: {host} is only under a wildcard target: list it in "
+                  "targets.extra_hosts too, so that the redirect knows its addresses", file=sys.stderr)
 
 
 @secrets_app.command("list")

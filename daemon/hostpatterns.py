@@ -126,8 +126,6 @@ def _regional(host: str) -> HostPattern:
     if domain is None:
         raise ValueError("puts its * inside the name, which only stands for a region of "
                          f"{' or '.join(REGION_DOMAINS)} names (else use a leftmost *.)")
-    if "*" in domain or "*" not in host[: -len(domain)]:
-        raise ValueError("puts its * in the domain")
     regions = REGION_DOMAINS[domain]
     names = tuple(host.replace("*", region) for region in regions)
     if not all(HOSTNAME_RE.match(name) for name in names):

@@ -5,6 +5,7 @@ the redirect's names, doctor, and the hosts a secret is bound to (llmtap.hostpat
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import re
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.x509.verification import VerificationError
-from llmtap import hostpatterns
+from llmtap import cli, hostpatterns
 from llmtap import secrets_store as store
 from llmtap.addons.credentials import Credentials
 from llmtap.addons.recorder import fields
@@ -312,3 +313,27 @@ def test_secrets_take_a_wildcard_host_with_azures_header_and_variable():
 
 def test_default_targets_are_unchanged():
     assert all("*" not in h for h in Config().targets.all_hosts)
+
+
+def test_secrets_set_says_what_a_wildcard_target_needs(config, monkeypatch, capsys):
+    config.write_text(config.read_text() + f'[targets]\nextra_hosts = ["{AZURE}"]\n')
+
+    def run(*argv: str) -> tuple[int, str]:
+        monkeypatch.setattr("sys.stdin", io.StringIO(KEY))
+        try:
+            code = cli.main([*argv, "--config", str(config)])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        return code, capsys.readouterr().err
+
+    code, err = run("secrets", "set", "wild", "--host", AZURE)
+    assert code == 0 and "warning" not in err
+    code, err = run("secrets", "set", "mine", "--host", "myres.openai.azure.com")
+    assert code == 0 and "only under a wildcard target: list it in targets.extra_hosts" in err
+    code, err = run("secrets", "set", "deep", "--host", "*.services.ai.azure.com")
+    assert code == 0 and "*.services.ai.azure.com is not a target" in err
+    code, err = run("secrets", "set", "broad", "--host", "*.com")
+    assert code == 2 and "--host '*.com' needs at least two labels" in err
+    [mine] = [s for s in store.read_store(store.StorePaths.under(config.parent / "state"))
+              if s.name == "mine"]
+    assert mine.header == "api-key"
