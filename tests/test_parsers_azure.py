@@ -9,10 +9,10 @@ import json
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from llmtap.parsers import UsageChunkStripper, parse_request, usage_rewrite
+from llmtap.parsers import UsageChunkStripper, parse_request, response_parser, usage_rewrite
 from llmtap.parsers.classify import classify, host_provider
 from llmtap.records.capture import MASK, masked_headers
-from parser_helpers import body, cuts_for, run, split, stable, usage
+from parser_helpers import T0, body, cuts_for, run, split, stable, usage
 from streams import load
 
 STREAM = "azure_chat_stream.sse"
@@ -133,3 +133,15 @@ def test_the_api_key_header_is_masked_in_records() -> None:
     headers = masked_headers([("api-key", "0123456789abcdef0123456789abcdef"), ("Api-Key", "x" * 32),
                               ("x-ms-region", "Sweden Central")])
     assert headers == [("api-key", MASK), ("Api-Key", MASK), ("x-ms-region", "Sweden Central")]
+
+
+@pytest.mark.parametrize("path", ["/openai/v1/responses", "/openai/responses?api-version=2025-04-01-preview"])
+def test_responses_on_azure(path: str) -> None:
+    info = parse_request(HOST, "POST", path, body({"model": "gpt-4.1-mini", "input": "hi"}))
+    parser = response_parser(info, started=T0, headers={"content-type": "application/json"})
+    parser.feed(load("openai_responses.json"), T0 + 0.2)
+    parser.feed(b"", T0 + 0.3)
+    result = parser.result()
+    assert (result["provider"], result["api"], result["error"]) == ("azure", "responses", None)
+    assert result["model"] == json.loads(load("openai_responses.json"))["model"]
+    assert result["usage"]["output_tokens"]
