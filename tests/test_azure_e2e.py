@@ -81,6 +81,7 @@ def test_azure_openai_sdk_through_a_wildcard_target_and_binding(testbed, llmtap)
         assert record["request"]["deployment"] == "gpt4o-prod"
         assert record["request"]["api_version"] == "2024-10-21"
         assert record["error"] is None
+        assert record["cost_usd"] and "azure/" in json.dumps(record["price"])  # Azure's prices
     usage = {r["stream"]: r["usage"] for r in calls}
     assert usage[False]["input_tokens"] == 25 and usage[False]["output_tokens"] == 11
     assert (usage[True]["input_tokens"], usage[True]["cache_read_tokens"]) == (250, 1280)
