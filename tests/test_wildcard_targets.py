@@ -309,6 +309,8 @@ def test_secrets_take_a_wildcard_host_with_azures_header_and_variable():
     secret = store.Secret(name="azure", id="x", hosts=(AZURE,), header="api-key", when_absent=False,
                           placeholder="p" * 32, created_at="", updated_at="")
     assert env_lines([secret], "sh") == [f"export AZURE_OPENAI_API_KEY='{'p' * 32}'"]
+    bedrock = dataclasses.replace(secret, name="bedrock", hosts=(BEDROCK,))
+    assert env_lines([bedrock], "sh") == [f"export AWS_BEARER_TOKEN_BEDROCK='{'p' * 32}'"]
 
 
 def test_default_targets_are_unchanged():
