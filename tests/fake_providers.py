@@ -22,11 +22,14 @@ Any request may steer the reply with headers:
 Without them these paths get their fixture: POST /v1/responses, /v1/messages/count_tokens,
 Gemini's :generateContent, :streamGenerateContent (alt=sse or the JSON array) and :countTokens
 (Vertex AI's own on its hosts), Claude on Vertex AI (:rawPredict, :streamRawPredict, count-tokens),
-and the OpenAI-compatible chat completions of Gemini, Anthropic, Groq, OpenRouter and DeepSeek, each
-in its dialect. Those that send usage only when asked (USAGE_IF_ASKED) leave it out unless the
-request set stream_options.include_usage, as the real ones do. Bedrock's /model/{modelId}/invoke,
-invoke-with-response-stream, converse, converse-stream and count-tokens get theirs too
-(tests/fake_bedrock.py; a SigV4 signature that does not verify gets AWS's 403).
+the OpenAI-compatible chat completions of Gemini, Anthropic, Groq, OpenRouter and DeepSeek, each
+in its dialect, and Azure OpenAI's /openai/deployments/{d}/chat/completions and
+/openai/v1/chat/completions (azure_chat_stream.sse or azure_chat.json, with Azure's headers) and
+/openai/responses, /openai/v1/responses (the Responses fixtures). Those that send usage only when
+asked (USAGE_IF_ASKED) leave it out unless the request set stream_options.include_usage, as the
+real ones do. Bedrock's /model/{modelId}/invoke, invoke-with-response-stream, converse,
+converse-stream and count-tokens get theirs too (tests/fake_bedrock.py; a SigV4 signature that
+does not verify gets AWS's 403).
 Background responses: `POST /v1/responses` with `background: true` answers `queued` (a new id);
 `GET /v1/responses/{that id}` answers `in_progress` at the first poll, `completed` with usage
 after; with `?stream=true` (and `starting_after=N`) the completed response's events after N.
@@ -83,7 +86,11 @@ COMPAT_CHAT: dict[tuple[str | None, str], tuple[str, str | None]] = {
     ("api.mistral.ai", "/v1/chat/completions"): ("mistral_chat_stream.sse", None),
 }
 USAGE_IF_ASKED = ("gemini_compat_chat_stream.sse", "anthropic_compat_chat_stream.sse",
-                  "groq_chat_stream.sse")
+                  "groq_chat_stream.sse", "azure_chat_stream.sse")
+_AZURE_CHAT = re.compile(r"^/openai/(deployments/[^/]+|v1)/chat/completions$")
+AZURE_HEADERS: Headers = [(b"apim-request-id", b"6f1d3f2e-1a2b-4c3d-9e8f-0a1b2c3d4e5f"),
+                          (b"x-ms-region", b"Sweden Central"), (b"x-ratelimit-remaining-requests", b"249"),
+                          (b"x-ratelimit-remaining-tokens", b"249000")]
 
 
 @dataclass
@@ -152,6 +159,7 @@ def fixture_reply(name: str, request: dict[str, Any], host: str) -> Reply:
     headers = RATE_LIMIT_HEADERS.get(host, []) if fixture.status in (429, 529) else []
     if name.startswith("bedrock_"):
         headers = fake_bedrock.reply_headers(name)
+    headers = [*headers, *AZURE_HEADERS] if name.startswith("azure_") else headers
     body = fixture.body if asked or name not in USAGE_IF_ASKED else without_usage(fixture.body)
     return Reply(fixture.status, fixture.content_type, body, streamed, list(headers))
 
@@ -184,10 +192,12 @@ def default_fixture(method: str, path: str, query: str, request: dict[str, Any],
         return found
     if method == "POST" and (found := fake_bedrock.default_fixture(path)):
         return found
+    if method == "POST" and host.endswith(".azure.com") and _AZURE_CHAT.match(path):  # Groq has /openai/v1/
+        return "azure_chat_stream.sse" if streamed else "azure_chat.json"
     for (want_host, suffix), (stream_name, whole_name) in COMPAT_CHAT.items():
         if method == "POST" and path.endswith(suffix) and want_host in (None, host):
             return stream_name if streamed else whole_name
-    if method == "POST" and path == "/v1/responses":
+    if method == "POST" and path in ("/v1/responses", "/openai/responses", "/openai/v1/responses"):
         return "openai_responses_stream.sse" if streamed else "openai_responses.json"
     if method == "POST" and path == "/v1/messages/count_tokens":
         return "anthropic_count_tokens.json"

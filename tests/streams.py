@@ -45,6 +45,8 @@ _COMPAT = {
     "mistral": ("api.mistral.ai", "/v1/chat/completions"),
 }
 VERTEX_HOST = "us-central1-aiplatform.googleapis.com"
+_AZURE = "myres.openai.azure.com"
+_AZURE_CHAT = "/openai/deployments/gpt4o-prod/chat/completions?api-version=2024-10-21"
 VERTEX_MODELS = "/v1beta1/projects/llmtap-test/locations/us-central1/publishers/google/models"
 BEDROCK = "bedrock-runtime.us-east-1.amazonaws.com"
 BEDROCK_SONNET = "/model/us.anthropic.claude-sonnet-4-5-20250929-v1:0"
@@ -110,6 +112,13 @@ FIXTURES: dict[str, Fixture] = {
                 BEDROCK_SONNET + "/converse-stream", content_type=EVENTSTREAM),
         Fixture("bedrock_error_429.json", BEDROCK, BEDROCK_SONNET + "/converse", status=429),
         Fixture("bedrock_count_tokens.json", BEDROCK, BEDROCK_SONNET + "/count-tokens"),
+        # Azure OpenAI (api-version 2024-10-21): a first chunk with empty choices and the
+        # prompt_filter_results, content_filter_results on every choice, sorted keys; _stripped
+        # is what a client gets once llmtap removed the usage chunk it asked for
+        Fixture("azure_chat_stream.sse", _AZURE, _AZURE_CHAT, content_type=SSE),
+        Fixture("azure_chat_stream_stripped.sse", _AZURE, _AZURE_CHAT, content_type=SSE),
+        Fixture("azure_chat.json", _AZURE, _AZURE_CHAT),
+        Fixture("azure_error_content_filter.json", _AZURE, _AZURE_CHAT, status=400),
     )
 }
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import re
 
+from llmtap.parsers import azure
+
 PROVIDER_HOSTS: dict[str, str] = {
     "api.anthropic.com": "anthropic",
     "api.openai.com": "openai",
@@ -102,6 +104,8 @@ def host_provider(host: str) -> str | None:
         return "google"
     if _BEDROCK_HOST.match(host):
         return "bedrock"
+    if azure.is_azure_host(host):  # {resource}.openai.azure.com: OpenAI's routes under /openai/
+        return "azure"
     return None
 
 
