@@ -1,7 +1,10 @@
 """llmtap's certificate authority, name-constrained to the target hosts, and the upstream bundle.
 
 The CA may only vouch for the targets (X.509 permitted DNS subtrees) and never for an IP address
-(excluded 0.0.0.0/0 and ::/0), so even a stolen key cannot impersonate any other site. mitmproxy
+(excluded 0.0.0.0/0 and ::/0), so even a stolen key cannot impersonate any other site. A wildcard
+target `*.openai.azure.com` permits the subtree `openai.azure.com` (RFC 5280: the name and every
+name under it; the leading-dot form is not understood by every client); a region pattern permits
+each of its concrete names. mitmproxy
 reads it from its confdir as `mitmproxy-ca.pem` (key and certificate together).
 """
 
@@ -18,6 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
+from llmtap import hostpatterns
 from llmtap.errors import RuntimeFailure
 
 MITM_BASENAME = "mitmproxy"
@@ -49,7 +53,7 @@ def create_ca(hosts: tuple[str, ...], common_name: str = "llmtap local CA") -> t
     )
     now = datetime.datetime.now(datetime.UTC)
     constraints = x509.NameConstraints(
-        permitted_subtrees=[x509.DNSName(h) for h in hosts],
+        permitted_subtrees=[x509.DNSName(h) for h in hostpatterns.HostSet.of(hosts).subtrees],
         excluded_subtrees=[
             x509.IPAddress(ipaddress.ip_network("0.0.0.0/0")),
             x509.IPAddress(ipaddress.ip_network("::/0")),
@@ -113,7 +117,14 @@ def uncovered_hosts(cert_file: Path, hosts: tuple[str, ...]) -> list[str]:
     except x509.ExtensionNotFound:
         return []
     permitted = [str(n.value) for n in constraints.permitted_subtrees or [] if isinstance(n, x509.DNSName)]
-    return [h for h in hosts if not any(h == p or h.endswith("." + p) for p in permitted)]
+    return [p.text for p in hostpatterns.HostSet.of(hosts).patterns if not _covered(p, permitted)]
+
+
+def _covered(pattern: hostpatterns.HostPattern, permitted: list[str]) -> bool:
+    """Every name `pattern` stands for is under a permitted subtree (a leftmost wildcard's
+    names are under its domain: that domain, or a parent of it, must be permitted)."""
+    names = (pattern.subtree,) if pattern.subtree else pattern.names
+    return all(any(hostpatterns.within(n, p) for p in permitted) for n in names)
 
 
 def root_bundle_candidates(platform: str | None = None) -> list[str]:

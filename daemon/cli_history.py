@@ -93,6 +93,8 @@ def process_label(row: Any) -> str:
 def log_line(row: Any) -> str:
     usage = f"{tokens(row['input_tokens'])}→{tokens(row['output_tokens'])}"
     error = f"  ! {row['error'][:80]}" if row["error"] else ""
+    if row["counted"] == 0:  # a retrieval, a poll, an upgrade: no call of its own
+        error = f"  (not counted{': repeat of ' + row['repeat_of'] if row['repeat_of'] else ''})" + error
     return (f"{local_time(row['started_ts'])}  {row['id'][:8]}  {process_label(row):<22} "
             f"{(row['model'] or '?'):<28} {row['status'] if row['status'] is not None else '---'}  "
             f"{usage:>13}  {money(row['cost_usd']):>9}  ttft {millis(row['ttft_ms']):>7}  "
@@ -176,13 +178,16 @@ def stats(
     since_ts = parse_since(since)
     index = open_index(settings, read_only)
     groups, unpriced = index.stats(by, since_ts), index.unpriced(since_ts)
+    not_counted = index.not_counted(since_ts)
     if as_json:
-        typer.echo(json.dumps({"by": by, "groups": groups, "unpriced": unpriced}, indent=2))
+        typer.echo(json.dumps({"by": by, "groups": groups, "unpriced": unpriced,
+                               "not_counted": not_counted}, indent=2))
         return
-    print_stats(by, groups, unpriced)
+    print_stats(by, groups, unpriced, not_counted)
 
 
-def print_stats(by: str, groups: list[dict[str, Any]], unpriced: list[dict[str, Any]]) -> None:
+def print_stats(by: str, groups: list[dict[str, Any]], unpriced: list[dict[str, Any]],
+                not_counted: int = 0) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -192,16 +197,27 @@ def print_stats(by: str, groups: list[dict[str, Any]], unpriced: list[dict[str, 
         table.add_column(title, justify="left" if title == by else "right")
     for g in groups:
         writes = _sum(g["cache_write_5m_tokens"], g["cache_write_1h_tokens"])
-        cost = money(g["cost_usd"]) + ("*" if g["priced"] < g["calls"] else "")
+        cost = money(g["cost_usd"]) + ("*" if g["unpriced"] else "")
         table.add_row(str(g["key"] or "?"), str(g["calls"]), tokens(g["input_tokens"]),
                       tokens(g["output_tokens"]), tokens(g["cache_read_tokens"]), tokens(writes),
                       tokens(g["reasoning_tokens"]), cost, millis(g["ttft_p50_ms"]),
                       millis(g["ttft_p95_ms"]))
     console = Console(width=max(120, Console().width))
     console.print(table)
-    if unpriced:
-        console.print("* calls with no cost (model unknown to the price table): " + ", ".join(
-            f"{u['model']} ({u['calls']})" for u in unpriced))
+    total = sum(g["unpriced"] or 0 for g in groups)
+    if total:
+        by_model: dict[str, int] = {}
+        for u in unpriced:  # per model and host: one line says it per model
+            by_model[u["model"]] = by_model.get(u["model"], 0) + u["calls"]
+        if total > sum(by_model.values()):
+            by_model["?"] = total - sum(by_model.values())  # tokens, but no model named
+        models = ", ".join(f"{model} ({calls})" for model, calls in by_model.items())
+        console.print(f"* unpriced: {total} call{'s' if total != 1 else ''} (models: {models}): "
+                      "tokens used, no price known, not in the cost")
+    if not_counted:
+        console.print(f"not counted: {not_counted} record{'s' if not_counted != 1 else ''} "
+                      "(retrievals, polls, repeat downloads, WebSocket upgrades, listings: no "
+                      "call, no cost)")
 
 
 def _sum(*values: Any) -> int | None:

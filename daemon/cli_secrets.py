@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 import typer
+from llmtap import hostpatterns
 from llmtap import secrets_store as store
 from llmtap.cli_options import ConfigOption
 from llmtap.config import Config, load_config
@@ -145,10 +146,15 @@ def set_secret(
 
 
 def _warn_non_targets(settings: Config, hosts: tuple[str, ...]) -> None:
+    targets = settings.targets.host_set()
     for host in hosts:
-        if host not in settings.targets.all_hosts:
+        pattern = hostpatterns.parse(host)
+        if not targets.covers(pattern):
             print(f"llmtap: warning: {host} is not a target (targets.extra_hosts): llmtap does not see "
                   "its traffic", file=sys.stderr)
+        elif settings.redirect.scope == "targets" and not set(pattern.names) <= set(targets.resolvable):
+            print(f"llmtap: warning: {host} is only under a wildcard target: list it in "
+                  "targets.extra_hosts too, so that the redirect knows its addresses", file=sys.stderr)
 
 
 @secrets_app.command("list")
@@ -225,7 +231,7 @@ def env_lines(items: list[store.Secret], shell: str) -> list[str]:
     exports: dict[str, str] = {}
     lines = []
     for secret in items:
-        names = [var for host in secret.hosts for var in store.ENV_VARS.get(host, ())]
+        names = [var for host in secret.hosts for var in store.env_vars(host)]
         for var in names:
             exports.setdefault(var, secret.placeholder)  # the first secret for a provider wins
         if not names:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmtap import hostpatterns
 from llmtap.dlp import ACTIONS, BUILTIN, HELD_KEY, NAME_RE, PatternError, check_pattern
 from llmtap.errors import UsageError
 from llmtap.rules.strings import DEFAULT_PROTECTED_FIELDS, parse_field_spec
@@ -72,7 +73,7 @@ BACKENDS = ("auto", "nft", "iptables", "pf", "windivert")
 SCOPES = ("targets", "all")
 # Linux interface names: at most 15 characters, no slash, no space (net/core/dev.c).
 IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
-HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
+HOSTNAME_RE = hostpatterns.HOSTNAME_RE
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,11 @@ class TargetsConfig:
 
     @property
     def all_hosts(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(h.lower() for h in (*self.hosts, *self.extra_hosts)))
+        """Every entry, normalised: names and wildcard patterns (llmtap.hostpatterns)."""
+        return tuple(dict.fromkeys(hostpatterns.normalise(h) for h in (*self.hosts, *self.extra_hosts)))
+
+    def host_set(self) -> hostpatterns.HostSet:
+        return hostpatterns.HostSet.of(self.all_hosts)
 
 
 @dataclass(frozen=True)
@@ -302,8 +307,11 @@ def validate(config: Config) -> None:
     if r.idle_timeout_s < 1:
         raise UsageError("redirect.idle_timeout_s must be at least 1")
     for host in config.targets.all_hosts:
-        if not HOSTNAME_RE.match(host):
-            raise UsageError(f"targets: {host!r} is not a valid host name")
+        try:
+            hostpatterns.check(host)
+        except ValueError as exc:
+            reason = f"{exc}" if "*" in host else f"{host!r} is not a valid host name"
+            raise UsageError(f"targets: {reason}") from None
     if not config.targets.all_hosts:
         raise UsageError("targets.hosts and targets.extra_hosts are both empty")
     if config.upstream.extra_ca and not Path(config.upstream.extra_ca).is_file():

@@ -86,7 +86,7 @@ def read_history(config: Config, read_only: bool) -> History:
             totals=index.totals(since),
             per_process=index.stats("process", since),
             context=context,
-            recent=[dict(r) for r in index.calls(limit=8)],
+            recent=[dict(r) for r in index.calls(limit=8, counted_only=True)],
             source=index.source,
         )
     except sqlite3.Error as exc:
@@ -310,7 +310,7 @@ def _budget(state: State) -> RenderableType:
                        ("cache_read_tokens", "cache read"), ("cache_write_5m_tokens", "cache write 5m"),
                        ("cache_write_1h_tokens", "cache write 1h"), ("reasoning_tokens", "reasoning")):
         table.add_row(label, _tokens(totals.get(key)))
-    unpriced = (totals.get("calls") or 0) - (totals.get("priced") or 0)
+    unpriced = totals.get("unpriced") or 0
     table.add_row("cost", _money(cost) + (f" (+{unpriced} unpriced)" if unpriced else ""))
     parts: list[RenderableType] = [table]
     if budget > 0:

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmtap import ca, control
+from llmtap import ca, control, hostpatterns
 from llmtap.config import Config
 from llmtap.errors import LlmtapError, UsageError
 from llmtap.installer import Installer, parse_profile_script
@@ -232,11 +232,18 @@ class Doctor:
     def check_targets(self) -> Check:
         assert self.status is not None
         targets: dict[str, list[str]] = self.status.get("targets", {})
-        unresolved = [host for host, addresses in targets.items() if not addresses]
+        patterns = self.config.targets.host_set().patterns
+        # A region pattern's names exist only where the service does: one resolving is enough.
+        unresolved = [p.text for p in patterns if p.names and all(targets.get(n) == [] for n in p.names)]
+        blind = self.config.targets.host_set().unresolvable
+        if self.status.get("scope") == "targets" and blind:
+            return fail("targets", f"no name is listed under {', '.join(blind)}: its connections "
+                        "are not redirected", "list the names you use in targets.extra_hosts "
+                        "(e.g. myresource.openai.azure.com), or set redirect.scope = \"all\"")
         if not unresolved:
             return ok("targets", f"{len(targets)} target hosts resolved")
-        first = unresolved[0]
-        return fail("targets", f"{len(unresolved)} of {len(targets)} do not resolve: "
+        first = hostpatterns.parse(unresolved[0]).names[0]
+        return fail("targets", f"{len(unresolved)} of {len(patterns)} do not resolve: "
                     f"{', '.join(unresolved)}", f"check DNS for them (`getent hosts {first}`); "
                     "llmtap retries on its own")
 
@@ -318,10 +325,11 @@ class Doctor:
         if self.host:
             return self.host
         targets: dict[str, list[str]] = (self.status or {}).get("targets", {})
-        for host in self.config.targets.all_hosts:
+        names = self.config.targets.host_set().resolvable  # a wildcard is no name to connect to
+        for host in names:
             if targets.get(host):
                 return host
-        return self.config.targets.all_hosts[0]
+        return names[0] if names else self.config.targets.all_hosts[0]
 
     def check_runtimes(self) -> list[Check]:
         tapping = bool(self.status and self.status.get("running") and self.status.get("rules_present"))
@@ -406,7 +414,7 @@ class Doctor:
                             "CA to Java's keystore when keytool is there)")
 
     def is_target(self, host: str) -> bool:
-        return host in self.config.targets.all_hosts
+        return self.config.targets.host_set().matches(host)
 
     def probe_binary(self, name: str, argv: list[str], keys: dict[str, str]) -> Check:
         """A native CLI (Bun-built claude, Rust codex) run for real with a dummy key in an empty

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from llmtap import addons
+from llmtap import addons, hostpatterns
 from llmtap.addons.scope import allow_patterns
 from llmtap.parsers.classify import normalise_host
 from llmtap.platform.base import OriginalAddrLookup
@@ -62,7 +62,7 @@ def leaf_refusal(conn_context: context.Context) -> str | None:
         return "the client sent no server name (SNI)"
     name = normalise_host(client.sni)
     targets = getattr(ctx.options, "llmtap_targets", None)  # absent in the bare benchmark proxy
-    if targets is not None and name not in {t.lower() for t in targets}:
+    if targets is not None and not hostpatterns.host_set(tuple(targets)).matches(client.sni):
         return f"{client.sni!r} is not a target"
     if isinstance(client.proxy_mode, mode_specs.RegularMode) and server.address:
         connect_host = normalise_host(str(server.address[0]))

@@ -33,8 +33,9 @@ from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from llmtap.config import HOSTNAME_RE
+from llmtap import hostpatterns
 from llmtap.errors import RuntimeFailure, UsageError
+from llmtap.parsers.classify import host_provider
 
 with contextlib.suppress(ImportError):  # POSIX
     import fcntl
@@ -58,6 +59,9 @@ VALUE_RE = re.compile(r"^[\x21-\x7e]+$")
 DEFAULT_HEADERS = {
     "api.anthropic.com": "x-api-key",
     "generativelanguage.googleapis.com": "x-goog-api-key",
+    "*.openai.azure.com": "api-key",
+    "*.cognitiveservices.azure.com": "api-key",
+    "*.services.ai.azure.com": "api-key",
 }
 ENV_VARS = {
     "api.anthropic.com": ("ANTHROPIC_API_KEY",),
@@ -68,7 +72,27 @@ ENV_VARS = {
     "api.deepseek.com": ("DEEPSEEK_API_KEY",),
     "api.groq.com": ("GROQ_API_KEY",),
     "openrouter.ai": ("OPENROUTER_API_KEY",),
+    "*.openai.azure.com": ("AZURE_OPENAI_API_KEY",),
+    "*.cognitiveservices.azure.com": ("AZURE_OPENAI_API_KEY",),
+    "*.services.ai.azure.com": ("AZURE_OPENAI_API_KEY",),
 }
+
+
+def env_vars(host: str) -> tuple[str, ...]:
+    """The variables the tools for `host` read its key from. AWS Bedrock's regional runtime hosts
+    take an API key as a bearer token (boto3 and AnthropicBedrock read this variable)."""
+    sample = next(iter(hostpatterns.parse(host).names), host)  # a region pattern: its first name
+    if host_provider(sample) == "bedrock":
+        return ("AWS_BEARER_TOKEN_BEDROCK",)
+    return ENV_VARS.get(provider_host(host), ())
+
+
+def provider_host(host: str) -> str:
+    """The key of DEFAULT_HEADERS and ENV_VARS for `host`: itself, or the wildcard it is under
+    (an Azure resource `myres.openai.azure.com` is `*.openai.azure.com`)."""
+    wildcards = (w for w in ENV_VARS if w.startswith("*."))
+    return next((w for w in wildcards if hostpatterns.parse(w).matches(host)), host)
+
 
 _URLSAFE = string.ascii_letters + string.digits + "-_"
 _ALNUM = string.ascii_letters + string.digits
@@ -90,6 +114,7 @@ _FORMATS = {
     "deepseek": lambda: "sk-" + _random(_HEX, 48),
     "groq": lambda: "gsk_" + _random(_ALNUM, 52),
     "openrouter": lambda: "sk-or-v1-" + _random(_HEX, 64),
+    "bedrock": lambda: "ABSK" + _random(_ALNUM, 128),  # a long-term Bedrock API key's prefix
     "generic": lambda: "sk-" + _random(_ALNUM, 48),
 }
 _FORMAT_BY_HOST = {
@@ -103,12 +128,15 @@ _FORMAT_BY_HOST = {
     "openrouter.ai": "openrouter",
 }
 _FORMAT_BY_PREFIX = (("sk-ant-", "anthropic"), ("sk-or-", "openrouter"), ("sk-", "openai"),
-                     ("AIza", "google"), ("xai-", "xai"), ("gsk_", "groq"))
+                     ("AIza", "google"), ("xai-", "xai"), ("gsk_", "groq"), ("ABSK", "bedrock"),
+                     ("bedrock-api-key-", "bedrock"))
 
 
 def make_placeholder(hosts: tuple[str, ...], value: str | None) -> str:
     """A placeholder shaped like the key the first host expects (else like the value itself)."""
     kind = _FORMAT_BY_HOST.get(hosts[0]) if hosts else None
+    if hosts and host_provider(hosts[0]) == "bedrock":
+        kind = "bedrock"
     if kind is None and value:
         kind = next((k for prefix, k in _FORMAT_BY_PREFIX if value.startswith(prefix)), None)
     return _FORMATS[kind or "generic"]()
@@ -148,15 +176,18 @@ def check_name(name: str) -> str:
 
 def check_hosts(hosts: list[str]) -> tuple[str, ...]:
     cleaned = tuple(dict.fromkeys(h.strip().lower().rstrip(".") for h in hosts))
-    for host in cleaned:
-        if not HOSTNAME_RE.match(host):
-            raise UsageError(f"--host {host!r} is not a host name")
+    for host in cleaned:  # a name, or a pattern (*.openai.azure.com): see llmtap.hostpatterns
+        try:
+            hostpatterns.parse(host)
+        except ValueError as exc:
+            reason = "is not a host name" if "*" not in host else str(exc)
+            raise UsageError(f"--host {host!r} {reason}") from None
     return cleaned
 
 
 def check_header(header: str | None, hosts: tuple[str, ...]) -> str:
     if header is None:
-        return DEFAULT_HEADERS.get(hosts[0], "authorization") if hosts else "authorization"
+        return DEFAULT_HEADERS.get(provider_host(hosts[0]), "authorization") if hosts else "authorization"
     if header.lower() not in HEADERS:
         raise UsageError(f"--header must be one of {', '.join(HEADERS)}, not {header!r}")
     return header.lower()

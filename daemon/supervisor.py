@@ -34,7 +34,7 @@ from llmtap.privileges import ServiceUser, ensure_service_user, require_root
 from llmtap.proxy import LOOPBACK_HOSTS, ProxySettings
 from llmtap.secrets_store import resolve_at_start
 from llmtap.spawner import WorkerSpawner
-from llmtap.targets import TargetResolver
+from llmtap.targets import TargetResolver, redirect_names
 from llmtap.worker import WorkerHandle
 
 log = logging.getLogger("llmtap")
@@ -132,7 +132,7 @@ class Supervisor:
         self.worker_pid = 0
         self.backend: RedirectBackend | None = None
         self.resolver = TargetResolver(
-            config.targets.all_hosts,
+            redirect_names(config.targets.host_set(), config.redirect.scope),
             grace_s=config.redirect.dns_grace_s,
             refresh_max_s=config.redirect.dns_refresh_max_s,
         )

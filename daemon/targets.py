@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from llmtap.hostpatterns import HostSet
 from llmtap.platform.base import TargetAddresses
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,18 @@ class TargetResolver:
         self._last_seen = {a: t for a, t in self._last_seen.items() if now - t <= self.grace_s}
         next_in = min(self.refresh_max_s, max(MIN_REFRESH_S, min(ttls, default=self.refresh_max_s)))
         return split_families(self._last_seen), float(next_in)
+
+
+def redirect_names(targets: HostSet, scope: str) -> tuple[str, ...]:
+    """The names whose addresses are redirected: the concrete targets and each name a region
+    pattern stands for. A leftmost wildcard (`*.openai.azure.com`) has no address of its own: with
+    scope "targets" only the concrete names listed under it are redirected, so say so."""
+    for pattern in targets.unresolvable if scope == "targets" else ():
+        log.warning("target %s: no name under it is listed, so none of its connections are "
+                    "redirected (scope \"targets\"): add the names you use (e.g. %s) to "
+                    "targets.extra_hosts, or set redirect.scope = \"all\"",
+                    pattern, pattern.replace("*", "myname", 1))
+    return targets.resolvable
 
 
 def split_families(addresses: Iterable[str]) -> TargetAddresses:

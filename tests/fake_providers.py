@@ -7,7 +7,11 @@ Any request may steer the reply with headers:
     x-fake-encoding: E          gzip | deflate | br | zstd (a stream is flushed chunk by chunk)
     x-fake-truncate: N          only the first N bytes of the body, then a clean end
     x-fake-abort: N             N bytes of the (encoded) body, then the connection is reset
-    x-fake-trailer-delay-ms: N  with x-fake-encoding: the encoding's end comes N ms after the rest
+    x-fake-trailer-delay-ms: N  the body's end comes N ms after the rest: the encoding's end with
+                                x-fake-encoding, else the end of the body itself (HTTP/1's last
+                                chunk, HTTP/2's END_STREAM)
+    x-fake-tail-bytes: N        with x-fake-trailer-delay-ms: the body's last N bytes come late too
+                                (a JSON array's closing bracket)
     x-fake-lie-encoding: E      claim content-encoding E while sending the body as it is
     x-fake-body: TEXT           this body (200, application/json) instead of a fixture
     x-fake-big: N               an N-byte Messages reply (its usage at the very end)
@@ -18,9 +22,19 @@ Any request may steer the reply with headers:
 Without them these paths get their fixture: POST /v1/responses, /v1/messages/count_tokens,
 Gemini's :generateContent, :streamGenerateContent (alt=sse or the JSON array) and :countTokens
 (Vertex AI's own on its hosts), Claude on Vertex AI (:rawPredict, :streamRawPredict, count-tokens),
-and the OpenAI-compatible chat completions of Gemini, Anthropic, Groq, OpenRouter and DeepSeek, each
-in its dialect. Those that send usage only when asked (USAGE_IF_ASKED) leave it out unless the
-request set stream_options.include_usage, as the real ones do.
+the OpenAI-compatible chat completions of Gemini, Anthropic, Groq, OpenRouter and DeepSeek, each
+in its dialect, and Azure OpenAI's /openai/deployments/{d}/chat/completions and
+/openai/v1/chat/completions (azure_chat_stream.sse or azure_chat.json, with Azure's headers) and
+/openai/responses, /openai/v1/responses (the Responses fixtures). Those that send usage only when
+asked (USAGE_IF_ASKED) leave it out unless the request set stream_options.include_usage, as the
+real ones do. Bedrock's /model/{modelId}/invoke, invoke-with-response-stream, converse,
+converse-stream and count-tokens get theirs too (tests/fake_bedrock.py; a SigV4 signature that
+does not verify gets AWS's 403).
+Background responses: `POST /v1/responses` with `background: true` answers `queued` (a new id);
+`GET /v1/responses/{that id}` answers `in_progress` at the first poll, `completed` with usage
+after; with `?stream=true` (and `starting_after=N`) the completed response's events after N.
+Message batches: `GET /v1/messages/batches/{id}` has ended, and its `results_url` serves the
+batch results fixture (JSON lines, `application/binary`) as often as it is asked.
 The Responses WebSocket (GET /v1/responses, upgraded) answers each `response.create` with the
 fixture's events, one text message each. Error fixtures come with their rate-limit headers.
 """
@@ -31,12 +45,14 @@ import asyncio
 import functools
 import json
 import re
+import uuid
 import zlib
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import brotli
+import fake_bedrock
 import streams
 from llmtap.parsers.encoding import zstd
 
@@ -55,6 +71,9 @@ RATE_LIMIT_HEADERS: dict[str, Headers] = {
     "generativelanguage.googleapis.com": [(b"retry-after", b"30")],
 }
 _GEMINI = re.compile(r"/models/[^/:]+:(generateContent|streamGenerateContent|countTokens)$")
+_RESPONSE = re.compile(r"^/v1/responses/(resp_[^/]+)$")
+_BATCH = re.compile(r"^/v1/messages/batches/([^/]+)(/results)?$")
+BACKGROUND: dict[str, int] = {}  # background response id -> polls answered (the fake's state)
 _VERTEX_CLAUDE = re.compile(r"/publishers/anthropic/models/([^/:]+):(rawPredict|streamRawPredict)$")
 # (host or None for any, path suffix) -> (streamed fixture, whole fixture or None)
 COMPAT_CHAT: dict[tuple[str | None, str], tuple[str, str | None]] = {
@@ -67,7 +86,11 @@ COMPAT_CHAT: dict[tuple[str | None, str], tuple[str, str | None]] = {
     ("api.mistral.ai", "/v1/chat/completions"): ("mistral_chat_stream.sse", None),
 }
 USAGE_IF_ASKED = ("gemini_compat_chat_stream.sse", "anthropic_compat_chat_stream.sse",
-                  "groq_chat_stream.sse")
+                  "groq_chat_stream.sse", "azure_chat_stream.sse")
+_AZURE_CHAT = re.compile(r"^/openai/(deployments/[^/]+|v1)/chat/completions$")
+AZURE_HEADERS: Headers = [(b"apim-request-id", b"6f1d3f2e-1a2b-4c3d-9e8f-0a1b2c3d4e5f"),
+                          (b"x-ms-region", b"Sweden Central"), (b"x-ratelimit-remaining-requests", b"249"),
+                          (b"x-ratelimit-remaining-tokens", b"249000")]
 
 
 @dataclass
@@ -116,8 +139,10 @@ class Encoder:
         return self._zstd.flush(zstd.ZstdCompressor.FLUSH_FRAME)
 
 
-def wire_pieces(reply: Reply, encoding: str | None) -> list[bytes]:
-    pieces = list(chunks_of(reply.body)) if reply.streamed else [reply.body]
+def wire_pieces(reply: Reply, encoding: str | None, tail: int = 0) -> list[bytes]:
+    body, late = (reply.body[:-tail], reply.body[-tail:]) if tail else (reply.body, b"")
+    pieces = list(chunks_of(body)) if reply.streamed else [body]
+    pieces += [late] if late else []
     if not encoding:
         return pieces
     encoder = Encoder(encoding)
@@ -130,8 +155,11 @@ def fixture_reply(name: str, request: dict[str, Any], host: str) -> Reply:
     if name == "openai_chat_stream.sse" and not asked:
         name = "openai_chat_stream_stripped.sse"  # what OpenAI sends a client that did not ask
     fixture = streams.FIXTURES[name]
-    streamed = fixture.content_type == streams.SSE or name == "gemini_stream.json"
+    streamed = fixture.content_type in (streams.SSE, streams.EVENTSTREAM) or name == "gemini_stream.json"
     headers = RATE_LIMIT_HEADERS.get(host, []) if fixture.status in (429, 529) else []
+    if name.startswith("bedrock_"):
+        headers = fake_bedrock.reply_headers(name)
+    headers = [*headers, *AZURE_HEADERS] if name.startswith("azure_") else headers
     body = fixture.body if asked or name not in USAGE_IF_ASKED else without_usage(fixture.body)
     return Reply(fixture.status, fixture.content_type, body, streamed, list(headers))
 
@@ -162,10 +190,14 @@ def default_fixture(method: str, path: str, query: str, request: dict[str, Any],
     streamed = bool(request.get("stream"))
     if method == "POST" and (found := vertex_fixture(host, path, query)):
         return found
+    if method == "POST" and (found := fake_bedrock.default_fixture(path)):
+        return found
+    if method == "POST" and host.endswith(".azure.com") and _AZURE_CHAT.match(path):  # Groq has /openai/v1/
+        return "azure_chat_stream.sse" if streamed else "azure_chat.json"
     for (want_host, suffix), (stream_name, whole_name) in COMPAT_CHAT.items():
         if method == "POST" and path.endswith(suffix) and want_host in (None, host):
             return stream_name if streamed else whole_name
-    if method == "POST" and path == "/v1/responses":
+    if method == "POST" and path in ("/v1/responses", "/openai/responses", "/openai/v1/responses"):
         return "openai_responses_stream.sse" if streamed else "openai_responses.json"
     if method == "POST" and path == "/v1/messages/count_tokens":
         return "anthropic_count_tokens.json"
@@ -175,6 +207,56 @@ def default_fixture(method: str, path: str, query: str, request: dict[str, Any],
             return "gemini_stream.sse" if "alt=sse" in query else "gemini_stream.json"
         return "gemini_count_tokens.json" if kind == "countTokens" else "gemini_generate.json"
     return None
+
+
+def stored_response(response_id: str, status: str) -> dict[str, Any]:
+    """The Responses object as a background response is at `status` (usage once completed)."""
+    response = json.loads(streams.load("openai_responses.json"))
+    response.update(id=response_id, status=status, background=True)
+    if status != "completed":
+        response.update(output=[], usage=None)
+    return response
+
+
+def resumed_stream(response_id: str, query: str) -> bytes:
+    """The stream of a background response from `starting_after` on (OpenAI's stream resume)."""
+    after = int(dict(p.split("=", 1) for p in query.split("&") if "=" in p).get("starting_after", -1))
+    fixture = streams.load("openai_responses_stream.sse").replace(
+        b"resp_67ccd2bed1ec8190b14f964abc0542670bb6a6b452d3795b", response_id.encode())
+    events = [e for e in fixture.split(b"\n\n") if e.strip()]
+    kept = [e for e in events if json.loads(e.split(b"data: ", 1)[1])["sequence_number"] > after]
+    return b"".join(e + b"\n\n" for e in kept)
+
+
+def background_reply(method: str, path: str, query: str, request: dict[str, Any]) -> Reply | None:
+    if method == "POST" and path == "/v1/responses" and request.get("background") is True:
+        response_id = "resp_bg" + uuid.uuid4().hex
+        BACKGROUND[response_id] = 0
+        return Reply(200, streams.JSON, json.dumps(stored_response(response_id, "queued")).encode(),
+                     False)
+    match = _RESPONSE.match(path)
+    if method != "GET" or match is None or match[1] not in BACKGROUND:
+        return None
+    BACKGROUND[match[1]] += 1
+    status = "in_progress" if BACKGROUND[match[1]] == 1 else "completed"
+    if "stream=true" in query and status == "completed":
+        return Reply(200, streams.SSE, resumed_stream(match[1], query), True)
+    return Reply(200, streams.JSON, json.dumps(stored_response(match[1], status)).encode(), False)
+
+
+def batch_reply(method: str, path: str) -> Reply | None:
+    match = _BATCH.match(path)
+    if method != "GET" or match is None:
+        return None
+    if match[2]:  # the results, JSON lines (as Anthropic serves them: application/binary)
+        fixture = streams.FIXTURES["anthropic_batch_results.jsonl"]
+        return Reply(200, fixture.content_type, fixture.body, False)
+    batch = json.loads(streams.load("anthropic_batch.json"))
+    batch.update(id=match[1], processing_status="ended", ended_at="2024-09-24T19:02:11.812Z",
+                 request_counts={"processing": 0, "succeeded": 2, "errored": 1, "canceled": 0,
+                                 "expired": 0},
+                 results_url=f"https://api.anthropic.com/v1/messages/batches/{match[1]}/results")
+    return Reply(200, streams.JSON, json.dumps(batch).encode(), False)
 
 
 def vertex_fixture(host: str, path: str, query: str) -> str | None:
@@ -231,8 +313,11 @@ def choose(scope: Scope, request: dict[str, Any], headers: dict[str, str]) -> Re
         reply = Reply(200, streams.JSON, bomb(int(headers["x-fake-bomb"])), False)
         reply.headers.append((b"content-encoding", b"gzip"))
         return reply
-    name = headers.get("x-fake-fixture") or default_fixture(
-        scope["method"], scope["path"], scope.get("query_string", b"").decode(), request, host)
+    method, path, query = scope["method"], scope["path"], scope.get("query_string", b"").decode()
+    if "x-fake-fixture" not in headers and (
+            made := background_reply(method, path, query, request) or batch_reply(method, path)):
+        return made
+    name = headers.get("x-fake-fixture") or default_fixture(method, path, query, request, host)
     return fixture_reply(name, request, host) if name else None
 
 
@@ -243,6 +328,10 @@ async def handle(scope: Scope, body: bytes, send: Send) -> bool:
         request = json.loads(body) if body else {}
     except ValueError:
         request = {}
+    if problem := fake_bedrock.signature_problem(scope, body):
+        await send_reply(send, Reply(403, streams.JSON, json.dumps({"message": problem}).encode(), False,
+                                     [(b"x-amzn-errortype", b"InvalidSignatureException")]), {})
+        return True
     reply = choose(scope, request if isinstance(request, dict) else {}, headers)
     if reply is None:
         return False
@@ -254,7 +343,8 @@ async def handle(scope: Scope, body: bytes, send: Send) -> bool:
 
 async def send_reply(send: Send, reply: Reply, headers: dict[str, str]) -> None:
     encoding = headers.get("x-fake-encoding")
-    pieces = wire_pieces(reply, encoding)
+    tail = int(headers.get("x-fake-tail-bytes", "0"))
+    pieces = wire_pieces(reply, encoding, tail)
     out: Headers = [(b"content-type", reply.content_type.encode()), *reply.headers]
     if encoding or "x-fake-lie-encoding" in headers:
         out.append((b"content-encoding", (encoding or headers["x-fake-lie-encoding"]).encode()))
@@ -266,7 +356,7 @@ async def send_reply(send: Send, reply: Reply, headers: dict[str, str]) -> None:
     sent = 0
     trailer_delay = int(headers.get("x-fake-trailer-delay-ms", "0")) / 1000
     for n, piece in enumerate(pieces):
-        if trailer_delay and encoding and n == len(pieces) - 1:  # the encoding's end, late
+        if trailer_delay and (encoding or tail) and n == len(pieces) - 1:  # the end, late
             await asyncio.sleep(trailer_delay)
         for part in (piece[i : i + BIG_PIECE] for i in range(0, len(piece), BIG_PIECE)):
             if abort is not None and sent + len(part) > abort:
@@ -276,15 +366,28 @@ async def send_reply(send: Send, reply: Reply, headers: dict[str, str]) -> None:
             sent += len(part)
         if pause:
             await asyncio.sleep(pause)
+    if trailer_delay and not (encoding or tail):  # the last chunk / END_STREAM, late
+        await asyncio.sleep(trailer_delay)
     await send({"type": "http.response.body", "body": b""})
 
 
 async def websocket(scope: Scope, receive: Receive, send: Send,
                     log: Callable[[Scope, bytes], None]) -> None:
-    """The Responses WebSocket: every response.create gets the fixture's server events."""
+    """The Responses WebSocket: every response.create gets the fixture's server events. An upgrade
+    with `x-fake-reject: STATUS` is refused with that status and OpenAI's error body instead."""
     log({**scope, "method": "WEBSOCKET"}, b"")
+    reject = dict(scope["headers"]).get(b"x-fake-reject")
     while True:
         message = await receive()
+        if message["type"] == "websocket.connect" and reject:
+            body = json.dumps({"error": {"message": "Incorrect API key provided.", "code":
+                                         "invalid_api_key", "type": "invalid_request_error",
+                                         "param": None}}).encode()
+            await send({"type": "websocket.http.response.start", "status": int(reject),
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "websocket.http.response.body", "body": body})
+            return
         if message["type"] == "websocket.connect":
             await send({"type": "websocket.accept"})
         elif message["type"] == "websocket.disconnect":

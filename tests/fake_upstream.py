@@ -189,7 +189,7 @@ async def echo_headers(scope: Scope, send: Send) -> None:
     """Credentials tests: an upstream that echoes the request's headers (keys included) back, in
     response headers and in the body, streamed in awkward chunks with `?stream=1&pause=S`."""
     headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
-    echo = [(f"x-echo-{n}".encode(), headers[n].encode()) for n in ("x-api-key", "authorization")
+    echo = [(f"x-echo-{n}".encode(), headers[n].encode()) for n in ("x-api-key", "authorization", "api-key")
             if n in headers]
     body = json.dumps({"headers": headers}).encode()
     query = dict(p.split("=", 1) for p in scope.get("query_string", b"").decode().split("&") if "=" in p)

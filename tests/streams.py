@@ -14,6 +14,7 @@ DIR = Path(__file__).parent / "fixtures" / "streams"
 
 SSE = "text/event-stream"
 JSON = "application/json"
+EVENTSTREAM = "application/vnd.amazon.eventstream"  # AWS's binary framing (Bedrock streams)
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,12 @@ _COMPAT = {
     "mistral": ("api.mistral.ai", "/v1/chat/completions"),
 }
 VERTEX_HOST = "us-central1-aiplatform.googleapis.com"
+_AZURE = "myres.openai.azure.com"
+_AZURE_CHAT = "/openai/deployments/gpt4o-prod/chat/completions?api-version=2024-10-21"
 VERTEX_MODELS = "/v1beta1/projects/llmtap-test/locations/us-central1/publishers/google/models"
+BEDROCK = "bedrock-runtime.us-east-1.amazonaws.com"
+BEDROCK_SONNET = "/model/us.anthropic.claude-sonnet-4-5-20250929-v1:0"
+BEDROCK_HAIKU = "/model/us.anthropic.claude-haiku-4-5-20251001-v1:0"
 
 FIXTURES: dict[str, Fixture] = {
     f.name: f
@@ -93,11 +99,32 @@ FIXTURES: dict[str, Fixture] = {
                 VERTEX_MODELS + "/gemini-2.5-flash:streamGenerateContent?alt=sse", content_type=SSE),
         Fixture("vertex_gemini_generate.json", VERTEX_HOST,
                 VERTEX_MODELS + "/gemini-2.5-flash:generateContent"),
+        Fixture("bedrock_invoke.json", BEDROCK, BEDROCK_HAIKU + "/invoke"),
+        Fixture("bedrock_invoke_stream.eventstream", BEDROCK,
+                BEDROCK_SONNET + "/invoke-with-response-stream", content_type=EVENTSTREAM),
+        Fixture("bedrock_invoke_stream_llama.eventstream", BEDROCK,
+                "/model/meta.llama3-3-70b-instruct-v1%3A0/invoke-with-response-stream",
+                content_type=EVENTSTREAM),
+        Fixture("bedrock_converse.json", BEDROCK, BEDROCK_HAIKU + "/converse"),
+        Fixture("bedrock_converse_stream.eventstream", BEDROCK, BEDROCK_SONNET + "/converse-stream",
+                content_type=EVENTSTREAM),
+        Fixture("bedrock_converse_stream_throttled.eventstream", BEDROCK,
+                BEDROCK_SONNET + "/converse-stream", content_type=EVENTSTREAM),
+        Fixture("bedrock_error_429.json", BEDROCK, BEDROCK_SONNET + "/converse", status=429),
+        Fixture("bedrock_count_tokens.json", BEDROCK, BEDROCK_SONNET + "/count-tokens"),
+        # Azure OpenAI (api-version 2024-10-21): a first chunk with empty choices and the
+        # prompt_filter_results, content_filter_results on every choice, sorted keys; _stripped
+        # is what a client gets once llmtap removed the usage chunk it asked for
+        Fixture("azure_chat_stream.sse", _AZURE, _AZURE_CHAT, content_type=SSE),
+        Fixture("azure_chat_stream_stripped.sse", _AZURE, _AZURE_CHAT, content_type=SSE),
+        Fixture("azure_chat.json", _AZURE, _AZURE_CHAT),
+        Fixture("azure_error_content_filter.json", _AZURE, _AZURE_CHAT, status=400),
     )
 }
 
 # Whole-stream fixtures whose re-chunking must not change the parse (the property tests).
-STREAMED = (*(n for n, f in FIXTURES.items() if f.content_type == SSE), "gemini_stream.json")
+STREAMED = (*(n for n, f in FIXTURES.items() if f.content_type in (SSE, EVENTSTREAM)),
+            "gemini_stream.json")
 
 
 def load(name: str) -> bytes:

@@ -29,6 +29,9 @@ SUBDOMAIN = "eu.api.anthropic.com"  # covered: inside the permitted subtree
 OTHER = "www.example.com"
 WITH_IP = "api.openai.com"  # a target, but its leaf also names an IP address (excluded subtree)
 NODE = shutil.which("node")
+WILDCARD = "*.openai.azure.com"  # a target: the CA permits the subtree openai.azure.com
+UNDER_WILDCARD = "myres.openai.azure.com"
+LOOKALIKE = "myres.openai.azure.com.evil.example"
 
 
 def issue(ca_key_pem: bytes, ca_cert_pem: bytes, names: list[x509.GeneralName]) -> tuple[bytes, bytes]:
@@ -98,13 +101,15 @@ class SniServer:
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory) -> Iterator[tuple[SniServer, Path]]:
     directory = tmp_path_factory.mktemp("nc-ca")
-    ca_key, ca_cert = create_ca((TARGET, WITH_IP))
+    ca_key, ca_cert = create_ca((TARGET, WITH_IP, WILDCARD))
     ca_file = directory / "ca.pem"
     ca_file.write_bytes(ca_cert)
     names: dict[str, list[x509.GeneralName]] = {
         TARGET: [x509.DNSName(TARGET)],
         SUBDOMAIN: [x509.DNSName(SUBDOMAIN)],
         OTHER: [x509.DNSName(OTHER)],
+        UNDER_WILDCARD: [x509.DNSName(UNDER_WILDCARD)],
+        LOOKALIKE: [x509.DNSName(LOOKALIKE)],
         WITH_IP: [x509.DNSName(WITH_IP), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
     }
     leaves = {}
@@ -195,3 +200,14 @@ def test_node_accepts_targets_and_rejects_other_names(bed):
     assert other["ok"] is False and other["message"] == "permitted subtree violation", other
     with_ip = node_handshake(bed, WITH_IP)
     assert with_ip["ok"] is False and with_ip["message"] == "excluded subtree violation", with_ip
+
+
+def test_every_runtime_accepts_a_name_under_a_wildcard_target_and_no_look_alike(bed):
+    assert python_handshake(bed, UNDER_WILDCARD) == "ok"
+    assert python_handshake(bed, LOOKALIKE) == "permitted subtree violation"
+    if shutil.which("curl"):
+        assert curl(bed, UNDER_WILDCARD).returncode == 0
+        assert "permitted subtree violation" in curl(bed, LOOKALIKE).stderr
+    if NODE:
+        assert node_handshake(bed, UNDER_WILDCARD) == {"ok": True}
+        assert node_handshake(bed, LOOKALIKE)["message"] == "permitted subtree violation"

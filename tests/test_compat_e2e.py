@@ -83,6 +83,8 @@ def text_of(chunks: list[dict[str, Any]]) -> str:
 def assert_clean(record: dict[str, Any], provider: str, api: str, model: str, streamed: bool) -> None:
     found = (record["provider"], record["api"], record["model"], record["stream"], record["error"])
     assert found == (provider, api, model, streamed, None)
+    if api != "messages.count_tokens":  # priced at the host's provider's rates
+        assert record["cost_usd"] and record["price"]["row"].startswith(f"{provider}/"), record["price"]
 
 
 def test_gemini_openai_compat_streamed_and_not(testbed, tap):

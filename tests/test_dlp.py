@@ -265,6 +265,12 @@ def test_block_responses_are_provider_shaped(provider: str, path: tuple[str, str
         assert body["error"]["code"] == 403
 
 
+def test_block_responses_to_bedrock_are_aws_shaped() -> None:
+    response = refusal("bedrock", 403, "no", "llmtap_dlp_blocked", "dlp")
+    assert json.loads(response.content or b"") == {"message": "no"}
+    assert response.headers["x-amzn-errortype"] == "AccessDeniedException"
+
+
 # --- the addons alone ---
 
 
@@ -307,6 +313,23 @@ def test_filters_then_dlp_on_one_flow(tmp_path: Path) -> None:
                                    "location": "body messages[0].content", "count": 1}]
     assert "AKIA" not in json.dumps(record)
     assert int(flow.request.headers["content-length"]) == len(flow.request.content or b"")
+
+
+def test_a_sigv4_signed_body_that_must_change_is_blocked_not_sent_with_a_broken_signature(
+        tmp_path: Path) -> None:
+    scan = Dlp()
+    with taddons.context(scan) as tctx:
+        tctx.configure(scan, llmtap_config_file=config_file(tmp_path))
+        flow = make_flow({"messages": [{"role": "user", "content": [{"text": "AKIAIOSFODNN7EXAMPLE"}]}]},
+                         "bedrock-runtime.us-east-1.amazonaws.com", "/model/m/converse")
+        flow.request.headers["authorization"] = "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20251202/..."
+        sent = flow.request.content
+        scan.request(flow)
+    assert flow.request.content == sent  # never changed under the client's signature
+    assert flow.response is not None and flow.response.status_code == 403
+    assert flow.response.headers["x-amzn-errortype"] == "AccessDeniedException"
+    assert "signed it (AWS SigV4)" in json.loads(flow.response.content or b"")["message"]
+    assert fields(flow)["dlp_hits"][0]["detector"] == "aws_access_key"
 
 
 def test_compressed_bodies_are_read_and_written_back_compressed(tmp_path: Path) -> None:

@@ -97,7 +97,16 @@ def test_count_tokens() -> None:
 
 def test_truncated_streams() -> None:
     raw = load(ARRAY)
-    assert run(ARRAY, [raw[:-3]])["error"] == "llmtap: JSON stream ended before its closing bracket"
+    cut = "llmtap: JSON stream ended before its closing bracket"
+    assert run(ARRAY, [raw[:-3]])["error"] == cut
+    comma = raw.index(b"\n,") + 2  # the first element and its comma: another was to come
+    assert run(ARRAY, [raw[:comma]])["error"] == cut
+    # Only the closing bracket missing, after the final element (a client that hung up once it
+    # had it): complete, with a note.
+    whole = run(ARRAY, [raw[:-1]])
+    assert whole["error"] is None and whole["usage"] == EXPECTED_USAGE
+    # One whole element, but not the final one (no finishReason): still cut short.
+    assert run(ARRAY, [raw[:comma - 2]])["error"] == cut
     first_event = load(SSE).split(b"\r\n\r\n")[0] + b"\r\n\r\n"
     assert run(SSE, [first_event])["error"] == "llmtap: stream ended before a finishReason"
 

@@ -447,7 +447,7 @@ def test_bare_mitmproxy_has_no_pipeline(tmp_path: Path):
     names = asyncio.run(build())
     assert "Protocols" not in names and "Pricing" not in names
     names = [type(a).__name__ for a in pipeline()]
-    assert names.index("Pricing") == names.index("Protocols") + 1
+    assert names.index("Pricing") == names.index("Counting") + 1 == names.index("Protocols") + 2
 
 
 def test_client_hanging_up_after_the_last_event_is_no_error():

@@ -356,7 +356,8 @@ def test_errors_rate_limits_and_unknown_paths(testbed, tap):
     assert stream["usage"]["input_tokens"] == 25  # billed up to the error
     [unknown] = records(tap, "er-unknown", 1)
     assert (unknown["provider"], unknown["api"], unknown["status"]) == ("openai", "unknown", 200)
-    assert unknown["cost_usd"] is None and unknown["error"] is None
+    assert unknown["error"] is None
+    assert (unknown["counted"], unknown["cost_usd"]) == (False, 0.0)  # a files listing: no call
     assert json.loads(body_of(out["unknown"]))["path"] == "/v1/files"  # relayed
 
 

@@ -15,14 +15,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import streams
 from llmtap import cli
 from llmtap.addons.recorder import SYSTEM_PROMPT, Recorder, fields
 from llmtap.cli_history import parse_since
 from llmtap.config import ExportConfig, RecordsConfig
 from llmtap.records import otlp, rotation, store
-from llmtap.records.capture import BodyCapture, mask_path, tee_stream
+from llmtap.records.capture import (
+    Body,
+    BodyCapture,
+    Exchange,
+    mask_path,
+    mask_secrets,
+    masked_headers,
+    tee_stream,
+)
 from llmtap.records.index import Index, index_path
-from llmtap.records.markdown import sse_text
+from llmtap.records.markdown import render, sse_text
 from llmtap.records.writer import RecordWriter, WriterSettings
 from mitmproxy.test import taddons, tflow
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -136,6 +145,40 @@ def test_credential_query_parameters_are_masked():
     assert mask_path("/v1beta/models/g:generateContent?key=AIzaSECRET&alt=sse") == \
         "/v1beta/models/g:generateContent?key=••••&alt=sse"
     assert mask_path("/v1/messages?beta=true") == "/v1/messages?beta=true"
+    presigned = ("/model/m/invoke?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAIOSFODNN7EXAMPLE"
+                 "%2F20251202%2Fus-east-1%2Fbedrock%2Faws4_request&X-Amz-Date=20251202T081500Z"
+                 "&X-Amz-Security-Token=IQoJb3JpZ2luX2VjEJr&X-Amz-Signature=5d672d79c15b13162d9279b0855cfba6")
+    assert mask_path(presigned) == ("/model/m/invoke?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=••••"
+                                    "&X-Amz-Date=20251202T081500Z&X-Amz-Security-Token=••••"
+                                    "&X-Amz-Signature=••••")
+
+
+def test_aws_credentials_are_masked_in_headers_and_text():
+    sigv4 = ("AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20251202/us-east-1/bedrock/aws4_request, "
+             "SignedHeaders=host;x-amz-date, Signature=5d672d79c15b13162d9279b0855cfba6")
+    assert masked_headers([("Authorization", sigv4), ("X-Amz-Security-Token", "IQoJb3JpZ2luX2VjEJr"),
+                           ("X-Amz-Date", "20251202T081500Z")]) == [
+        ("Authorization", "AWS4-HMAC-SHA256 ••••"), ("X-Amz-Security-Token", "••••"),
+        ("X-Amz-Date", "20251202T081500Z")]
+    key = "ABSKQmVkcm9ja0FQSUtleS1hYmNkLWF0LTEyMzQ1Njc4OTAxMjpGYWtlU2VjcmV0"
+    short = "bedrock-api-key-YmVkcm9jay5hbWF6b25hd3MuY29tLz9BY3Rpb249Q2FsbFdpdGhCZWFyZXJUb2tlbg%3D%3D"
+    masked = mask_secrets(f"key {key} and {short}")
+    assert key not in masked and short not in masked and masked.startswith("key ABS")
+
+
+def test_an_aws_event_stream_twin_shows_its_messages_and_text():
+    def twin(body: bytes) -> str:
+        return render({"id": "r1"}, Exchange([], [], Body(b"", 0),
+                                             Body(body, len(body), None, streams.EVENTSTREAM)))
+
+    raw = streams.load("bedrock_invoke_stream.eventstream")
+    whole = twin(raw)
+    assert "Je vérifie la météo à Paris. Un instant… ☀️" in whole  # from the decoded chunks
+    assert 'chunk: {"type":"message_stop","amazon-bedrock-invocationMetrics"' in whole
+    first = int.from_bytes(raw[:4], "big")  # the first message's length
+    for broken in (raw[:-10], raw[:first] + b"\xff" * 40):  # cut inside a message; a corrupt one
+        md = twin(broken)
+        assert '"type":"message_start"' in md and "message_stop" not in md and "\x00" not in md
 
 
 def test_sse_text_for_each_provider():

@@ -177,11 +177,14 @@ def test_placeholders_are_shaped_like_real_keys_and_unguessable():
         ("api.x.ai",): r"xai-[A-Za-z0-9]{80}",
         ("openrouter.ai",): r"sk-or-v1-[0-9a-f]{64}",
         ("llm.example.com",): r"sk-[A-Za-z0-9]{48}",
+        ("bedrock-runtime.eu-west-3.amazonaws.com",): r"ABSK[A-Za-z0-9]{128}",
     }
     for hosts, shape in shapes.items():
         made = {store.make_placeholder(hosts, None) for _ in range(50)}
         assert len(made) == 50 and all(re.fullmatch(shape, p) for p in made)
     assert store.make_placeholder(("gw.example.com",), "sk-ant-api03-x").startswith("sk-ant-api03-")
+    assert store.make_placeholder(("gw.example.com",), "ABSKQmVkcm9jaw").startswith("ABSK")
+    assert store.env_vars("bedrock-runtime.us-east-1.amazonaws.com") == ("AWS_BEARER_TOKEN_BEDROCK",)
 
 
 class MemoryKeyring(keyring.backend.KeyringBackend):

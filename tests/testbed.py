@@ -29,8 +29,11 @@ PREFIX = "lt"  # every namespace this suite makes starts with it (stale ones are
 TARGET_HOSTS = ("api.anthropic.com", "api.openai.com", "generativelanguage.googleapis.com")
 # More provider hosts the fake upstream answers for (in the client's hosts file and the upstream's
 # certificate) but that are not in the daemon's targets unless a test adds them (`extra_hosts`).
+BEDROCK_HOST = "bedrock-runtime.us-east-1.amazonaws.com"  # AWS Bedrock's regional runtime endpoint
 MORE_API_HOSTS = ("api.groq.com", "openrouter.ai", "api.deepseek.com", "api.mistral.ai",
-                  "us-central1-aiplatform.googleapis.com", "aiplatform.googleapis.com")
+                  "us-central1-aiplatform.googleapis.com", "aiplatform.googleapis.com", BEDROCK_HOST)
+# Azure OpenAI resources, served under a certificate for `*.openai.azure.com` as Azure's own are.
+AZURE_HOSTS = ("myres.openai.azure.com", "other.openai.azure.com")
 # Not targets. OTHER_HOST has an address of its own; SHARED_HOST shares the targets' address, so
 # in scope "targets" its connections reach the proxy and must be passed through by SNI.
 OTHER_HOST = "files.example.net"
@@ -142,7 +145,7 @@ class Testbed:
         etc = Path("/etc/netns") / self.client_ns
         etc.mkdir(parents=True, exist_ok=True)
         lines = ["127.0.0.1 localhost", "::1 localhost"]
-        for host in (*TARGET_HOSTS, *MORE_API_HOSTS, SHARED_HOST):
+        for host in (*TARGET_HOSTS, *MORE_API_HOSTS, *AZURE_HOSTS, SHARED_HOST):
             lines += [f"{self.upstream_v4} {host}", f"{self.upstream_v6} {host}"]
         lines += [f"{self.other_v4} {OTHER_HOST}", f"{self.other_v6} {OTHER_HOST}"]
         (etc / "hosts").write_text("\n".join(lines) + "\n")
@@ -155,7 +158,8 @@ class Testbed:
 
     def start_upstream(self) -> None:
         ca = trustme.CA()
-        cert = ca.issue_cert(*TARGET_HOSTS, *MORE_API_HOSTS, OTHER_HOST, SHARED_HOST)
+        cert = ca.issue_cert(*TARGET_HOSTS, *MORE_API_HOSTS, OTHER_HOST, SHARED_HOST,
+                             "*.openai.azure.com")
         self.upstream_ca_pem = self.workdir / "upstream-ca.pem"
         ca.cert_pem.write_to_path(str(self.upstream_ca_pem))
         key_and_chain = self.workdir / "upstream-server.pem"

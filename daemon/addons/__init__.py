@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from llmtap.addons.attribution import Attribution
+from llmtap.addons.counting import Counting
 from llmtap.addons.credentials import Credentials
 from llmtap.addons.dlp import Dlp
 from llmtap.addons.filters import Filters
@@ -20,6 +21,7 @@ PIPELINE = (
     "filters",
     "dlp",
     "protocols",
+    "counting",  # which record is the billed call (a poll, a retrieval, an upgrade are not)
     "pricing",
     "recorder",
     "live",
@@ -32,6 +34,7 @@ STAGES: dict[str, type] = {
     "filters": Filters,
     "dlp": Dlp,
     "protocols": Protocols,
+    "counting": Counting,
     "pricing": Pricing,
     "recorder": Recorder,
     "live": Live,

@@ -1,9 +1,10 @@
 """Credential injection: the AI tools hold placeholders; the real key is added on the way out.
 
-A registered placeholder in `x-api-key`, `Authorization: Bearer`, `api-key`, `x-goog-api-key` or
-the `key=` query parameter is replaced by its real key, but only toward the hosts its secret is
-bound to; toward any other host the request is answered with a provider-shaped 403 instead. Real
-keys a client sends itself are flagged (something on the machine holds one), real keys an upstream
+A registered placeholder in `x-api-key`, `Authorization: Bearer`, `api-key` (Azure OpenAI),
+`x-goog-api-key` or the `key=` query parameter is replaced by its real key, but only toward the
+hosts its secret is bound to (names, or patterns such as `*.openai.azure.com`, llmtap.hostpatterns);
+toward any other host the request is answered with a provider-shaped 403 instead. Real keys a
+client sends itself are flagged (something on the machine holds one), real keys an upstream
 echoes back become placeholders again, and once a request has gone out its credentials are put
 back as the client sent them, so nothing that logs the flow later ever sees a real key.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -23,12 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote
 
+from llmtap import hostpatterns
 from llmtap import secrets_store as store
 from llmtap.addons.attribution import Attribution
 from llmtap.addons.echoes import EncodedEchoGuard, StreamScrubber, scrub, scrub_held
 from llmtap.addons.recorder import fields
 from llmtap.addons.replies import refusal
 from llmtap.errors import LlmtapError
+from llmtap.hostpatterns import HostSet
 from llmtap.masking import NO_MASK, SecretMask
 from llmtap.parsers.classify import host_provider, normalise_host
 from mitmproxy import ctx, exceptions, http
@@ -56,15 +60,21 @@ class Entry:
     problem: str = ""
     for_users: frozenset[str] = frozenset()  # when_absent: only for requests these users made
 
+    @functools.cached_property
+    def bound(self) -> HostSet:
+        """The hosts as patterns (a name, or `*.openai.azure.com`: one label under it)."""
+        return hostpatterns.host_set(tuple(sorted(self.hosts)))
+
     def allows(self, hosts: set[str]) -> bool:
-        return hosts <= self.hosts
+        """Every name the request goes to (Host and SNI) is one the secret is bound to."""
+        return all(self.bound.matches(h) for h in hosts)
 
 
 @dataclass(frozen=True)
 class Table:
     by_placeholder: dict[str, Entry] = field(default_factory=dict)
     by_value: dict[str, Entry] = field(default_factory=dict)  # current and retired keys
-    absent: dict[str, Entry] = field(default_factory=dict)  # host -> secret added when none sent
+    absent: tuple[Entry, ...] = ()  # secrets added when none is sent, first created first
     pairs: tuple[tuple[bytes, bytes], ...] = ()  # (real key, placeholder) for scrubbing
     mask: SecretMask = NO_MASK  # every held value, for whatever llmtap writes or shows
 
@@ -72,10 +82,8 @@ class Table:
     def build(cls, entries: list[Entry], retired: dict[str, Entry]) -> Table:
         current = {e.value: e for e in entries if e.value}
         by_value = {**retired, **current}
-        absent: dict[str, Entry] = {}
-        for entry in entries:  # never for anyone: a when_absent secret names its users
-            for host in entry.hosts if entry.when_absent and entry.value and entry.for_users else ():
-                absent.setdefault(host, entry)  # the first created wins
+        # never for anyone: a when_absent secret names its users
+        absent = tuple(e for e in entries if e.when_absent and e.value and e.for_users)
         return cls(
             by_placeholder={e.placeholder: e for e in entries},
             by_value=by_value,
@@ -185,11 +193,18 @@ def add_credential(request: http.Request, header: str, value: str) -> None:
         request.headers[header] = value
 
 
+def wire_name(name: str) -> str:
+    """A Host or server name as checked: one not in ASCII, or with spaces, stays as it is and
+    matches no binding (lower() would turn the Kelvin sign into a "k"; real names travel as
+    IDNA xn-- labels)."""
+    return normalise_host(name) if name.isascii() and name == name.strip() else name
+
+
 def destinations(flow: http.HTTPFlow) -> set[str]:
     """Where the request really goes: its Host/authority and the TLS server name, both checked."""
-    hosts = {normalise_host(flow.request.pretty_host)}
+    hosts = {wire_name(flow.request.pretty_host)}
     if flow.client_conn.sni:
-        hosts.add(normalise_host(flow.client_conn.sni))
+        hosts.add(wire_name(flow.client_conn.sni))
     return hosts
 
 
@@ -209,7 +224,7 @@ def verified_tls_name(flow: http.HTTPFlow) -> str | None:
         name = server.sni or flow.client_conn.sni
     else:
         name = request.host
-    return normalise_host(name) if name else None
+    return wire_name(name) if name else None
 
 
 # --- last-used times ---
@@ -431,7 +446,7 @@ class Credentials:
         if flow.request.port not in self.key_ports:
             return "port"
         name = verified_tls_name(flow)
-        if name is None or name not in entry.hosts:
+        if name is None or not entry.bound.matches(name):
             return "unverified"
         if entry.value is None:
             return "unresolved"
@@ -439,7 +454,7 @@ class Credentials:
 
     def _absent(self, flow: http.HTTPFlow, hosts: set[str]) -> Entry | None:
         """The secret to add to a request that carries no credential, if one is set up for it."""
-        entry = next((self.table.absent[h] for h in hosts if h in self.table.absent), None)
+        entry = next((e for e in self.table.absent if any(e.bound.matches(h) for h in hosts)), None)
         return entry if entry and self._refusal(flow, entry, hosts) is None else None
 
     def _inject(self, flow: http.HTTPFlow, inject: dict[str, Entry], absent: Entry | None) -> None:
@@ -461,7 +476,7 @@ class Credentials:
 
     def _block(self, flow: http.HTTPFlow, entry: Entry, hosts: set[str], why: str) -> None:
         host = normalise_host(flow.request.pretty_host)
-        wrong = ", ".join(sorted(hosts - entry.hosts)) or host  # the name that is not bound
+        wrong = ", ".join(sorted(h for h in hosts if not entry.bound.matches(h))) or host
         allowed = ", ".join(sorted(entry.hosts))
         message = {
             "unbound": f"llmtap blocked this request: the placeholder of secret {entry.name!r} may "

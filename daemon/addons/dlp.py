@@ -52,6 +52,13 @@ class HeldKeys(Protocol):
     def key_bearing(self, flow: http.HTTPFlow) -> None: ...
 
 
+def signed_body(request: http.Request) -> bool:
+    """Whether the client signed the body (AWS SigV4, in its header or a presigned URL): a body
+    llmtap changed (redacted, rewritten by a rule) could only fail the signature upstream."""
+    auth = request.headers.get("authorization", "")
+    return auth.startswith("AWS4-HMAC-SHA256 ") or "x-amz-signature=" in request.path.lower()
+
+
 def summarize(findings: Iterable[Finding], where: Callable[[Finding], str]) -> list[dict[str, Any]]:
     counts = Counter((f.detector, f.action, where(f)) for f in findings)
     return [{"detector": d, "action": a, "location": loc, "count": n}
@@ -125,7 +132,11 @@ class Dlp:
                     kept = self._scan(flow, body)
         finally:  # the rules' changes and ours, written once
             if isinstance(body, Body) and body.changed:
-                request.content = body.serialize()
+                if signed_body(request) and flow.response is None:
+                    self._block(flow, ["a secret to redact, or a rule's change"], "its body must "
+                                "change, but the client signed it (AWS SigV4) and would fail")
+                else:
+                    request.content = body.serialize()
                 body.changed = False
         if kept and isinstance(body, Body):
             strings = body.strings(self.protected)
@@ -182,11 +193,10 @@ class Dlp:
             return None
         return load_body(flow)
 
-    def _block(self, flow: http.HTTPFlow, what: list[str]) -> None:
+    def _block(self, flow: http.HTTPFlow, what: list[str], why: str = "it contains a secret") -> None:
         request = flow.request
         provider, _ = classify(request.pretty_host, request.method, request.path)
-        message = (f"llmtap blocked this request: it contains a secret ({'; '.join(what)}). "
-                   "Remove it and try again.")
+        message = f"llmtap blocked this request: {why} ({'; '.join(what)}). Remove it and try again."
         flow.response = refusal(provider, 403, message, "llmtap_dlp_blocked", "dlp")
         fields(flow)["error"] = message
 

@@ -1,16 +1,15 @@
 """Decides per connection whether it is a target: only SNI-matched targets are ever decrypted.
 
 Everything else is relayed as raw TCP (mitmproxy's `allow_hosts`, anchored here so that
-`api.openai.com.evil.example` or `xapi.openai.com` never match), and the client sees the real
-server's certificate.
+`api.openai.com.evil.example` or `xapi.openai.com` never match, and a wildcard target such as
+`*.openai.azure.com` matches one label only), and the client sees the real server's certificate.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
-from llmtap.config import HOSTNAME_RE
+from llmtap import hostpatterns
 from mitmproxy import ctx, exceptions
 
 NOTHING = r"^$"
@@ -18,7 +17,7 @@ NOTHING = r"^$"
 
 def allow_patterns(hosts: Sequence[str]) -> list[str]:
     """Anchored regexes for mitmproxy, which matches them against `host:port`."""
-    return [rf"^{re.escape(h)}:\d+$" for h in hosts]
+    return hostpatterns.HostSet.of(hosts).allow_regexes()
 
 
 class Scope:
@@ -30,10 +29,10 @@ class Scope:
     def configure(self, updated: set[str]) -> None:
         if "llmtap_targets" not in updated:
             return
-        hosts = [h.lower() for h in ctx.options.llmtap_targets]
-        for host in hosts:
-            if not HOSTNAME_RE.match(host):
-                raise exceptions.OptionsError(f"llmtap_targets: {host!r} is not a host name")
+        try:
+            hosts = [hostpatterns.check(h) for h in ctx.options.llmtap_targets]
+        except ValueError as exc:
+            raise exceptions.OptionsError(f"llmtap_targets: {exc}") from None
         # An empty allow list would mean "decrypt everything" to mitmproxy: with no targets,
         # allow a pattern no host:port can match, so everything is passed through.
         ctx.options.allow_hosts = allow_patterns(hosts) if hosts else [NOTHING]

@@ -83,7 +83,8 @@ def as_dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-_SECRETISH = re.compile(r"\b(sk-[\w*-]{6,}|AIza[\w-]{10,}|(?:Bearer|Basic)\s+\S+)", re.IGNORECASE)
+_SECRETISH = re.compile(r"\b(sk-[\w*-]{6,}|AIza[\w-]{10,}|ABSK[\w+/=]{20,}|bedrock-api-key-\S{20,}"
+                        r"|(?:Bearer|Basic)\s+\S+)", re.IGNORECASE)
 
 
 def scrub(text: str, limit: int = 500) -> str:
@@ -191,7 +192,7 @@ class ResponseParser:
     def _setup(self, content_encoding: str | None) -> None:
         try:
             self._decoder = BodyDecoder(content_encoding, self.limits.max_decoded_bytes)
-            self._framer = make_framer(self.framing(), self)
+            self._framer = self.new_framer()
         except Exception as exc:
             self._decoder = BodyDecoder(None, self.limits.max_decoded_bytes)
             self.fail(str(exc))
@@ -300,6 +301,10 @@ class ResponseParser:
         """Which framer reads the body: "sse", "array", "lines" or "body"."""
         return "sse" if self.content_type == "text/event-stream" else "body"
 
+    def new_framer(self) -> Framer:
+        """The framer for this reply; a protocol with a binary framing of its own overrides it."""
+        return make_framer(self.framing(), self)
+
     def on_event(self, event: Event) -> None:
         """An SSE event; by default its data is one JSON object (or OpenAI's [DONE])."""
         if event.data.strip() == "[DONE]":
@@ -347,10 +352,16 @@ class ResponseParser:
     def _check_complete(self) -> None:
         if self.error is not None or self.status >= 400:
             return  # an error reply has no end marker to wait for
-        reason = self._framer.incomplete() if self._framer else None
-        reason = reason or (self.incomplete() if self.streamed else None)
-        if reason:
-            raise ParseStop(reason)
+        framing = self._framer.incomplete() if self._framer else None
+        final = self.incomplete() if self.streamed else None
+        if framing and not final and self._framer and self._framer.only_end_missing():
+            # Every event came, its final one too: a client that hangs up once it has the last
+            # element never waits for the array's `]`.
+            self.notes.append(f"{framing}, after the stream's last element (the client hung up "
+                              "once it had it)")
+            framing = None
+        if framing or final:
+            raise ParseStop(framing or final)
 
     def on_body_fallback(self, raw: bytes, exc: Exception) -> None:
         """A whole body that is not JSON: an error page, or garbage."""
@@ -387,6 +398,10 @@ class Framer:
     def incomplete(self) -> str | None:
         return None
 
+    def only_end_missing(self) -> bool:
+        """Whether only the framing's own end is missing: every event that began has ended."""
+        return False
+
 
 class SSEFramer(Framer):
     def __init__(self, parser: ResponseParser) -> None:
@@ -416,6 +431,9 @@ class ArrayFramer(Framer):
         if self.decoder.complete:
             return None
         return "JSON stream ended before its closing bracket"
+
+    def only_end_missing(self) -> bool:
+        return self.decoder.only_end_missing
 
 
 class LinesFramer(Framer):

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import re
 
+from llmtap.parsers import azure
+
 PROVIDER_HOSTS: dict[str, str] = {
     "api.anthropic.com": "anthropic",
     "api.openai.com": "openai",
@@ -38,6 +40,12 @@ _VERTEX_HOST = re.compile(r"^([a-z0-9-]+-)?aiplatform(\.[a-z0-9-]+\.rep)?\.googl
 # (JSON) or `:streamRawPredict` (SSE); token counting is the pseudo-model `count-tokens`.
 _VERTEX_CLAUDE = r"/publishers/anthropic/models/[^/:]+:(raw|streamRaw)Predict"
 
+# AWS Bedrock runtime: bedrock-runtime.<region>.amazonaws.com (and its FIPS twin); the operation
+# is the path's last segment after /model/{modelId}/ (an id, a profile id or an URL-encoded ARN).
+_BEDROCK_HOST = re.compile(r"^bedrock-runtime(-fips)?\.[a-z0-9-]+\.amazonaws\.com(\.cn)?$")
+_BEDROCK_OPERATIONS = ("invoke", "invoke-with-response-stream", "converse", "converse-stream",
+                       "count-tokens")
+
 # (wire family, method or None for any, path pattern searched at the end of the path, api).
 # The family picks the parser and names the provider of a host that is not a known one.
 _ROUTE_SPECS: tuple[tuple[str | None, str | None, str, str], ...] = (
@@ -61,6 +69,7 @@ _ROUTE_SPECS: tuple[tuple[str | None, str | None, str, str], ...] = (
      "streamGenerateContent"),
     ("google", "POST", r"/models/[^/:]+:countTokens", "countTokens"),
     ("google", "POST", r"/models/[^/:]+:(batchEmbedContents|embedContent)", "embedContent"),
+    *(("bedrock", "POST", r"/model/[^/]+/" + op, op) for op in _BEDROCK_OPERATIONS),
     (None, "GET", r"/v1/models(/[^/]+)?", "models"),
     (None, "GET", r"/v1(beta|alpha)?/models(/[^/:]+)?", "models"),
 )
@@ -75,7 +84,8 @@ WIRE_SHAPES: dict[str, str] = {api: family for family, _, _, api in _ROUTE_SPECS
 
 
 def wire_shape(api: str) -> str | None:
-    """"anthropic", "openai" or "google": whose protocol `api` is; None for unknown and models."""
+    """"anthropic", "openai", "google" or "bedrock": whose protocol `api` is; None for unknown and
+    models."""
     return WIRE_SHAPES.get(api)
 
 
@@ -92,6 +102,10 @@ def host_provider(host: str) -> str | None:
         return PROVIDER_HOSTS[host]
     if _VERTEX_HOST.match(host):
         return "google"
+    if _BEDROCK_HOST.match(host):
+        return "bedrock"
+    if azure.is_azure_host(host):  # {resource}.openai.azure.com: OpenAI's routes under /openai/
+        return "azure"
     return None
 
 

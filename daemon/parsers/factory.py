@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 from llmtap.parsers.anthropic import AnthropicParser
 from llmtap.parsers.base import DEFAULT_LIMITS, Limits, ResponseParser, UnknownParser
+from llmtap.parsers.bedrock import ConverseParser, InvokeParser
 from llmtap.parsers.gemini import GeminiParser
 from llmtap.parsers.openai_chat import ChatCompletionsParser
 from llmtap.parsers.openai_responses import ResponsesParser
@@ -26,6 +27,11 @@ _PARSERS: dict[str, type[ResponseParser]] = {
     "streamGenerateContent": GeminiParser,
     "countTokens": GeminiParser,
     "embedContent": GeminiParser,
+    "invoke": InvokeParser,
+    "invoke-with-response-stream": InvokeParser,
+    "converse": ConverseParser,
+    "converse-stream": ConverseParser,
+    "count-tokens": ConverseParser,
 }
 
 

@@ -77,6 +77,19 @@ class ChatCompletionsParser(ResponseParser):
             if isinstance(choice, dict):
                 self._choice(choice)
         self._usage(obj)
+        self._content_filter(obj)
+
+    def _content_filter(self, obj: dict[str, Any]) -> None:
+        """Azure's filter verdicts (a first chunk with empty choices holds the prompt's): the
+        categories marked `filtered: true` go to `content_filter`."""
+        results = [as_dict(r).get("content_filter_results") for r in obj.get("prompt_filter_results") or []]
+        results += [as_dict(c).get("content_filter_results") for c in obj.get("choices") or []]
+        for result in results:
+            for category, verdict in as_dict(result).items():
+                if as_dict(verdict).get("filtered") is True:
+                    hits = self.extra.setdefault("content_filter", [])
+                    if category not in hits:
+                        hits.append(str(category))
 
     def _usage(self, obj: dict[str, Any]) -> None:
         # Groq streams its usage in `x_groq.usage` on the last chunk, asked for or not.

@@ -74,6 +74,8 @@ class ResponsesParser(ResponseParser):
             self.extra["response_id"] = str(response["id"])
         if response.get("service_tier"):
             self.extra["service_tier"] = str(response["service_tier"])
+        if response.get("status"):  # queued/in_progress: a background response not done yet
+            self.extra["response_status"] = str(response["status"])
         if isinstance(response.get("usage"), dict):
             self.usage = usage_from(response["usage"])
         if terminal:
@@ -123,6 +125,7 @@ def request_fields(body: dict[str, Any]) -> dict[str, Any]:
         "tools": tool_names(body.get("tools")),
         "reasoning_effort": as_dict(body.get("reasoning")).get("effort"),
         "previous_response_id": body.get("previous_response_id"),
+        "background": body.get("background") is True or None,
     }
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from llmtap import jsontext
-from llmtap.parsers import anthropic, gemini, openai_chat, openai_responses
+from llmtap.parsers import anthropic, azure, bedrock, gemini, openai_chat, openai_responses
 from llmtap.parsers.base import as_dict
 from llmtap.parsers.classify import classify, wire_shape
 from llmtap.parsers.encoding import decode_all
@@ -70,6 +70,8 @@ def _fields(api: str, body: dict[str, Any], path: str) -> dict[str, Any]:
         return openai_chat.request_fields(body)
     if shape == "google":
         return gemini.request_fields(body, path)
+    if shape == "bedrock":
+        return bedrock.request_fields(body, path)
     return {}
 
 
@@ -91,6 +93,11 @@ def parse_request(
         model = gemini.model_from_path(path)
         info.model = unquote(model) if model else None
         info.stream = api == "streamGenerateContent"
+    if wire_shape(api) == "bedrock":  # the model and the stream flag are in the path, not the body
+        info.model = bedrock.model_from_path(path)
+        info.stream = api in bedrock.STREAMS
+    if provider == "azure":
+        info.extra = azure.request_extra(path)
     if api == "unknown" or not body:
         return info
     if len(body) > MAX_REQUEST_BYTES:
@@ -106,6 +113,8 @@ def parse_request(
 
 def _fill(info: RequestInfo, fields: dict[str, Any]) -> None:
     model = fields.pop("model", None)
+    if info.extra.get("deployment"):  # Azure: the body's model is the deployment (the SDK's copy)
+        model = None  # the reply names the model
     info.model = str(model) if isinstance(model, str) and model else info.model
     info.stream = bool(fields.pop("stream", info.stream))
     info.temperature = _number(fields.pop("temperature", None))
@@ -114,7 +123,7 @@ def _fill(info: RequestInfo, fields: dict[str, Any]) -> None:
     info.system_text = system if isinstance(system, str) and system else None
     info.system_sha256 = sha256_text(info.system_text)
     info.tools = [str(name) for name in fields.pop("tools", []) or []]
-    info.extra = {k: v for k, v in fields.items() if v is not None}
+    info.extra = {**info.extra, **{k: v for k, v in fields.items() if v is not None}}
 
 
 def info_from_fields(provider: str, api: str, fields: dict[str, Any]) -> RequestInfo:

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmtap.parsers import azure
 from llmtap.parsers.request import RequestInfo
 from llmtap.parsers.sse import DEFAULT_MAX_EVENT_BYTES, next_line
 
@@ -45,6 +46,8 @@ def usage_rewrite(info: RequestInfo, body: bytes, content_encoding: str | None =
         return UsageRewrite(body)
     if info.provider in USAGE_ALWAYS_STREAMED:
         return UsageRewrite(body)
+    if info.provider == "azure" and not azure.stream_options_supported(info.extra.get("api_version")):
+        return UsageRewrite(body)  # an older api-version refuses stream_options with a 400
     if content_encoding and content_encoding.strip().lower() != "identity":
         return UsageRewrite(body)  # re-encoding a compressed request body is not worth it
     try:

@@ -194,6 +194,12 @@ class JSONStreamDecoder:
         """Whether the stream stopped before the array (or object) was closed."""
         return not self.complete and (self._base >= 0 or bool(self._buf.strip()))
 
+    @property
+    def only_end_missing(self) -> bool:
+        """Every element that began has ended: only the array's closing bracket did not come."""
+        return (not self.complete and self._base == 1 and self._depth == 1
+                and self._expect_comma and not self._in_string)
+
     def feed(self, chunk: bytes) -> list[Any]:
         self._buf += chunk
         values: list[Any] = []

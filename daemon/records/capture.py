@@ -17,10 +17,14 @@ from llmtap.masking import NO_MASK, SecretMask
 MASK = "••••"
 # Headers whose values are credentials or session state: never written anywhere.
 _SECRET_HEADER = re.compile(r"(auth|key|token|secret|cookie|session|password|credential)", re.I)
-_SECRET_QUERY = re.compile(r"^(key|api[-_]?key|access[-_]?token|token|secret|sig|signature)$", re.I)
-# Key-shaped strings in bodies and command lines (OpenAI/Anthropic/Google/GitHub/Slack, bearer).
+# SigV4 presigned URLs (AWS) carry the signature, the access key id and a session token.
+_SECRET_QUERY = re.compile(r"^(key|api[-_]?key|access[-_]?token|token|secret|sig|signature"
+                           r"|x-amz-(signature|credential|security-token))$", re.I)
+# Key-shaped strings in bodies and command lines (OpenAI/Anthropic/Google/GitHub/Slack, bearer,
+# Bedrock API keys: long-term ABSK..., short-term bedrock-api-key-...).
 SECRETISH = re.compile(
     r"\b(sk-[\w*-]{6,}|AIza[\w-]{10,}|gh[pousr]_\w{10,}|xox[abpr]-[\w-]{10,}"
+    r"|ABSK[\w+/=]{20,}|bedrock-api-key-[\w%+/=-]{20,}"
     r"|(?:Bearer|Basic)\s+[\w.~+/=-]{6,})",
     re.IGNORECASE,
 )

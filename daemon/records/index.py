@@ -29,14 +29,35 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("max_tokens", "INTEGER"), ("cost_usd", "REAL"), ("ttft_ms", "REAL"), ("duration_ms", "REAL"),
     ("process_pid", "INTEGER"), ("process_name", "TEXT"), ("process_tool", "TEXT"),
     ("process_user", "TEXT"), ("credential", "TEXT"), ("error", "TEXT"),
+    # 0: a retrieval, a poll, a WebSocket upgrade... (llmtap.addons.counting); NULL counts
+    ("counted", "INTEGER"), ("billed_id", "TEXT"), ("repeat_of", "TEXT"),
 )
 NAMES = tuple(name for name, _ in COLUMNS)
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS calls ({", ".join(f"{n} {t}" for n, t in COLUMNS)});
-CREATE INDEX IF NOT EXISTS calls_started ON calls(started_ts);
 """
+INDEXES = """
+CREATE INDEX IF NOT EXISTS calls_started ON calls(started_ts);
+CREATE INDEX IF NOT EXISTS calls_billed ON calls(billed_id) WHERE billed_id IS NOT NULL;
+"""
+COUNTED = "COALESCE(counted, 1) = 1"  # the calls that count (records from before `counted` do)
+INSERT = (f"INSERT OR REPLACE INTO calls ({', '.join(NAMES)}) "
+          f"VALUES ({', '.join('?' for _ in NAMES)})")
+UNPRICED = (f"{COUNTED} AND cost_usd IS NULL AND "
+            "(input_tokens IS NOT NULL OR output_tokens IS NOT NULL)")  # tokens, but no price
+UNPRICED_SUM = f"SUM(CASE WHEN {UNPRICED} THEN 1 ELSE 0 END) AS unpriced"
 STATS_KEYS = {"model": "model", "process": "COALESCE(process_tool, process_name)",
               "host": "host", "day": "day"}
+
+
+def ensure_schema(conn: sqlite3.Connection) -> None:
+    """The table as NAMES says: an index from an older llmtap gains the columns it lacks."""
+    conn.executescript(SCHEMA)
+    have = {row[1] for row in conn.execute("PRAGMA table_info(calls)")}
+    for name, kind in COLUMNS:
+        if name not in have:
+            conn.execute(f"ALTER TABLE calls ADD COLUMN {name} {kind}")
+    conn.executescript(INDEXES)
 
 
 def index_path(records_dir: Path) -> Path:
@@ -66,8 +87,9 @@ def row_of(record: dict[str, Any], location: str) -> tuple[Any, ...]:
         "day": started.date().isoformat() if started else None,
         **{k: record.get(k) for k in ("ended_at", "host", "method", "path", "status", "provider",
                                       "api", "model", "cost_usd", "ttft_ms", "duration_ms",
-                                      "credential", "error")},
+                                      "credential", "error", "billed_id", "repeat_of")},
         "stream": 1 if record.get("stream") else 0,
+        "counted": 0 if record.get("counted") is False else 1,
         **{k: _int(usage.get(k)) for k in USAGE_KEYS},
         "max_tokens": _int(request.get("max_tokens")),
         "process_pid": _int(process.get("pid")), "process_name": process.get("name"),
@@ -75,7 +97,7 @@ def row_of(record: dict[str, Any], location: str) -> tuple[Any, ...]:
     }
     for key in ("cost_usd", "ttft_ms", "duration_ms"):
         values[key] = _float(values[key])
-    for key in ("error", "credential", "model", "host", "path"):
+    for key in ("error", "credential", "model", "host", "path", "billed_id", "repeat_of"):
         if values[key] is not None and not isinstance(values[key], str):
             values[key] = str(values[key])
     values["status"] = _int(values["status"])
@@ -110,13 +132,12 @@ class Index:
         conn = sqlite3.connect(path, timeout=10, check_same_thread=False, isolation_level=None)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
-        conn.executescript(SCHEMA)
+        ensure_schema(conn)
         return cls(conn, "index")
 
     def add(self, rows: Iterable[tuple[Any, ...]]) -> None:
-        marks = ", ".join("?" for _ in NAMES)
         with self._transaction():
-            self.conn.executemany(f"INSERT OR REPLACE INTO calls VALUES ({marks})", rows)
+            self.conn.executemany(INSERT, rows)
 
     def relocate(self, moves: dict[str, str | None]) -> None:
         """Record id -> new location after rotation; None: the record was deleted."""
@@ -131,10 +152,9 @@ class Index:
     def rebuild(self, records_dir: Path) -> int:
         """Replaces every row with what the files say, in one transaction."""
         rows = [row_of(record, location) for location, record in iter_records(records_dir)]
-        marks = ", ".join("?" for _ in NAMES)
         with self._transaction():
             self.conn.execute("DELETE FROM calls")
-            self.conn.executemany(f"INSERT OR REPLACE INTO calls VALUES ({marks})", rows)
+            self.conn.executemany(INSERT, rows)
         return len(rows)
 
     @contextlib.contextmanager
@@ -170,7 +190,7 @@ class Index:
                 with contextlib.suppress(sqlite3.Error):
                     conn = sqlite3.connect(f"file:{path}?mode={mode}", uri=True,
                                            check_same_thread=False)
-                    conn.execute("SELECT count(*) FROM calls").fetchone()
+                    conn.execute(f"SELECT {', '.join(NAMES)} FROM calls LIMIT 1").fetchone()
                     return cls(conn, "index (read-only)" if read_only else "index")
         return cls.in_memory(records_dir)
 
@@ -179,16 +199,17 @@ class Index:
         if not os.access(records_dir, os.R_OK | os.X_OK):
             raise PermissionError(records_dir)
         conn = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
-        conn.executescript(SCHEMA)
+        ensure_schema(conn)
         index = cls(conn, "files")
         index.rebuild(records_dir)
         return index
 
     def calls(self, since: float | None = None, model: str | None = None,
               process: str | None = None, after_rowid: int = 0, limit: int | None = None,
-              ) -> list[sqlite3.Row]:
-        """Calls oldest first; `limit` keeps the newest ones."""
-        where, args = self._filters(since, model, process)
+              counted_only: bool = False) -> list[sqlite3.Row]:
+        """Calls oldest first; `limit` keeps the newest ones. Every record unless `counted_only`
+        (then not the retrievals, polls and upgrades that repeat or carry no call)."""
+        where, args = self._filters(since, model, process, counted_only)
         where.append("rowid > ?")
         args.append(after_rowid)
         sql = f"SELECT rowid, * FROM calls WHERE {' AND '.join(where)} ORDER BY started_ts DESC, rowid DESC"
@@ -204,9 +225,9 @@ class Index:
         return self.conn.execute("SELECT * FROM calls WHERE id LIKE ? LIMIT 5", (pattern,)).fetchall()
 
     @staticmethod
-    def _filters(since: float | None, model: str | None, process: str | None
-                 ) -> tuple[list[str], list[Any]]:
-        where: list[str] = ["1=1"]
+    def _filters(since: float | None, model: str | None, process: str | None,
+                 counted_only: bool = False) -> tuple[list[str], list[Any]]:
+        where: list[str] = [COUNTED if counted_only else "1=1"]
         args: list[Any] = []
         if since is not None:
             where.append("started_ts >= ?")
@@ -221,10 +242,10 @@ class Index:
 
     def stats(self, by: str, since: float | None = None) -> list[dict[str, Any]]:
         key = STATS_KEYS[by]
-        where, args = self._filters(since, None, None)
+        where, args = self._filters(since, None, None, counted_only=True)
         sums = ", ".join(f"SUM({k}) AS {k}" for k in USAGE_KEYS)
         sql = (f"SELECT {key} AS key, COUNT(*) AS calls, {sums}, SUM(cost_usd) AS cost_usd, "
-               f"COUNT(cost_usd) AS priced FROM calls WHERE {' AND '.join(where)} "
+               f"COUNT(cost_usd) AS priced, {UNPRICED_SUM} FROM calls WHERE {' AND '.join(where)} "
                f"GROUP BY {key} ORDER BY cost_usd DESC NULLS LAST, calls DESC")
         groups = [dict(row) for row in self.conn.execute(sql, args)]
         for group in groups:
@@ -241,28 +262,66 @@ class Index:
 
     def totals(self, since: float | None = None) -> dict[str, Any]:
         """Calls, tokens by kind and cost since a time (the dashboard's "today")."""
-        where, args = self._filters(since, None, None)
+        where, args = self._filters(since, None, None, counted_only=True)
         sums = ", ".join(f"SUM({k}) AS {k}" for k in USAGE_KEYS)
         sql = (f"SELECT COUNT(*) AS calls, {sums}, SUM(cost_usd) AS cost_usd, "
-               f"COUNT(cost_usd) AS priced FROM calls WHERE {' AND '.join(where)}")
+               f"COUNT(cost_usd) AS priced, {UNPRICED_SUM} FROM calls "
+               f"WHERE {' AND '.join(where)}")
         return dict(self.conn.execute(sql, args).fetchone())
 
     def unpriced(self, since: float | None = None) -> list[dict[str, Any]]:
-        """Models (at a host) whose calls reported usage but have no cost: unknown to the prices."""
+        """Models (at a host) of counted calls that reported usage but have no cost: unknown to
+        the prices."""
         where, args = self._filters(since, None, None)
         sql = (f"SELECT model, host, MAX(provider) AS provider, COUNT(*) AS calls, "
                f"MAX(started_at) AS last_seen FROM calls WHERE {' AND '.join(where)} AND "
-               "cost_usd IS NULL AND model IS NOT NULL AND "
-               "(input_tokens IS NOT NULL OR output_tokens IS NOT NULL) "
-               "GROUP BY model, host ORDER BY calls DESC")
+               f"{UNPRICED} AND model IS NOT NULL GROUP BY model, host ORDER BY calls DESC")
         return [dict(row) for row in self.conn.execute(sql, args)]
 
-    def latest_per_model(self, since: float | None = None) -> list[sqlite3.Row]:
+    def not_counted(self, since: float | None = None) -> int:
+        """Records that are no call of their own (retrievals, polls, upgrades, listings)."""
         where, args = self._filters(since, None, None)
+        sql = f"SELECT COUNT(*) FROM calls WHERE {' AND '.join(where)} AND NOT ({COUNTED})"
+        return int(self.conn.execute(sql, args).fetchone()[0])
+
+    def latest_per_model(self, since: float | None = None) -> list[sqlite3.Row]:
+        where, args = self._filters(since, None, None, counted_only=True)
         sql = (f"SELECT * FROM calls WHERE {' AND '.join(where)} AND model IS NOT NULL AND "
-               "started_ts = (SELECT MAX(started_ts) FROM calls c2 WHERE c2.model = calls.model) "
-               "GROUP BY model ORDER BY started_ts DESC")
+               "started_ts = (SELECT MAX(started_ts) FROM calls c2 WHERE c2.model = calls.model "
+               "AND COALESCE(c2.counted, 1) = 1) GROUP BY model ORDER BY started_ts DESC")
         return self.conn.execute(sql, args).fetchall()
+
+
+class BilledLookup:
+    """Whether a provider id (a response, a batch) already has its billed record in the index.
+
+    The proxy worker asks it, read-only, about ids it does not remember (seen before a restart,
+    or long ago); any problem (no index yet, an older one, a busy disk) answers False.
+    """
+
+    def __init__(self, path: Path, timeout_s: float = 0.2) -> None:
+        self.path = path
+        self.timeout_s = timeout_s
+        self._conn: sqlite3.Connection | None = None
+
+    def __call__(self, provider_id: str) -> bool:
+        try:
+            if self._conn is None:
+                if not self.path.exists():
+                    return False
+                self._conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
+                                             timeout=self.timeout_s, check_same_thread=False)
+            sql = "SELECT 1 FROM calls WHERE billed_id = ? LIMIT 1"
+            return self._conn.execute(sql, (provider_id,)).fetchone() is not None
+        except sqlite3.Error:
+            self.close()
+            return False
+
+    def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.close()
+            self._conn = None
 
 
 def percentile(sorted_values: list[float], pct: float) -> float | None:

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from typing import Any
 
 from llmtap.jsontext import pretty
 from llmtap.parsers.encoding import decode_all
+from llmtap.parsers.eventstream import CONTENT_TYPE as EVENTSTREAM
+from llmtap.parsers.eventstream import EventStreamDecoder, Message
 from llmtap.parsers.sse import JSONStreamDecoder, SSEDecoder
 from llmtap.records.capture import Body, Exchange, mask_secrets
 
 MAX_DECODED = 8 * 1024 * 1024
 SUMMARY_KEYS = ("host", "method", "path", "status", "provider", "api", "model", "stream",
-                "stop_reason", "cost_usd", "ttft_ms", "duration_ms", "chunks", "credential", "error")
+                "stop_reason", "cost_usd", "ttft_ms", "duration_ms", "chunks", "credential", "error",
+                "counted", "repeat_of")
 
 
 def render(record: dict[str, Any], exchange: Exchange) -> str:
@@ -76,6 +81,8 @@ def _body(body: Body, stream_text: str | None) -> list[str]:
         return [f"_{body.size} bytes in an encoding llmtap could not decode ({body.encoding})_"]
     if not raw:
         return ["_empty body_"]
+    if body.content_type.split(";")[0].strip().lower() == EVENTSTREAM:
+        return [*note, *_eventstream(raw)]
     text = raw.decode("utf-8", "replace")
     if "event-stream" in body.content_type or _looks_like_sse(text):
         assembled = stream_text if stream_text is not None else sse_text(raw)
@@ -91,6 +98,49 @@ def _body(body: Body, stream_text: str | None) -> list[str]:
     if "\ufffd" in text and text.count("\ufffd") > len(text) // 10:
         return [f"_{body.size} bytes of binary data ({body.content_type or 'unknown type'})_"]
     return [*note, *fence(text)]
+
+
+def _eventstream(raw: bytes) -> list[str]:
+    """AWS's binary event stream (Bedrock): each message's type and JSON, chunks' bytes decoded."""
+    messages: list[Message] = []
+    try:
+        for message in EventStreamDecoder(MAX_DECODED).feed(raw):
+            messages.append(message)
+    except ValueError:  # a corrupt frame: what came before it is still shown
+        pass
+    lines, parts = [], []
+    for message in messages:
+        kind = message.text(":event-type") or message.text(":exception-type") or "?"
+        payload = _chunk_payload(message.payload) if kind == "chunk" else message.payload
+        text = payload.decode("utf-8", "replace")
+        lines.append(f"{kind}: {text}")
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(obj, dict):
+            parts += _bedrock_text(obj)
+    out = ["Text assembled from the stream:", "", *fence("".join(parts)), ""] if parts else []
+    return [*out, "<details><summary>event-stream messages</summary>", "", *fence("\n".join(lines)),
+            "", "</details>"]
+
+
+def _bedrock_text(obj: dict[str, Any]) -> list[str]:
+    if "type" in obj:  # Claude's own events (InvokeModel)
+        return _event_text(obj)
+    delta = obj.get("delta")
+    if isinstance(delta, dict) and isinstance(delta.get("text"), str):  # ConverseStream
+        return [delta["text"]]
+    generation = obj.get("generation")  # Llama (InvokeModel)
+    return [generation] if isinstance(generation, str) and generation else []
+
+
+def _chunk_payload(payload: bytes) -> bytes:
+    """InvokeModelWithResponseStream's `{"bytes": base64}`: the model's own event inside."""
+    try:
+        return base64.b64decode(json.loads(payload)["bytes"], validate=True)
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        return payload
 
 
 def _looks_like_sse(text: str) -> bool:

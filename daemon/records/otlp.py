@@ -104,6 +104,8 @@ def span_attributes(record: dict[str, Any]) -> dict[str, Any]:
         "llmtap.api": record.get("api"),
         "llmtap.stream": bool(record.get("stream")),
         "llmtap.cost_usd": _float(record.get("cost_usd")),
+        "llmtap.counted": record.get("counted") is not False,  # false: a retrieval, a poll...
+        "llmtap.repeat_of": record.get("repeat_of"),
         "llmtap.ttft_ms": _float(record.get("ttft_ms")),
         "llmtap.tool": process.get("tool"),
         "llmtap.credential": record.get("credential"),

@@ -15,7 +15,7 @@ from typing import Any
 
 from llmtap.dashboard import context_window
 from llmtap.records import store
-from llmtap.records.index import Index
+from llmtap.records.index import COUNTED, Index
 
 WINDOW = 1000  # the calls sessions are grouped over (the newest; each is read once)
 MAX_KNOWN = 100_000
@@ -38,7 +38,7 @@ def has_counted(index: Index) -> bool:
 
 def counted_sql(index: Index) -> str:
     """A WHERE clause that keeps billed calls only (every call, on an index without `counted`)."""
-    return "COALESCE(counted, 1) != 0" if has_counted(index) else "1=1"
+    return COUNTED if has_counted(index) else "1=1"
 
 
 class Billed:
