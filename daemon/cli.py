@@ -15,6 +15,7 @@ from llmtap.cli_prices import prices_app
 from llmtap.cli_rules import rules_app
 from llmtap.cli_secrets import env_command, secrets_app
 from llmtap.cli_tunnel import tunnel_command
+from llmtap.cli_ui import ui_command
 from llmtap.config import Config, load_config
 from llmtap.errors import LlmtapError
 from llmtap.privileges import require_root
@@ -37,6 +38,7 @@ app.add_typer(rules_app, name="rules")
 app.add_typer(secrets_app, name="secrets")
 app.command("env")(env_command)
 app.command("tunnel")(tunnel_command)
+app.command("ui")(ui_command)
 
 
 
