@@ -266,9 +266,7 @@ def test_nothing_but_get_and_no_cors(running: Running) -> None:
 def test_it_listens_on_loopback_only(running: Running) -> None:
     if socket.has_ipv6 and Path("/proc/net/if_inet6").exists():
         assert running.get(f"/?token={TOKEN}", host=f"[::1]:{running.port}", family=socket.AF_INET6)[0] == 200
-    for server in running.server._servers:
-        for sock in server.sockets:
-            assert sock.getsockname()[0] in ("127.0.0.1", "::1")
+    assert {host for host, _ in running.server.addresses} <= {"127.0.0.1", "::1"}
     with pytest.raises(ValueError, match="loopback only"):
         Server(App(running.guard, []), hosts=("0.0.0.0",))
 
@@ -332,10 +330,14 @@ def test_the_command_refuses_bad_usage_and_missing_records(tmp_path: Path) -> No
 
 def test_oversized_requests_are_refused_without_reading_them_whole(running: Running) -> None:
     with socket.create_connection(("127.0.0.1", running.port), timeout=10) as sock:
-        sock.sendall(f"GET /?token={TOKEN} HTTP/1.1\r\nHost: 127.0.0.1:{running.port}\r\n"
-                     f"X-Big: {'a' * 32768}\r\n\r\n".encode())
-        assert sock.recv(65536)[:12] in (b"", b"HTTP/1.1 400", b"HTTP/1.1 431")
+        try:  # a head that never ends is cut off once its unparsed part passes the cap
+            sock.sendall(f"GET /?token={TOKEN} HTTP/1.1\r\nHost: 127.0.0.1:{running.port}\r\n"
+                         f"X-Big: {'a' * 4_000_000}\r\n\r\n".encode())
+            answer = sock.recv(65536)
+        except (ConnectionResetError, BrokenPipeError):  # closed on us mid-send: refused too
+            answer = b""
+        assert answer[:12] in (b"", b"HTTP/1.1 400", b"HTTP/1.1 431")
     with socket.create_connection(("127.0.0.1", running.port), timeout=10) as sock:
         sock.sendall(f"POST /?token={TOKEN} HTTP/1.1\r\nHost: 127.0.0.1:{running.port}\r\n"
                      f"Content-Length: 10000000\r\n\r\n".encode() + b"x" * 100_000)
-        assert sock.recv(65536).startswith(b"HTTP/1.1 413")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 405")  # answered without reading the body
