@@ -32,7 +32,10 @@ CAUGHT_UP_S = 0.5
 # RLIMIT_NICE lets an unprivileged process leave SCHED_IDLE for nice 0 (and nothing higher).
 NICE_LIMIT = 20
 SHARED_COUNTERS = ("records_written", "records_dropped", "records_index_errors", "export_spans",
-                   "export_dropped", "export_spooled")
+                   "export_dropped", "export_spooled",
+                   *(f"export_{store}_{what}" for store in ("otlp_traces", "otlp_metrics", "loki",
+                                                           "clickhouse")
+                     for what in ("sent", "dropped")))
 HANDLED = len(SHARED_COUNTERS)  # the shared slot after the counters: batches handled
 
 
