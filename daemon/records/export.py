@@ -36,6 +36,7 @@ BATCH_SIZE = 256
 BATCH_WAIT_S = 0.5
 RETRY_MIN_S, RETRY_MAX_S = 1.0, 30.0
 DRAIN_PER_ROUND = 16  # spooled batches sent before the queue is looked at again
+BODIES = "llmtap.bodies"  # the key under which an export item carries its masked bodies
 ENTRY = re.compile(r"^(\d+)-(\d+)-([a-z_]+)-(\d+)\.batch$")
 LEGACY = re.compile(r"^(\d+)-(\d+)-(\d+)\.pb$")  # the OTLP-only spool's names, before stores
 
@@ -124,6 +125,7 @@ class Sink:
     """One store: how a batch of records becomes a payload, and how the payload is posted."""
 
     name = "sink"
+    wants_bodies = False  # its records carry the exchange's masked bodies (see Exporters.submit)
 
     def encode(self, records: Sequence[dict[str, Any]]) -> bytes:
         raise NotImplementedError
@@ -279,14 +281,20 @@ class Exporters:
     """The configured stores, sharing one spool. `submit` never waits."""
 
     def __init__(self, sinks: Sequence[Sink], spool: Spool,
-                 wants_bodies: Callable[[], bool] = lambda: False) -> None:
+                 bodies: Callable[[Any], dict[str, str]] | None = None) -> None:
         self.spool = spool
         self.workers = [StoreWorker(sink, spool) for sink in sinks]
-        self.wants_bodies = wants_bodies
+        self.bodies = bodies  # exchange -> its masked bodies, for the stores that want them
 
-    def submit(self, record: dict[str, Any]) -> None:
+    def submit(self, record: dict[str, Any], exchange: Any = None) -> None:
+        with_bodies = None
         for worker in self.workers:
-            worker.submit(record)
+            if worker.sink.wants_bodies and exchange is not None and self.bodies:
+                if with_bodies is None:
+                    with_bodies = {**record, BODIES: self.bodies(exchange)}
+                worker.submit(with_bodies)
+            else:
+                worker.submit(record)
 
     def close(self, timeout_s: float = 5.0) -> None:
         for worker in self.workers:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import socket
 import sqlite3
 import threading
 from dataclasses import dataclass, field
@@ -14,10 +15,12 @@ from typing import Any
 
 from llmtap.config import ExportConfig, RecordsConfig
 from llmtap.parsers import request as request_parser
-from llmtap.records import markdown, otlp, rotation, store
+from llmtap.records import clickhouse, markdown, otlp, rotation, store
 from llmtap.records.capture import Exchange
+from llmtap.records.clickhouse import Clickhouse
 from llmtap.records.export import Exporters, Sink, Spool
 from llmtap.records.index import Index, index_path, row_of
+from llmtap.records.loki import Loki
 
 log = logging.getLogger("llmtap.addons.recorder")
 
@@ -60,9 +63,14 @@ def exporters(config: ExportConfig, spool_dir: Path) -> Exporters | None:
     """The configured stores behind one spool (state_dir/otlp-spool: its name predates the
     other stores), or None when there are none."""
     sinks: list[Sink] = [*otlp.sinks(config)]
+    if config.loki.url:
+        sinks.append(Loki(config.loki, config.timeout_s))
+    if config.clickhouse.url:
+        sinks.append(Clickhouse(config.clickhouse, config.timeout_s, socket.gethostname()))
     if not sinks:
         return None
-    return Exporters(sinks, Spool(spool_dir, config.spool_max_files, config.spool_max_mb << 20))
+    return Exporters(sinks, Spool(spool_dir, config.spool_max_files, config.spool_max_mb << 20),
+                     clickhouse.bodies)
 
 
 class RecordWriter:
@@ -128,7 +136,7 @@ class RecordWriter:
             return
         self.written += 1
         if self.exporter:
-            self.exporter.submit(record)
+            self.exporter.submit(record, exchange)
 
     def finish(self) -> None:
         if self._index:
