@@ -4,7 +4,10 @@ A batch is one `INSERT ... FORMAT JSONEachRow`, gzip-compressed. The database an
 created if missing, before the first insert and again whenever ClickHouse says they are gone.
 The column types are ones every ClickHouse since 2018 has (Debian's 18.16 included): DateTime,
 Nullable, Array, MergeTree with PARTITION BY / ORDER BY; no DateTime64 or LowCardinality.
-Unknown JSON fields are skipped, so a table made by an older llmtap keeps taking rows.
+Unknown JSON fields are skipped, so a table made by an older llmtap keeps taking rows. Delivery is
+at least once (a store that took a batch but answered too late gets it again): the table is a
+ReplacingMergeTree keyed by (started_at, id), so merges drop the repeats; count(DISTINCT id) or
+FINAL counts exactly before they do.
 Bodies are off by default; with `bodies = true` they are the Markdown twin's (bounded by
 records.max_body_bytes, decoded) with every held secret masked by value.
 """
@@ -46,7 +49,7 @@ COLUMNS = (
 
 def create_table(database: str, table: str) -> str:
     columns = ", ".join(f"{name} {kind}" for name, kind in COLUMNS)
-    return (f"CREATE TABLE IF NOT EXISTS {database}.{table} ({columns}) ENGINE = MergeTree() "
+    return (f"CREATE TABLE IF NOT EXISTS {database}.{table} ({columns}) ENGINE = ReplacingMergeTree() "
             "PARTITION BY toYYYYMM(started_at) ORDER BY (started_at, id)")
 
 

@@ -10,6 +10,7 @@ bodies are never part of a record, and the per-chunk timeline is left out).
 
 from __future__ import annotations
 
+import datetime
 import gzip
 import json
 import socket
@@ -21,6 +22,7 @@ from llmtap.parsers.base import as_dict
 from llmtap.records.export import Sink, direct_opener, header_pairs, post_http
 from llmtap.records.index import parse_time
 
+EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 PUSH_PATH = "/loki/api/v1/push"
 LEFT_OUT = ("timeline",)  # one point per chunk: too long for a log line, and in the record file
 
@@ -39,8 +41,8 @@ def labels(record: dict[str, Any], machine: str) -> dict[str, str]:
 
 
 def timestamp_ns(record: dict[str, Any]) -> str:
-    moment = parse_time(record.get("started_at"))
-    return str(int(moment.timestamp() * 1e9)) if moment else "0"
+    moment = parse_time(record.get("started_at"))  # exact: a float's ns would drift
+    return str((moment - EPOCH) // datetime.timedelta(microseconds=1) * 1000) if moment else "0"
 
 
 def line(record: dict[str, Any]) -> str:
