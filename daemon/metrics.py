@@ -35,9 +35,8 @@ WORKER_COUNTERS = {
     "records_written": ("llmtap_records_written_total", "Records written."),
     "records_dropped": ("llmtap_records_dropped_total", "Records lost (queue full, disk error)."),
     "records_index_errors": ("llmtap_records_index_errors_total", "Records not indexed."),
-    "export_spans": ("llmtap_export_sent_total", "Records the remote stores accepted."),
-    "export_dropped": ("llmtap_export_dropped_total", "Records no remote store will get."),
 }
+STORES = ("otlp_traces", "otlp_metrics", "loki", "clickhouse")  # llmtap.records.export's sinks
 
 
 def escape(value: str) -> str:
@@ -117,6 +116,10 @@ class Accumulated:
         for name, value in counters.items():
             if isinstance(value, int | float) and not isinstance(value, bool):
                 self.current[name] = float(value)
+
+    @property
+    def seen(self) -> set[str]:
+        return set(self.base) | set(self.current)
 
     def total(self, name: str) -> float:
         return self.base.get(name, 0.0) + self.current.get(name, 0.0)
@@ -223,6 +226,13 @@ class Metrics:
             for name, (metric, text) in WORKER_COUNTERS.items():
                 lines += [f"# HELP {metric} {text}", f"# TYPE {metric} counter",
                           f"{metric} {number(self.worker.total(name))}"]
+            for what, text in (("sent", "Records a remote store accepted."),
+                               ("dropped", "Records a remote store will never get.")):
+                metric = f"llmtap_export_{what}_total"
+                lines += [f"# HELP {metric} {text}", f"# TYPE {metric} counter"]
+                lines += [f'{metric}{{store="{store}"}} {number(self.worker.total(key))}'
+                          for store in STORES
+                          if (key := f"export_{store}_{what}") in self.worker.seen]
             lines += _gauge("llmtap_export_spooled", "Export batches waiting in the spool.",
                             self.worker.latest("export_spooled"))
         return "\n".join(lines) + "\n"
