@@ -150,7 +150,7 @@ class Metrics:
                              "Tokens by kind (input excludes cache reads and writes).", (*CALL, "kind"))
         self.cost = Family("llmtap_cost_usd_total", "counter", "Cost in US dollars.", CALL)
         self.unpriced = Family("llmtap_unpriced_requests_total", "counter",
-                               "Calls whose model no price source knows (cost unknown).",
+                               "Calls with tokens whose model no price source knows.",
                                ("provider", "model"))
         self.ttft = Family("llmtap_time_to_first_token_seconds", "histogram",
                            "Time from the request to the first response byte of content.",
@@ -195,8 +195,8 @@ class Metrics:
                 self.tokens.add((*call, kind), count)
         if (cost := _float(event.get("cost_usd"))) is not None:
             self.cost.add(call, cost)
-        else:
-            self.unpriced.add((provider, model), 1)
+        elif any(_float(usage.get(k)) is not None for k in ("input_tokens", "output_tokens")):
+            self.unpriced.add((provider, model), 1)  # tokens but no price (as `prices missing`)
         if (ttft := _float(event.get("ttft_ms"))) is not None:
             self.ttft.observe((provider, model), ttft / 1000)
         if (duration := _float(event.get("duration_ms"))) is not None:

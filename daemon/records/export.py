@@ -211,15 +211,17 @@ class StoreWorker:
     def _run(self) -> None:
         closing = False
         while not closing:
-            batch, closing = self._collect()
+            # A backlog the store can take now is drained at full speed, between batches.
+            backlog = self.retry.ready() and self.spool.oldest(self.sink.name) is not None
+            batch, closing = self._collect(0.0 if backlog else BATCH_WAIT_S)
             if batch:
                 self._deliver(batch)
             if self.retry.ready():
                 self._drain()
 
-    def _collect(self) -> tuple[list[dict[str, Any]], bool]:
+    def _collect(self, wait_s: float) -> tuple[list[dict[str, Any]], bool]:
         batch: list[dict[str, Any]] = []
-        deadline = time.monotonic() + BATCH_WAIT_S
+        deadline = time.monotonic() + wait_s
         while len(batch) < BATCH_SIZE:
             try:
                 item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
