@@ -318,6 +318,7 @@ def test_a_minute_without_the_stores_delays_no_chunk_and_loses_nothing(testbed, 
         os.kill(clickhouse, signal.SIGCONT)
         stores.start_receiver("loki", LOKI, LOKI_PORT, stores.loki_out)
     result = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"a minute without the stores: {result}, counters then: {during}")  # shown with -s
     calls = result["calls"]
     assert calls > 30
     # ~90 chunks 5 ms apart upstream: none waited on a store (a 5 s ClickHouse timeout would show).

@@ -122,9 +122,13 @@ def make_calls(testbed: Testbed, daemon: Daemon, tag: str, sonnet: int, haiku: i
             out.append(fetch("https://api.anthropic.com/v1/messages?t={tag}",
                              {{"model": "claude-haiku-4-5"}},
                              {{"x-fake-fixture": "anthropic_message.json"}})["status"])
+        # no call: a token count is recorded `counted: false`, and no metric counts it
+        out.append(fetch("https://api.anthropic.com/v1/messages/count_tokens?t={tag}",
+                         {{"model": "claude-haiku-4-5"}})["status"])
         print(json.dumps(out))
     """)
-    assert len(records(daemon, tag, sonnet + haiku)) == sonnet + haiku
+    written = records(daemon, tag, sonnet + haiku + 1)
+    assert [r.get("counted") for r in written].count(False) == 1
 
 
 def test_prometheus_scrapes_the_totals_of_the_calls(testbed, tap, prometheus):
@@ -152,7 +156,7 @@ def test_prometheus_scrapes_the_totals_of_the_calls(testbed, tap, prometheus):
     assert ttft_p95 is not None and 0 < ttft_p95 < quantiles[1]
     assert scalar(testbed, "sum(llmtap_time_to_first_token_seconds_count)") == 10  # JSON too
     assert scalar(testbed, "llmtap_intercepting") == 1
-    assert wait_for(lambda: scalar(testbed, "llmtap_records_written_total") == 10 or None, 10,
+    assert wait_for(lambda: scalar(testbed, "llmtap_records_written_total") == 11 or None, 10,
                     "records written")
 
 
@@ -194,7 +198,7 @@ def test_health_says_intercepting_and_503_while_the_worker_is_replaced(testbed, 
     lines = metrics.splitlines()
     assert "llmtap_restarts_total 1" in lines
     # The totals are the supervisor's: they outlive the worker that counted them.
-    assert "llmtap_records_written_total 10" in lines
+    assert "llmtap_records_written_total 11" in lines
     assert sum(float(line.rsplit(" ", 1)[1]) for line in lines
                if line.startswith("llmtap_requests_total{")) == 10
 
