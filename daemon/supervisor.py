@@ -438,6 +438,7 @@ class Supervisor:
             "proxy_port": r.proxy_port,
             "listening": self.listening,
             "explicit": self.config.explicit.listen or None,
+            "metrics": self.config.metrics.listen or None,
             "gateway_interfaces": list(r.gateway_interfaces),
             "rules_present": bool(self.backend and self.backend.alive()),
             **self.healer.status(),
