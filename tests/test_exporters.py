@@ -132,6 +132,21 @@ def test_only_a_store_that_wants_bodies_gets_them_masked(tmp_path, monkeypatch):
     assert bodies["response"] == '{"ok": true}'
 
 
+def test_bodies_are_masked_before_they_are_cut(monkeypatch):
+    monkeypatch.setattr(clickhouse, "BODY_CHARS", 10)
+    secret = "sk-REAL-123456"
+    made = exchange(SecretMask([secret]))
+    text = "\U0001F600" * 8 + secret  # 4-byte characters: a cut at 40 bytes splits the secret
+    made.request_body = Body(text.encode(), len(text.encode()))
+    made.response_text = "x" * 5 + secret
+    monkeypatch.setattr(clickhouse, "MARGIN", 0)
+    assert clickhouse.bodies(made)["request"].endswith("sk")  # what the margin is for
+    monkeypatch.setattr(clickhouse, "MARGIN", 20)
+    bodies = clickhouse.bodies(made)
+    assert "sk" not in bodies["request"] and bodies["request"].startswith("\U0001F600" * 8)
+    assert "sk-" not in bodies["response"] and len(bodies["response"]) == 10
+
+
 def test_loki_push_is_gzip_json_in_streams_by_five_labels():
     payload = loki.encode([RECORD, {**RECORD, "id": "r0", "started_at": "2026-06-01T09:00:00Z"},
                            {**RECORD, "id": "r2", "model": "other", "process": None}], "box1")

@@ -29,6 +29,9 @@ from llmtap.records.export import BODIES, Rejected, Sink, StoreError, direct_ope
 from llmtap.records.index import parse_time
 
 MAX_DECODED = 4 << 20
+BODY_CHARS = 65536  # of each body in a row: a row is for finding a call, the record has the rest
+# Masked before it is cut, over this much more: a secret the first cut splits lies past the second.
+MARGIN = 65536
 TOKENS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_5m_tokens",
           "cache_write_1h_tokens", "reasoning_tokens")
 COLUMNS = (
@@ -109,13 +112,17 @@ def body_text(body: Body, exchange: Exchange) -> str:
         raw = decode_all(body.data, body.encoding, MAX_DECODED)
     except Exception:  # an encoding that does not decode: nothing shown, as in the Markdown
         return ""
-    return exchange.mask.text(raw.decode("utf-8", "replace"))
+    return cut(raw[:BODY_CHARS * 4 + MARGIN].decode("utf-8", "replace"), exchange)
 
 
 def bodies(exchange: Exchange) -> dict[str, str]:
     response = exchange.response_text or body_text(exchange.response_body, exchange)
     return {"request": body_text(exchange.request_body, exchange),
-            "response": exchange.mask.text(response)}
+            "response": cut(response[:BODY_CHARS + MARGIN], exchange)}
+
+
+def cut(text: str, exchange: Exchange) -> str:
+    return exchange.mask.text(text)[:BODY_CHARS]
 
 
 class Clickhouse(Sink):

@@ -32,6 +32,7 @@ from llmtap.records.store import write_atomic
 log = logging.getLogger(__name__)
 
 QUEUE_SIZE = 2048  # records waiting per store
+QUEUE_BODY_BYTES = 32 << 20  # and, for a store that takes bodies, their characters at most
 BATCH_SIZE = 256
 BATCH_WAIT_S = 0.5
 RETRY_MIN_S, RETRY_MAX_S = 1.0, 30.0
@@ -193,15 +194,23 @@ class StoreWorker:
         self.dropped = 0  # records lost here: queue full, encoding failed, refused by the store
         self.failures = 0  # posts that failed
         self.retry = Retry()
-        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(QUEUE_SIZE)
+        self._queue: queue.Queue[tuple[dict[str, Any], int] | None] = queue.Queue(QUEUE_SIZE)
+        self._body_bytes = 0  # of the bodies waiting in the queue (a store that takes them)
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"llmtap-{sink.name}", daemon=True)
         self._thread.start()
 
-    def submit(self, record: dict[str, Any]) -> None:
-        try:
-            self._queue.put_nowait(record)
-        except queue.Full:
-            self.dropped += 1
+    def submit(self, record: dict[str, Any], body_bytes: int = 0) -> None:
+        with self._lock:
+            if self._body_bytes + body_bytes > QUEUE_BODY_BYTES:
+                self.dropped += 1
+                return
+            try:
+                self._queue.put_nowait((record, body_bytes))
+            except queue.Full:
+                self.dropped += 1
+                return
+            self._body_bytes += body_bytes
 
     def close(self, timeout_s: float) -> None:
         with contextlib.suppress(queue.Full):
@@ -229,7 +238,10 @@ class StoreWorker:
                 break
             if item is None:
                 return batch, True
-            batch.append(item)
+            record, body_bytes = item
+            with self._lock:
+                self._body_bytes -= body_bytes
+            batch.append(record)
         return batch, False
 
     def _deliver(self, batch: list[dict[str, Any]]) -> None:
@@ -289,12 +301,15 @@ class Exporters:
         self.bodies = bodies  # exchange -> its masked bodies, for the stores that want them
 
     def submit(self, record: dict[str, Any], exchange: Any = None) -> None:
-        with_bodies = None
+        with_bodies: dict[str, Any] | None = None
+        size = 0
         for worker in self.workers:
             if worker.sink.wants_bodies and exchange is not None and self.bodies:
                 if with_bodies is None:
-                    with_bodies = {**record, BODIES: self.bodies(exchange)}
-                worker.submit(with_bodies)
+                    bodies = self.bodies(exchange)
+                    size = sum(len(text) for text in bodies.values())
+                    with_bodies = {**record, BODIES: bodies}
+                worker.submit(with_bodies, size)
             else:
                 worker.submit(record)
 
