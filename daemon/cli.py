@@ -115,6 +115,8 @@ def _print_status(report: dict[str, Any]) -> None:
     typer.echo(f"  listening: {', '.join(report['listening'])}")
     if report.get("gateway_interfaces"):
         typer.echo(f"  gateway: traffic forwarded from {', '.join(report['gateway_interfaces'])}")
+    if report.get("metrics"):
+        typer.echo(f"  metrics: http://{report['metrics']}/metrics and /health")
     for host, addresses in report["targets"].items():
         typer.echo(f"  {host}: {', '.join(addresses) or 'unresolved'}")
     counters = report.get("counters", {})
