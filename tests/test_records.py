@@ -689,3 +689,35 @@ def test_a_killed_writer_process_is_replaced_and_loses_no_record(tmp_path, caplo
     assert counters["record_writer_restarts"] == 1
     assert "the record writer process died (killed by SIGKILL)" in caplog.text
     assert "4 not yet written were handed to it" in caplog.text
+
+
+def test_a_client_gone_before_its_process_lookup_answers_still_gets_its_process(tmp_path):
+    """A short-lived client (curl) may exit before the supervisor answers who it was: the record
+    waits for the answer, and takes it from the lookup even though the connection is gone."""
+    import asyncio
+    import socket
+
+    from llmtap.addons.attribution import Attribution
+
+    ours, theirs = socket.socketpair()
+    attribution, recorder = Attribution(channel=ours), Recorder()
+    flow = anthropic_flow()
+    flow.client_conn.peername = ("127.0.0.1", 40000)
+    process = {"pid": 4242, "name": "curl", "exe": "/usr/bin/curl", "user": "root"}
+
+    async def exchange() -> None:
+        attribution.client_connected(flow.client_conn)
+        attribution.requestheaders(flow)
+        attribution.client_disconnected(flow.client_conn)  # curl exits: its waiting flows go
+        recorder.response(flow)  # the lookup is still under way
+        await asyncio.sleep(0.05)
+        attribution._answer(flow.client_conn.id, process)  # then the supervisor answers
+        await asyncio.sleep(0.05)
+
+    with taddons.context(attribution, recorder) as tctx:
+        tctx.configure(recorder, llmtap_records_dir=str(tmp_path))
+        asyncio.run(exchange())
+        recorder.done()
+    theirs.close()
+    [written] = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
+    assert written["process"] == process
