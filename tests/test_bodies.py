@@ -20,7 +20,7 @@ from llmtap.addons.bodies import MAX_DECODED, decoded_request, decoded_response
 from llmtap.addons.dlp import Dlp
 from llmtap.addons.filters import Filters
 from llmtap.addons.protocols import Protocols
-from llmtap.addons.recorder import BLOCKED_HEADER, fields
+from llmtap.flow import BLOCKED_HEADER, BODIES, fields
 from llmtap.parsers.encoding import zstd
 from llmtap.rules import Rule, RuleStore, validate
 from mitmproxy import http
@@ -117,7 +117,7 @@ def test_the_view_is_made_once_and_remade_when_the_body_changes(monkeypatch: pyt
     assert decoded_request(flow) is first and calls == [1]
     flow.request.content = b'{"changed": true}'  # re-encoded as gzip
     assert decoded_request(flow).data == b'{"changed": true}' and calls == [2]
-    assert copy.deepcopy(flow.metadata)[bodies.KEY].decoded == {}  # a copy decodes its own
+    assert copy.deepcopy(flow.metadata)[BODIES].decoded == {}  # a copy decodes its own
 
 
 def count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:

@@ -15,11 +15,11 @@ from llmtap.addons import bodies
 from llmtap.addons import dlp as dlp_addon
 from llmtap.addons.dlp import Dlp, DlpStreams, chain
 from llmtap.addons.filters import Filters
-from llmtap.addons.recorder import fields
 from llmtap.addons.replies import refusal
 from llmtap.config import load_config
 from llmtap.dlp import BUILTIN, Detector, Scanner, StreamRedactor, card_number, escape_safe
 from llmtap.errors import UsageError
+from llmtap.flow import fields
 from llmtap.masking import SecretMask
 from llmtap.rules import Body, Protected, Rule, RuleStore, validate
 from mitmproxy.test import taddons, tflow

@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 import streams
 from llmtap import cli
-from llmtap.addons.recorder import SYSTEM_PROMPT, Recorder, fields
+from llmtap.addons.recorder import Recorder
 from llmtap.cli_history import parse_since
 from llmtap.config import ExportConfig, RecordsConfig
+from llmtap.flow import SYSTEM_PROMPT, fields
 from llmtap.records import export, rotation, store
 from llmtap.records.capture import (
     Body,

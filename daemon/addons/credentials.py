@@ -27,11 +27,10 @@ from urllib.parse import unquote
 
 from llmtap import hostpatterns
 from llmtap import secrets_store as store
-from llmtap.addons.attribution import Attribution
 from llmtap.addons.echoes import EncodedEchoGuard, StreamScrubber, scrub, scrub_held
-from llmtap.addons.recorder import fields
 from llmtap.addons.replies import refusal
 from llmtap.errors import LlmtapError
+from llmtap.flow import CREDENTIALS, ProcessLookup, fields
 from llmtap.hostpatterns import HostSet
 from llmtap.masking import NO_MASK, SecretMask
 from llmtap.parsers.classify import host_provider, normalise_host
@@ -39,7 +38,6 @@ from mitmproxy import ctx, exceptions, http
 
 log = logging.getLogger(__name__)
 
-STATE = "llmtap.credentials"
 KEY_HEADERS = ("x-api-key", "api-key", "x-goog-api-key")
 AUTH_HEADERS = (*KEY_HEADERS, "authorization")
 RETIRED_MAX = 64  # rotated-out keys still scrubbed and flagged (they may still be valid upstream)
@@ -273,7 +271,7 @@ class UsageLog:
 
 
 class Credentials:
-    def __init__(self, attribution: Attribution | None = None) -> None:
+    def __init__(self, attribution: ProcessLookup | None = None) -> None:
         self.attribution = attribution  # who made a request: --when-absent --for-user needs it
         self.paths: store.StorePaths | None = None
         self.table = Table()
@@ -466,7 +464,7 @@ class Credentials:
             state.added = None if absent.header == "query:key" else absent.header
         if state.path == request.path:
             state.path = None
-        flow.metadata[STATE] = state
+        flow.metadata[CREDENTIALS] = state
         ask_identity(request, state)
         used = [*inject.values(), *([absent] if absent else [])]
         fields(flow)["credential"] = used[0].name
@@ -510,7 +508,7 @@ class Credentials:
     def key_bearing(self, flow: http.HTTPFlow) -> None:
         """A real key left in this request (the DLP stage let one in its body through): any echo
         of it in the response is scrubbed."""
-        ask_identity(flow.request, flow.metadata.setdefault(STATE, FlowState()))
+        ask_identity(flow.request, flow.metadata.setdefault(CREDENTIALS, FlowState()))
 
     # -- responses --
 
@@ -524,7 +522,7 @@ class Credentials:
                 (name, scrub(value, self.table.pairs)) for name, value in response.headers.fields)
 
     def response(self, flow: http.HTTPFlow) -> None:
-        state = flow.metadata.get(STATE)
+        state = flow.metadata.get(CREDENTIALS)
         response = flow.response
         if state and response is not None and response.raw_content is not None and self.table.pairs:
             scrub_held(flow, self.table.pairs)
@@ -539,15 +537,15 @@ class Credentials:
             for value, entry in self.table.by_value.items():
                 if value.encode() in message.content:
                     self._flag(flow, entry, destinations(flow), "a WebSocket message")
-                    flow.metadata.setdefault(STATE, FlowState())
+                    flow.metadata.setdefault(CREDENTIALS, FlowState())
             return
-        state = flow.metadata.get(STATE)
+        state = flow.metadata.get(CREDENTIALS)
         if state:
             message.content = scrub(message.content, self.table.pairs)
 
     def wrap_stream(self, flow: http.HTTPFlow) -> None:
         """Called last of all responseheaders hooks: scrubs a streamed body of a key-bearing flow."""
-        state = flow.metadata.get(STATE)
+        state = flow.metadata.get(CREDENTIALS)
         response = flow.response
         if not state or response is None or not response.stream:
             return
@@ -578,7 +576,7 @@ class Credentials:
         What llmtap changed goes back to what the client sent; a real key the client sent itself
         is shown as its placeholder.
         """
-        state = flow.metadata.get(STATE)
+        state = flow.metadata.get(CREDENTIALS)
         if not state or state.restored:
             return
         state.restored = True

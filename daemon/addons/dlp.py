@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from llmtap.addons import bodies
-from llmtap.addons.filters import load_body
-from llmtap.addons.recorder import addon_config, fields
+from llmtap.addons.bodies import load_body
+from llmtap.addons.options import addon_config
 from llmtap.addons.replies import refusal
 from llmtap.dlp import (
     HELD_KEY,
@@ -33,6 +33,7 @@ from llmtap.dlp import (
     held_key_action,
     redact_text,
 )
+from llmtap.flow import fields
 from llmtap.masking import NO_MASK, SecretMask
 from llmtap.parsers.classify import classify
 from llmtap.rules import Body, Protected

@@ -16,24 +16,12 @@ import logging
 from pathlib import Path
 
 from llmtap.addons import bodies
-from llmtap.addons.recorder import addon_config, fields
+from llmtap.addons.options import addon_config
+from llmtap.flow import fields
 from llmtap.rules import Body, Outcome, Protected, RuleSet, RuleSource, db_path
 from mitmproxy import ctx, http
 
 log = logging.getLogger(__name__)
-
-
-def load_body(flow: http.HTTPFlow) -> Body | str | None:
-    """The request body (its bounded decoded view), parsed; why not; or None when there is none."""
-    request = flow.request
-    if not request.raw_content:
-        return None
-    decoded = bodies.decoded_request(flow)
-    if decoded.error is not None:
-        return decoded.error
-    if not decoded.data:
-        return None
-    return Body.parse(decoded.data, request.headers.get("content-type", ""), raw=request.raw_content)
 
 
 def hand_over(flow: http.HTTPFlow, body: Body) -> None:
@@ -108,7 +96,7 @@ class Filters:
             self._streamed(flow)
             return
         outcome, body = self.rules.run(request.headers, request.pretty_host, request.path,
-                                       loader=lambda: load_body(flow), header_rules=False)
+                                       loader=lambda: bodies.load_body(flow), header_rules=False)
         if body is not None:
             hand_over(flow, body)
         record(flow, outcome)

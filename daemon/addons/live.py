@@ -13,14 +13,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from llmtap.addons.recorder import BLOCKED_HEADER, fields
+from llmtap.flow import BLOCKED_HEADER, LIVE_PARSER, fields
 from llmtap.masking import NO_MASK, SecretMask
 from llmtap.parsers.base import as_dict
 from mitmproxy import connection, ctx, http, tls
 
 UPDATE_EVERY_S = 0.25
 MAX_PENDING = 5000  # events kept when nobody drains them (the oldest go first)
-PARSER = "llmtap.parser"  # flow.metadata: a protocol parser with a live `usage`, if exposed
 
 
 @dataclass
@@ -98,7 +97,7 @@ class Live:
         event: dict[str, Any] = {"type": "update", "id": flow.id, "ts": time.time(),
                                  "chunks": meter.chunks, "bytes": meter.bytes,
                                  "output_tokens_estimate": meter.data_lines}
-        parser = flow.metadata.get(PARSER)
+        parser = flow.metadata.get(LIVE_PARSER)
         usage = getattr(parser, "usage", None)
         if usage is not None:
             event["input_tokens"] = getattr(usage, "input_tokens", None)

@@ -17,8 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from llmtap.config import Config, RecordsConfig, load_config
-from llmtap.errors import LlmtapError
+from llmtap.addons.options import addon_config
+from llmtap.config import Config, RecordsConfig
+from llmtap.flow import CAPTURE, RECORD_FIELDS, SYSTEM_PROMPT, fields, streamed
 from llmtap.masking import NO_MASK, SecretMask
 from llmtap.records import store
 from llmtap.records.capture import (
@@ -35,11 +36,6 @@ from mitmproxy import ctx, exceptions, http
 
 log = logging.getLogger(__name__)
 
-STREAM_FLAG = "llmtap.stream"  # flow.metadata: the response was relayed as a stream
-CAPTURE = "llmtap.capture"  # flow.metadata: the BodyCapture of a streamed response
-# flow.metadata: the text a protocol parser assembled from a streamed response, if it does.
-RESPONSE_TEXT = "llmtap.response_text"
-SYSTEM_PROMPT = "llmtap.system_prompt"  # set by the protocols stage: the request's system prompt
 PROCESS_WAIT_S = 2.0  # how long a record waits for its process lookup
 
 
@@ -48,21 +44,6 @@ def rfc3339(timestamp: float | None) -> str | None:
         return None
     moment = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-RECORD_FIELDS = "llmtap.record"
-# On a response a stage made itself instead of relaying it (a block): which stage. The stage's
-# reason, not the status, is then the record's error.
-BLOCKED_HEADER = "x-llmtap-blocked"
-
-
-def fields(flow: http.HTTPFlow) -> dict[str, Any]:
-    """The record fields other addons contribute (model, usage, credential, rules_hit, ...).
-
-    Each addon writes what it knows here; the recorder merges it over the base record.
-    """
-    contributed: dict[str, Any] = flow.metadata.setdefault(RECORD_FIELDS, {})
-    return contributed
 
 
 def build_record(flow: http.HTTPFlow) -> dict[str, Any]:
@@ -83,7 +64,7 @@ def build_record(flow: http.HTTPFlow) -> dict[str, Any]:
         "provider": None,
         "api": None,
         "model": None,
-        "stream": bool(flow.metadata.get(STREAM_FLAG)),
+        "stream": streamed(flow),
         "request": None,
         "usage": None,
         "cost_usd": None,
@@ -125,7 +106,6 @@ def capture_exchange(flow: http.HTTPFlow, limit: int) -> Exchange:
         request_body=bounded(request.raw_content, limit, request.headers.get("content-encoding"),
                              request.headers.get("content-type", "")),
         response_body=response_body,
-        response_text=flow.metadata.get(RESPONSE_TEXT),
         system_prompt=flow.metadata.get(SYSTEM_PROMPT),
     )
 
@@ -148,14 +128,6 @@ def start_writer_process(records_dir: Path | None, config_file: Path | None,
         return
     _, settings = writer_settings(str(config_file or ""), str(state_dir or ""))
     PROCESS_WRITER = RecordWriterProcess(records_dir, settings)
-
-
-def addon_config(path: str) -> Config:
-    """The daemon's config as an addon sees it ("" = the defaults)."""
-    try:
-        return load_config(path) if path else Config()
-    except LlmtapError as exc:
-        raise exceptions.OptionsError(str(exc)) from None
 
 
 class Recorder:
