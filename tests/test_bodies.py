@@ -135,7 +135,7 @@ def count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_filters_dlp_and_protocols_share_one_decode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     RuleStore(tmp_path / "rules.db").add(validate(Rule("body", "text_replace", "contains", "nowhere", "x")))
     calls = count_decodes(monkeypatch)
-    filters, dlp, protocols = Filters(), Dlp(), Protocols()
+    filters, dlp, protocols = Filters(dlp_follows=True), Dlp(), Protocols()
     with taddons.context(filters, dlp, protocols) as tctx:
         tctx.configure(filters, llmtap_state_dir=str(tmp_path), llmtap_config_file=config_file(tmp_path))
         tctx.configure(dlp, llmtap_config_file=config_file(tmp_path))
@@ -155,7 +155,7 @@ def test_filters_dlp_and_protocols_share_one_decode(tmp_path: Path, monkeypatch:
 ])
 def test_a_bomb_is_refused_with_a_provider_shaped_413(tmp_path: Path, provider: str, host: str,
                                                       path: str) -> None:
-    filters, dlp = Filters(), Dlp()
+    filters, dlp = Filters(dlp_follows=True), Dlp()
     with taddons.context(filters, dlp) as tctx:
         tctx.configure(filters, llmtap_state_dir=str(tmp_path), llmtap_config_file=config_file(tmp_path))
         tctx.configure(dlp, llmtap_config_file=config_file(tmp_path))

@@ -294,7 +294,7 @@ def test_filters_then_dlp_on_one_flow(tmp_path: Path) -> None:
     store = RuleStore(tmp_path / "rules.db")
     store.add(validate(Rule("header", "remove", "contains", "stainless")))
     store.add(validate(Rule("body", "text_replace", "contains", "internal.corp", "example.com")))
-    filters, scan = Filters(), Dlp()
+    filters, scan = Filters(dlp_follows=True), Dlp()
     with taddons.context(filters, scan) as tctx:
         tctx.configure(filters, llmtap_state_dir=str(tmp_path),
                        llmtap_config_file=config_file(tmp_path))
@@ -334,7 +334,7 @@ def test_a_sigv4_signed_body_that_must_change_is_blocked_not_sent_with_a_broken_
 
 def test_compressed_bodies_are_read_and_written_back_compressed(tmp_path: Path) -> None:
     RuleStore(tmp_path / "rules.db").add(validate(Rule("body", "text_replace", "contains", "a.corp", "b")))
-    filters, scan = Filters(), Dlp()
+    filters, scan = Filters(dlp_follows=True), Dlp()
     with taddons.context(filters, scan) as tctx:
         tctx.configure(filters, llmtap_state_dir=str(tmp_path), llmtap_config_file="")
         tctx.configure(scan, llmtap_config_file="")

@@ -22,15 +22,13 @@ from mitmproxy import connection, http
 
 log = logging.getLogger(__name__)
 
-# The worker's end of the supervisor's lookup service, set by the supervisor before the fork.
-CHANNEL: socket.socket | None = None
 MAX_MESSAGE = 64 * 1024
 KEEP = 4096  # answers (and waiting flows) kept, per client connection, oldest dropped first
 
 
 class Attribution:
     def __init__(self, channel: socket.socket | None = None) -> None:
-        self.channel = channel
+        self.channel = channel  # the worker's end of the supervisor's lookup service
         self.asked = 0
         self.answered = 0
         self.unanswered = 0  # the request could not be sent (the service is gone or busy)
@@ -40,7 +38,6 @@ class Attribution:
         self._reader_fd = -1
 
     def running(self) -> None:
-        self.channel = self.channel or CHANNEL
         if self.channel is None:
             return
         self.channel.setblocking(False)

@@ -304,10 +304,6 @@ class Credentials:
         self.refresh()
 
     def running(self) -> None:
-        # Later stages choose whether and how a response streams (protocols, recorder): the
-        # scrubber must wrap whatever they chose, so it is added behind all of them.
-        if ctx.master.addons.get("credentialstreams") is None:
-            ctx.master.addons.add(CredentialStreams(self))
         for handler in logging.getLogger().handlers:  # mitmproxy's log lines and ours alike
             if self._log_filter not in handler.filters:
                 handler.addFilter(self._log_filter)
@@ -599,7 +595,8 @@ class Credentials:
 
 
 class CredentialStreams:
-    """The tail of the pipeline, added by Credentials: wraps the stream the stages settled on."""
+    """A stream tail of the pipeline (behind every stage that chooses whether and how a response
+    streams: protocols, recorder): wraps the stream they settled on with the key scrubber."""
 
     def __init__(self, owner: Credentials) -> None:
         self.owner = owner

@@ -111,11 +111,6 @@ class Dlp:
             self.held_action = held_key_action(config.dlp)
             self.protected = Protected(config.rules.all_protected_fields)
 
-    def running(self) -> None:
-        # Streamed bodies are wrapped after every other stage has set its own stream callable.
-        if ctx.master.addons.get("dlpstreams") is None:
-            ctx.master.addons.add(DlpStreams(self))
-
     def request(self, flow: http.HTTPFlow) -> None:
         request = flow.request
         # The body as the filters stage parsed (and maybe changed) it, if it did.
@@ -229,8 +224,9 @@ class Dlp:
 
 
 class DlpStreams:
-    """Installs the StreamRedactor of a streamed request body, wrapping whatever stream callable
-    the later stages (protocols) set, so they see the redacted bytes."""
+    """A stream tail of the pipeline: installs the StreamRedactor of a streamed request body,
+    wrapping whatever stream callable the stages before it (protocols) set, so they see the
+    redacted bytes."""
 
     def __init__(self, dlp: Dlp) -> None:
         self.dlp = dlp

@@ -24,10 +24,10 @@ from mitmproxy import ctx, http
 log = logging.getLogger(__name__)
 
 
-def hand_over(flow: http.HTTPFlow, body: Body) -> None:
+def hand_over(flow: http.HTTPFlow, body: Body, dlp_follows: bool) -> None:
     """Hands the parsed body to the dlp stage, which runs next and writes it (re-encoded as it
     came) once for both stages; without a dlp stage, writes a changed body back here."""
-    if body.changed and ctx.master.addons.get("dlp") is None:
+    if body.changed and not dlp_follows:
         flow.request.content = body.serialize()
         body.changed = False
     body.raw = flow.request.raw_content
@@ -44,7 +44,8 @@ def record(flow: http.HTTPFlow, outcome: Outcome) -> None:
 
 
 class Filters:
-    def __init__(self) -> None:
+    def __init__(self, dlp_follows: bool = False) -> None:
+        self.dlp_follows = dlp_follows  # the dlp stage runs next and writes the body for both
         self.source: RuleSource | None = None
         self.protected = Protected()
         self.rules = RuleSet([], self.protected)
@@ -98,7 +99,7 @@ class Filters:
         outcome, body = self.rules.run(request.headers, request.pretty_host, request.path,
                                        loader=lambda: bodies.load_body(flow), header_rules=False)
         if body is not None:
-            hand_over(flow, body)
+            hand_over(flow, body, self.dlp_follows)
         record(flow, outcome)
 
     def _streamed(self, flow: http.HTTPFlow) -> None:

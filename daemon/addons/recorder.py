@@ -19,7 +19,7 @@ from typing import Any
 
 from llmtap.addons.options import addon_config
 from llmtap.config import Config, RecordsConfig
-from llmtap.flow import CAPTURE, RECORD_FIELDS, SYSTEM_PROMPT, fields, streamed
+from llmtap.flow import CAPTURE, RECORD_FIELDS, SYSTEM_PROMPT, ProcessLookup, fields, streamed
 from llmtap.masking import NO_MASK, SecretMask
 from llmtap.records import store
 from llmtap.records.capture import (
@@ -110,10 +110,6 @@ def capture_exchange(flow: http.HTTPFlow, limit: int) -> Exchange:
     )
 
 
-# Set by the worker before the proxy starts (see start_writer_process); the Recorder uses it.
-PROCESS_WRITER: RecordWriterProcess | None = None
-
-
 def writer_settings(config_file: str, state_dir: str) -> tuple[Config, WriterSettings]:
     config = addon_config(config_file)
     return config, WriterSettings(config.records, config.export,
@@ -121,20 +117,25 @@ def writer_settings(config_file: str, state_dir: str) -> tuple[Config, WriterSet
 
 
 def start_writer_process(records_dir: Path | None, config_file: Path | None,
-                         state_dir: Path | None) -> None:
-    """In the worker, before any thread starts: the records go to a writer process."""
-    global PROCESS_WRITER
+                         state_dir: Path | None) -> RecordWriterProcess | None:
+    """In the worker, before any thread starts: the writer process the records go to (given to
+    the pipeline, see llmtap.addons.pipeline)."""
     if records_dir is None or not str(records_dir):
-        return
+        return None
     _, settings = writer_settings(str(config_file or ""), str(state_dir or ""))
-    PROCESS_WRITER = RecordWriterProcess(records_dir, settings)
+    return RecordWriterProcess(records_dir, settings)
 
 
 class Recorder:
     observes_response = True  # its response hook may run after the response is relayed
 
-    def __init__(self, mask: Callable[[], SecretMask] = lambda: NO_MASK) -> None:
+    def __init__(self, mask: Callable[[], SecretMask] = lambda: NO_MASK,
+                 lookup: ProcessLookup | None = None,
+                 process_writer: RecordWriterProcess | None = None) -> None:
         self.writer: RecordWriter | RecordWriterProcess | None = None
+        self.lookup = lookup  # who made each request (the attribution stage): a record waits for it
+        # The worker's writer process, forked before any thread: used for its own directory.
+        self.process_writer = process_writer
         self.max_body_bytes = RecordsConfig().max_body_bytes
         self.mask = mask  # the held secrets (the credentials stage's), masked by value
 
@@ -152,8 +153,8 @@ class Recorder:
         config, settings = writer_settings(ctx.options.llmtap_config_file,
                                            ctx.options.llmtap_state_dir)
         self.max_body_bytes = config.records.max_body_bytes
-        if PROCESS_WRITER is not None and directory == str(PROCESS_WRITER.directory):
-            self.writer = PROCESS_WRITER  # the worker's: closed once, in done()
+        if self.process_writer and directory == str(self.process_writer.directory):
+            self.writer = self.process_writer  # the worker's: closed once, in done()
             return
         if self.writer:
             self.writer.close()
@@ -179,8 +180,7 @@ class Recorder:
             return
         record, exchange = build_record(flow), capture_exchange(flow, self.max_body_bytes)
         exchange.mask = self.mask()
-        attribution = ctx.master.addons.get("attribution")
-        pending = attribution.pending(flow) if attribution else None
+        pending = self.lookup.pending(flow) if self.lookup else None
         if pending is None:
             writer.submit(exchange.mask.deep(record), exchange)
             return
