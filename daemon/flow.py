@@ -9,8 +9,10 @@ from the flow itself (id, times, host, status, ...) and writes the result.
 from __future__ import annotations
 
 import asyncio
+import datetime
 from typing import Any, Protocol, TypedDict
 
+from llmtap.records.capture import mask_path
 from mitmproxy import http
 
 # -- flow.metadata keys -------------------------------------------------------------------------
@@ -125,6 +127,51 @@ class Record(TypedDict, total=False):
     rules_missed: list[dict[str, Any]]
     dlp_skipped: str
     credential_alerts: list[dict[str, Any]]
+
+
+def rfc3339(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    moment = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def build_record(flow: http.HTTPFlow) -> Record:
+    """The record: what the flow itself shows, with the stages' fields merged over it."""
+    request, response = flow.request, flow.response
+    started = request.timestamp_start
+    ended = (response.timestamp_end if response else None) or (
+        flow.error.timestamp if flow.error else None
+    )
+    record: Record = {
+        "id": flow.id,
+        "started_at": rfc3339(started),
+        "ended_at": rfc3339(ended),
+        "host": request.pretty_host,
+        "method": request.method,
+        "path": mask_path(request.path),
+        "status": response.status_code if response else None,
+        "http_version": request.http_version,
+        "provider": None,
+        "api": None,
+        "model": None,
+        "stream": streamed(flow),
+        "request": None,
+        "usage": None,
+        "cost_usd": None,
+        "stop_reason": None,
+        "ttft_ms": None,
+        "duration_ms": round((ended - started) * 1000, 3) if ended else None,
+        "chunks": None,
+        "timeline": None,
+        "process": None,
+        "credential": None,
+        "rules_hit": [],
+        "dlp_hits": [],
+        "error": flow.error.msg if flow.error else None,
+    }
+    record.update(flow.metadata.get(RECORD_FIELDS, {}))
+    return record
 
 
 def fields(flow: http.HTTPFlow) -> Record:

@@ -567,7 +567,8 @@ def test_a_stalled_writer_process_never_blocks_the_event_loop_and_drops_only_bey
     import os
     import signal
 
-    from llmtap.addons.recorder import build_record, capture_exchange
+    from llmtap.addons.recorder import capture_exchange
+    from llmtap.flow import build_record
     from llmtap.records.writer_process import BATCH_S, RecordWriterProcess
 
     writer = RecordWriterProcess(tmp_path, WriterSettings(RecordsConfig(queue_size=3)))
@@ -662,7 +663,8 @@ def test_a_killed_writer_process_is_replaced_and_loses_no_record(tmp_path, caplo
     import os
     import signal
 
-    from llmtap.addons.recorder import build_record, capture_exchange
+    from llmtap.addons.recorder import capture_exchange
+    from llmtap.flow import build_record
     from llmtap.records.writer_process import RecordWriterProcess
 
     writer = RecordWriterProcess(tmp_path, WriterSettings())

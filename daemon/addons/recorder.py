@@ -10,23 +10,19 @@ counted (`llmtap status`), and relaying goes on.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from llmtap.addons.options import addon_config
 from llmtap.config import Config, RecordsConfig
-from llmtap.flow import CAPTURE, RECORD_FIELDS, SYSTEM_PROMPT, ProcessLookup, fields, streamed
+from llmtap.flow import CAPTURE, SYSTEM_PROMPT, ProcessLookup, build_record, fields
 from llmtap.masking import NO_MASK, SecretMask
-from llmtap.records import store
 from llmtap.records.capture import (
     BodyCapture,
     Exchange,
     bounded,
-    mask_path,
     masked_headers,
     tee_stream,
 )
@@ -37,54 +33,6 @@ from mitmproxy import ctx, exceptions, http
 log = logging.getLogger(__name__)
 
 PROCESS_WAIT_S = 2.0  # how long a record waits for its process lookup
-
-
-def rfc3339(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    moment = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def build_record(flow: http.HTTPFlow) -> dict[str, Any]:
-    request, response = flow.request, flow.response
-    started = request.timestamp_start
-    ended = (response.timestamp_end if response else None) or (
-        flow.error.timestamp if flow.error else None
-    )
-    record: dict[str, Any] = {
-        "id": flow.id,
-        "started_at": rfc3339(started),
-        "ended_at": rfc3339(ended),
-        "host": request.pretty_host,
-        "method": request.method,
-        "path": mask_path(request.path),
-        "status": response.status_code if response else None,
-        "http_version": request.http_version,
-        "provider": None,
-        "api": None,
-        "model": None,
-        "stream": streamed(flow),
-        "request": None,
-        "usage": None,
-        "cost_usd": None,
-        "stop_reason": None,
-        "ttft_ms": None,
-        "duration_ms": round((ended - started) * 1000, 3) if ended else None,
-        "chunks": None,
-        "timeline": None,
-        "process": None,
-        "credential": None,
-        "rules_hit": [],
-        "dlp_hits": [],
-        "error": flow.error.msg if flow.error else None,
-    }
-    record.update(flow.metadata.get(RECORD_FIELDS, {}))
-    return record
-
-
-def record_name(record: dict[str, Any]) -> str:
-    return store.record_name(record)
 
 
 def capture_exchange(flow: http.HTTPFlow, limit: int) -> Exchange:
