@@ -25,6 +25,8 @@ WS_EXCHANGE = "llmtap.ws_exchange"  # on a flow standing for one WebSocket excha
 LIVE_PARSER = "llmtap.parser"  # a protocol parser with a live `usage` (protocols -> live)
 BODIES = "llmtap.bodies"  # the flow's decoded body views (llmtap.addons.bodies.Views)
 CREDENTIALS = "llmtap.credentials"  # the credentials stage's FlowState (which keys went in)
+DLP_STREAM = "llmtap.dlp_stream"  # the DLP stage's StreamState of a streamed request body
+DLP_SCRUB = "llmtap.dlp_scrub"  # the sent body with alerted secrets out: kept once it has left
 
 # -- HTTP headers -------------------------------------------------------------------------------
 
@@ -101,6 +103,7 @@ class Record(TypedDict, total=False):
     events: int | None
     notes: list[str]
     transport: str  # "websocket" for an OpenAI Responses WebSocket exchange
+    websocket: dict[str, Any]  # such an exchange: {"connection": the upgrade's id, "exchange": n}
     response_id: str
     response_model: str
     response_status: str
