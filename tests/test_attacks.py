@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
+import streams
 from llmtap import ca, price_data
+from llmtap.addons.counting import BilledIds, Counting
+from llmtap.addons.pricing import Pricing
+from llmtap.addons.protocols import Protocols
+from llmtap.addons.recorder import fields
 from llmtap.errors import RuntimeFailure
+from test_protocols_addon import JSON, request_flow, response_headers, run_addons
 
 
 def test_price_write_does_not_follow_a_planted_tmp_symlink(tmp_path: Path):
@@ -52,3 +59,46 @@ def test_ca_write_does_not_follow_a_planted_tmp_symlink(tmp_path: Path):
     assert secret.read_bytes() == b"root:$6$hash\n"
     assert secret.stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "install.json").read_bytes() == b"{}"
+
+
+def _billed_call(headers: dict[str, str], path: str = "/v1/messages") -> dict[str, Any]:
+    """A real call, answered 200 with usage, through protocols, counting and pricing."""
+    addons = (Protocols(), Counting(BilledIds()), Pricing())
+    protocols, counting, pricing = addons
+    anthropic = path.startswith("/v1/messages")
+    request = {"model": "claude-sonnet-4-5" if anthropic else "gpt-4.1-mini", "max_tokens": 64,
+               "messages": [{"role": "user", "content": "hi"}]}
+    flow = request_flow("api.anthropic.com" if anthropic else "api.openai.com", "/", request,
+                        headers={"content-type": "application/json", **headers})
+    flow.request.path = path  # as it came on the wire
+    body = streams.load("anthropic_message.json" if anthropic else "openai_responses.json")
+    with run_addons(*addons):
+        protocols.request(flow)
+        response_headers(flow, 200, JSON, size=len(body))
+        protocols.responseheaders(flow)
+        flow.response.raw_content = body
+        protocols.response(flow)
+        counting.response(flow)
+        pricing.response(flow)
+    return fields(flow)
+
+
+def test_an_upgrade_header_does_not_hide_a_billed_call():
+    """A client that wants its calls uncounted adds `Upgrade: websocket` to a POST: the server
+    ignores it (no 101), the call is billed, and it must be counted and priced."""
+    plain = _billed_call({})
+    assert plain["counted"] is True and plain["cost_usd"]
+    for extra in ({"upgrade": "websocket"}, {"upgrade": "WebSocket", "connection": "Upgrade"}):
+        record = _billed_call(extra)
+        assert record["counted"] is True, extra
+        assert record["cost_usd"] == plain["cost_usd"]
+
+
+def test_a_fragment_in_the_path_does_not_make_a_create_a_cancel():
+    """classify() ignores a `#...` tail; counting read it as part of the path, so a create sent
+    as `/v1/responses#/responses/x/cancel` was recorded as a cancel (not counted)."""
+    plain = _billed_call({}, "/v1/responses")
+    assert plain["counted"] is True and plain["cost_usd"]
+    record = _billed_call({}, "/v1/responses#/responses/resp_x/cancel")
+    assert record["api"] == "responses"
+    assert record["counted"] is True and record["cost_usd"] == plain["cost_usd"]
