@@ -102,3 +102,12 @@ def test_a_fragment_in_the_path_does_not_make_a_create_a_cancel():
     record = _billed_call({}, "/v1/responses#/responses/resp_x/cancel")
     assert record["api"] == "responses"
     assert record["counted"] is True and record["cost_usd"] == plain["cost_usd"]
+
+
+def test_a_non_ascii_digit_in_bedrock_count_headers_is_no_crash():
+    """str.isdigit() accepts "²", which int() refuses: the parser died in its constructor."""
+    from llmtap.parsers.bedrock import header_usage
+
+    usage = header_usage({"x-amzn-bedrock-input-token-count": "\u00b2",
+                          "x-amzn-bedrock-output-token-count": "3"})
+    assert usage is not None and (usage.input_tokens, usage.output_tokens) == (0, 3)
