@@ -111,3 +111,34 @@ def test_a_non_ascii_digit_in_bedrock_count_headers_is_no_crash():
     usage = header_usage({"x-amzn-bedrock-input-token-count": "\u00b2",
                           "x-amzn-bedrock-output-token-count": "3"})
     assert usage is not None and (usage.input_tokens, usage.output_tokens) == (0, 3)
+
+
+def test_a_forged_location_reads_nothing_outside_the_records(tmp_path: Path, monkeypatch):
+    """The index and the tree are the service user's; root's `llmtap ui` serves
+    /call/ID.json from the row's location. A location that is absolute, climbs out, or is a
+    symlink the service user planted must not read /etc/shadow for whoever holds the token."""
+    import gzip
+
+    from llmtap.records import store
+
+    records, outside = tmp_path / "records", tmp_path / "outside"
+    records.mkdir()
+    outside.mkdir()
+    secret = outside / "shadow"
+    secret.write_bytes(b"root:$6$hash\n")
+    (records / "20261201T000000.000Z_m_a.json").write_bytes(b"{}")
+    assert store.read_location(records, "20261201T000000.000Z_m_a.json") == b"{}"
+    for forged in (str(secret), "../outside/shadow", "archive/../../outside/shadow"):
+        assert store.read_location(records, forged) is None, forged
+    (records / "20261201T000000.000Z_m_b.json").symlink_to(secret)
+    assert store.read_location(records, "20261201T000000.000Z_m_b.json") is None
+    (outside / "x.json.gz").write_bytes(gzip.compress(b"secret"))
+    (records / "archive").symlink_to(outside)
+    assert store.read_location(records, "archive/x.json.gz") is None
+    (records / "archive").unlink()
+    (records / "archive").mkdir()
+    (records / "archive" / "bomb.json.gz").write_bytes(gzip.compress(b"0" * 4096))
+    monkeypatch.setattr(store, "MAX_READ", 100)
+    assert store.read_location(records, "archive/bomb.json.gz") == b"0" * 100
+    os.mkfifo(records / "fifo.json")  # opening it must not wait for a writer
+    assert store.read_location(records, "fifo.json") is None
