@@ -142,3 +142,31 @@ def test_a_forged_location_reads_nothing_outside_the_records(tmp_path: Path, mon
     assert store.read_location(records, "archive/bomb.json.gz") == b"0" * 100
     os.mkfifo(records / "fifo.json")  # opening it must not wait for a writer
     assert store.read_location(records, "fifo.json") is None
+
+
+def _tcp_line(n: int, local: tuple[str, int], remote: tuple[str, int], uid: int, inode: int) -> str:
+    from llmtap.proclookup import proc_net_address
+
+    return (f"  {n}: {proc_net_address(*local)} {proc_net_address(*remote)} 01 00000000:00000000 "
+            f"00:00000000 00000000 {uid:5d}        0 {inode} 1 0000000000000000 20 4 30 10 -1\n")
+
+
+def test_the_ui_peer_is_the_socket_to_the_ui_not_one_sharing_its_port(tmp_path: Path):
+    """Sockets to different peers may share a local port (connect() reuses ports whose 4-tuples
+    differ). Another user who connects to the UI from 127.0.0.1:X while one of root's sockets
+    has local address 127.0.0.1:X toward elsewhere was taken for root."""
+    from llmtap.proclookup import socket_inode
+    from llmtap.ui.app import Guard
+
+    ui, peer = ("127.0.0.1", 8377), ("127.0.0.1", 40000)
+    (tmp_path / "net").mkdir()
+    (tmp_path / "net" / "tcp").write_text(
+        "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+        + _tcp_line(0, peer, ("127.0.0.1", 5432), 0, 111)  # root's, elsewhere
+        + _tcp_line(1, peer, ui, 65534, 222)  # the other user's, to the UI
+        + _tcp_line(2, ui, peer, 0, 333))  # the UI's end of it
+    (tmp_path / "net" / "tcp6").write_text("")
+    assert socket_inode(*peer, tmp_path, ui) == (222, 65534)
+    guard = Guard("t", "no-such-group-llmtap-test")
+    guard.proc = tmp_path
+    assert guard.peer_ok(peer, ui) is False
