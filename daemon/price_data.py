@@ -73,6 +73,8 @@ def parse(raw: bytes, origin: str, fetched_at: str) -> PriceData:
         providers = _providers_from_raw(payload)
     except ValueError as exc:  # JSONDecodeError and pydantic's ValidationError are ValueErrors
         raise ValueError(f"not genai-prices data ({_first_line(exc)})") from None
+    except RecursionError:  # nesting no price data has: it would end the daemon's updater
+        raise ValueError("not genai-prices data (nested too deep)") from None
     digest = hashlib.sha256(raw).hexdigest()[:16]
     snapshot = data_snapshot.DataSnapshot(providers, from_auto_update=True)
     return PriceData(snapshot, f"fetched {fetched_at} sha256:{digest}", origin)

@@ -170,3 +170,13 @@ def test_the_ui_peer_is_the_socket_to_the_ui_not_one_sharing_its_port(tmp_path: 
     guard = Guard("t", "no-such-group-llmtap-test")
     guard.proc = tmp_path
     assert guard.peer_ok(peer, ui) is False
+
+
+def test_deeply_nested_price_data_is_refused_not_a_crash(tmp_path: Path):
+    """A hostile update URL serving `[[[[...]]]]` raised RecursionError, which neither
+    `prices update` nor the daemon's periodic updater catches (it ended the updater)."""
+    source = tmp_path / "deep.json"
+    source.write_bytes(b"[" * 200_000 + b"]" * 200_000)
+    with pytest.raises(ValueError, match="nested too deep"):
+        price_data.update(source.as_uri(), tmp_path / "state")
+    assert not (tmp_path / "state" / "genai-prices.json").exists()
