@@ -180,3 +180,21 @@ def test_deeply_nested_price_data_is_refused_not_a_crash(tmp_path: Path):
     with pytest.raises(ValueError, match="nested too deep"):
         price_data.update(source.as_uri(), tmp_path / "state")
     assert not (tmp_path / "state" / "genai-prices.json").exists()
+
+
+def test_history_does_not_pass_escape_sequences_to_the_terminal(tmp_path: Path, capsys):
+    """A model name (the client's request body) holding escape sequences: `llmtap logs` as the
+    admin ran it erased the previous lines (a call hidden from view) or set the clipboard."""
+    from test_counting import record, write
+    from test_records import run_cli, write_config
+
+    records_dir = tmp_path / "records"
+    records_dir.mkdir()
+    hide = "\x1b[1A\x1b[2K\x1b]52;c;Y3VybCBldmlsfHNo\x07gpt-4.1-mini\x9b2J"
+    write(records_dir, record(1, "gpt-4.1-mini", 0.01), record(2, hide, None))
+    config = str(write_config(tmp_path, records_dir))
+    for command in (("logs",), ("show", "rec0002"), ("prices", "missing")):
+        code, out, _ = run_cli(capsys, *command, "--config", config)
+        assert code == 0, command
+        assert not any(c in out for c in "\x1b\x07\x9b"), command
+        assert "\\x1b[1A" in out or "\\u001b[1A" in out, command  # shown, harmless
