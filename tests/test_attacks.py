@@ -198,3 +198,28 @@ def test_history_does_not_pass_escape_sequences_to_the_terminal(tmp_path: Path, 
         assert code == 0, command
         assert not any(c in out for c in "\x1b\x07\x9b"), command
         assert "\\x1b[1A" in out or "\\u001b[1A" in out, command  # shown, harmless
+
+
+def test_a_huge_conversation_diffs_in_linear_time():
+    """difflib is quadratic at worst: a client that sends two calls of ~60k short repeating
+    system lines and turns held the UI (all of it: one lock) for ~20 s per page view."""
+    import random
+    import time
+
+    from llmtap.ui.conversation import Conversation, Part, Turn, diff
+
+    pick = random.Random(0)
+
+    def crafted() -> Conversation:
+        lines = [str(pick.randrange(300)) for _ in range(60_000)]
+        return Conversation("\n".join(lines), [Turn("user", [Part("text", line)]) for line in lines])
+
+    older, newer = crafted(), crafted()
+    newer.turns[:10] = older.turns[:10]
+    started = time.monotonic()
+    changes = diff(older, newer)
+    assert time.monotonic() - started < 3
+    assert changes.system_changed and changes.added[0] == 10
+    small = diff(Conversation("a\nb", [Turn("user", [Part("text", "x")])]),
+                 Conversation("a\nc", [Turn("user", [Part("text", "x")]), Turn("assistant")]))
+    assert small.added == [1] and "+c" in small.system_diff  # small ones still diff line by line
