@@ -8,6 +8,7 @@ import difflib
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -247,7 +248,7 @@ def _system_diff(before: list[str], after: list[str]) -> list[str]:
                                      lineterm=""))[2:MAX_SYSTEM_DIFF]
 
 
-def _opcodes(before: list[str], after: list[str]) -> list[tuple[str, int, int, int, int]]:
+def _opcodes(before: list[str], after: list[str]) -> Sequence[tuple[str, int, int, int, int]]:
     """difflib's opcodes; past MAX_DIFF_ITEMS (a client can send any number of turns, and the
     matcher is quadratic at worst) the common prefix is kept and the rest is replaced."""
     if max(len(before), len(after)) <= MAX_DIFF_ITEMS:
