@@ -21,6 +21,7 @@ import typer
 from llmtap.cli_options import ConfigOption
 from llmtap.config import Config, load_config
 from llmtap.errors import RuntimeFailure, UsageError
+from llmtap.formatting import local_time, millis, money, printable, tokens
 from llmtap.records import store
 from llmtap.records.index import Index, index_path
 
@@ -61,42 +62,11 @@ def open_index(config: Config, read_only: bool) -> Index:
         raise RuntimeFailure(f"cannot read the records in {directory}: {exc}") from None
 
 
-def tokens(value: Any) -> str:
-    if value is None:
-        return "—"
-    value = int(value)
-    return f"{value / 1_000_000:.2f}M" if value >= 1_000_000 else f"{value / 1000:.1f}k" \
-        if value >= 10_000 else str(value)
-
-
-def money(value: Any) -> str:
-    return "—" if value is None else f"${float(value):.4f}" if float(value) < 1 else f"${float(value):.2f}"
-
-
-def millis(value: Any) -> str:
-    return "—" if value is None else f"{float(value):.0f}ms"
-
-
-def local_time(started_ts: float | None) -> str:
-    if started_ts is None:
-        return "?"
-    return datetime.datetime.fromtimestamp(started_ts).strftime("%Y-%m-%d %H:%M:%S")
-
-
 def process_label(row: Any) -> str:
     name = row["process_tool"] or row["process_name"]
     if name and row["process_name"] and row["process_tool"] and row["process_tool"] != row["process_name"]:
         name = f"{row['process_tool']}/{row['process_name']}"
     return f"{name}[{row['process_pid']}]" if name else "?"
-
-
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-
-
-def printable(text: str) -> str:
-    """`text` safe for a terminal: a model name, a path or a prompt is the client's, and an
-    escape sequence in it would act on the admin's terminal (erase lines, set the clipboard)."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def log_line(row: Any) -> str:

@@ -12,10 +12,11 @@ from typing import Any
 
 import typer
 from llmtap import price_data
-from llmtap.cli_history import ReadOnlyOption, SinceOption, open_index, parse_since, printable
+from llmtap.cli_history import ReadOnlyOption, SinceOption, open_index, parse_since
 from llmtap.cli_options import ConfigOption
 from llmtap.config import Config, load_config
 from llmtap.errors import RuntimeFailure, UsageError
+from llmtap.formatting import printable
 from llmtap.price_data import PriceData
 from llmtap.price_override import (
     PriceTable,
