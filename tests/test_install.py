@@ -28,7 +28,9 @@ from llmtap import cli
 from llmtap.ca import create_ca
 from llmtap.config import load_config
 from llmtap.errors import RuntimeFailure, UsageError
-from llmtap.installer import MANIFEST, Installer, Manifest, System
+from llmtap.install.linux import LinuxInstaller
+from llmtap.install.linux_system import System
+from llmtap.install.manifest import MANIFEST, Manifest
 from llmtap.platform.linux.keeper import DetachedService, Keeper, KeeperSpec, process_alive
 from llmtap.platform.linux.trust import PEM_BLOCK
 from llmtap.platform.runner import Completed, SubprocessRunner
@@ -144,9 +146,9 @@ class Tree:
         return System(**values)  # type: ignore[arg-type]
 
     def installer(self, config: Path, lines: list[str] | None = None, **system: object
-                  ) -> Installer:
+                  ) -> LinuxInstaller:
         out = lines if lines is not None else []
-        return Installer(load_config(config), str(config), self.system(**system), out.append)
+        return LinuxInstaller(load_config(config), str(config), self.system(**system), out.append)
 
     def listing(self) -> dict[str, tuple[object, ...]]:
         """Every path under the tree and the daemon's directories: type, mode, owner, content."""
@@ -315,7 +317,7 @@ def test_a_failure_at_each_step_rolls_back_everything(tree, monkeypatch):
     names = [step.name for step in probe.install_steps(*probe.preflight(True, True),
                                                      Manifest(tree.state / MANIFEST))]
     assert len(names) == 9
-    original = Installer.install_steps
+    original = LinuxInstaller.install_steps
     for index, name in enumerate(names):
         def failing(self, store, kind, manifest, index=index):  # type: ignore[no-untyped-def]
             steps = original(self, store, kind, manifest)
@@ -328,7 +330,7 @@ def test_a_failure_at_each_step_rolls_back_everything(tree, monkeypatch):
             steps[index].apply = apply_then_fail
             return steps
 
-        monkeypatch.setattr(Installer, "install_steps", failing)
+        monkeypatch.setattr(LinuxInstaller, "install_steps", failing)
         with pytest.raises(RuntimeFailure) as failure:
             tree.installer(config).install()
         assert str(failure.value) == (f"step {name!r} failed: injected; rolled back {index} "
@@ -341,14 +343,14 @@ def test_uninstall_cleans_a_half_installed_machine(tree, monkeypatch):
     """An install killed mid-way (no rollback ran) is still undone by uninstall --purge."""
     config = tree.config()
     before = tree.listing()
-    original = Installer.install_steps
+    original = LinuxInstaller.install_steps
 
     def killed(self, store, kind, manifest):  # type: ignore[no-untyped-def]
         steps = original(self, store, kind, manifest)
         steps[7].apply = lambda: (_ for _ in ()).throw(KeyboardInterrupt())  # the service step
         return steps
 
-    monkeypatch.setattr(Installer, "install_steps", killed)
+    monkeypatch.setattr(LinuxInstaller, "install_steps", killed)
     with pytest.raises(KeyboardInterrupt):
         tree.installer(config).install()
     monkeypatch.undo()
@@ -424,12 +426,12 @@ def test_systemd_service_files_and_commands(tree):
 def test_default_config_file_is_written_once_and_removed_by_purge(tree):
     config = tree.config()
     settings = dataclasses.replace(load_config(config), source=None)
-    installer = Installer(settings, None, tree.system(), lambda line: None)
+    installer = LinuxInstaller(settings, None, tree.system(), lambda line: None)
     installer.install(trust=False, service=False)
     written = tree.root / "etc/llmtap/config.toml"
     assert mode(written) == "0o644"
     assert load_config(written).state_dir == Path("/var/lib/llmtap")  # all comments: the defaults
-    Installer(settings, None, tree.system(), lambda line: None).uninstall(purge=True)
+    LinuxInstaller(settings, None, tree.system(), lambda line: None).uninstall(purge=True)
     assert not written.exists() and not (tree.root / "etc/llmtap").exists()
 
 
@@ -562,7 +564,7 @@ def test_installed_keeper_restarts_a_killed_daemon(tree):
 
 
 def test_bundle_drops_older_llmtap_cas_from_the_system_roots():
-    from llmtap.installer import ca_bundle
+    from llmtap.install.runtime_env import ca_bundle
 
     old = create_ca(("api.openai.com",))[1]
     new = create_ca(("api.openai.com",))[1]

@@ -15,13 +15,16 @@ from typing import Any, ClassVar
 
 import certifi
 import pytest
-from llmtap import ca, cli_install, cli_secrets, installer_windows, supervisor
+from llmtap import ca, cli_secrets, supervisor
 from llmtap import secrets_store as store
 from llmtap.config import Config, load_config, system_paths
 from llmtap.doctor import Doctor
 from llmtap.errors import RuntimeFailure, UsageError
-from llmtap.installer import Installer
-from llmtap.installer_windows import WindowsInstaller, WindowsSystem
+from llmtap.install import provider_for
+from llmtap.install import windows as installer_windows
+from llmtap.install.linux import LinuxInstaller
+from llmtap.install.macos import MacInstaller
+from llmtap.install.windows import WindowsInstaller, WindowsSystem
 from llmtap.platform.base import ServiceManager
 from llmtap.platform.linux.trust import PEM_BLOCK
 from llmtap.platform.runner import Completed
@@ -326,10 +329,22 @@ def test_uninstall_purge_leaves_no_trace(make: Any, box: WindowsBox, service: Fa
 
 def test_the_cli_chooses_the_installer_by_platform(tmp_path: Path) -> None:
     config = load_config(write_config(tmp_path))
-    assert isinstance(cli_install.installer_for(config, None, "win32"), WindowsInstaller)
-    assert isinstance(cli_install.installer_for(config, None, "linux"), Installer)
+    assert isinstance(provider_for(config, None, platform="win32"), WindowsInstaller)
+    assert isinstance(provider_for(config, None, platform="linux"), LinuxInstaller)
+    assert isinstance(provider_for(config, None, platform="darwin"), MacInstaller)
     with pytest.raises(UsageError, match="not available on Windows yet"):
-        cli_install.installer_for(config, None, "win32").rotate()
+        provider_for(config, None, platform="win32").rotate()
+
+
+def test_macos_refuses_before_any_change(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path))
+    with pytest.raises(UsageError, match="needs root"):
+        MacInstaller(config, is_root=lambda: False).install()
+    for action in (MacInstaller(config, is_root=lambda: True).install,
+                   MacInstaller(config, is_root=lambda: True).uninstall):
+        with pytest.raises(UsageError, match="does not support macOS yet"):
+            action()
+    assert not config.state_dir.exists()
 
 
 def test_machine_environment_parsing() -> None:
@@ -421,7 +436,7 @@ NO_POSIX = BLOCK_POSIX_IMPORTS + r'''
 import os, sys
 for name in ("fork", "chown", "fchown", "fchmod", "geteuid", "getuid", "getgid", "getegid"):
     delattr(os, name)
-import llmtap.cli, llmtap.doctor, llmtap.installer, llmtap.installer_windows
+import llmtap.cli, llmtap.doctor, llmtap.install.linux, llmtap.install.windows
 from llmtap import secrets_store as store
 assert not store.POSIX_OWNERS
 paths = store.StorePaths.under(sys.argv[1])

@@ -1,7 +1,7 @@
 """`llmtap install`, `uninstall` and `ca rotate` on Windows, through Windows' own tools.
 
-The same steps as on Linux where they mean something here, with the same rollback and install
-record (llmtap.installer's Step, run_steps, Manifest): directories for Administrators and SYSTEM
+The Windows provider: the same steps as on Linux where they mean something here, on the same
+engine (llmtap.install.engine) and install record: directories for Administrators and SYSTEM
 only (icacls, not a service user), the default config, the CA, its public copy and bundle for
 every user, the Root store (certutil), machine-wide variables for the runtimes that do not read
 that store (setx), and the service (pywin32, or a scheduled task). There is no `llmtap` user:
@@ -22,22 +22,11 @@ from llmtap import ca, redirect
 from llmtap.ca import write_file
 from llmtap.config import DEFAULT_CONFIG_PATH, Config, config_path
 from llmtap.errors import RuntimeFailure, UsageError
-from llmtap.installer import (
-    MANIFEST,
-    Manifest,
-    Report,
-    Step,
-    ca_bundle,
-    env_values,
-    port_in_use,
-    remove_created_dirs,
-    remove_data,
-    remove_file,
-    remove_run_dir,
-    run_removals,
-    run_steps,
-    wait_for_daemon,
-)
+from llmtap.install.engine import Removal, Report, Step, run_recorded, run_removals
+from llmtap.install.files import remove_data, remove_file, remove_run_dir
+from llmtap.install.manifest import MANIFEST, Manifest, remove_created_dirs
+from llmtap.install.ready import port_in_use, wait_for_daemon
+from llmtap.install.runtime_env import ca_bundle, env_values
 from llmtap.platform.base import ServiceManager
 from llmtap.platform.runner import Runner, SubprocessRunner
 from llmtap.platform.windows import acl
@@ -85,7 +74,7 @@ def windows_hint(config: Config) -> Callable[[ServiceManager], str]:
 
 
 def wait_for_service(config: Config, service: ServiceManager) -> None:
-    wait_for_daemon(config, service, hint=windows_hint(config))
+    wait_for_daemon(config, service, windows_hint(config))
 
 
 @dataclass
@@ -182,11 +171,7 @@ class WindowsInstaller:
         if service:
             steps.append(self.service_step(manifest))
         steps.append(manifest.step())
-        try:
-            done = run_steps(steps, self.report, after_each=lambda s: manifest.save_if_possible())
-        except RuntimeFailure:
-            manifest.restore()
-            raise
+        done = run_recorded(steps, manifest, self.report)
         if not done:
             self.report("nothing to change: llmtap is already installed"
                         + (" and running" if service else ""))
@@ -340,19 +325,20 @@ class WindowsInstaller:
         """Reverses every step, also on a half-installed machine; keeps going past failures."""
         require_elevated("llmtap uninstall", self.system.elevated)
         manifest = Manifest(self.manifest_path)
-        actions: list[tuple[str, Callable[[], str | None]]] = [
-            ("service", lambda: self.remove_service(manifest)),
-            ("rules", self.remove_rules),
-            ("runtime environment", self.remove_env),
-            ("OS trust", self.remove_trust),
-            ("public CA files", self.remove_public),
-            ("run directory", self.remove_run_dir),
+        removals = [
+            Removal("service", lambda: self.remove_service(manifest)),
+            Removal("rules", self.remove_rules),
+            Removal("runtime environment", self.remove_env),
+            Removal("OS trust", self.remove_trust),
+            Removal("public CA files", self.remove_public),
+            Removal("run directory", self.remove_run_dir),
         ]
         if purge:
-            actions += [("data", self.remove_data),
-                        ("config file", lambda: self.remove_config(manifest))]
-        actions.append(("directories", lambda: remove_created_dirs(manifest, purge)))
-        return run_removals(actions, self.report, self.config, purge, "llmtap uninstall --purge")
+            removals += [Removal("data", self.remove_data),
+                         Removal("config file", lambda: self.remove_config(manifest))]
+        removals.append(Removal("directories", lambda: remove_created_dirs(manifest, purge)))
+        kept = None if purge else (self.config.state_dir, self.config.records_dir)
+        return run_removals(removals, self.report, kept, "llmtap uninstall --purge")
 
     def remove_service(self, manifest: Manifest) -> str | None:
         service = self.service()
