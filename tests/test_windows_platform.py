@@ -23,7 +23,6 @@ from llmtap.errors import RuntimeFailure, UsageError
 from llmtap.install import provider_for
 from llmtap.install import windows as installer_windows
 from llmtap.install.linux import LinuxInstaller
-from llmtap.install.macos import MacInstaller
 from llmtap.install.windows import WindowsInstaller, WindowsSystem
 from llmtap.platform.base import ServiceManager
 from llmtap.platform.linux.trust import PEM_BLOCK
@@ -331,20 +330,8 @@ def test_the_cli_chooses_the_installer_by_platform(tmp_path: Path) -> None:
     config = load_config(write_config(tmp_path))
     assert isinstance(provider_for(config, None, platform="win32"), WindowsInstaller)
     assert isinstance(provider_for(config, None, platform="linux"), LinuxInstaller)
-    assert isinstance(provider_for(config, None, platform="darwin"), MacInstaller)
     with pytest.raises(UsageError, match="not available on Windows yet"):
         provider_for(config, None, platform="win32").rotate()
-
-
-def test_macos_refuses_before_any_change(tmp_path: Path) -> None:
-    config = load_config(write_config(tmp_path))
-    with pytest.raises(UsageError, match="needs root"):
-        MacInstaller(config, is_root=lambda: False).install()
-    for action in (MacInstaller(config, is_root=lambda: True).install,
-                   MacInstaller(config, is_root=lambda: True).uninstall):
-        with pytest.raises(UsageError, match="does not support macOS yet"):
-            action()
-    assert not config.state_dir.exists()
 
 
 def test_machine_environment_parsing() -> None:
