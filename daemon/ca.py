@@ -97,7 +97,7 @@ def create_ca(hosts: tuple[str, ...], common_name: str = "llmtap local CA") -> t
 def ensure_ca(ca_dir: Path, hosts: tuple[str, ...], uid: int, gid: int) -> Path:
     """Creates the CA once; the key is readable by the service user only. Returns the cert path."""
     ca_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if hasattr(os, "chown"):  # Windows: the state directory's ACL protects it (llmtap.inprocess)
+    if hasattr(os, "chown"):  # Windows: the state directory's ACL protects it (inprocess.py)
         os.chown(ca_dir, uid, gid)
     os.chmod(ca_dir, 0o700)
     key_file = ca_dir / KEY_AND_CERT

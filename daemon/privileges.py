@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from llmtap.errors import RuntimeFailure, UsageError
 from llmtap.platform.windows.elevation import require_elevated
 
-with contextlib.suppress(ImportError):  # Windows has neither (and no service user: llmtap.inprocess)
+with contextlib.suppress(ImportError):  # Windows has neither (and no service user there)
     import grp
     import pwd
 

@@ -5,7 +5,7 @@ engine (llmtap.install.engine) and install record: directories for Administrator
 only (icacls, not a service user), the default config, the CA, its public copy and bundle for
 every user, the Root store (certutil), machine-wide variables for the runtimes that do not read
 that store (setx), and the service (pywin32, or a scheduled task). There is no `llmtap` user:
-the service runs as LocalSystem and `llmtap run` never drops its rights (llmtap.inprocess).
+the service runs as LocalSystem and `llmtap run` never drops its rights (llmtap.platform.windows.inprocess).
 Every command goes through an injectable Runner, so tests assert the exact commands on Linux.
 """
 

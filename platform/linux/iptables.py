@@ -93,7 +93,7 @@ def render_restore(plan: RedirectPlan, addresses: frozenset[str], family: Family
 
 
 def _gateway_dnat(plan: RedirectPlan, addresses: frozenset[str], ports: str, jumps: bool) -> list[str]:
-    """Forwarded IPv4 TCP from the gateway interfaces -> the loopback proxy (see llmtap.gateway)."""
+    """Forwarded IPv4 TCP from the gateway interfaces -> the loopback proxy (see platform.linux.gateway)."""
     dnat = f"-p tcp -m multiport --dports {ports} -j DNAT --to-destination 127.0.0.1:{plan.proxy_port}"
     rules = [dnat] if plan.scope == "all" else [f"-d {addr}/32 {dnat}" for addr in sorted(addresses)]
     lines = [

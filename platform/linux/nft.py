@@ -88,7 +88,7 @@ def _connection_cap(plan: RedirectPlan) -> list[str]:
 
 def _gateway_chains(plan: RedirectPlan, ports: str) -> list[str]:
     """Traffic forwarded from the gateway interfaces: IPv4 TCP is DNATed to the loopback proxy
-    (needs route_localnet, see llmtap.gateway); IPv6 TCP to targets is reset so clients fall back
+    (needs route_localnet, see gateway.py); IPv6 TCP to targets is reset so clients fall back
     to IPv4 (::1 is unreachable from outside); QUIC to targets is rejected as for local clients.
     route_localnet would also let a container send packets straight to 127.0.0.1 and reach any
     loopback service here (CVE-2020-8558): gateway_input drops those unless we DNATed them.
