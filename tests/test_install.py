@@ -33,6 +33,7 @@ from llmtap.install.linux_system import System
 from llmtap.install.manifest import MANIFEST, Manifest
 from llmtap.platform.linux.keeper import DetachedService, Keeper, KeeperSpec, process_alive
 from llmtap.platform.linux.trust import PEM_BLOCK
+from llmtap.platform.linux.users import create_system_user, useradd_command
 from llmtap.platform.runner import Completed, SubprocessRunner
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown to the service user)")
@@ -570,3 +571,19 @@ def test_bundle_drops_older_llmtap_cas_from_the_system_roots():
     new = create_ca(("api.openai.com",))[1]
     bundle = ca_bundle(BASE_ROOTS + old, new)
     assert PEM_BLOCK.findall(bundle) == PEM_BLOCK.findall(BASE_ROOTS + new)
+
+
+def test_the_daemon_creates_its_user_through_the_runner():
+    """`llmtap run` without `llmtap install` makes the user with the installer's useradd."""
+    calls: list[list[str]] = []
+
+    def runner(argv: list[str], stdin: str | None = None) -> Completed:
+        calls.append(argv)
+        return Completed(9, "", "useradd: warning\nuseradd: user 'llmtap-x' already exists\n")
+
+    with pytest.raises(RuntimeFailure, match="cannot create system user 'llmtap-x': useradd: user"):
+        create_system_user("llmtap-x", runner, which=lambda name: f"/usr/sbin/{name}")
+    assert calls == [useradd_command(Path("/"), "llmtap-x", False)]
+    with pytest.raises(RuntimeFailure, match="useradd is missing"):
+        create_system_user("llmtap-x", runner, which=lambda name: None)
+    assert len(calls) == 1

@@ -20,7 +20,7 @@ from llmtap.install import linux_steps as steps
 from llmtap.install.engine import Removal, Report, Step, run_recorded, run_removals, run_steps
 from llmtap.install.files import FileChange
 from llmtap.install.linux_rotate import Rotation
-from llmtap.install.linux_system import Layout, System, lookup_user, make_layout, validate_for_install
+from llmtap.install.linux_system import Layout, System, make_layout, validate_for_install
 from llmtap.install.manifest import Manifest, remove_created_dirs
 from llmtap.install.ready import daemon_answers
 from llmtap.install.runtime_env import ca_bundle, env_values, environment_d, profile_script
@@ -35,6 +35,7 @@ from llmtap.platform.linux.trust import (
     find_nss_databases,
     local_homes,
 )
+from llmtap.platform.linux.users import lookup_user
 
 
 class LinuxInstaller:

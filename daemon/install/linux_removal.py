@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING
 
 from llmtap.errors import RuntimeFailure, UsageError
 from llmtap.install.files import remove_data, remove_file, remove_run_dir
-from llmtap.install.linux_system import group_exists, lookup_user, prefix
 from llmtap.install.manifest import Manifest
 from llmtap.platform.linux.systemd import SystemdService
 from llmtap.platform.linux.trust import NssTrustStore
+from llmtap.platform.linux.users import group_exists, lookup_user, prefix
 
 if TYPE_CHECKING:
     from llmtap.install.linux import LinuxInstaller

@@ -14,12 +14,13 @@ from llmtap import ca
 from llmtap.errors import RuntimeFailure
 from llmtap.install.engine import Step
 from llmtap.install.files import FileChange, make_dirs, remove_dirs, remove_file
-from llmtap.install.linux_system import CONFIG_TEMPLATE, group_exists, lookup_user, prefix, useradd_command
+from llmtap.install.linux_system import CONFIG_TEMPLATE
 from llmtap.install.manifest import Manifest
 from llmtap.install.runtime_env import env_values
 from llmtap.platform.linux.keeper import DetachedService
 from llmtap.platform.linux.systemd import SystemdService
 from llmtap.platform.linux.trust import DistroTrustStore, JavaTrustStore, NssTrustStore
+from llmtap.platform.linux.users import group_exists, lookup_user, prefix, useradd_command
 
 if TYPE_CHECKING:
     from llmtap.install.linux import LinuxInstaller

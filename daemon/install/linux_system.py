@@ -3,7 +3,6 @@ temporary tree), its users, and everything outside install's own files, injectab
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
@@ -22,10 +21,6 @@ from llmtap.platform.linux.keeper import DetachedService, Spawn, spawn_detached
 from llmtap.platform.linux.systemd import systemd_running
 from llmtap.platform.linux.trust import Which, under
 from llmtap.platform.runner import Runner, SubprocessRunner
-
-with contextlib.suppress(ImportError):  # not on Windows (the NO_POSIX import test)
-    import grp
-    import pwd
 
 SERVICE_KINDS = ("auto", "systemd", "detached")
 TRUST_CHOICES = ("auto", "debian", "fedora", "arch")
@@ -165,47 +160,6 @@ class Layout:
 def make_layout(config: Config, explicit: str | None) -> Layout:
     path, named = config_path(explicit)
     return Layout(config, path.absolute() if named else None)
-
-
-def lookup_user(root: Path, name: str) -> tuple[int, int] | None:
-    if root == Path("/"):
-        try:
-            entry = pwd.getpwnam(name)
-        except KeyError:
-            return None
-        return entry.pw_uid, entry.pw_gid
-    for line in _lines(root / "etc/passwd"):
-        fields = line.split(":")
-        if len(fields) >= 4 and fields[0] == name:
-            return int(fields[2]), int(fields[3])
-    return None
-
-
-def group_exists(root: Path, name: str) -> bool:
-    if root == Path("/"):
-        try:
-            grp.getgrnam(name)
-        except KeyError:
-            return False
-        return True
-    return any(line.split(":")[0] == name for line in _lines(root / "etc/group"))
-
-
-def _lines(path: Path) -> list[str]:
-    try:
-        return path.read_text(errors="replace").splitlines()
-    except OSError:
-        return []
-
-
-def prefix(root: Path) -> list[str]:
-    return [] if root == Path("/") else ["--prefix", str(root)]
-
-
-def useradd_command(root: Path, name: str, group_present: bool) -> list[str]:
-    group = ["--gid", name] if group_present else ["--user-group"]
-    return ["useradd", *prefix(root), "--system", "--no-create-home", "--home-dir", "/nonexistent",
-            "--shell", "/usr/sbin/nologin", *group, name]
 
 
 def validate_for_install(config: Config) -> None:
