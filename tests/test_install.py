@@ -28,6 +28,7 @@ from llmtap import cli
 from llmtap.ca import create_ca
 from llmtap.config import load_config
 from llmtap.errors import RuntimeFailure, UsageError
+from llmtap.install.engine import unremoved
 from llmtap.install.linux import LinuxInstaller
 from llmtap.install.linux_system import System
 from llmtap.install.manifest import MANIFEST, Manifest
@@ -587,3 +588,16 @@ def test_the_daemon_creates_its_user_through_the_runner():
     with pytest.raises(RuntimeFailure, match="useradd is missing"):
         create_system_user("llmtap-x", runner, which=lambda name: None)
     assert len(calls) == 1
+
+
+def test_every_step_is_removed_by_its_tag(tree):
+    """wg-quick's discipline: uninstall --purge takes away what every install step put there,
+    and without --purge only what it promises to keep stays."""
+    installer = tree.installer(tree.config())
+    store, kind = installer.preflight(trust=True, service=True)
+    manifest = Manifest(installer.layout.manifest)
+    steps = installer.install_steps(store, kind, manifest)
+    assert [s.tag for s in steps][:2] == ["system user", "directories"] and "service" in steps[-2].tag
+    assert unremoved(steps, installer.removals(manifest, purge=True)) == []
+    assert unremoved(steps, installer.removals(manifest, purge=False)) == [
+        "system user", "certificate authority", "install record"]  # --config: no config file step

@@ -22,7 +22,9 @@ from llmtap.doctor import Doctor
 from llmtap.errors import RuntimeFailure, UsageError
 from llmtap.install import provider_for
 from llmtap.install import windows as installer_windows
+from llmtap.install.engine import unremoved
 from llmtap.install.linux import LinuxInstaller
+from llmtap.install.manifest import Manifest
 from llmtap.install.windows import WindowsInstaller, WindowsSystem
 from llmtap.platform.base import ServiceManager
 from llmtap.platform.linux.trust import PEM_BLOCK
@@ -324,6 +326,18 @@ def test_uninstall_purge_leaves_no_trace(make: Any, box: WindowsBox, service: Fa
     assert not installer.config.install.public_dir.exists()
     assert make().uninstall() == []
     assert "nothing to remove: llmtap is not installed" in make.reports
+
+
+def test_every_step_is_removed_by_its_tag(make: Any) -> None:
+    installer = make()
+    manifest = Manifest(installer.manifest_path)
+    steps = installer.install_steps(True, True, manifest)
+    assert [s.tag for s in steps] == ["directories", "config file", "certificate authority",
+                                      "public CA files", "OS trust", "runtime environment",
+                                      "service", "install record"]
+    assert unremoved(steps, installer.removals(manifest, purge=True)) == []
+    assert unremoved(steps, installer.removals(manifest, purge=False)) == [
+        "config file", "certificate authority", "install record"]
 
 
 def test_the_cli_chooses_the_installer_by_platform(tmp_path: Path) -> None:

@@ -3,9 +3,10 @@
 The discipline is wg-quick's: every change is a Step that knows whether it is needed (a second run
 changes nothing and says so), makes its change and can undo it. When a step fails, the steps done
 in this run are undone in reverse order (the failed one too: it may have half-happened) and the
-message names the failed step. Uninstall is a list of Removals, each tagged with the name of the
-step whose effect it removes; removals look at the machine (and the manifest), never at this run,
-so they also clean a half-installed machine, and they keep going past a failure.
+message names the failed step. Uninstall is a list of Removals, each tagged like the steps whose
+effect it removes (Step.tag; `unremoved` names any step no removal covers); removals look at the
+machine (and the manifest), never at this run, so they also clean a half-installed machine, and
+they keep going past a failure.
 """
 
 from __future__ import annotations
@@ -21,20 +22,33 @@ if TYPE_CHECKING:
     from llmtap.install.manifest import Manifest
 
 Report = Callable[[str], None]
+DATA_STEPS = ("certificate authority", "install record")  # in state_dir: --purge's data removes them
 
 
 @dataclass
 class Step:
-    name: str  # the tag: in messages, and the name its Removal goes by
+    name: str  # in messages: "OS trust (debian)"
     needed: Callable[[], bool]
     apply: Callable[[], str]  # returns what it did, one line
-    undo: Callable[[], None]
+    undo: Callable[[], None]  # this run's change only: the rollback
+    tag: str = ""  # what it puts on the machine, as its Removal is tagged: "OS trust" (default: name)
+
+    def __post_init__(self) -> None:
+        self.tag = self.tag or self.name
 
 
 @dataclass(frozen=True)
 class Removal:
-    tag: str  # the step (or the part of the machine) it removes
+    tag: str  # the steps it removes the effect of, on any machine, installed by any run
     remove: Callable[[], str | None]  # what it removed, or None when there was nothing
+    also: tuple[str, ...] = ()  # more step tags it removes (--purge's data: the CA, the record)
+
+
+def unremoved(steps: list[Step], removals: list[Removal]) -> list[str]:
+    """The tags of steps that no removal takes away: none, for a provider's steps and its
+    uninstall --purge (each provider's tests check it)."""
+    covered = {removal.tag for removal in removals} | {t for r in removals for t in r.also}
+    return [step.tag for step in steps if step.tag not in covered]
 
 
 class Provider(Protocol):

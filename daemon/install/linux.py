@@ -17,7 +17,7 @@ from llmtap.config import Config
 from llmtap.errors import RuntimeFailure, UsageError
 from llmtap.install import linux_removal as removal
 from llmtap.install import linux_steps as steps
-from llmtap.install.engine import Removal, Report, Step, run_recorded, run_removals, run_steps
+from llmtap.install.engine import DATA_STEPS, Removal, Report, Step, run_recorded, run_removals, run_steps
 from llmtap.install.files import FileChange
 from llmtap.install.linux_rotate import Rotation
 from llmtap.install.linux_system import Layout, System, make_layout, validate_for_install
@@ -199,7 +199,7 @@ class LinuxInstaller:
             Removal("run directory", lambda: removal.run_dir(self)),
         ]
         if purge:
-            found += [Removal("data", lambda: removal.data(self)),
+            found += [Removal("data", lambda: removal.data(self), DATA_STEPS),
                       Removal("config file", lambda: removal.config_file(self, manifest)),
                       Removal("system user", lambda: removal.user(self, manifest))]
         found.append(Removal("directories", lambda: remove_created_dirs(manifest, purge)))

@@ -47,7 +47,8 @@ def user_step(inst: LinuxInstaller, manifest: Manifest) -> Step:
             runner(["groupdel", *prefix(root), name])
         manifest.data.pop("created_user", None)
 
-    return Step(f"system user {name}", lambda: lookup_user(root, name) is None, apply, undo)
+    return Step(f"system user {name}", lambda: lookup_user(root, name) is None, apply, undo,
+                "system user")
 
 
 def dirs_step(inst: LinuxInstaller, manifest: Manifest) -> Step:
@@ -170,7 +171,7 @@ def os_trust_step(inst: LinuxInstaller, store: DistroTrustStore, manifest: Manif
         return not (inst.layout.public_cert.exists()
                     and store.is_trusted(inst.layout.public_cert))
 
-    return Step(f"OS trust ({store.name})", needed, apply, store.untrust)
+    return Step(f"OS trust ({store.name})", needed, apply, store.untrust, "OS trust")
 
 
 def nss_step(inst: LinuxInstaller, nss: NssTrustStore) -> Step:
@@ -182,7 +183,7 @@ def nss_step(inst: LinuxInstaller, nss: NssTrustStore) -> Step:
     def needed() -> bool:
         return not (inst.layout.public_cert.exists() and nss.is_trusted(inst.layout.public_cert))
 
-    return Step("NSS databases (certutil)", needed, apply, nss.untrust)
+    return Step("NSS databases (certutil)", needed, apply, nss.untrust, "NSS databases")
 
 
 def java_step(inst: LinuxInstaller, java: JavaTrustStore) -> Step:
@@ -193,7 +194,7 @@ def java_step(inst: LinuxInstaller, java: JavaTrustStore) -> Step:
     def needed() -> bool:
         return not (inst.layout.public_cert.exists() and java.is_trusted(inst.layout.public_cert))
 
-    return Step("Java keystore (keytool)", needed, apply, java.untrust)
+    return Step("Java keystore (keytool)", needed, apply, java.untrust, "Java keystore")
 
 
 def env_step(inst: LinuxInstaller, manifest: Manifest) -> Step:
@@ -249,4 +250,4 @@ def service_step(inst: LinuxInstaller, kind: str, manifest: Manifest) -> Step:
             remove_file(inst.layout.log_file)
         remove_dirs(log_dirs)
 
-    return Step(f"service ({kind})", needed, apply, undo)
+    return Step(f"service ({kind})", needed, apply, undo, "service")

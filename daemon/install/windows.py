@@ -22,7 +22,7 @@ from llmtap import ca, redirect
 from llmtap.ca import write_file
 from llmtap.config import DEFAULT_CONFIG_PATH, Config, config_path
 from llmtap.errors import RuntimeFailure, UsageError
-from llmtap.install.engine import Removal, Report, Step, run_recorded, run_removals
+from llmtap.install.engine import DATA_STEPS, Removal, Report, Step, run_recorded, run_removals
 from llmtap.install.files import remove_data, remove_file, remove_run_dir
 from llmtap.install.manifest import MANIFEST, Manifest, remove_created_dirs
 from llmtap.install.ready import port_in_use, wait_for_daemon
@@ -161,6 +161,17 @@ class WindowsInstaller:
         self.report("not on Windows: no `llmtap` user (the service runs as LocalSystem; "
                     "directories are for Administrators and SYSTEM only)")
         manifest = Manifest(self.manifest_path)
+        done = run_recorded(self.install_steps(trust, service, manifest), manifest, self.report)
+        if not done:
+            self.report("nothing to change: llmtap is already installed"
+                        + (" and running" if service else ""))
+        else:
+            start = "" if service else "; start the daemon with `llmtap run` (elevated)"
+            self.report("next: open a new terminal (the variables are set for new sessions), "
+                        f"then `llmtap env --shell powershell`; `llmtap doctor` checks it all{start}")
+        return [s.name for s in done]
+
+    def install_steps(self, trust: bool, service: bool, manifest: Manifest) -> list[Step]:
         steps = [self.dirs_step(manifest)]
         if self.explicit_config is None:
             steps.append(self.config_step(manifest))
@@ -171,15 +182,7 @@ class WindowsInstaller:
         if service:
             steps.append(self.service_step(manifest))
         steps.append(manifest.step())
-        done = run_recorded(steps, manifest, self.report)
-        if not done:
-            self.report("nothing to change: llmtap is already installed"
-                        + (" and running" if service else ""))
-        else:
-            start = "" if service else "; start the daemon with `llmtap run` (elevated)"
-            self.report("next: open a new terminal (the variables are set for new sessions), "
-                        f"then `llmtap env --shell powershell`; `llmtap doctor` checks it all{start}")
-        return [s.name for s in done]
+        return steps
 
     def dirs_step(self, manifest: Manifest) -> Step:
         public = self.config.install.public_dir
@@ -275,7 +278,7 @@ class WindowsInstaller:
         def needed() -> bool:
             return not (self.public_cert.exists() and store.is_trusted(self.public_cert))
 
-        return Step("OS trust (certutil)", needed, apply, store.untrust)
+        return Step("OS trust (certutil)", needed, apply, store.untrust, "OS trust")
 
     def env_step(self, manifest: Manifest) -> Step:
         before: dict[str, str | None] = {}
@@ -317,7 +320,7 @@ class WindowsInstaller:
             self.system.cleanup_rules()
             manifest.data.pop("service", None)
 
-        return Step(f"service ({kind})", lambda: not service.is_running(), apply, undo)
+        return Step(f"service ({kind})", lambda: not service.is_running(), apply, undo, "service")
 
     # --- uninstall ---
 
@@ -325,7 +328,12 @@ class WindowsInstaller:
         """Reverses every step, also on a half-installed machine; keeps going past failures."""
         require_elevated("llmtap uninstall", self.system.elevated)
         manifest = Manifest(self.manifest_path)
-        removals = [
+        kept = None if purge else (self.config.state_dir, self.config.records_dir)
+        return run_removals(self.removals(manifest, purge), self.report, kept,
+                            "llmtap uninstall --purge")
+
+    def removals(self, manifest: Manifest, purge: bool) -> list[Removal]:
+        found = [
             Removal("service", lambda: self.remove_service(manifest)),
             Removal("rules", self.remove_rules),
             Removal("runtime environment", self.remove_env),
@@ -334,11 +342,10 @@ class WindowsInstaller:
             Removal("run directory", self.remove_run_dir),
         ]
         if purge:
-            removals += [Removal("data", self.remove_data),
-                         Removal("config file", lambda: self.remove_config(manifest))]
-        removals.append(Removal("directories", lambda: remove_created_dirs(manifest, purge)))
-        kept = None if purge else (self.config.state_dir, self.config.records_dir)
-        return run_removals(removals, self.report, kept, "llmtap uninstall --purge")
+            found += [Removal("data", self.remove_data, DATA_STEPS),
+                      Removal("config file", lambda: self.remove_config(manifest))]
+        found.append(Removal("directories", lambda: remove_created_dirs(manifest, purge)))
+        return found
 
     def remove_service(self, manifest: Manifest) -> str | None:
         service = self.service()
