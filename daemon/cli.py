@@ -15,6 +15,7 @@ from llmtap.cli_prices import prices_app
 from llmtap.cli_rules import rules_app
 from llmtap.cli_secrets import env_command, secrets_app
 from llmtap.cli_tunnel import tunnel_command
+from llmtap.cli_ui import ui_command
 from llmtap.config import Config, load_config
 from llmtap.errors import LlmtapError
 from llmtap.platform.linux import gateway
@@ -38,6 +39,7 @@ app.add_typer(rules_app, name="rules")
 app.add_typer(secrets_app, name="secrets")
 app.command("env")(env_command)
 app.command("tunnel")(tunnel_command)
+app.command("ui")(ui_command)
 
 
 
@@ -114,6 +116,8 @@ def _print_status(report: dict[str, Any]) -> None:
     typer.echo(f"  listening: {', '.join(report['listening'])}")
     if report.get("gateway_interfaces"):
         typer.echo(f"  gateway: traffic forwarded from {', '.join(report['gateway_interfaces'])}")
+    if report.get("metrics"):
+        typer.echo(f"  metrics: http://{report['metrics']}/metrics and /health")
     for host, addresses in report["targets"].items():
         typer.echo(f"  {host}: {', '.join(addresses) or 'unresolved'}")
     counters = report.get("counters", {})

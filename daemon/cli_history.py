@@ -90,15 +90,25 @@ def process_label(row: Any) -> str:
     return f"{name}[{row['process_pid']}]" if name else "?"
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` safe for a terminal: a model name, a path or a prompt is the client's, and an
+    escape sequence in it would act on the admin's terminal (erase lines, set the clipboard)."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def log_line(row: Any) -> str:
     usage = f"{tokens(row['input_tokens'])}→{tokens(row['output_tokens'])}"
     error = f"  ! {row['error'][:80]}" if row["error"] else ""
     if row["counted"] == 0:  # a retrieval, a poll, an upgrade: no call of its own
         error = f"  (not counted{': repeat of ' + row['repeat_of'] if row['repeat_of'] else ''})" + error
-    return (f"{local_time(row['started_ts'])}  {row['id'][:8]}  {process_label(row):<22} "
-            f"{(row['model'] or '?'):<28} {row['status'] if row['status'] is not None else '---'}  "
-            f"{usage:>13}  {money(row['cost_usd']):>9}  ttft {millis(row['ttft_ms']):>7}  "
-            f"{row['host']}{row['path'] or ''}{error}")
+    return printable(
+        f"{local_time(row['started_ts'])}  {row['id'][:8]}  {process_label(row):<22} "
+        f"{(row['model'] or '?'):<28} {row['status'] if row['status'] is not None else '---'}  "
+        f"{usage:>13}  {money(row['cost_usd']):>9}  ttft {millis(row['ttft_ms']):>7}  "
+        f"{row['host']}{row['path'] or ''}{error}")
 
 
 def json_row(row: Any) -> dict[str, Any]:
@@ -160,7 +170,7 @@ def show(
     if data is None:
         raise RuntimeFailure(f"record {matches[0]['id']} is indexed but its file {location} is gone "
                              "(run `llmtap reindex`)")
-    typer.echo(data.decode("utf-8", "replace").rstrip("\n"))
+    typer.echo(printable(data.decode("utf-8", "replace").replace("\r\n", "\n").rstrip("\n")))
 
 
 @history_app.command()

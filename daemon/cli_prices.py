@@ -12,7 +12,7 @@ from typing import Any
 
 import typer
 from llmtap import price_data
-from llmtap.cli_history import ReadOnlyOption, SinceOption, open_index, parse_since
+from llmtap.cli_history import ReadOnlyOption, SinceOption, open_index, parse_since, printable
 from llmtap.cli_options import ConfigOption
 from llmtap.config import Config, load_config
 from llmtap.errors import RuntimeFailure, UsageError
@@ -167,7 +167,7 @@ def missing(
         return
     for row in rows:
         now = f"priced now by {row['priced_now']['row']}" if row["priced_now"] else "still unpriced"
-        typer.echo(f"{row['model']}  {row['calls']} calls  at {row.get('host') or '?'}  ({now})")
+        typer.echo(printable(f"{row['model']}  {row['calls']} calls  at {row.get('host') or '?'}  ({now})"))
 
 
 @prices_app.command("import")

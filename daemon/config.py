@@ -143,12 +143,49 @@ class DashboardConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus /metrics and /health, served by the supervisor ("" = off), e.g. "127.0.0.1:9464".
+    Loopback unless allow_non_loopback is set too, and then only with a bearer_token (SPEC:
+    nothing listens on a non-loopback address unless told)."""
+
+    listen: str = ""
+    allow_non_loopback: bool = False
+    bearer_token: str = ""  # when set, every request must carry "Authorization: Bearer <it>"
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        return parse_listen(self.listen, "metrics.listen") if self.listen else None
+
+
+@dataclass(frozen=True)
+class LokiConfig:
+    url: str = ""  # e.g. "http://127.0.0.1:3100" (the push path is added); "" = off
+    tenant: str = ""  # X-Scope-OrgID, for a multi-tenant Loki
+    headers: tuple[str, ...] = ()  # "name=value" pairs (auth)
+
+
+@dataclass(frozen=True)
+class ClickhouseConfig:
+    url: str = ""  # the HTTP interface, e.g. "http://127.0.0.1:8123"; "" = off
+    database: str = "llmtap"
+    table: str = "exchanges"
+    user: str = ""
+    password: str = ""
+    bodies: bool = False  # the request and response bodies too (masked, capped as the Markdown's)
+
+
+@dataclass(frozen=True)
 class ExportConfig:
     otlp_endpoint: str = ""  # OTLP/HTTP traces URL, e.g. http://collector:4318/v1/traces; "" = off
-    headers: tuple[str, ...] = ()  # "name=value" pairs sent with every export (auth tokens)
+    otlp_metrics: bool = True  # and gen_ai.client.* metrics to the sibling /v1/metrics
+    headers: tuple[str, ...] = ()  # "name=value" pairs sent with every OTLP export (auth tokens)
     service_name: str = "llmtap"
     timeout_s: int = 5
-    spool_max_files: int = 1000  # batches kept on disk while the collector is down
+    # One spool for every exporter: batches kept on disk while a store is down or slow.
+    spool_max_files: int = 1000
+    spool_max_mb: int = 256
+    loki: LokiConfig = field(default_factory=LokiConfig)
+    clickhouse: ClickhouseConfig = field(default_factory=ClickhouseConfig)
 
 
 @dataclass(frozen=True)
@@ -247,6 +284,7 @@ class Config:
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     prices: PricesConfig = field(default_factory=PricesConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     install: InstallConfig = field(default_factory=InstallConfig)
     rules: RulesConfig = field(default_factory=RulesConfig)
     dlp: DlpConfig = field(default_factory=DlpConfig)
@@ -363,36 +401,55 @@ def validate_history(config: Config) -> None:
         raise UsageError("prices.update_hours must be 0 (off) or more")
     if not config.prices.url.startswith(("https://", "file:")):
         raise UsageError(f"prices.url must be an https:// (or file:) URL, not {config.prices.url!r}")
-    if export.otlp_endpoint and not re.match(r"^https?://[^/\s]+", export.otlp_endpoint):
-        raise UsageError(f"export.otlp_endpoint must be an http(s) URL, not {export.otlp_endpoint!r}")
-    for header in export.headers:
-        if "=" not in header or not header.split("=", 1)[0].strip():
-            raise UsageError("export.headers entries must look like \"name=value\"")
-    if export.timeout_s < 1 or export.spool_max_files < 1:
-        raise UsageError("export.timeout_s and export.spool_max_files must be at least 1")
+    for key, url in (("otlp_endpoint", export.otlp_endpoint), ("loki.url", export.loki.url),
+                     ("clickhouse.url", export.clickhouse.url)):
+        if url and not re.match(r"^https?://[^/\s]+", url):
+            raise UsageError(f"export.{key} must be an http(s) URL, not {url!r}")
+    for key, headers in (("headers", export.headers), ("loki.headers", export.loki.headers)):
+        if any("=" not in h or not h.split("=", 1)[0].strip() for h in headers):
+            raise UsageError(f"export.{key} entries must look like \"name=value\"")
+    for name in ("database", "table"):
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", getattr(export.clickhouse, name)):
+            raise UsageError(f"export.clickhouse.{name} must be a plain identifier")
+    if export.timeout_s < 1 or export.spool_max_files < 1 or export.spool_max_mb < 1:
+        raise UsageError("export.timeout_s, export.spool_max_files and export.spool_max_mb must "
+                         "be at least 1")
 
 
-def parse_listen(value: str) -> tuple[str, int]:
+def parse_listen(value: str, key: str = "explicit.listen") -> tuple[str, int]:
     """"127.0.0.1:8890" or "[::1]:8890" -> (ip, port); anything else is a usage error."""
     match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d{1,5})|([0-9.]+):(\d{1,5})", value.strip())
     if not match:
-        raise UsageError(f"explicit.listen must look like \"127.0.0.1:8890\" or \"[::1]:8890\", "
+        raise UsageError(f"{key} must look like \"127.0.0.1:8890\" or \"[::1]:8890\", "
                          f"not {value!r}")
     host, port = (match[1], match[2]) if match[1] else (match[3], match[4])
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        raise UsageError(f"explicit.listen: {host!r} is not an IP address") from None
+        raise UsageError(f"{key}: {host!r} is not an IP address") from None
     if not 1 <= int(port) <= 65535:
-        raise UsageError(f"explicit.listen port {port} is out of range 1-65535")
+        raise UsageError(f"{key} port {port} is out of range 1-65535")
     return str(address), int(port)
 
 
+def validate_metrics(metrics: MetricsConfig, proxy_port: int) -> None:
+    if (address := metrics.address) is None:
+        return
+    if not ipaddress.ip_address(address[0]).is_loopback and not (
+            metrics.allow_non_loopback and len(metrics.bearer_token) >= 16):
+        raise UsageError(f"metrics.listen {metrics.listen} is not a loopback address: set "
+                         "metrics.allow_non_loopback = true and a metrics.bearer_token of at least "
+                         "16 characters if you mean it")
+    if address[1] == proxy_port:
+        raise UsageError(f"metrics.listen port {address[1]} is redirect.proxy_port: choose another")
+
+
 def validate_reach(config: Config) -> None:
-    """The explicit listener and the gateway interfaces."""
+    """The explicit listener, the metrics listener and the gateway interfaces."""
     for name in config.redirect.gateway_interfaces:
         if not IFNAME_RE.match(name) or name == "lo":
             raise UsageError(f"redirect.gateway_interfaces: {name!r} is not a network interface name")
+    validate_metrics(config.metrics, config.redirect.proxy_port)
     if (address := config.explicit.address) is None:
         return
     host, port = address

@@ -13,6 +13,7 @@ SQLite index alone (and keeps trying to connect).
 from __future__ import annotations
 
 import datetime
+import functools
 import queue
 import sqlite3
 import threading
@@ -34,7 +35,8 @@ from rich.text import Text
 HISTORY_EVERY_S = 2.0
 RECONNECT_EVERY_S = 2.0
 FRAME_S = 0.25
-# Context windows (tokens) by model-name prefix, longest prefix first; unknown models show no %.
+# Context windows (tokens) by model-name prefix, longest prefix first, for models whose row in the
+# maintained data has none; unknown models show no %.
 CONTEXT_WINDOWS: tuple[tuple[str, int], ...] = (
     ("claude-sonnet-4", 200_000), ("claude-opus-4", 200_000), ("claude-haiku-4", 200_000),
     ("claude-3", 200_000), ("claude", 200_000),
@@ -45,7 +47,14 @@ CONTEXT_WINDOWS: tuple[tuple[str, int], ...] = (
 )
 
 
+@functools.lru_cache(maxsize=1024)
 def context_window(model: str | None) -> int | None:
+    """The model's context window from the maintained data (genai-prices), else by its prefix."""
+    from llmtap import price_data
+    from llmtap.pricing import find_row
+
+    if model and (row := find_row(price_data.bundled(), model, "")) and row[1].context_window:
+        return row[1].context_window
     name = (model or "").lower().split("/")[-1]
     for prefix, size in sorted(CONTEXT_WINDOWS, key=lambda p: -len(p[0])):
         if name.startswith(prefix):

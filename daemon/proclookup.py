@@ -14,7 +14,6 @@ Linux: the socket whose local address is the client's, then the process holding 
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import logging
 import os
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from llmtap.platform.linux.sockets import diag_socket_inode, pid_of_inode, socket_inode
+from llmtap.platform.linux.sockets import diag_socket_inode, normalise_ip, pid_of_inode, socket_inode
 from llmtap.records.capture import mask_secrets
 
 log = logging.getLogger(__name__)
@@ -41,13 +40,6 @@ MAX_CMDLINE = 1024
 AGENTS = ("claude", "codex", "cursor", "aider", "gemini", "copilot", "windsurf", "zed", "code",
           "goose", "opencode", "continue", "cline")
 RUNTIMES = ("node", "python", "bun", "deno", "ruby", "java", "go")
-def normalise_ip(ip: str) -> str:
-    parsed = ipaddress.ip_address(ip.split("%", 1)[0])
-    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped:
-        return str(parsed.ipv4_mapped)
-    return str(parsed)
-
-
 def tool_name(name: str, cmdline: list[str], exe: str | None = None) -> str | None:
     """The tool a process is: its own name, the script an interpreter runs (node …/claude), or
     the runtime its executable is (a `pytest` process is python)."""

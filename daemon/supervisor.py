@@ -24,11 +24,12 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from llmtap import ca, control, livehub, proclookup, redirect
+from llmtap import ca, control, livehub, metrics, proclookup, redirect
 from llmtap.addons import attribution
 from llmtap.config import Config
 from llmtap.errors import LlmtapError, RuntimeFailure, UsageError
 from llmtap.healing import HEARTBEAT_TIMEOUT_S, Healer
+from llmtap.metrics_server import MetricsServer
 from llmtap.platform.base import OriginalAddrLookup, RedirectBackend, RedirectPlan, TargetAddresses
 from llmtap.platform.linux import gateway
 from llmtap.privileges import ServiceUser, ensure_service_user, require_root
@@ -142,6 +143,7 @@ class Supervisor:
         self.localnet = gateway.RouteLocalnet(config.redirect.gateway_interfaces,
                                               gateway.record_path(config.run_dir))
         self.hub = livehub.LiveHub(lambda: self.counters)
+        self.metrics = metrics.Metrics()
         self.worker: WorkerHandle | None = None
         self.plan: RedirectPlan | None = None
         self.wake = threading.Event()  # the watchdog looks now, not at its next round
@@ -179,9 +181,10 @@ class Supervisor:
         spawner.start()
         self.plan = self._plan(user)
         guardian_fd = -1
-        control_server = None
+        control_server = metrics_server = None
         try:
             self._start_worker(spawner)
+            metrics_server = self._serve_metrics()
             if not backend_cls.dies_with_owner or self.localnet.interfaces:
                 guardian_fd = start_guardian(functools.partial(self._undo_leftovers, backend_cls))
             self._install_signal_handlers()
@@ -211,6 +214,8 @@ class Supervisor:
             lookup.close()
             if control_server is not None:
                 control_server.close()
+            if metrics_server is not None:
+                metrics_server.close()
             with contextlib.suppress(FileNotFoundError):
                 (config.run_dir / "llmtap.pid").unlink()
 
@@ -363,8 +368,10 @@ class Supervisor:
             while (event := worker.next_event()) is not None:
                 if event.get("event") == "counters":
                     self.counters = event.get("counters", {})
+                    self.metrics.update_counters(self.counters, worker.pid)
                 elif event.get("event") == "live":
                     self.hub.publish(event.get("events", []))
+                    self.metrics.observe(event.get("events", []))
         worker.ended = True  # it exited: every moment the redirect still points at it is refusals
         self.wake.set()
 
@@ -380,6 +387,36 @@ class Supervisor:
             except Exception as exc:  # keep refreshing; the old set stays in force
                 log.warning("target refresh failed: %s", exc)
                 wait = 30.0
+
+    def _serve_metrics(self) -> MetricsServer | None:
+        """[metrics] listen: before the redirect goes in, so a port in use stops the start."""
+        settings = self.config.metrics
+        if settings.address is None:
+            return None
+        server = MetricsServer(settings.address, lambda: self.metrics.render(self.metrics_state),
+                               self.health, settings.bearer_token)
+        log.info("metrics on http://%s/metrics", settings.listen)
+        return server
+
+    def intercepting(self) -> bool:
+        worker = self.worker
+        return bool(self.backend and self.backend.alive() and worker is not None
+                    and not worker.ended and worker.silent_for() <= HEARTBEAT_TIMEOUT_S)
+
+    def metrics_state(self) -> dict[str, Any]:
+        healer = self.healer.status()
+        return {"intercepting": self.intercepting(), "healing": healer["healing"],
+                "restarts": healer["restarts"], "active": len(self.hub.active),
+                "started": self.started_at.timestamp()}
+
+    def health(self) -> dict[str, Any]:
+        """/health: 200 only while intercepting; otherwise why not."""
+        up = self.intercepting()
+        status = "intercepting" if up else "healing" if self.healer.healing else (
+            "stopping" if self.stop.is_set() else "starting" if self.backend is None else "down")
+        return {"status": status, "backend": self.backend.name if self.backend else None,
+                "worker_pid": self.worker_pid, "proxy_listening": self.listening,
+                **self.healer.status()}
 
     def _write_pidfile(self) -> None:
         (self.config.run_dir / "llmtap.pid").write_text(f"{os.getpid()}\n")
@@ -402,6 +439,7 @@ class Supervisor:
             "proxy_port": r.proxy_port,
             "listening": self.listening,
             "explicit": self.config.explicit.listen or None,
+            "metrics": self.config.metrics.listen or None,
             "gateway_interfaces": list(r.gateway_interfaces),
             "rules_present": bool(self.backend and self.backend.alive()),
             **self.healer.status(),

@@ -20,7 +20,7 @@ from llmtap import cli
 from llmtap.addons.recorder import SYSTEM_PROMPT, Recorder, fields
 from llmtap.cli_history import parse_since
 from llmtap.config import ExportConfig, RecordsConfig
-from llmtap.records import otlp, rotation, store
+from llmtap.records import export, rotation, store
 from llmtap.records.capture import (
     Body,
     BodyCapture,
@@ -32,8 +32,9 @@ from llmtap.records.capture import (
 )
 from llmtap.records.index import Index, index_path
 from llmtap.records.markdown import render, sse_text
-from llmtap.records.writer import RecordWriter, WriterSettings
+from llmtap.records.writer import RecordWriter, WriterSettings, exporters
 from mitmproxy.test import taddons, tflow
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 SYSTEM = "You are a careful assistant."
@@ -386,11 +387,18 @@ class Receiver:
 
     def __init__(self, port: int = 0) -> None:
         self.spans: list[Any] = []
-        received = self.spans
+        self.metrics: list[Any] = []
+        received, metrics = self.spans, self.metrics
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["content-length"]))
+                if self.path == "/v1/metrics":
+                    for rm in ExportMetricsServiceRequest.FromString(body).resource_metrics:
+                        metrics.extend(m for sm in rm.scope_metrics for m in sm.metrics)
+                    self.send_response(200)
+                    self.end_headers()
+                    return
                 request = ExportTraceServiceRequest.FromString(body)
                 for resource_spans in request.resource_spans:
                     for scope_spans in resource_spans.scope_spans:
@@ -443,10 +451,10 @@ def test_otlp_span_follows_genai_conventions(tmp_path):
     receiver = Receiver()
     config = ExportConfig(otlp_endpoint=f"http://127.0.0.1:{receiver.port}/v1/traces",
                           headers=("authorization=Bearer collector-token",))
-    exporter = otlp.OtlpExporter(config, tmp_path / "spool")
+    exporter = exporters(config, tmp_path / "spool")
     try:
         exporter.submit(RECORD)
-        assert wait_for(lambda: receiver.spans)
+        assert wait_for(lambda: receiver.spans and receiver.metrics)
     finally:
         exporter.close()
         receiver.close()
@@ -457,6 +465,8 @@ def test_otlp_span_follows_genai_conventions(tmp_path):
     attrs = attributes(span)
     assert attrs["gen_ai.request.model"] == "claude-sonnet-4-5"
     assert attrs["gen_ai.provider.name"] == "anthropic" and attrs["gen_ai.operation.name"] == "chat"
+    assert "gen_ai.system" not in attrs  # deprecated by gen_ai.provider.name
+    assert attrs["gen_ai.usage.cache_creation.input_tokens"] == 5
     assert attrs["gen_ai.usage.input_tokens"] == 115  # the whole prompt, cached included
     assert attrs["gen_ai.usage.output_tokens"] == 20
     assert attrs["gen_ai.usage.cache_read.input_tokens"] == 100
@@ -464,16 +474,27 @@ def test_otlp_span_follows_genai_conventions(tmp_path):
     assert attrs["gen_ai.response.finish_reasons"] == ["end_turn"]
     assert attrs["llmtap.cost_usd"] == pytest.approx(0.0012) and attrs["llmtap.tool"] == "claude"
     assert {kv.key: kv.value.string_value for kv in resource.attributes}["service.name"] == "llmtap"
-    assert exporter.exported == 1
+    assert exporter.counters()["export_otlp_traces_sent"] == 1
+    metrics = {m.name: m for m in receiver.metrics}
+    usage = metrics["gen_ai.client.token.usage"]
+    assert usage.unit == "{token}" and usage.histogram.aggregation_temporality == 1  # delta
+    by_type = {attributes(p)["gen_ai.token.type"]: p for p in usage.histogram.data_points}
+    assert (by_type["input"].sum, by_type["output"].sum) == (115, 20)
+    assert attributes(by_type["input"])["gen_ai.provider.name"] == "anthropic"
+    assert list(by_type["input"].explicit_bounds)[:3] == [1, 4, 16]
+    [duration] = metrics["gen_ai.client.operation.duration"].histogram.data_points
+    assert duration.count == 1 and duration.sum == 2.5 and metrics[
+        "gen_ai.client.operation.duration"].unit == "s"
 
 
 def test_otlp_collector_down_spools_then_delivers(tmp_path, monkeypatch):
-    monkeypatch.setattr(otlp, "RETRY_MIN_S", 0.2)
+    monkeypatch.setattr(export, "RETRY_MIN_S", 0.2)
     probe = Receiver()
     port = probe.port
     probe.close()  # nothing listens there now
-    exporter = otlp.OtlpExporter(
-        ExportConfig(otlp_endpoint=f"http://127.0.0.1:{port}/v1/traces", spool_max_files=3),
+    exporter = exporters(
+        ExportConfig(otlp_endpoint=f"http://127.0.0.1:{port}/v1/traces", spool_max_files=3,
+                     otlp_metrics=False),
         tmp_path / "spool")
     try:
         started = time.monotonic()
@@ -481,11 +502,11 @@ def test_otlp_collector_down_spools_then_delivers(tmp_path, monkeypatch):
             exporter.submit({**RECORD, "id": f"r{n}"})
             time.sleep(0.6)  # one batch each
         assert time.monotonic() - started < 5  # submit never waits for the collector
-        assert wait_for(lambda: exporter.spooled() == 3)
-        assert exporter.dropped == 2  # the spool is bounded: the oldest went
+        assert wait_for(lambda: len(exporter.spool) == 3)
+        assert exporter.counters()["export_dropped"] == 2  # the spool is bounded: the oldest went
         receiver = Receiver(port)
         try:
-            assert wait_for(lambda: exporter.spooled() == 0 and len(receiver.spans) == 3, timeout=15)
+            assert wait_for(lambda: len(exporter.spool) == 0 and len(receiver.spans) == 3, timeout=15)
         finally:
             receiver.close()
     finally:
@@ -668,3 +689,35 @@ def test_a_killed_writer_process_is_replaced_and_loses_no_record(tmp_path, caplo
     assert counters["record_writer_restarts"] == 1
     assert "the record writer process died (killed by SIGKILL)" in caplog.text
     assert "4 not yet written were handed to it" in caplog.text
+
+
+def test_a_client_gone_before_its_process_lookup_answers_still_gets_its_process(tmp_path):
+    """A short-lived client (curl) may exit before the supervisor answers who it was: the record
+    waits for the answer, and takes it from the lookup even though the connection is gone."""
+    import asyncio
+    import socket
+
+    from llmtap.addons.attribution import Attribution
+
+    ours, theirs = socket.socketpair()
+    attribution, recorder = Attribution(channel=ours), Recorder()
+    flow = anthropic_flow()
+    flow.client_conn.peername = ("127.0.0.1", 40000)
+    process = {"pid": 4242, "name": "curl", "exe": "/usr/bin/curl", "user": "root"}
+
+    async def exchange() -> None:
+        attribution.client_connected(flow.client_conn)
+        attribution.requestheaders(flow)
+        attribution.client_disconnected(flow.client_conn)  # curl exits: its waiting flows go
+        recorder.response(flow)  # the lookup is still under way
+        await asyncio.sleep(0.05)
+        attribution._answer(flow.client_conn.id, process)  # then the supervisor answers
+        await asyncio.sleep(0.05)
+
+    with taddons.context(attribution, recorder) as tctx:
+        tctx.configure(recorder, llmtap_records_dir=str(tmp_path))
+        asyncio.run(exchange())
+        recorder.done()
+    theirs.close()
+    [written] = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
+    assert written["process"] == process

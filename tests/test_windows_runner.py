@@ -4,6 +4,7 @@ asking the backend's original-destination table (WinDivert's own) for each conne
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -19,7 +20,7 @@ from typing import Any, ClassVar
 import pytest
 from llmtap import control
 from llmtap.cli import main
-from llmtap.config import Config, load_config
+from llmtap.config import Config, MetricsConfig, load_config
 from llmtap.errors import LlmtapError, RuntimeFailure, UsageError
 from llmtap.platform import statusfile
 from llmtap.platform.base import RedirectBackend, TargetAddresses
@@ -348,6 +349,14 @@ def test_refusal_without_administrator_rights_before_anything_starts(config: Con
 
     with pytest.raises(UsageError, match="llmtap run needs Administrator rights"):
         inprocess.InProcessRunner(config, backend_cls=FakeDivert, check_rights=not_elevated).run()
+    assert FakeDivert.events == []
+
+
+def test_metrics_are_refused_before_anything_starts(config: Config) -> None:
+    config = dataclasses.replace(config, metrics=MetricsConfig(listen="127.0.0.1:9464"))
+    with pytest.raises(UsageError, match=r"metrics\.listen is not available on Windows"):
+        inprocess.InProcessRunner(config, backend_cls=FakeDivert,
+                                  check_rights=lambda _action: None).run()
     assert FakeDivert.events == []
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from llmtap.addons.recorder import fields
+from llmtap.addons.recorder import BLOCKED_HEADER, fields
 from llmtap.masking import NO_MASK, SecretMask
 from llmtap.parsers.base import as_dict
 from mitmproxy import connection, ctx, http, tls
@@ -131,6 +131,10 @@ class Live:
             "error": known.get("error") or (flow.error.msg if flow.error else None),
             "process": process_summary(known.get("process")) or self._process(flow),
             "host": flow.request.pretty_host,
+            # for the supervisor's metrics: who refused it, whose key went in, is it a billed call
+            "api": known.get("api"), "credential": known.get("credential"),
+            "blocked": flow.response.headers.get(BLOCKED_HEADER) if flow.response else None,
+            "counted": known.get("counted"),
         })
 
     def _process(self, flow: http.HTTPFlow) -> dict[str, Any] | None:

@@ -220,7 +220,10 @@ class Recorder:
             nonlocal submitted
             if not submitted:
                 submitted = True
-                record["process"] = record.get("process") or fields(flow).get("process")
+                process = record.get("process") or fields(flow).get("process")
+                if process is None and pending.done() and not pending.cancelled():
+                    process = pending.result()  # the client hung up before the answer came
+                record["process"] = process
                 writer.submit(exchange.mask.deep(record), exchange)
 
         pending.add_done_callback(submit)

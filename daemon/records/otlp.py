@@ -1,46 +1,52 @@
-"""OpenTelemetry export: each exchange as an OTLP/HTTP span (GenAI semantic conventions).
+"""OpenTelemetry export: each exchange as an OTLP/HTTP span, and the `gen_ai.client.*` metrics,
+in the GenAI semantic conventions (semconv 1.37+: `gen_ai.provider.name`, not `gen_ai.system`).
 
-Asynchronous: the writer thread hands records to `OtlpExporter.submit` (a bounded queue, never
-waiting); a thread of its own batches them, encodes protobuf and posts. When the collector is down
-the encoded batch goes to a bounded spool directory and is retried, oldest first, with backoff, so
-a collector that is down never slows the proxy and a short outage loses nothing.
+Two stores for llmtap.records.export (its queue, spool and retry policy): traces to
+`export.otlp_endpoint` and, unless `export.otlp_metrics = false`, metrics to the sibling
+`/v1/metrics`. Each batch of records becomes one export request of each; the metrics are delta
+histograms over the batch (a spooled batch stays meaningful whenever it is delivered), which a
+collector turns cumulative with its `deltatocumulative` processor where a backend needs that.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
-import os
-import queue
 import secrets
 import socket
-import threading
 import time
-import urllib.error
-import urllib.request
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from llmtap import __version__
 from llmtap.config import ExportConfig
 from llmtap.parsers.base import as_dict
+from llmtap.records.export import Sink, direct_opener, header_pairs, post_http
 from llmtap.records.index import parse_time
-from llmtap.records.store import write_atomic
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue
+from opentelemetry.proto.metrics.v1.metrics_pb2 import (
+    AggregationTemporality,
+    Histogram,
+    HistogramDataPoint,
+    Metric,
+    ResourceMetrics,
+    ScopeMetrics,
+)
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
 
-log = logging.getLogger(__name__)
-
-QUEUE_SIZE = 2048
-BATCH_SIZE = 64
-BATCH_WAIT_S = 0.5
-RETRY_MIN_S, RETRY_MAX_S = 1.0, 60.0
-PROVIDER_NAMES = {"google": "gcp.gemini", "openai": "openai", "anthropic": "anthropic"}
+# llmtap's provider names -> the semconv's well-known gen_ai.provider.name values
+PROVIDER_NAMES = {"google": "gcp.gemini", "openai": "openai", "anthropic": "anthropic",
+                  "mistral": "mistral_ai", "xai": "x_ai", "deepseek": "deepseek", "groq": "groq"}
 OPERATIONS = {"generateContent": "generate_content", "streamGenerateContent": "generate_content",
               "embeddings": "embeddings", "embedContent": "embeddings",
               "completions": "text_completion", "complete": "text_completion"}
+# The semconv's recommended bucket boundaries (gen-ai-metrics.md).
+TOKEN_BOUNDS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304,
+                16777216, 67108864)
+DURATION_BOUNDS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
+                   40.96, 81.92)
 
 
 def _value(value: Any) -> AnyValue:
@@ -75,11 +81,10 @@ def span_attributes(record: dict[str, Any]) -> dict[str, Any]:
     prompt = None
     if isinstance(usage.get("input_tokens"), int):  # semconv: the whole prompt, cached included
         prompt = usage["input_tokens"] + (cached or 0) + (created_total or 0)
-    provider = record.get("provider")
     return {
-        "gen_ai.operation.name": OPERATIONS.get(str(record.get("api")), "chat"),
-        "gen_ai.provider.name": PROVIDER_NAMES.get(str(provider), provider),
-        "gen_ai.system": PROVIDER_NAMES.get(str(provider), provider),
+        "gen_ai.operation.name": operation(record),
+        "gen_ai.provider.name": provider_name(record),
+        "gen_ai.conversation.id": request.get("conversation_id"),
         "gen_ai.request.model": record.get("model"),
         "gen_ai.response.model": record.get("model"),
         "gen_ai.request.max_tokens": request.get("max_tokens"),
@@ -103,13 +108,27 @@ def span_attributes(record: dict[str, Any]) -> dict[str, Any]:
         "llmtap.record_id": record.get("id"),
         "llmtap.api": record.get("api"),
         "llmtap.stream": bool(record.get("stream")),
-        "llmtap.cost_usd": _float(record.get("cost_usd")),
+        "llmtap.cost_usd": _float(record.get("cost_usd")),  # US dollars, llmtap's pricing
+        "llmtap.price.source": as_dict(record.get("price")).get("source"),
         "llmtap.counted": record.get("counted") is not False,  # false: a retrieval, a poll...
         "llmtap.repeat_of": record.get("repeat_of"),
         "llmtap.ttft_ms": _float(record.get("ttft_ms")),
         "llmtap.tool": process.get("tool"),
         "llmtap.credential": record.get("credential"),
     }
+
+
+def operation(record: dict[str, Any]) -> str:
+    return OPERATIONS.get(str(record.get("api")), "chat")
+
+
+def provider_name(record: dict[str, Any]) -> Any:
+    host, provider = str(record.get("host") or ""), record.get("provider")
+    if host.endswith("aiplatform.googleapis.com"):
+        return "gcp.vertex_ai"
+    if "bedrock" in host:
+        return "aws.bedrock"
+    return PROVIDER_NAMES.get(str(provider), provider)
 
 
 def _float(value: Any) -> float | None:
@@ -143,136 +162,123 @@ def make_span(record: dict[str, Any]) -> Span:
     )
 
 
-def encode(records: list[dict[str, Any]], service_name: str) -> bytes:
-    resource = Resource(attributes=_attributes({"service.name": service_name,
-                                                "host.name": socket.gethostname()}))
+def _resource(service_name: str) -> Resource:
+    return Resource(attributes=_attributes({"service.name": service_name,
+                                            "host.name": socket.gethostname()}))
+
+
+def encode(records: Sequence[dict[str, Any]], service_name: str) -> bytes:
     scope_spans = ScopeSpans(spans=[make_span(r) for r in records])
     scope_spans.scope.name = "llmtap"
     scope_spans.scope.version = __version__
     request = ExportTraceServiceRequest(
-        resource_spans=[ResourceSpans(resource=resource, scope_spans=[scope_spans])])
+        resource_spans=[ResourceSpans(resource=_resource(service_name), scope_spans=[scope_spans])])
     return request.SerializeToString()
 
 
-class OtlpExporter:
-    def __init__(self, config: ExportConfig, spool_dir: Path) -> None:
+class _Points:
+    """One delta histogram's data points, by attribute set."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.points: dict[tuple[tuple[str, Any], ...], list[float]] = {}
+
+    def add(self, attrs: dict[str, Any], value: float) -> None:
+        key = tuple(sorted((k, v) for k, v in attrs.items() if v is not None))
+        slot = self.points.setdefault(key, [0.0] * (len(self.bounds) + 1) + [0.0, 0.0,
+                                                                             value, value])
+        index = next((i for i, b in enumerate(self.bounds) if value <= b), len(self.bounds))
+        slot[index] += 1
+        count, total = len(self.bounds) + 1, len(self.bounds) + 2
+        slot[count] += 1
+        slot[total] += value
+        slot[-2], slot[-1] = min(slot[-2], value), max(slot[-1], value)
+
+    def metric(self, name: str, unit: str, text: str, start: int, end: int) -> Metric:
+        n = len(self.bounds) + 1
+        points = [HistogramDataPoint(
+            attributes=_attributes(dict(key)), start_time_unix_nano=start, time_unix_nano=end,
+            count=int(slot[n]), sum=slot[n + 1], bucket_counts=[int(c) for c in slot[:n]],
+            explicit_bounds=list(self.bounds), min=slot[-2], max=slot[-1])
+            for key, slot in self.points.items()]
+        return Metric(name=name, unit=unit, description=text, histogram=Histogram(
+            data_points=points,
+            aggregation_temporality=AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA))
+
+
+def encode_metrics(records: Sequence[dict[str, Any]], service_name: str) -> bytes:
+    """gen_ai.client.token.usage and gen_ai.client.operation.duration over the batch."""
+    tokens, durations = _Points(TOKEN_BOUNDS), _Points(DURATION_BOUNDS)
+    now = time.time()
+    start = min((_nanos(r.get("started_at"), now) for r in records), default=int(now * 1e9))
+    end = max((_nanos(r.get("ended_at") or r.get("started_at"), now) for r in records),
+              default=start)
+    for record in records:
+        if record.get("counted") is False:
+            continue
+        attrs = span_attributes(record)
+        common = {k: attrs[k] for k in ("gen_ai.operation.name", "gen_ai.provider.name",
+                                        "gen_ai.request.model", "gen_ai.response.model",
+                                        "server.address", "server.port")}
+        for kind, key in (("input", "gen_ai.usage.input_tokens"),
+                          ("output", "gen_ai.usage.output_tokens")):
+            if isinstance(attrs[key], int):
+                tokens.add({**common, "gen_ai.token.type": kind}, attrs[key])
+        if (duration := _duration_s(record)) is not None:
+            durations.add({**common, "error.type": attrs["error.type"]}, duration)
+    scope = ScopeMetrics(metrics=[
+        tokens.metric("gen_ai.client.token.usage", "{token}",
+                      "Number of input and output tokens used.", start, end),
+        durations.metric("gen_ai.client.operation.duration", "s", "GenAI operation duration.",
+                         start, end)])
+    scope.scope.name = "llmtap"
+    scope.scope.version = __version__
+    request = ExportMetricsServiceRequest(resource_metrics=[
+        ResourceMetrics(resource=_resource(service_name), scope_metrics=[scope])])
+    return request.SerializeToString()
+
+
+def _duration_s(record: dict[str, Any]) -> float | None:
+    if (duration := _float(record.get("duration_ms"))) is not None:
+        return duration / 1000
+    started, ended = parse_time(record.get("started_at")), parse_time(record.get("ended_at"))
+    return (ended - started).total_seconds() if started and ended else None
+
+
+def metrics_endpoint(traces: str) -> str:
+    """The OTLP/HTTP metrics URL beside the traces one (the collector serves both)."""
+    base = traces.removesuffix("/").removesuffix("/v1/traces")
+    return f"{base}/v1/metrics"
+
+
+class OtlpTraces(Sink):
+    name = "otlp_traces"
+
+    def __init__(self, config: ExportConfig) -> None:
         self.config = config
-        self.spool_dir = spool_dir
-        self.exported = 0  # spans the collector accepted
-        self.dropped = 0  # spans lost: queue full, or spool full
-        self.failures = 0  # posts that failed (their batch was spooled)
-        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(QUEUE_SIZE)
-        self._headers = {"Content-Type": "application/x-protobuf"}
-        for pair in config.headers:
-            name, value = pair.split("=", 1)
-            self._headers[name.strip()] = value.strip()
-        # Never through a proxy from the environment: the collector is reached directly.
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        self._retry_at = 0.0
-        self._backoff = RETRY_MIN_S
-        self._sequence = 0
-        with contextlib.suppress(OSError):
-            spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._thread = threading.Thread(target=self._run, name="llmtap-otlp", daemon=True)
-        self._thread.start()
+        self.url = config.otlp_endpoint
+        self.headers = {"Content-Type": "application/x-protobuf", **header_pairs(config.headers)}
+        self._opener = direct_opener()
 
-    def submit(self, record: dict[str, Any]) -> None:
-        try:
-            self._queue.put_nowait(record)
-        except queue.Full:
-            self.dropped += 1
+    def encode(self, records: Sequence[dict[str, Any]]) -> bytes:
+        return encode(records, self.config.service_name)
 
-    def close(self, timeout_s: float = 5.0) -> None:
-        with contextlib.suppress(queue.Full):
-            self._queue.put(None, timeout=1)
-        self._thread.join(timeout=timeout_s)
-
-    def spooled(self) -> int:
-        with contextlib.suppress(OSError):
-            return sum(1 for e in os.listdir(self.spool_dir) if e.endswith(".pb"))
-        return 0
-
-    def _run(self) -> None:
-        closing = False
-        while not closing:
-            batch, closing = self._collect()
-            if batch:
-                self._deliver(encode(batch, self.config.service_name), len(batch))
-            if time.monotonic() >= self._retry_at:
-                self._drain_spool()
-
-    def _collect(self) -> tuple[list[dict[str, Any]], bool]:
-        batch: list[dict[str, Any]] = []
-        deadline = time.monotonic() + BATCH_WAIT_S
-        while len(batch) < BATCH_SIZE:
-            try:
-                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if item is None:
-                return batch, True
-            batch.append(item)
-        return batch, False
-
-    def _deliver(self, payload: bytes, spans: int) -> None:
-        if time.monotonic() >= self._retry_at and self._post(payload):
-            self.exported += spans
-            return
-        self._spool(payload, spans)
-
-    def _post(self, payload: bytes) -> bool:
-        request = urllib.request.Request(self.config.otlp_endpoint, data=payload,
-                                         headers=self._headers, method="POST")
-        try:
-            with self._opener.open(request, timeout=self.config.timeout_s) as response:
-                ok = 200 <= response.status < 300
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            ok = False
-            reason = getattr(exc, "reason", exc)
-            if self.failures % 100 == 0:
-                log.warning("OTLP export to %s failed (%s); spooling", self.config.otlp_endpoint,
-                            reason)
-        if ok:
-            self._backoff = RETRY_MIN_S
-            self._retry_at = 0.0
-        else:
-            self.failures += 1
-            self._retry_at = time.monotonic() + self._backoff
-            self._backoff = min(RETRY_MAX_S, self._backoff * 2)
-        return ok
-
-    def _spool(self, payload: bytes, spans: int) -> None:
-        self._sequence += 1
-        name = f"{time.time_ns():020d}-{self._sequence:06d}-{spans}.pb"
-        try:
-            entries = sorted(e for e in os.listdir(self.spool_dir) if e.endswith(".pb"))
-            while len(entries) >= self.config.spool_max_files:  # bounded: the oldest go first
-                oldest = entries.pop(0)
-                (self.spool_dir / oldest).unlink()
-                self.dropped += _spans_in(oldest)
-            write_atomic(self.spool_dir / name, payload)
-        except OSError:
-            self.dropped += spans
-
-    def _drain_spool(self) -> None:
-        try:
-            entries = sorted(e for e in os.listdir(self.spool_dir) if e.endswith(".pb"))
-        except OSError:
-            return
-        for entry in entries:
-            path = self.spool_dir / entry
-            try:
-                payload = path.read_bytes()
-            except OSError:
-                continue
-            if not self._post(payload):
-                return
-            self.exported += _spans_in(entry)
-            with contextlib.suppress(OSError):
-                path.unlink()
+    def post(self, payload: bytes) -> None:
+        post_http(self._opener, self.url, payload, self.headers, self.config.timeout_s)
 
 
-def _spans_in(entry: str) -> int:
-    with contextlib.suppress(ValueError, IndexError):
-        return int(entry.removesuffix(".pb").rsplit("-", 1)[1])
-    return 1
+class OtlpMetrics(OtlpTraces):
+    name = "otlp_metrics"
+
+    def __init__(self, config: ExportConfig) -> None:
+        super().__init__(config)
+        self.url = metrics_endpoint(config.otlp_endpoint)
+
+    def encode(self, records: Sequence[dict[str, Any]]) -> bytes:
+        return encode_metrics(records, self.config.service_name)
+
+
+def sinks(config: ExportConfig) -> list[Sink]:
+    if not config.otlp_endpoint:
+        return []
+    return [OtlpTraces(config), *([OtlpMetrics(config)] if config.otlp_metrics else [])]

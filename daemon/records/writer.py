@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import socket
 import sqlite3
 import threading
 from dataclasses import dataclass, field
@@ -14,10 +15,12 @@ from typing import Any
 
 from llmtap.config import ExportConfig, RecordsConfig
 from llmtap.parsers import request as request_parser
-from llmtap.records import markdown, rotation, store
+from llmtap.records import clickhouse, markdown, otlp, rotation, store
 from llmtap.records.capture import Exchange
+from llmtap.records.clickhouse import Clickhouse
+from llmtap.records.export import Exporters, Sink, Spool
 from llmtap.records.index import Index, index_path, row_of
-from llmtap.records.otlp import OtlpExporter
+from llmtap.records.loki import Loki
 
 log = logging.getLogger("llmtap.addons.recorder")
 
@@ -56,6 +59,20 @@ class WriterSettings:
     spool_dir: Path | None = None
 
 
+def exporters(config: ExportConfig, spool_dir: Path) -> Exporters | None:
+    """The configured stores behind one spool (state_dir/otlp-spool: its name predates the
+    other stores), or None when there are none."""
+    sinks: list[Sink] = [*otlp.sinks(config)]
+    if config.loki.url:
+        sinks.append(Loki(config.loki, config.timeout_s))
+    if config.clickhouse.url:
+        sinks.append(Clickhouse(config.clickhouse, config.timeout_s, socket.gethostname()))
+    if not sinks:
+        return None
+    return Exporters(sinks, Spool(spool_dir, config.spool_max_files, config.spool_max_mb << 20),
+                     clickhouse.bodies)
+
+
 class RecordWriter:
     """The writer thread behind the bounded queue."""
 
@@ -72,10 +89,8 @@ class RecordWriter:
         self._policy = rotation.Policy(self.settings.records.max_files,
                                        self.settings.records.archive_after_days,
                                        self.settings.records.delete_after_days)
-        self.exporter: OtlpExporter | None = None
-        if self.settings.export.otlp_endpoint:
-            self.exporter = OtlpExporter(self.settings.export,
-                                         self.settings.spool_dir or directory / ".otlp-spool")
+        self.exporter = exporters(self.settings.export,
+                                  self.settings.spool_dir or directory / ".otlp-spool")
         self._index: Index | None = None
         self._live = 0  # records in the directory (for rotation)
         self._thread = threading.Thread(target=self._run, name="llmtap-recorder", daemon=True)
@@ -101,9 +116,7 @@ class RecordWriter:
         counters = {"records_written": self.written, "records_dropped": self.dropped,
                     "records_index_errors": self.index_errors}
         if self.exporter:
-            counters.update(export_spans=self.exporter.exported,
-                            export_dropped=self.exporter.dropped,
-                            export_spooled=self.exporter.spooled())
+            counters.update(self.exporter.counters())
         return counters
 
     def _run(self) -> None:
@@ -123,7 +136,7 @@ class RecordWriter:
             return
         self.written += 1
         if self.exporter:
-            self.exporter.submit(record)
+            self.exporter.submit(record, exchange)
 
     def finish(self) -> None:
         if self._index:

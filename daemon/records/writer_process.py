@@ -9,6 +9,7 @@ import logging
 import os
 import pickle
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.sharedctypes import RawArray  # at import: the worker cannot import later
@@ -32,7 +33,10 @@ CAUGHT_UP_S = 0.5
 # RLIMIT_NICE lets an unprivileged process leave SCHED_IDLE for nice 0 (and nothing higher).
 NICE_LIMIT = 20
 SHARED_COUNTERS = ("records_written", "records_dropped", "records_index_errors", "export_spans",
-                   "export_dropped", "export_spooled")
+                   "export_dropped", "export_spooled",
+                   *(f"export_{store}_{what}" for store in ("otlp_traces", "otlp_metrics", "loki",
+                                                           "clickhouse")
+                     for what in ("sent", "dropped")))
 HANDLED = len(SHARED_COUNTERS)  # the shared slot after the counters: batches handled
 
 
@@ -109,9 +113,21 @@ class RecordWriterProcess:
             with contextlib.suppress(OSError):
                 fcntl.fcntl(write_fd, grow, PIPE_BYTES)
 
+    def _publish(self, writer: RecordWriter) -> None:
+        for i, value in enumerate(writer.counters().get(n, 0) for n in SHARED_COUNTERS):
+            self._shared[i] = value
+
+    def _publish_exports(self, writer: RecordWriter) -> None:
+        """The stores deliver (and the spool drains) while no record comes: counters follow."""
+        while True:
+            time.sleep(1.0)
+            self._publish(writer)
+
     def _serve(self, pipe: BinaryIO, writer: RecordWriter) -> None:
         writer.start()
         priority = BackgroundPriority()
+        if writer.exporter:
+            threading.Thread(target=self._publish_exports, args=(writer,), daemon=True).start()
         with pipe:
             while True:
                 try:
@@ -121,8 +137,7 @@ class RecordWriterProcess:
                 priority.adjust(time.monotonic() - sent_at)
                 for record, exchange in batch:
                     writer.handle(record, exchange)
-                for i, value in enumerate(writer.counters().get(n, 0) for n in SHARED_COUNTERS):
-                    self._shared[i] = value
+                self._publish(writer)
                 self._shared[HANDLED] += 1
         writer.finish()
         if writer.exporter:

@@ -26,6 +26,13 @@ def _hex_address(text: str) -> tuple[str, int]:
     return str(ip), int(port, 16)
 
 
+def normalise_ip(ip: str) -> str:
+    parsed = ipaddress.ip_address(ip.split("%", 1)[0])
+    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped:
+        return str(parsed.ipv4_mapped)
+    return str(parsed)
+
+
 def proc_net_address(ip: str, port: int) -> str:
     """(ip, port) as /proc/net/tcp* prints it: each 32-bit word in host (little-endian) order."""
     raw = ipaddress.ip_address(ip).packed
@@ -33,15 +40,18 @@ def proc_net_address(ip: str, port: int) -> str:
     return f"{words.hex().upper()}:{port:04X}"
 
 
-def socket_inode(ip: str, port: int, proc: Path = Path("/proc")) -> tuple[int, int] | None:
-    """(inode, owner uid) of the connected TCP socket whose local address is (ip, port).
+def socket_inode(ip: str, port: int, proc: Path = Path("/proc"),
+                 remote: tuple[str, int] | None = None) -> tuple[int, int] | None:
+    """(inode, owner uid) of the connected TCP socket whose local address is (ip, port), and
+    whose remote address is `remote` when given (sockets to different peers may share a local
+    port: only both addresses name one socket).
 
     The tables can be long (TIME_WAIT), so the address is searched as text, not parsed per line.
     """
-    needles = [("net/tcp", proc_net_address(ip, port))] if ":" not in ip else []
+    needles = [("net/tcp", proc_net_address(ip, port), _peer(remote, False))] if ":" not in ip else []
     mapped = f"::ffff:{ip}" if ":" not in ip else ip  # a dual-stack socket lists IPv4 as mapped
-    needles.append(("net/tcp6", proc_net_address(mapped, port)))
-    for table, needle in needles:
+    needles.append(("net/tcp6", proc_net_address(mapped, port), _peer(remote, True)))
+    for table, needle, peer in needles:
         try:
             text = (proc / table).read_text()
         except OSError:
@@ -51,10 +61,17 @@ def socket_inode(ip: str, port: int, proc: Path = Path("/proc")) -> tuple[int, i
             line_end = text.find("\n", position)
             parts = text[text.rfind("\n", 0, position) + 1:line_end if line_end >= 0 else None].split()
             if len(parts) >= 10 and parts[1] == needle and parts[3] in _TCP_STATES_OPEN \
-                    and parts[9] != "0":
+                    and parts[9] != "0" and peer in (None, parts[2]):
                 return int(parts[9]), int(parts[7])
             position = text.find(f" {needle} ", position + 1)
     return None
+
+
+def _peer(remote: tuple[str, int] | None, six: bool) -> str | None:
+    if remote is None:
+        return None
+    ip = normalise_ip(remote[0])
+    return proc_net_address(f"::ffff:{ip}" if six and ":" not in ip else ip, remote[1])
 
 
 SOCK_DIAG_BY_FAMILY = 20

@@ -188,6 +188,9 @@ class InProcessRunner(Supervisor):
         self.check_rights("llmtap run")
         if config.redirect.gateway_interfaces:
             raise UsageError("redirect.gateway_interfaces is Linux-only: remove it from the config")
+        if config.metrics.listen:  # served by the supervisor, which this runner has none of
+            raise UsageError("metrics.listen is not available on Windows yet: remove it from the "
+                             "config")
         backend_cls = self.backend_cls or redirect.choose_backend(config.redirect.backend)
         hosts = listen_hosts(config.redirect.proxy_port, config.explicit.address, LISTEN_HOSTS)
         self._prepare_dirs()

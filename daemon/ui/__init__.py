@@ -1,0 +1,1 @@
+"""`llmtap ui`: the local web UI (loopback only, a per-run token)."""
