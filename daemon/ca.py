@@ -165,7 +165,7 @@ def write_upstream_bundle(dest: Path, extra_ca: str, uid: int, gid: int) -> Path
 def _own_dir(path: Path, uid: int, gid: int) -> None:
     """The service user owns the state directory, so `ca` may be its symlink (to /etc): root
     opens the directory without following one and changes it through the descriptor."""
-    if not hasattr(os, "fchown"):  # Windows: the state directory's ACL protects it (llmtap.inprocess)
+    if not hasattr(os, "fchown"):  # Windows: the state directory's ACL protects it (inprocess.py)
         os.chmod(path, 0o700)
         return
     try:

@@ -27,7 +27,7 @@ from llmtap.price_override import (
 )
 from llmtap.pricing import Call, Pricer
 
-with contextlib.suppress(ImportError):  # not on Windows (llmtap.inprocess)
+with contextlib.suppress(ImportError):  # not on Windows (llmtap.platform.windows.inprocess)
     import pwd
 
 prices_app = typer.Typer(no_args_is_help=True, help="The prices behind each record's cost_usd.")
