@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import secrets
 import ssl
 import sys
 from pathlib import Path
@@ -97,9 +98,7 @@ def create_ca(hosts: tuple[str, ...], common_name: str = "llmtap local CA") -> t
 def ensure_ca(ca_dir: Path, hosts: tuple[str, ...], uid: int, gid: int) -> Path:
     """Creates the CA once; the key is readable by the service user only. Returns the cert path."""
     ca_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if hasattr(os, "chown"):  # Windows: the state directory's ACL protects it (llmtap.inprocess)
-        os.chown(ca_dir, uid, gid)
-    os.chmod(ca_dir, 0o700)
+    _own_dir(ca_dir, uid, gid)
     key_file = ca_dir / KEY_AND_CERT
     cert_file = public_cert_path(ca_dir)
     if not key_file.exists():
@@ -163,13 +162,37 @@ def write_upstream_bundle(dest: Path, extra_ca: str, uid: int, gid: int) -> Path
     return dest
 
 
+def _own_dir(path: Path, uid: int, gid: int) -> None:
+    """The service user owns the state directory, so `ca` may be its symlink (to /etc): root
+    opens the directory without following one and changes it through the descriptor."""
+    if not hasattr(os, "fchown"):  # Windows: the state directory's ACL protects it (inprocess.py)
+        os.chmod(path, 0o700)
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise RuntimeFailure(f"{path} is not a directory (a symbolic link?): {exc.strerror}") from None
+    try:
+        os.fchown(fd, uid, gid)
+        os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+
+
 def write_file(path: Path, data: bytes, mode: int, uid: int = 0, gid: int = 0) -> None:
-    """Atomically replaces `path` with `data`, owned uid:gid with `mode` (POSIX)."""
-    tmp = path.with_name(path.name + ".llmtap-tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)  # Windows: no CRLF
-    with os.fdopen(os.open(tmp, flags, mode), "wb") as out:
-        if hasattr(os, "fchown"):  # POSIX; on Windows the directory's ACL decides
-            os.fchown(out.fileno(), uid, gid)
-            os.fchmod(out.fileno(), mode)
-        out.write(data)
-    os.replace(tmp, path)
+    """Atomically replaces `path` with `data`, owned uid:gid with `mode` (POSIX).
+
+    The temporary file is always a new one (O_EXCL, O_NOFOLLOW): root writes in directories the
+    service user owns, where a symlink planted at a known name would be followed."""
+    tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.llmtap-tmp")
+    flags = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+             | getattr(os, "O_BINARY", 0))  # Windows: no CRLF
+    try:
+        with os.fdopen(os.open(tmp, flags, mode), "wb") as out:
+            if hasattr(os, "fchown"):  # POSIX; on Windows the directory's ACL decides
+                os.fchown(out.fileno(), uid, gid)
+                os.fchmod(out.fileno(), mode)
+            out.write(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 import typer
-from llmtap import __version__, cli_install, control, gateway, redirect
+from llmtap import __version__, cli_install, control, redirect
 from llmtap.cli_history import history_app
 from llmtap.cli_options import ConfigOption
 from llmtap.cli_prices import prices_app
@@ -18,6 +18,7 @@ from llmtap.cli_tunnel import tunnel_command
 from llmtap.cli_ui import ui_command
 from llmtap.config import Config, load_config
 from llmtap.errors import LlmtapError
+from llmtap.platform.linux import gateway
 from llmtap.privileges import require_root
 
 app = typer.Typer(
@@ -62,8 +63,8 @@ def run(
                               help="No pipeline: the bare mitmproxy of the benchmarks."),
 ) -> None:
     """Run the daemon in the foreground until SIGINT/SIGTERM, then remove everything it added."""
-    if not hasattr(os, "fork"):  # Windows: the proxy runs in this process (llmtap.inprocess)
-        from llmtap import inprocess
+    if not hasattr(os, "fork"):  # Windows: the proxy runs in this process
+        from llmtap.platform.windows import inprocess
 
         raise typer.Exit(inprocess.run(load_config(config), bare))
     from llmtap import supervisor  # imports mitmproxy: only the daemon pays for it

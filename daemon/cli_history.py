@@ -21,6 +21,7 @@ import typer
 from llmtap.cli_options import ConfigOption
 from llmtap.config import Config, load_config
 from llmtap.errors import RuntimeFailure, UsageError
+from llmtap.formatting import local_time, millis, money, printable, tokens
 from llmtap.records import store
 from llmtap.records.index import Index, index_path
 
@@ -61,28 +62,6 @@ def open_index(config: Config, read_only: bool) -> Index:
         raise RuntimeFailure(f"cannot read the records in {directory}: {exc}") from None
 
 
-def tokens(value: Any) -> str:
-    if value is None:
-        return "—"
-    value = int(value)
-    return f"{value / 1_000_000:.2f}M" if value >= 1_000_000 else f"{value / 1000:.1f}k" \
-        if value >= 10_000 else str(value)
-
-
-def money(value: Any) -> str:
-    return "—" if value is None else f"${float(value):.4f}" if float(value) < 1 else f"${float(value):.2f}"
-
-
-def millis(value: Any) -> str:
-    return "—" if value is None else f"{float(value):.0f}ms"
-
-
-def local_time(started_ts: float | None) -> str:
-    if started_ts is None:
-        return "?"
-    return datetime.datetime.fromtimestamp(started_ts).strftime("%Y-%m-%d %H:%M:%S")
-
-
 def process_label(row: Any) -> str:
     name = row["process_tool"] or row["process_name"]
     if name and row["process_name"] and row["process_tool"] and row["process_tool"] != row["process_name"]:
@@ -95,10 +74,11 @@ def log_line(row: Any) -> str:
     error = f"  ! {row['error'][:80]}" if row["error"] else ""
     if row["counted"] == 0:  # a retrieval, a poll, an upgrade: no call of its own
         error = f"  (not counted{': repeat of ' + row['repeat_of'] if row['repeat_of'] else ''})" + error
-    return (f"{local_time(row['started_ts'])}  {row['id'][:8]}  {process_label(row):<22} "
-            f"{(row['model'] or '?'):<28} {row['status'] if row['status'] is not None else '---'}  "
-            f"{usage:>13}  {money(row['cost_usd']):>9}  ttft {millis(row['ttft_ms']):>7}  "
-            f"{row['host']}{row['path'] or ''}{error}")
+    return printable(
+        f"{local_time(row['started_ts'])}  {row['id'][:8]}  {process_label(row):<22} "
+        f"{(row['model'] or '?'):<28} {row['status'] if row['status'] is not None else '---'}  "
+        f"{usage:>13}  {money(row['cost_usd']):>9}  ttft {millis(row['ttft_ms']):>7}  "
+        f"{row['host']}{row['path'] or ''}{error}")
 
 
 def json_row(row: Any) -> dict[str, Any]:
@@ -160,7 +140,7 @@ def show(
     if data is None:
         raise RuntimeFailure(f"record {matches[0]['id']} is indexed but its file {location} is gone "
                              "(run `llmtap reindex`)")
-    typer.echo(data.decode("utf-8", "replace").rstrip("\n"))
+    typer.echo(printable(data.decode("utf-8", "replace").replace("\r\n", "\n").rstrip("\n")))
 
 
 @history_app.command()

@@ -5,24 +5,15 @@ The heavy modules are imported inside the commands: every other command starts f
 
 from __future__ import annotations
 
-import sys
-from typing import Any
-
 import typer
 from llmtap.cli_options import ConfigOption
-from llmtap.config import Config, load_config
+from llmtap.config import load_config
+from llmtap.install import Provider, provider_for
 
 
-def installer_for(config: Config, explicit: str | None, platform: str | None = None) -> Any:
-    """llmtap.installer's Installer, or its Windows counterpart (no service user, icacls,
-    certutil, setx, the Windows service)."""
-    if (platform or sys.platform) == "win32":
-        from llmtap.installer_windows import WindowsInstaller
-
-        return WindowsInstaller(config, explicit, report=typer.echo)
-    from llmtap.installer import Installer
-
-    return Installer(config, explicit, report=typer.echo)
+def installer_for(config: str | None) -> Provider:
+    """This OS's installer (llmtap.install picks it), reporting on the terminal."""
+    return provider_for(load_config(config), config, report=typer.echo)
 
 
 def install(
@@ -32,7 +23,7 @@ def install(
 ) -> None:
     """User, directories, CA, OS trust, runtime environment and the service (started). Idempotent;
     a failure rolls back every step done."""
-    installer_for(load_config(config), config).install(trust=not no_trust, service=not no_service)
+    installer_for(config).install(trust=not no_trust, service=not no_service)
 
 
 def uninstall(
@@ -41,7 +32,7 @@ def uninstall(
     config: str | None = ConfigOption,
 ) -> None:
     """Stops and removes the service, the rules, the CA's trust and the environment file."""
-    installer_for(load_config(config), config).uninstall(purge=purge)
+    installer_for(config).uninstall(purge=purge)
 
 
 def doctor(
@@ -61,4 +52,4 @@ def doctor(
 
 def ca_rotate(config: str | None = ConfigOption) -> None:
     """Issues a new CA for the current targets, trusts it where the old one was, removes the old."""
-    installer_for(load_config(config), config).rotate()
+    installer_for(config).rotate()

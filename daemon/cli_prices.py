@@ -16,6 +16,7 @@ from llmtap.cli_history import ReadOnlyOption, SinceOption, open_index, parse_si
 from llmtap.cli_options import ConfigOption
 from llmtap.config import Config, load_config
 from llmtap.errors import RuntimeFailure, UsageError
+from llmtap.formatting import printable
 from llmtap.price_data import PriceData
 from llmtap.price_override import (
     PriceTable,
@@ -26,7 +27,7 @@ from llmtap.price_override import (
 )
 from llmtap.pricing import Call, Pricer
 
-with contextlib.suppress(ImportError):  # not on Windows (llmtap.inprocess)
+with contextlib.suppress(ImportError):  # not on Windows (llmtap.platform.windows.inprocess)
     import pwd
 
 prices_app = typer.Typer(no_args_is_help=True, help="The prices behind each record's cost_usd.")
@@ -167,7 +168,7 @@ def missing(
         return
     for row in rows:
         now = f"priced now by {row['priced_now']['row']}" if row["priced_now"] else "still unpriced"
-        typer.echo(f"{row['model']}  {row['calls']} calls  at {row.get('host') or '?'}  ({now})")
+        typer.echo(printable(f"{row['model']}  {row['calls']} calls  at {row.get('host') or '?'}  ({now})"))
 
 
 @prices_app.command("import")

@@ -22,7 +22,7 @@ from llmtap.config import Config, load_config
 from llmtap.errors import UsageError
 from llmtap.privileges import ServiceUser, ensure_service_user, require_root
 
-with contextlib.suppress(ImportError):  # not on Windows (llmtap.inprocess)
+with contextlib.suppress(ImportError):  # not on Windows (llmtap.platform.windows.inprocess)
     import pwd
 
 secrets_app = typer.Typer(

@@ -88,7 +88,7 @@ class RedirectConfig:
     dns_refresh_max_s: int = 300
     dns_grace_s: int = 900
     # Gateway mode: TCP forwarded from containers/VMs behind these interfaces (docker0, virbr0)
-    # is redirected too, IPv4 only (see llmtap.gateway for IPv6).
+    # is redirected too, IPv4 only (see llmtap.platform.linux.gateway for IPv6).
     gateway_interfaces: tuple[str, ...] = ()
     # Connection limits. Each user's concurrent connections into the proxy are capped by the
     # kernel (nft; 0 = no cap), so one user's flood cannot use up the proxy's descriptors; a

@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from llmtap import statusfile
 from llmtap.errors import RuntimeFailure
+from llmtap.platform import statusfile
 from llmtap.privileges import is_member
 
 log = logging.getLogger(__name__)

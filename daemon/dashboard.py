@@ -24,6 +24,7 @@ from typing import Any
 from llmtap import control
 from llmtap.config import Config
 from llmtap.errors import LlmtapError
+from llmtap.formatting import money, tokens
 from llmtap.records.index import Index
 from rich.console import Console, Group, RenderableType
 from rich.layout import Layout
@@ -142,8 +143,8 @@ class State:
         new = [t for t in crossed if (day, t) not in self.alerted]
         self.alerted.update((day, t) for t in crossed)
         if crossed:
-            self.banner = (f"budget alert: {_money(cost)} spent today, {cost / budget:.0%} of the "
-                           f"{_money(budget)} daily budget")
+            self.banner = (f"budget alert: {money(cost)} spent today, {cost / budget:.0%} of the "
+                           f"{money(budget)} daily budget")
         return bool(new)
 
 
@@ -241,21 +242,6 @@ def _drain(state: State, events: queue.Queue[dict[str, Any]]) -> bool:
 # --- rendering ---------------------------------------------------------------------------------
 
 
-def _tokens(value: Any) -> str:
-    if value is None:
-        return "—"
-    value = int(value)
-    if value >= 1_000_000:
-        return f"{value / 1_000_000:.2f}M"
-    return f"{value / 1000:.1f}k" if value >= 10_000 else str(value)
-
-
-def _money(value: Any) -> str:
-    if value is None:
-        return "—"
-    return f"${float(value):.4f}" if float(value) < 1 else f"${float(value):.2f}"
-
-
 def _who(process: Any) -> str:
     if not isinstance(process, dict):
         return "unknown process"
@@ -272,8 +258,8 @@ def card(request: dict[str, Any], now: float) -> Panel:
     lines: list[RenderableType] = [
         Text(f"{request.get('method', '')} {request.get('host', '')}{request.get('path', '')}",
              style="dim"),
-        Text(f"in {_tokens(request.get('input_tokens'))} · out {'~' if estimated else ''}"
-             f"{_tokens(out)} tok · {request.get('chunks') or 0} chunks · "
+        Text(f"in {tokens(request.get('input_tokens'))} · out {'~' if estimated else ''}"
+             f"{tokens(out)} tok · {request.get('chunks') or 0} chunks · "
              f"{now - float(request.get('ts') or now):.1f}s"),
     ]
     if isinstance(limit, int) and limit > 0:
@@ -301,8 +287,8 @@ def _recent(state: State) -> RenderableType:
         status = str(row["status"]) if row["status"] is not None else "---"
         table.add_row(started, f"{process}[{row['process_pid']}]", row["model"] or "?",
                       Text(status, style="red" if row["error"] or (row["status"] or 0) >= 400 else ""),
-                      f"{_tokens(row['input_tokens'])}→{_tokens(row['output_tokens'])}",
-                      _money(row["cost_usd"]),
+                      f"{tokens(row['input_tokens'])}→{tokens(row['output_tokens'])}",
+                      money(row["cost_usd"]),
                       "—" if row["ttft_ms"] is None else f"{row['ttft_ms']:.0f}ms")
     return Panel(table, title="Latest calls")
 
@@ -318,15 +304,15 @@ def _budget(state: State) -> RenderableType:
     for key, label in (("input_tokens", "input"), ("output_tokens", "output"),
                        ("cache_read_tokens", "cache read"), ("cache_write_5m_tokens", "cache write 5m"),
                        ("cache_write_1h_tokens", "cache write 1h"), ("reasoning_tokens", "reasoning")):
-        table.add_row(label, _tokens(totals.get(key)))
+        table.add_row(label, tokens(totals.get(key)))
     unpriced = totals.get("unpriced") or 0
-    table.add_row("cost", _money(cost) + (f" (+{unpriced} unpriced)" if unpriced else ""))
+    table.add_row("cost", money(cost) + (f" (+{unpriced} unpriced)" if unpriced else ""))
     parts: list[RenderableType] = [table]
     if budget > 0:
         share = cost / budget
         thresholds = sorted(state.config.dashboard.alert_at) or [1.0]
         colour = "red" if share >= thresholds[-1] else "yellow" if share >= thresholds[0] else "green"
-        parts += [Text(f"budget {_money(cost)} of {_money(budget)} ({share:.0%})", style=colour),
+        parts += [Text(f"budget {money(cost)} of {money(budget)} ({share:.0%})", style=colour),
                   ProgressBar(total=budget, completed=min(cost, budget), width=36,
                               complete_style=colour, finished_style=colour)]
     return Panel(Group(*parts), title="Today")
@@ -341,11 +327,11 @@ def _context(state: State) -> RenderableType:
         if window:
             share = item["used"] / window
             colour = "red" if share > 0.9 else "yellow" if share > 0.7 else "green"
-            rows += [Text(f"{item['model']}: {_tokens(item['used'])}/{_tokens(window)} ({share:.0%})"),
+            rows += [Text(f"{item['model']}: {tokens(item['used'])}/{tokens(window)} ({share:.0%})"),
                      ProgressBar(total=window, completed=min(item["used"], window), width=36,
                                  complete_style=colour)]
         else:
-            rows.append(Text(f"{item['model']}: {_tokens(item['used'])} (window unknown)"))
+            rows.append(Text(f"{item['model']}: {tokens(item['used'])} (window unknown)"))
     return Panel(Group(*rows), title="Context window (latest call)")
 
 
@@ -355,7 +341,7 @@ def _processes(state: State) -> RenderableType:
     table.add_column("calls", justify="right")
     table.add_column("cost", justify="right")
     for group in state.history.per_process[:8]:
-        table.add_row(str(group["key"] or "?"), str(group["calls"]), _money(group["cost_usd"]))
+        table.add_row(str(group["key"] or "?"), str(group["calls"]), money(group["cost_usd"]))
     return Panel(table, title="Cost per process (today)")
 
 

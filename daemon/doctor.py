@@ -24,14 +24,15 @@ from typing import TYPE_CHECKING, Any
 from llmtap import ca, control, hostpatterns
 from llmtap.config import Config
 from llmtap.errors import LlmtapError, UsageError
-from llmtap.installer import Installer, parse_profile_script
+from llmtap.install.linux import LinuxInstaller
+from llmtap.install.runtime_env import parse_profile_script
 from llmtap.platform.linux.keeper import DetachedService
 from llmtap.platform.linux.systemd import SystemdService, interpreter_of
 from llmtap.platform.linux.trust import NssTrustStore, Which
 from llmtap.platform.runner import Completed
 
 if TYPE_CHECKING:
-    from llmtap.installer_windows import WindowsInstaller
+    from llmtap.install.windows import WindowsInstaller
 
 ProbeRunner = Callable[[list[str], dict[str, str]], Completed]
 
@@ -148,11 +149,11 @@ class Doctor:
                  env: dict[str, str] | None = None, host: str | None = None,
                  platform: str | None = None, windows: WindowsInstaller | None = None) -> None:
         self.config = config
-        self.installer = Installer(config, explicit_config)
+        self.installer = LinuxInstaller(config, explicit_config)
         self.layout = self.installer.layout
         self.windows: WindowsInstaller | None = windows
         if self.windows is None and (platform or sys.platform) == "win32":
-            from llmtap.installer_windows import WindowsInstaller
+            from llmtap.install.windows import WindowsInstaller
 
             self.windows = WindowsInstaller(config, explicit_config)
         self.runner = runner

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import ssl
+import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -72,6 +73,8 @@ def parse(raw: bytes, origin: str, fetched_at: str) -> PriceData:
         providers = _providers_from_raw(payload)
     except ValueError as exc:  # JSONDecodeError and pydantic's ValidationError are ValueErrors
         raise ValueError(f"not genai-prices data ({_first_line(exc)})") from None
+    except RecursionError:  # nesting no price data has: it would end the daemon's updater
+        raise ValueError("not genai-prices data (nested too deep)") from None
     digest = hashlib.sha256(raw).hexdigest()[:16]
     snapshot = data_snapshot.DataSnapshot(providers, from_auto_update=True)
     return PriceData(snapshot, f"fetched {fetched_at} sha256:{digest}", origin)
@@ -124,17 +127,23 @@ def update(url: str, state_dir: Path, owner: tuple[int, int] | None = None) -> P
 
 
 def write_public(target: Path, content: bytes, owner: tuple[int, int] | None) -> None:
-    """Atomically, mode 0644, owned by `owner`: how every price file is written (override too)."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
-        if not target.parent.exists():
-            target.parent.mkdir(mode=0o700, parents=True)
-            if owner is not None:
-                os.chown(target.parent, *owner)
-        tmp.write_bytes(content)
-        os.chmod(tmp, 0o644)  # prices are public data; the worker reads them as the service user
+    """Atomically, mode 0644, owned by `owner`: how every price file is written (override too).
+
+    Root writes here into the service user's directory: the temporary file is a new one
+    (mkstemp: O_EXCL, so a planted symlink is never followed) and is changed through its fd."""
+    if not target.parent.exists():
+        target.parent.mkdir(mode=0o700, parents=True)
         if owner is not None:
-            os.chown(tmp, *owner)
+            os.chown(target.parent, *owner)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(content)
+            if hasattr(os, "fchmod"):  # POSIX; on Windows the directory's ACL decides
+                os.fchmod(handle.fileno(), 0o644)  # prices are public; the worker reads them
+            if owner is not None:
+                os.fchown(handle.fileno(), *owner)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

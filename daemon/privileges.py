@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import subprocess
 from dataclasses import dataclass
 
 from llmtap.errors import RuntimeFailure, UsageError
+from llmtap.platform.linux.users import create_system_user
+from llmtap.platform.runner import SubprocessRunner
 from llmtap.platform.windows.elevation import require_elevated
 
-with contextlib.suppress(ImportError):  # Windows has neither (and no service user: llmtap.inprocess)
+with contextlib.suppress(ImportError):  # Windows has neither (and no service user there)
     import grp
     import pwd
 
@@ -36,26 +36,9 @@ def ensure_service_user(name: str) -> ServiceUser:
     try:
         entry = pwd.getpwnam(name)
     except KeyError:
-        _create_system_user(name)
+        create_system_user(name, SubprocessRunner())
         entry = pwd.getpwnam(name)
     return ServiceUser(name, entry.pw_uid, entry.pw_gid)
-
-
-def _create_system_user(name: str) -> None:
-    useradd = shutil.which("useradd")
-    if not useradd:
-        raise RuntimeFailure(f"user {name!r} does not exist and useradd is missing: create it by hand")
-    command = [useradd, "--system", "--no-create-home", "--home-dir", "/nonexistent",
-               "--shell", "/usr/sbin/nologin"]
-    try:
-        grp.getgrnam(name)
-        command += ["--gid", name]
-    except KeyError:
-        command += ["--user-group"]
-    result = subprocess.run([*command, name], capture_output=True, text=True)
-    if result.returncode != 0:
-        reason = (result.stderr.strip().splitlines() or ["unknown error"])[-1]
-        raise RuntimeFailure(f"cannot create system user {name!r}: {reason}")
 
 
 def drop_privileges(user: ServiceUser) -> None:

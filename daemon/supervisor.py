@@ -24,12 +24,13 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from llmtap import ca, control, gateway, livehub, metrics, proclookup, redirect
+from llmtap import ca, control, livehub, metrics, proclookup, redirect
 from llmtap.config import Config
 from llmtap.errors import LlmtapError, RuntimeFailure, UsageError
 from llmtap.healing import HEARTBEAT_TIMEOUT_S, Healer
 from llmtap.metrics_server import MetricsServer
 from llmtap.platform.base import OriginalAddrLookup, RedirectBackend, RedirectPlan, TargetAddresses
+from llmtap.platform.linux import gateway
 from llmtap.privileges import ServiceUser, ensure_service_user, require_root
 from llmtap.proxy import LOOPBACK_HOSTS, ProxySettings
 from llmtap.secrets_store import resolve_at_start

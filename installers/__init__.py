@@ -1,1 +1,2 @@
-"""Service unit templates and packaging files, shipped as `llmtap.installers` package data."""
+"""The service templates (systemd unit, launchd plist), shipped as `llmtap.installers` package
+data, and the install script of a checkout (install.sh)."""

@@ -1,9 +1,13 @@
-"""The one way platform code runs a command: injectable, so tests assert the exact argv lists."""
+"""The one way platform code runs a command: injectable, so tests assert the exact argv lists.
+
+A command runs to completion through a Runner; a long-lived one that takes commands on its stdin
+(`nft -i`, whose netlink socket owns llmtap's table for as long as it lives) is started through
+a Starter."""
 
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -58,3 +62,16 @@ class SubprocessRunner:
         except subprocess.TimeoutExpired:
             return Completed(124, "", f"{argv[0]} did not answer within {self.timeout_s:g}s")
         return Completed(proc.returncode, proc.stdout, proc.stderr)
+
+
+class Starter(Protocol):
+    def __call__(self, argv: list[str], preexec: Callable[[], None] | None = None
+                 ) -> subprocess.Popen[str]: ...
+
+
+def start_interactive(argv: list[str], preexec: Callable[[], None] | None = None
+                      ) -> subprocess.Popen[str]:
+    """A long-lived command fed line by line on stdin, answering on stderr (stdout is dropped);
+    `preexec` runs in the child before it starts (e.g. to die with its parent)."""
+    return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, bufsize=1, preexec_fn=preexec)

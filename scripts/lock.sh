@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Refreshes the lock: uv.lock from pyproject.toml, then the hashed requirement sets that
-# scripts/install.sh and scripts/test.sh install with plain pip (no uv needed there).
+# installers/install.sh and scripts/test.sh install with plain pip (no uv needed there).
 #   scripts/lock.sh              keep every locked version that still fits pyproject.toml
 #   scripts/lock.sh --upgrade    take the newest versions pyproject.toml allows
 set -euo pipefail

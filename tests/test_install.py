@@ -28,9 +28,13 @@ from llmtap import cli
 from llmtap.ca import create_ca
 from llmtap.config import load_config
 from llmtap.errors import RuntimeFailure, UsageError
-from llmtap.installer import MANIFEST, Installer, Manifest, System
+from llmtap.install.engine import unremoved
+from llmtap.install.linux import LinuxInstaller
+from llmtap.install.linux_system import System
+from llmtap.install.manifest import MANIFEST, Manifest
 from llmtap.platform.linux.keeper import DetachedService, Keeper, KeeperSpec, process_alive
 from llmtap.platform.linux.trust import PEM_BLOCK
+from llmtap.platform.linux.users import create_system_user, useradd_command
 from llmtap.platform.runner import Completed, SubprocessRunner
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown to the service user)")
@@ -144,9 +148,9 @@ class Tree:
         return System(**values)  # type: ignore[arg-type]
 
     def installer(self, config: Path, lines: list[str] | None = None, **system: object
-                  ) -> Installer:
+                  ) -> LinuxInstaller:
         out = lines if lines is not None else []
-        return Installer(load_config(config), str(config), self.system(**system), out.append)
+        return LinuxInstaller(load_config(config), str(config), self.system(**system), out.append)
 
     def listing(self) -> dict[str, tuple[object, ...]]:
         """Every path under the tree and the daemon's directories: type, mode, owner, content."""
@@ -315,7 +319,7 @@ def test_a_failure_at_each_step_rolls_back_everything(tree, monkeypatch):
     names = [step.name for step in probe.install_steps(*probe.preflight(True, True),
                                                      Manifest(tree.state / MANIFEST))]
     assert len(names) == 9
-    original = Installer.install_steps
+    original = LinuxInstaller.install_steps
     for index, name in enumerate(names):
         def failing(self, store, kind, manifest, index=index):  # type: ignore[no-untyped-def]
             steps = original(self, store, kind, manifest)
@@ -328,7 +332,7 @@ def test_a_failure_at_each_step_rolls_back_everything(tree, monkeypatch):
             steps[index].apply = apply_then_fail
             return steps
 
-        monkeypatch.setattr(Installer, "install_steps", failing)
+        monkeypatch.setattr(LinuxInstaller, "install_steps", failing)
         with pytest.raises(RuntimeFailure) as failure:
             tree.installer(config).install()
         assert str(failure.value) == (f"step {name!r} failed: injected; rolled back {index} "
@@ -341,14 +345,14 @@ def test_uninstall_cleans_a_half_installed_machine(tree, monkeypatch):
     """An install killed mid-way (no rollback ran) is still undone by uninstall --purge."""
     config = tree.config()
     before = tree.listing()
-    original = Installer.install_steps
+    original = LinuxInstaller.install_steps
 
     def killed(self, store, kind, manifest):  # type: ignore[no-untyped-def]
         steps = original(self, store, kind, manifest)
         steps[7].apply = lambda: (_ for _ in ()).throw(KeyboardInterrupt())  # the service step
         return steps
 
-    monkeypatch.setattr(Installer, "install_steps", killed)
+    monkeypatch.setattr(LinuxInstaller, "install_steps", killed)
     with pytest.raises(KeyboardInterrupt):
         tree.installer(config).install()
     monkeypatch.undo()
@@ -424,12 +428,12 @@ def test_systemd_service_files_and_commands(tree):
 def test_default_config_file_is_written_once_and_removed_by_purge(tree):
     config = tree.config()
     settings = dataclasses.replace(load_config(config), source=None)
-    installer = Installer(settings, None, tree.system(), lambda line: None)
+    installer = LinuxInstaller(settings, None, tree.system(), lambda line: None)
     installer.install(trust=False, service=False)
     written = tree.root / "etc/llmtap/config.toml"
     assert mode(written) == "0o644"
     assert load_config(written).state_dir == Path("/var/lib/llmtap")  # all comments: the defaults
-    Installer(settings, None, tree.system(), lambda line: None).uninstall(purge=True)
+    LinuxInstaller(settings, None, tree.system(), lambda line: None).uninstall(purge=True)
     assert not written.exists() and not (tree.root / "etc/llmtap").exists()
 
 
@@ -562,9 +566,38 @@ def test_installed_keeper_restarts_a_killed_daemon(tree):
 
 
 def test_bundle_drops_older_llmtap_cas_from_the_system_roots():
-    from llmtap.installer import ca_bundle
+    from llmtap.install.runtime_env import ca_bundle
 
     old = create_ca(("api.openai.com",))[1]
     new = create_ca(("api.openai.com",))[1]
     bundle = ca_bundle(BASE_ROOTS + old, new)
     assert PEM_BLOCK.findall(bundle) == PEM_BLOCK.findall(BASE_ROOTS + new)
+
+
+def test_the_daemon_creates_its_user_through_the_runner():
+    """`llmtap run` without `llmtap install` makes the user with the installer's useradd."""
+    calls: list[list[str]] = []
+
+    def runner(argv: list[str], stdin: str | None = None) -> Completed:
+        calls.append(argv)
+        return Completed(9, "", "useradd: warning\nuseradd: user 'llmtap-x' already exists\n")
+
+    with pytest.raises(RuntimeFailure, match="cannot create system user 'llmtap-x': useradd: user"):
+        create_system_user("llmtap-x", runner, which=lambda name: f"/usr/sbin/{name}")
+    assert calls == [useradd_command(Path("/"), "llmtap-x", False)]
+    with pytest.raises(RuntimeFailure, match="useradd is missing"):
+        create_system_user("llmtap-x", runner, which=lambda name: None)
+    assert len(calls) == 1
+
+
+def test_every_step_is_removed_by_its_tag(tree):
+    """wg-quick's discipline: uninstall --purge takes away what every install step put there,
+    and without --purge only what it promises to keep stays."""
+    installer = tree.installer(tree.config())
+    store, kind = installer.preflight(trust=True, service=True)
+    manifest = Manifest(installer.layout.manifest)
+    steps = installer.install_steps(store, kind, manifest)
+    assert [s.tag for s in steps][:2] == ["system user", "directories"] and "service" in steps[-2].tag
+    assert unremoved(steps, installer.removals(manifest, purge=True)) == []
+    assert unremoved(steps, installer.removals(manifest, purge=False)) == [
+        "system user", "certificate authority", "install record"]  # --config: no config file step

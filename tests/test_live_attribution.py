@@ -21,6 +21,7 @@ from llmtap.config import Config, DashboardConfig
 from llmtap.dashboard import History, State, context_window, render
 from llmtap.flow import fields
 from llmtap.livehub import LiveHub
+from llmtap.platform.linux import sockets
 from mitmproxy.test import taddons, tflow
 from rich.console import Console
 
@@ -97,9 +98,9 @@ def test_lookup_answer_survives_garbage():
 
 
 def test_proc_net_addresses_decode():
-    assert proclookup._hex_address("0100007F:1F90") == ("127.0.0.1", 8080)
-    assert proclookup._hex_address("00000000000000000000000001000000:0050") == ("::1", 80)
-    assert proclookup._hex_address("0000000000000000FFFF00000100007F:0050") == ("127.0.0.1", 80)
+    assert sockets._hex_address("0100007F:1F90") == ("127.0.0.1", 8080)
+    assert sockets._hex_address("00000000000000000000000001000000:0050") == ("::1", 80)
+    assert sockets._hex_address("0000000000000000FFFF00000100007F:0050") == ("127.0.0.1", 80)
 
 
 def test_attribution_addon_asks_at_connect_and_fills_the_flows():
@@ -252,7 +253,7 @@ def test_attribution_is_in_the_pipeline():
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
 def test_exact_netlink_lookup_finds_the_same_socket_as_proc(host):
-    from llmtap.proclookup import diag_socket_inode, socket_inode
+    from llmtap.platform.linux.sockets import diag_socket_inode, socket_inode
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.create_server((host, 0), family=family) as server:

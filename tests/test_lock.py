@@ -1,4 +1,4 @@
-"""The lock is what runs: the test venv and what scripts/install.sh installs hold exactly the
+"""The lock is what runs: the test venv and what installers/install.sh installs hold exactly the
 versions in requirements/*.txt, and the installed daemon decodes every content-encoding."""
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def test_install_script_installs_exactly_the_product_lock(tmp_path: Path) -> Non
     bin_dir.mkdir()
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LLMTAP_PREFIX": str(prefix),
            "LLMTAP_BIN_DIR": str(bin_dir)}
-    done = subprocess.run([str(ROOT / "scripts/install.sh")], env=env, capture_output=True, text=True)
+    done = subprocess.run([str(ROOT / "installers/install.sh")], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     python = str(prefix / "bin/python")
     assert installed(python) == locked("build", "product")
@@ -81,5 +81,5 @@ def test_install_script_installs_exactly_the_product_lock(tmp_path: Path) -> Non
     assert _run(python, "-c", DECODE_EVERY_ENCODING).strip() == "ok"
     # A second run over a venv that gained a stray package puts it back to the lock.
     _run(python, "-m", "pip", "install", "-q", "--no-deps", "six")
-    assert subprocess.run([str(ROOT / "scripts/install.sh")], env=env, capture_output=True).returncode == 0
+    assert subprocess.run([str(ROOT / "installers/install.sh")], env=env, capture_output=True).returncode == 0
     assert installed(python) == locked("build", "product")

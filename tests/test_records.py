@@ -435,7 +435,7 @@ def attributes(span: Any) -> dict[str, Any]:
 RECORD = {"id": "r1", "started_at": "2025-06-01T10:00:00.000Z", "ended_at": "2025-06-01T10:00:02.500Z",
           "host": "api.anthropic.com", "method": "POST", "status": 200, "provider": "anthropic",
           "api": "messages", "model": "claude-sonnet-4-5", "stop_reason": "end_turn",
-          "request": {"max_tokens": 64, "temperature": 0.5},
+          "request": {"max_tokens": 64, "temperature": 0.5, "conversation_id": "sess-1"},
           "usage": {"input_tokens": 10, "output_tokens": 20, "cache_read_tokens": 100,
                     "cache_write_5m_tokens": 5, "cache_write_1h_tokens": 0, "reasoning_tokens": None},
           "cost_usd": "0.0012", "ttft_ms": 321.5, "process": {"pid": 7, "name": "node", "tool": "claude"}}
@@ -467,6 +467,7 @@ def test_otlp_span_follows_genai_conventions(tmp_path):
     assert attrs["gen_ai.request.model"] == "claude-sonnet-4-5"
     assert attrs["gen_ai.provider.name"] == "anthropic" and attrs["gen_ai.operation.name"] == "chat"
     assert "gen_ai.system" not in attrs  # deprecated by gen_ai.provider.name
+    assert attrs["gen_ai.conversation.id"] == "sess-1"
     assert attrs["gen_ai.usage.cache_creation.input_tokens"] == 5
     assert attrs["gen_ai.usage.input_tokens"] == 115  # the whole prompt, cached included
     assert attrs["gen_ai.usage.output_tokens"] == 20

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 from llmtap import redirect
 from llmtap.errors import UsageError
 from llmtap.platform.base import RedirectPlan, TargetAddresses
-from llmtap.platform.linux.iptables import IPV4, IPV6, render_restore, tagged_deletions
-from llmtap.platform.linux.nft import render_ruleset, render_set_update
+from llmtap.platform.linux.iptables import (
+    IPV4,
+    IPV6,
+    IptablesBackend,
+    IptablesError,
+    render_restore,
+    tagged_deletions,
+)
+from llmtap.platform.linux.nft import NftBackend, NftError, NftSession, render_ruleset, render_set_update
+from llmtap.platform.runner import Completed, start_interactive
 
 PLAN = RedirectPlan(proxy_port=8443, service_uid=999, ports=(443,), scope="targets")
 
@@ -244,3 +254,67 @@ def test_iptables_gateway_jumps_and_chains_are_removed_by_tag():
         ["-t", "nat", "-X", "LLMTAP_GW"],
         ["-t", "filter", "-X", "LLMTAP_GW_FWD"],
     ]
+
+
+# --- every command through the runner ------------------------------------------------------------
+
+
+class Recorder:
+    """A Runner that answers from a table and remembers every argv (and stdin)."""
+
+    def __init__(self, answers: dict[str, Completed]) -> None:
+        self.answers, self.calls = answers, []
+
+    def __call__(self, argv: list[str], stdin: str | None = None) -> Completed:
+        self.calls.append((argv, stdin))
+        return self.answers.get(" ".join(argv), Completed(0))
+
+
+def test_iptables_commands_go_through_the_runner(monkeypatch):
+    runner = Recorder({"iptables-save": Completed(0, SAVED), "ip6tables-save": Completed(0, "")})
+    monkeypatch.setattr(IptablesBackend, "runner", runner)
+    monkeypatch.setattr("shutil.which", lambda name: f"/usr/sbin/{name}")
+    assert IptablesBackend.rules_present() and IptablesBackend.cleanup_leftovers()
+    deletions = [argv for argv, _ in runner.calls if argv[0] == "iptables"]
+    assert deletions == [["iptables", "-w", *args] for args in tagged_deletions(SAVED)]
+    runner.calls.clear()
+    backend = IptablesBackend(PLAN)
+    backend._apply(TargetAddresses(frozenset({"203.0.113.7"}), frozenset()), jumps=False)
+    restores = [(argv, stdin) for argv, stdin in runner.calls if "restore" in argv[0]]
+    assert restores[0] == (["iptables-restore", "-w", "-n"],
+                           render_restore(PLAN, frozenset({"203.0.113.7"}), IPV4, False))
+
+
+def test_iptables_restore_failure_names_the_tool(monkeypatch):
+    runner = Recorder({"iptables-restore -w -n": Completed(2, "", "line 3: bad rule\nmore\n")})
+    monkeypatch.setattr(IptablesBackend, "runner", runner)
+    monkeypatch.setattr("shutil.which", lambda name: f"/usr/sbin/{name}")
+    with pytest.raises(IptablesError, match=r"iptables-restore failed: line 3: bad rule$"):
+        IptablesBackend(PLAN)._apply(TargetAddresses(), jumps=True)
+
+
+def test_nft_one_shot_commands_go_through_the_runner(monkeypatch):
+    listing = "table inet filter\ntable inet llmtap\n"
+    runner = Recorder({"nft list tables": Completed(0, listing),
+                       "nft delete table inet llmtap": Completed(1, "", "Error: Operation not "
+                                                                 "permitted\n")})
+    monkeypatch.setattr(NftBackend, "runner", runner)
+    monkeypatch.setattr("shutil.which", lambda name: f"/usr/sbin/{name}")
+    assert NftBackend.available() and NftBackend.rules_present()
+    with pytest.raises(NftError, match="owned by a running process"):
+        NftBackend.cleanup_leftovers()
+    assert runner.calls[-1] == (["nft", "delete", "table", "inet", "llmtap"], None)
+
+
+def test_nft_owner_session_is_started_through_the_starter():
+    """The table's owner is a long-lived `nft -i` fed on stdin (a shell loop stands in for it)."""
+    started: list[list[str]] = []
+
+    def start(argv: list[str], preexec: object = None) -> subprocess.Popen[str]:
+        started.append(argv)
+        return start_interactive(["sh", "-c", "while read -r line; do echo \"$line\" >&2; done"])
+
+    session = NftSession(start)
+    assert started == [["nft", "-i"]] and session.alive()
+    session.close()
+    assert not session.alive()

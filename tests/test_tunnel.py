@@ -13,9 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-from llmtap import gateway, tunnel
+from llmtap import tunnel
 from llmtap.config import load_config
 from llmtap.errors import RuntimeFailure, UsageError
+from llmtap.platform.linux import gateway
 from llmtap.proxy import ProxySettings, proxy_modes
 from llmtap.supervisor import listen_hosts
 

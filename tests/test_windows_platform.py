@@ -15,13 +15,17 @@ from typing import Any, ClassVar
 
 import certifi
 import pytest
-from llmtap import ca, cli_install, cli_secrets, installer_windows, supervisor
+from llmtap import ca, cli_secrets, supervisor
 from llmtap import secrets_store as store
 from llmtap.config import Config, load_config, system_paths
 from llmtap.doctor import Doctor
 from llmtap.errors import RuntimeFailure, UsageError
-from llmtap.installer import Installer
-from llmtap.installer_windows import WindowsInstaller, WindowsSystem
+from llmtap.install import provider_for
+from llmtap.install import windows as installer_windows
+from llmtap.install.engine import unremoved
+from llmtap.install.linux import LinuxInstaller
+from llmtap.install.manifest import Manifest
+from llmtap.install.windows import WindowsInstaller, WindowsSystem
 from llmtap.platform.base import ServiceManager
 from llmtap.platform.linux.trust import PEM_BLOCK
 from llmtap.platform.runner import Completed
@@ -324,12 +328,24 @@ def test_uninstall_purge_leaves_no_trace(make: Any, box: WindowsBox, service: Fa
     assert "nothing to remove: llmtap is not installed" in make.reports
 
 
+def test_every_step_is_removed_by_its_tag(make: Any) -> None:
+    installer = make()
+    manifest = Manifest(installer.manifest_path)
+    steps = installer.install_steps(True, True, manifest)
+    assert [s.tag for s in steps] == ["directories", "config file", "certificate authority",
+                                      "public CA files", "OS trust", "runtime environment",
+                                      "service", "install record"]
+    assert unremoved(steps, installer.removals(manifest, purge=True)) == []
+    assert unremoved(steps, installer.removals(manifest, purge=False)) == [
+        "config file", "certificate authority", "install record"]
+
+
 def test_the_cli_chooses_the_installer_by_platform(tmp_path: Path) -> None:
     config = load_config(write_config(tmp_path))
-    assert isinstance(cli_install.installer_for(config, None, "win32"), WindowsInstaller)
-    assert isinstance(cli_install.installer_for(config, None, "linux"), Installer)
+    assert isinstance(provider_for(config, None, platform="win32"), WindowsInstaller)
+    assert isinstance(provider_for(config, None, platform="linux"), LinuxInstaller)
     with pytest.raises(UsageError, match="not available on Windows yet"):
-        cli_install.installer_for(config, None, "win32").rotate()
+        provider_for(config, None, platform="win32").rotate()
 
 
 def test_machine_environment_parsing() -> None:
@@ -421,7 +437,7 @@ NO_POSIX = BLOCK_POSIX_IMPORTS + r'''
 import os, sys
 for name in ("fork", "chown", "fchown", "fchmod", "geteuid", "getuid", "getgid", "getegid"):
     delattr(os, name)
-import llmtap.cli, llmtap.doctor, llmtap.installer, llmtap.installer_windows
+import llmtap.cli, llmtap.doctor, llmtap.install.linux, llmtap.install.windows
 from llmtap import secrets_store as store
 assert not store.POSIX_OWNERS
 paths = store.StorePaths.under(sys.argv[1])

@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-from llmtap import control, inprocess, statusfile
+from llmtap import control
 from llmtap.cli import main
 from llmtap.config import Config, MetricsConfig, load_config
 from llmtap.errors import LlmtapError, RuntimeFailure, UsageError
+from llmtap.platform import statusfile
 from llmtap.platform.base import RedirectBackend, TargetAddresses
 from llmtap.platform.runner import Completed
-from llmtap.platform.windows import acl
+from llmtap.platform.windows import acl, inprocess
 from llmtap.platform.windows.service import ServiceHost
 from llmtap.platform.windows.windivert import OriginalDestinations
 from llmtap.privileges import require_root
@@ -436,7 +437,8 @@ for name in ("fork", "chown", "fchown", "fchmod", "geteuid", "getuid", "getgid",
 del signal.SIGHUP, socket.AF_NETLINK, socket.SO_PEERCRED  # AF_UNIX stays: asyncio needs it here
 
 import llmtap.cli
-from llmtap import inprocess, redirect, supervisor
+from llmtap import redirect, supervisor
+from llmtap.platform.windows import inprocess
 from llmtap.platform.base import RedirectBackend
 from llmtap.targets import Lookup, TargetResolver
 

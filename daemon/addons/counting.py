@@ -62,7 +62,7 @@ def decide(record: Mapping[str, Any], method: str, path: str, *, status: int | N
            upgrade: bool = False, ws_exchange: bool = False) -> Decision:
     """The decision for one record (its fields so far and the response's status), from what it
     is, not from what came before."""
-    bare = path.split("?", 1)[0].rstrip("/")
+    bare = path.split("?", 1)[0].split("#", 1)[0].rstrip("/")  # as classify() reads it
     api = record.get("api")
     if ws_exchange:
         return Decision(True, _str(record.get("response_id")))
@@ -153,9 +153,12 @@ class Counting:
             return  # decided at its response; an error after it changes nothing
         self._decided.add(flow)
         record = fields(flow)
-        upgrade = flow.websocket is not None or "websocket" in flow.request.headers.get(
-            "upgrade", "").lower()
         status = flow.response.status_code if flow.response else None
+        # A refused upgrade is no call; but a client's Upgrade header on a request the server
+        # answered normally (2xx, no 101) must not make a billed call uncounted.
+        asked = "websocket" in flow.request.headers.get("upgrade", "").lower()
+        upgrade = flow.websocket is not None or status == 101 or (
+            asked and not (status is not None and 200 <= status < 300))
         decision = decide(record, flow.request.method, flow.request.path, status=status,
                           upgrade=upgrade, ws_exchange=WS_EXCHANGE in flow.metadata)
         self.apply(record, decision)

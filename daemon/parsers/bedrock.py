@@ -74,7 +74,7 @@ def metrics_usage(metrics: dict[str, Any]) -> Usage:
 def header_usage(headers: Mapping[str, str]) -> Usage | None:
     if _HEADER_COUNTS["input_tokens"] not in headers:
         return None
-    counts = {k: int(v) if (v := headers.get(name, "0")).isdigit() else 0
+    counts = {k: int(v) if (v := headers.get(name, "0")).isascii() and v.isdigit() else 0
               for k, name in _HEADER_COUNTS.items()}
     return Usage(**counts, cache_write_1h_tokens=0, reasoning_tokens=None)
 

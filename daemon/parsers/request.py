@@ -9,6 +9,7 @@ request's credentials can reach a record.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,6 +76,32 @@ def _fields(api: str, body: dict[str, Any], path: str) -> dict[str, Any]:
     return {}
 
 
+SESSION_IN_USER_ID = re.compile(r"session_([0-9A-Za-z-]{8,64})")
+
+
+def client_session(body: dict[str, Any]) -> tuple[str, str] | None:
+    """(client, id) of the conversation a request body says it belongs to: Responses'
+    `conversation`, Claude Code's session in `metadata.user_id` (a JSON string in newer versions),
+    Codex's `prompt_cache_key` (its conversation id); None when it says nothing."""
+    convo = body.get("conversation")
+    convo = convo.get("id") if isinstance(convo, dict) else convo
+    if isinstance(convo, str) and convo:
+        return "openai", convo[:128]
+    user_id = as_dict(body.get("metadata")).get("user_id")
+    if isinstance(user_id, str):
+        try:
+            decoded = json.loads(user_id) if user_id.startswith("{") else None
+        except ValueError:
+            decoded = None
+        if isinstance(decoded, dict) and decoded.get("session_id"):
+            return "claude-code", str(decoded["session_id"])[:80]
+        if match := SESSION_IN_USER_ID.search(user_id):
+            return "claude-code", match.group(1)
+    if isinstance(body.get("prompt_cache_key"), str) and body["prompt_cache_key"]:
+        return "codex", body["prompt_cache_key"][:80]
+    return None
+
+
 def _number(value: Any) -> Any:
     return value if isinstance(value, int | float) and not isinstance(value, bool) else None
 
@@ -105,7 +132,10 @@ def parse_request(
         return info
     try:
         obj = as_dict(jsontext.parse(decode_all(body, content_encoding, MAX_REQUEST_BYTES)))
-        _fill(info, _fields(api, obj, path))
+        fields = _fields(api, obj, path)
+        if session := client_session(obj):  # gen_ai.conversation.id in the OTLP export
+            fields["conversation_id"] = session[1]
+        _fill(info, fields)
     except Exception as exc:
         info.error = f"llmtap: request not understood: {type(exc).__name__}: {exc}"[:300]
     return info

@@ -7,14 +7,16 @@ A record's location is a string relative to the records directory: `NAME.json` (
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import json
 import os
 import re
+import stat
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from llmtap.jsontext import pretty
 
@@ -23,6 +25,9 @@ SYSTEM_DIR = "system"
 INDEX_NAME = "index.sqlite"
 MONTHLY_RE = re.compile(r"^\d{4}-\d{2}\.tar\.gz$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+# What a location names (before any `#member`): a file here, in archive/ or in system/.
+LOCATION_RE = re.compile(r"^(?:(?:archive|system)/)?[^/\\\0.][^/\\\0]*\Z")
+MAX_READ = 256 * 1024 * 1024  # no record file llmtap writes comes near this
 
 
 def record_name(record: dict[str, Any]) -> str:
@@ -93,19 +98,51 @@ def write_exchange(directory: Path, record: dict[str, Any], markdown: str | None
 
 
 def read_location(directory: Path, location: str) -> bytes | None:
-    """The bytes at a location (a JSON record or its `.md` twin), None if gone."""
+    """The bytes at a location (a JSON record or its `.md` twin), None if gone.
+
+    The tree and its index are the service user's, and root reads them (history, the UI): only
+    a name llmtap writes is read, without following a symbolic link, and at most MAX_READ bytes
+    of it (a planted gzip bomb)."""
+    archive, _, member = location.partition("#")
+    if not LOCATION_RE.match(archive):
+        return None
     try:
-        if "#" in location:
-            archive, member = location.split("#", 1)
-            with tarfile.open(directory / archive, "r:gz") as tar:
-                extracted = tar.extractfile(member)
-                return extracted.read() if extracted else None
-        path = directory / location
-        if location.endswith(".gz"):
-            return gzip.decompress(path.read_bytes())
-        return path.read_bytes()
+        with _open_inside(directory, archive) as raw:
+            if member:
+                with tarfile.open(fileobj=raw, mode="r:gz") as tar:
+                    extracted = tar.extractfile(member)
+                    return extracted.read(MAX_READ) if extracted else None
+            if archive.endswith(".gz"):
+                with gzip.GzipFile(fileobj=raw) as unzipped:
+                    return unzipped.read(MAX_READ)
+            return raw.read(MAX_READ)
     except (FileNotFoundError, KeyError):
         return None
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # a symbolic link where llmtap writes none
+            return None
+        raise
+
+
+def _open_inside(directory: Path, location: str) -> BinaryIO:
+    """`location` (at most `dir/name`) under `directory`, no component a symbolic link."""
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    if not nofollow or os.open not in os.supports_dir_fd:  # Windows: no service user to fear
+        return open(directory / location, "rb")
+    head, _, name = location.rpartition("/")
+    base = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if head:
+            sub = os.open(head, os.O_RDONLY | os.O_DIRECTORY | nofollow, dir_fd=base)
+            os.close(base)
+            base = sub
+        fd = os.open(name, os.O_RDONLY | nofollow | os.O_NONBLOCK, dir_fd=base)  # a FIFO: no wait
+    finally:
+        os.close(base)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise FileNotFoundError(location)
+    return os.fdopen(fd, "rb")
 
 
 def markdown_location(location: str) -> str:

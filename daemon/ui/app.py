@@ -62,12 +62,13 @@ class Guard:
     def __init__(self, token: str, group: str, check_peer: bool = True) -> None:
         self.token, self.group, self.check_peer = token, group, check_peer
         self.port = 0  # set once the server listens
+        self.proc = Path("/proc")
 
     def refuse(self, scope: Scope, query: dict[str, str]) -> Reply | None:
         if not self.host_ok(_header(scope, b"host")):
             return Reply(403, "forbidden: this UI answers only to 127.0.0.1, localhost or [::1]\n",
                          "text/plain; charset=utf-8")
-        if self.check_peer and not self.peer_ok(scope.get("client")):
+        if self.check_peer and not self.peer_ok(scope.get("client"), scope.get("server")):
             return Reply(403, "forbidden: only root and the llmtap group may use this UI\n",
                          "text/plain; charset=utf-8")
         if not hmac.compare_digest(query.get("token", "").encode(), self.token.encode()):
@@ -80,11 +81,14 @@ class Guard:
             return False
         return host.lower() in {f"{name}:{self.port}" for name in LOOPBACK_NAMES}
 
-    def peer_ok(self, client: Any) -> bool:
-        """The peer's user, from the kernel's socket table (Linux); elsewhere the token decides."""
-        if not Path("/proc/net/tcp").exists() or not client:
+    def peer_ok(self, client: Any, server: Any = None) -> bool:
+        """The peer's user, from the kernel's socket table (Linux); elsewhere the token decides.
+        The peer's socket is the one from its address to ours: another user's socket may share
+        its local port with a socket of ours connected elsewhere."""
+        if not (self.proc / "net/tcp").exists() or not client:
             return True
-        found = socket_inode(str(client[0]), int(client[1]))
+        remote = (str(server[0]), int(server[1])) if server else None
+        found = socket_inode(str(client[0]), int(client[1]), self.proc, remote)
         if found is None:
             return False
         uid = found[1]

@@ -8,6 +8,7 @@ import difflib
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -213,6 +214,7 @@ def _dump(value: Any) -> str:
     return json.dumps(value, indent=2, ensure_ascii=False)
 
 
+MAX_DIFF_ITEMS = 5000  # lines or turns compared by difflib
 MAX_SYSTEM_DIFF = 200  # lines
 
 
@@ -225,17 +227,32 @@ class Diff:
 
 
 def diff(older: Conversation, newer: Conversation) -> Diff:
-    lines = list(difflib.unified_diff(older.system.splitlines(), newer.system.splitlines(),
-                                      "previous", "this call", n=1, lineterm=""))[2:MAX_SYSTEM_DIFF]
+    lines = _system_diff(older.system.splitlines(), newer.system.splitlines())
     if newer.chained:  # it sends only what is new; nothing fell out
         return Diff(list(range(len(newer.turns))), [], older.system != newer.system, lines)
     before, after = [t.key() for t in older.turns], [t.key() for t in newer.turns]
-    matcher = difflib.SequenceMatcher(a=before, b=after, autojunk=False)
     added: list[int] = []
     removed: list[Turn] = []
-    for tag, a0, a1, b0, b1 in matcher.get_opcodes():
+    for tag, a0, a1, b0, b1 in _opcodes(before, after):
         if tag in ("replace", "delete"):
             removed += older.turns[a0:a1]
         if tag in ("replace", "insert"):
             added += range(b0, b1)
     return Diff(added, removed, older.system != newer.system, lines)
+
+
+def _system_diff(before: list[str], after: list[str]) -> list[str]:
+    if max(len(before), len(after)) > MAX_DIFF_ITEMS:  # difflib is quadratic at worst
+        return []
+    return list(difflib.unified_diff(before, after, "previous", "this call", n=1,
+                                     lineterm=""))[2:MAX_SYSTEM_DIFF]
+
+
+def _opcodes(before: list[str], after: list[str]) -> Sequence[tuple[str, int, int, int, int]]:
+    """difflib's opcodes; past MAX_DIFF_ITEMS (a client can send any number of turns, and the
+    matcher is quadratic at worst) the common prefix is kept and the rest is replaced."""
+    if max(len(before), len(after)) <= MAX_DIFF_ITEMS:
+        return difflib.SequenceMatcher(a=before, b=after, autojunk=False).get_opcodes()
+    same = next((i for i, (a, b) in enumerate(zip(before, after, strict=False)) if a != b),
+                min(len(before), len(after)))
+    return [("equal", 0, same, 0, same), ("replace", same, len(before), same, len(after))]

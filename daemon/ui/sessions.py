@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmtap.parsers.request import client_session
 from llmtap.records.capture import MASK
 from llmtap.ui.calls import Call, load
 from llmtap.ui.conversation import conversation
 from llmtap.ui.streams import response_id
 
-SESSION_IN_USER_ID = re.compile(r"session_([0-9A-Za-z-]{8,64})")
 SESSION_HEADERS = (("x-claude-code-session-id", "claude-code"), ("session_id", "codex"),
                    ("conversation_id", "codex"), ("x-session-id", "session"))
 MAX_CACHED = 50_000
@@ -57,19 +57,8 @@ def _own_key(call: Call, body: dict[str, Any]) -> str | None:
         value = call.header(header)
         if value and MASK not in value:  # the recorder masks session headers: none to group by
             return f"{client}:{value[:80]}"
-    metadata = body.get("metadata")
-    user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
-    if isinstance(user_id, str):
-        try:
-            decoded = json.loads(user_id)  # newer Claude Code: a JSON object as the string
-        except ValueError:
-            decoded = None
-        if isinstance(decoded, dict) and decoded.get("session_id"):
-            return f"claude-code:{str(decoded['session_id'])[:80]}"
-        if match := SESSION_IN_USER_ID.search(user_id):
-            return f"claude-code:{match.group(1)}"
-    if isinstance(body.get("prompt_cache_key"), str):
-        return f"codex:{body['prompt_cache_key'][:80]}"
+    if session := client_session(body):
+        return f"{session[0]}:{session[1]}"
     return None
 
 

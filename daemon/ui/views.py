@@ -17,8 +17,8 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import jinja2
-from llmtap.cli_history import local_time, money, tokens
 from llmtap.config import Config
+from llmtap.formatting import local_time, money, tokens
 from llmtap.records import store
 from llmtap.ui import charts, history
 from llmtap.ui.app import Handler, Reply, Stream

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import shlex
 import shutil
-import subprocess
 from dataclasses import dataclass
+from typing import ClassVar
 
 from llmtap.platform.base import RedirectBackend, RedirectPlan, TargetAddresses
+from llmtap.platform.runner import Runner, SubprocessRunner
 
 TAG = "llmtap"
 NAT_CHAIN = "LLMTAP"
@@ -92,7 +93,7 @@ def render_restore(plan: RedirectPlan, addresses: frozenset[str], family: Family
 
 
 def _gateway_dnat(plan: RedirectPlan, addresses: frozenset[str], ports: str, jumps: bool) -> list[str]:
-    """Forwarded IPv4 TCP from the gateway interfaces -> the loopback proxy (see llmtap.gateway)."""
+    """Forwarded IPv4 TCP from the gateway interfaces -> the loopback proxy (see platform.linux.gateway)."""
     dnat = f"-p tcp -m multiport --dports {ports} -j DNAT --to-destination 127.0.0.1:{plan.proxy_port}"
     rules = [dnat] if plan.scope == "all" else [f"-d {addr}/32 {dnat}" for addr in sorted(addresses)]
     lines = [
@@ -161,6 +162,7 @@ def _has_tag(args: list[str]) -> bool:
 class IptablesBackend(RedirectBackend):
     name = "iptables"
     dies_with_owner = False
+    runner: ClassVar[Runner] = SubprocessRunner()  # tests replace it
 
     def __init__(self, plan: RedirectPlan) -> None:
         super().__init__(plan)
@@ -193,10 +195,8 @@ class IptablesBackend(RedirectBackend):
         for family in self._families():
             addrs = addresses.v4 if family is IPV4 else addresses.v6
             batch = render_restore(self.plan, addrs, family, jumps)
-            result = subprocess.run(
-                [family.restore, "-w", "-n"], input=batch, capture_output=True, text=True
-            )
-            if result.returncode != 0:
+            result = self.runner([family.restore, "-w", "-n"], batch)
+            if not result.ok:
                 reason = (result.stderr.strip().splitlines() or ["unknown error"])[0]
                 raise IptablesError(f"{family.restore} failed: {reason}")
 
@@ -217,11 +217,11 @@ class IptablesBackend(RedirectBackend):
         removed = False
         for family in cls._families():
             for args in tagged_deletions(cls._save(family)):
-                subprocess.run([family.binary, "-w", *args], capture_output=True, text=True)
+                cls.runner([family.binary, "-w", *args])
                 removed = True
         return removed
 
-    @staticmethod
-    def _save(family: Family) -> str:
-        result = subprocess.run([family.save], capture_output=True, text=True)
-        return result.stdout if result.returncode == 0 else ""
+    @classmethod
+    def _save(cls, family: Family) -> str:
+        result = cls.runner([family.save])
+        return result.stdout if result.ok else ""

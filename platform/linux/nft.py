@@ -16,9 +16,11 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from typing import ClassVar
 
 from llmtap.platform.base import RedirectBackend, RedirectPlan, TargetAddresses
 from llmtap.platform.linux.proc import parent_death_signal
+from llmtap.platform.runner import Runner, Starter, SubprocessRunner, start_interactive
 
 TABLE = "llmtap"
 FAMILY = "inet"
@@ -86,7 +88,7 @@ def _connection_cap(plan: RedirectPlan) -> list[str]:
 
 def _gateway_chains(plan: RedirectPlan, ports: str) -> list[str]:
     """Traffic forwarded from the gateway interfaces: IPv4 TCP is DNATed to the loopback proxy
-    (needs route_localnet, see llmtap.gateway); IPv6 TCP to targets is reset so clients fall back
+    (needs route_localnet, see gateway.py); IPv6 TCP to targets is reset so clients fall back
     to IPv4 (::1 is unreachable from outside); QUIC to targets is rejected as for local clients.
     route_localnet would also let a container send packets straight to 127.0.0.1 and reach any
     loopback service here (CVE-2020-8558): gateway_input drops those unless we DNATed them.
@@ -141,16 +143,8 @@ class NftSession:
     read stderr up to its echo: any error printed before it belongs to our command.
     """
 
-    def __init__(self) -> None:
-        self._proc = subprocess.Popen(
-            ["nft", "-i"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            bufsize=1,
-            preexec_fn=functools.partial(parent_death_signal, os.getpid()),
-        )
+    def __init__(self, start: Starter = start_interactive) -> None:
+        self._proc = start(["nft", "-i"], functools.partial(parent_death_signal, os.getpid()))
         self._lock = threading.Lock()
         self._sync = itertools.count(1)
 
@@ -196,6 +190,8 @@ class NftSession:
 class NftBackend(RedirectBackend):
     name = "nft"
     dies_with_owner = True
+    runner: ClassVar[Runner] = SubprocessRunner()  # the one-shot commands (tests replace it)
+    start: ClassVar[Starter] = staticmethod(start_interactive)  # the owner session
 
     def __init__(self, plan: RedirectPlan) -> None:
         super().__init__(plan)
@@ -206,11 +202,10 @@ class NftBackend(RedirectBackend):
     def available(cls) -> bool:
         if not shutil.which("nft"):
             return False
-        probe = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True)
-        return probe.returncode == 0
+        return cls.runner(["nft", "list", "tables"]).ok
 
     def install(self, addresses: TargetAddresses) -> None:
-        session = NftSession()
+        session = NftSession(type(self).start)
         try:
             # `include` lets the whole table go in as one multi-line batch through the owner socket.
             with tempfile.NamedTemporaryFile("w", suffix=".nft", prefix="llmtap-") as rules:
@@ -244,8 +239,7 @@ class NftBackend(RedirectBackend):
     def refused_connections(self) -> int:
         if self._session is None or not self.plan.max_connections_per_user:
             return 0
-        listing = subprocess.run(["nft", "-j", "list", "counter", FAMILY, TABLE, "refused"],
-                                 capture_output=True, text=True)
+        listing = self.runner(["nft", "-j", "list", "counter", FAMILY, TABLE, "refused"])
         try:
             items = json.loads(listing.stdout)["nftables"]
             return int(next(i["counter"]["packets"] for i in items if "counter" in i))
@@ -256,7 +250,7 @@ class NftBackend(RedirectBackend):
     def rules_present(cls) -> bool:
         if not shutil.which("nft"):
             return False
-        listing = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True)
+        listing = cls.runner(["nft", "list", "tables"])
         return f"table {FAMILY} {TABLE}" in listing.stdout.split("\n")
 
     @classmethod
@@ -264,10 +258,8 @@ class NftBackend(RedirectBackend):
         """Deletes a table left by something other than a live owner (e.g. `nft -f` by hand)."""
         if not cls.rules_present():
             return False
-        result = subprocess.run(
-            ["nft", "delete", "table", FAMILY, TABLE], capture_output=True, text=True
-        )
-        if result.returncode != 0:
+        result = cls.runner(["nft", "delete", "table", FAMILY, TABLE])
+        if not result.ok:
             if "Operation not permitted" in result.stderr:
                 raise NftError(
                     f"table {FAMILY} {TABLE} is owned by a running process: another llmtap is "

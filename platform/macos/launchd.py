@@ -7,6 +7,7 @@ import os
 import plistlib
 import re
 import sys
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -19,21 +20,14 @@ LABEL = "com.llmtap.daemon"
 PLIST_DIR = Path("/Library/LaunchDaemons")
 LOG_FILE = "/var/log/llmtap.log"
 DOMAIN = "system"
-# Time launchd leaves between SIGTERM and SIGKILL on bootout: the supervisor removes its rules.
-EXIT_TIMEOUT_S = 30
 
 
 def render_plist(command: list[str], label: str = LABEL, log_file: str = LOG_FILE) -> bytes:
-    definition: dict[str, Any] = {
-        "Label": label,
-        "ProgramArguments": list(command),
-        "RunAtLoad": True,
-        "KeepAlive": True,  # restarted whenever it exits: the tap is meant to be always on
-        "ThrottleInterval": 10,
-        "ExitTimeOut": EXIT_TIMEOUT_S,
-        "StandardOutPath": log_file,
-        "StandardErrorPath": log_file,
-    }
+    """installers/com.llmtap.daemon.plist for this command, label and log."""
+    text = resources.files("llmtap.installers").joinpath(f"{LABEL}.plist").read_bytes()
+    definition: dict[str, Any] = plistlib.loads(text)
+    definition.update(Label=label, ProgramArguments=list(command), StandardOutPath=log_file,
+                      StandardErrorPath=log_file)
     return plistlib.dumps(definition, fmt=plistlib.FMT_XML, sort_keys=True)
 
 

@@ -1,6 +1,6 @@
 """Windows service: a real service through pywin32, or a scheduled task where pywin32 is missing.
 
-The pywin32 service hosts `llmtap run` in its own process (llmtap.inprocess, on the service's
+The pywin32 service hosts `llmtap run` in its own process (inprocess.py beside it, on the service's
 thread): a service stop asks the runner to stop, which removes the redirect before the service
 reports stopped (a console-less child could not be sent CTRL_BREAK). When the runner fails on its
 own, the process ends abnormally, which makes the service control manager restart it (failure
@@ -271,7 +271,7 @@ def service_manager(elevated: ElevationCheck = is_elevated) -> ServiceManager:
 
 
 class StoppableRunner(Protocol):
-    """llmtap.inprocess.InProcessRunner, as the host sees it."""
+    """inprocess.InProcessRunner, as the host sees it."""
 
     def run(self) -> int: ...
 
@@ -290,8 +290,8 @@ def config_from_command(command: list[str]) -> str | None:
 
 
 def make_inprocess_runner(config_file: str | None) -> StoppableRunner:
-    from llmtap import inprocess  # mitmproxy: only the service process pays for it
     from llmtap.config import load_config
+    from llmtap.platform.windows import inprocess  # mitmproxy: only the service process pays
 
     return inprocess.make_runner(load_config(config_file))
 

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Installs llmtap from this checkout: a venv in /opt/llmtap holding the locked versions
 # (requirements/product.txt) and the command /usr/local/bin/llmtap.
-#   sudo scripts/install.sh      (LLMTAP_PREFIX and LLMTAP_BIN_DIR move the venv and the command)
+#   sudo installers/install.sh      (LLMTAP_PREFIX and LLMTAP_BIN_DIR move the venv and the command)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" != 0 ]; then
-  echo "install.sh: run it as root (sudo scripts/install.sh)" >&2
+  echo "install.sh: run it as root (sudo installers/install.sh)" >&2
   exit 2
 fi
 prefix=${LLMTAP_PREFIX:-/opt/llmtap}

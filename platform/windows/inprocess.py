@@ -11,7 +11,7 @@ There is no privilege drop (Windows has no setuid): the process stays elevated, 
 the process id (WindivertBackend's OwnProcessExemption excludes this process's connections), and
 llmtap's directories are restricted to Administrators and SYSTEM instead of being owned by a
 service user. CPython has no AF_UNIX on Windows, so there is no control socket: the status is
-published to a file (llmtap.statusfile).
+published to a file (llmtap.platform.statusfile).
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from llmtap import addons, ca, redirect, statusfile
+from llmtap import addons, ca, redirect
 from llmtap.config import Config
 from llmtap.errors import LlmtapError, RuntimeFailure, UsageError
+from llmtap.platform import statusfile
 from llmtap.platform.base import RedirectBackend, plug_into_mitmproxy
 from llmtap.platform.windows.acl import restrict_to_administrators
 from llmtap.privileges import ServiceUser, require_root

@@ -1,10 +1,10 @@
 """The daemon's status where there is no control socket (CPython has no AF_UNIX on Windows).
 
-The in-process daemon (llmtap.inprocess) rewrites `status.json` next to where the socket would be,
-every second, in a directory only Administrators and SYSTEM may read: `llmtap status` from an
-elevated terminal reads it, as root or the llmtap group ask the socket on Linux. There is no
-listener at all, so nothing is exposed to other local users. Live events (the dashboard) need the
-socket and are not available this way.
+The in-process daemon (llmtap.platform.windows.inprocess) rewrites `status.json` next to where
+the socket would be, every second, in a directory only Administrators and SYSTEM may read:
+`llmtap status` from an elevated terminal reads it, as root or the llmtap group ask the socket on
+Linux. There is no listener at all, so nothing is exposed to other local users. Live events (the
+dashboard) need the socket and are not available this way.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """`llmtap install`, `uninstall` and `ca rotate` on Windows, through Windows' own tools.
 
-The same steps as on Linux where they mean something here, with the same rollback and install
-record (llmtap.installer's Step, run_steps, Manifest): directories for Administrators and SYSTEM
+The Windows provider: the same steps as on Linux where they mean something here, on the same
+engine (llmtap.install.engine) and install record: directories for Administrators and SYSTEM
 only (icacls, not a service user), the default config, the CA, its public copy and bundle for
 every user, the Root store (certutil), machine-wide variables for the runtimes that do not read
 that store (setx), and the service (pywin32, or a scheduled task). There is no `llmtap` user:
-the service runs as LocalSystem and `llmtap run` never drops its rights (llmtap.inprocess).
+the service runs as LocalSystem and `llmtap run` never drops its rights (llmtap.platform.windows.inprocess).
 Every command goes through an injectable Runner, so tests assert the exact commands on Linux.
 """
 
@@ -22,22 +22,11 @@ from llmtap import ca, redirect
 from llmtap.ca import write_file
 from llmtap.config import DEFAULT_CONFIG_PATH, Config, config_path
 from llmtap.errors import RuntimeFailure, UsageError
-from llmtap.installer import (
-    MANIFEST,
-    Manifest,
-    Report,
-    Step,
-    ca_bundle,
-    env_values,
-    port_in_use,
-    remove_created_dirs,
-    remove_data,
-    remove_file,
-    remove_run_dir,
-    run_removals,
-    run_steps,
-    wait_for_daemon,
-)
+from llmtap.install.engine import DATA_STEPS, Removal, Report, Step, run_recorded, run_removals
+from llmtap.install.files import remove_data, remove_file, remove_run_dir
+from llmtap.install.manifest import MANIFEST, Manifest, remove_created_dirs
+from llmtap.install.ready import port_in_use, wait_for_daemon
+from llmtap.install.runtime_env import ca_bundle, env_values
 from llmtap.platform.base import ServiceManager
 from llmtap.platform.runner import Runner, SubprocessRunner
 from llmtap.platform.windows import acl
@@ -85,7 +74,7 @@ def windows_hint(config: Config) -> Callable[[ServiceManager], str]:
 
 
 def wait_for_service(config: Config, service: ServiceManager) -> None:
-    wait_for_daemon(config, service, hint=windows_hint(config))
+    wait_for_daemon(config, service, windows_hint(config))
 
 
 @dataclass
@@ -172,6 +161,17 @@ class WindowsInstaller:
         self.report("not on Windows: no `llmtap` user (the service runs as LocalSystem; "
                     "directories are for Administrators and SYSTEM only)")
         manifest = Manifest(self.manifest_path)
+        done = run_recorded(self.install_steps(trust, service, manifest), manifest, self.report)
+        if not done:
+            self.report("nothing to change: llmtap is already installed"
+                        + (" and running" if service else ""))
+        else:
+            start = "" if service else "; start the daemon with `llmtap run` (elevated)"
+            self.report("next: open a new terminal (the variables are set for new sessions), "
+                        f"then `llmtap env --shell powershell`; `llmtap doctor` checks it all{start}")
+        return [s.name for s in done]
+
+    def install_steps(self, trust: bool, service: bool, manifest: Manifest) -> list[Step]:
         steps = [self.dirs_step(manifest)]
         if self.explicit_config is None:
             steps.append(self.config_step(manifest))
@@ -182,19 +182,7 @@ class WindowsInstaller:
         if service:
             steps.append(self.service_step(manifest))
         steps.append(manifest.step())
-        try:
-            done = run_steps(steps, self.report, after_each=lambda s: manifest.save_if_possible())
-        except RuntimeFailure:
-            manifest.restore()
-            raise
-        if not done:
-            self.report("nothing to change: llmtap is already installed"
-                        + (" and running" if service else ""))
-        else:
-            start = "" if service else "; start the daemon with `llmtap run` (elevated)"
-            self.report("next: open a new terminal (the variables are set for new sessions), "
-                        f"then `llmtap env --shell powershell`; `llmtap doctor` checks it all{start}")
-        return [s.name for s in done]
+        return steps
 
     def dirs_step(self, manifest: Manifest) -> Step:
         public = self.config.install.public_dir
@@ -290,7 +278,7 @@ class WindowsInstaller:
         def needed() -> bool:
             return not (self.public_cert.exists() and store.is_trusted(self.public_cert))
 
-        return Step("OS trust (certutil)", needed, apply, store.untrust)
+        return Step("OS trust (certutil)", needed, apply, store.untrust, "OS trust")
 
     def env_step(self, manifest: Manifest) -> Step:
         before: dict[str, str | None] = {}
@@ -332,7 +320,7 @@ class WindowsInstaller:
             self.system.cleanup_rules()
             manifest.data.pop("service", None)
 
-        return Step(f"service ({kind})", lambda: not service.is_running(), apply, undo)
+        return Step(f"service ({kind})", lambda: not service.is_running(), apply, undo, "service")
 
     # --- uninstall ---
 
@@ -340,19 +328,24 @@ class WindowsInstaller:
         """Reverses every step, also on a half-installed machine; keeps going past failures."""
         require_elevated("llmtap uninstall", self.system.elevated)
         manifest = Manifest(self.manifest_path)
-        actions: list[tuple[str, Callable[[], str | None]]] = [
-            ("service", lambda: self.remove_service(manifest)),
-            ("rules", self.remove_rules),
-            ("runtime environment", self.remove_env),
-            ("OS trust", self.remove_trust),
-            ("public CA files", self.remove_public),
-            ("run directory", self.remove_run_dir),
+        kept = None if purge else (self.config.state_dir, self.config.records_dir)
+        return run_removals(self.removals(manifest, purge), self.report, kept,
+                            "llmtap uninstall --purge")
+
+    def removals(self, manifest: Manifest, purge: bool) -> list[Removal]:
+        found = [
+            Removal("service", lambda: self.remove_service(manifest)),
+            Removal("rules", self.remove_rules),
+            Removal("runtime environment", self.remove_env),
+            Removal("OS trust", self.remove_trust),
+            Removal("public CA files", self.remove_public),
+            Removal("run directory", self.remove_run_dir),
         ]
         if purge:
-            actions += [("data", self.remove_data),
-                        ("config file", lambda: self.remove_config(manifest))]
-        actions.append(("directories", lambda: remove_created_dirs(manifest, purge)))
-        return run_removals(actions, self.report, self.config, purge, "llmtap uninstall --purge")
+            found += [Removal("data", self.remove_data, DATA_STEPS),
+                      Removal("config file", lambda: self.remove_config(manifest))]
+        found.append(Removal("directories", lambda: remove_created_dirs(manifest, purge)))
+        return found
 
     def remove_service(self, manifest: Manifest) -> str | None:
         service = self.service()
