@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,6 +193,8 @@ class ProxySettings:
     original_addr: OriginalAddrLookup | None = None
     explicit_listen: tuple[str, int] | None = None  # (ip, port) of the regular HTTP/CONNECT proxy
     key_ports: tuple[int, ...] = (443,)  # the redirected ports: the only ones keys are added toward
+    # The worker's end of the supervisor's process lookup (llmtap.proclookup), made before the fork.
+    process_lookup: socket.socket | None = None
     idle_timeout_s: int = 600
 
 
@@ -212,10 +215,13 @@ def proxy_modes(settings: ProxySettings) -> list[str]:
     return modes
 
 
-def build_master(settings: ProxySettings, with_pipeline: bool = True) -> master.Master:
+def build_master(settings: ProxySettings, with_pipeline: bool = True,
+                 stages: list[object] | None = None) -> master.Master:
     """A mitmproxy Master with only the addons llmtap needs. Call inside a running event loop.
 
-    Without the pipeline it is the "bare mitmproxy" of the benchmarks: same listeners and TLS.
+    `stages`: the pipeline (llmtap.addons.pipeline), when the caller needs to hold its stages;
+    otherwise one is built. Without the pipeline it is the "bare mitmproxy" of the benchmarks:
+    same listeners and TLS.
     """
     opts = options.Options()
     proxy = master.Master(opts, with_termlog=False)
@@ -230,7 +236,9 @@ def build_master(settings: ProxySettings, with_pipeline: bool = True) -> master.
         errorcheck.ErrorCheck(repeat_errors_on_stderr=True),
     )
     if with_pipeline:
-        proxy.addons.add(*addons.pipeline())
+        if stages is None:
+            stages = addons.pipeline(lookup=settings.process_lookup)
+        proxy.addons.add(*stages)
     else:
         proxy.addons.add(StreamEverything())
     opts.update(

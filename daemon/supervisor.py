@@ -25,7 +25,6 @@ from types import FrameType
 from typing import Any
 
 from llmtap import ca, control, livehub, metrics, proclookup, redirect
-from llmtap.addons import attribution
 from llmtap.config import Config
 from llmtap.errors import LlmtapError, RuntimeFailure, UsageError
 from llmtap.healing import HEARTBEAT_TIMEOUT_S, Healer
@@ -171,9 +170,8 @@ class Supervisor:
         )
         self.addresses, next_refresh = self.resolver.refresh()
         channel = backend_cls.original_addr_channel()  # made before the fork, like the lookup
-        settings = self._settings(bundle, hosts, channel.lookup if channel else None)
         lookup = proclookup.LookupService()  # the worker asks it which process is connecting
-        attribution.CHANNEL = lookup.client
+        settings = self._settings(bundle, hosts, channel.lookup if channel else None, lookup.client)
         spawner = WorkerSpawner(settings, user)  # before any thread: it forks every worker
         lookup.start()
         if channel:
@@ -220,7 +218,8 @@ class Supervisor:
                 (config.run_dir / "llmtap.pid").unlink()
 
     def _settings(self, bundle: Path, hosts: tuple[str, ...],
-                  original_addr: OriginalAddrLookup | None = None) -> ProxySettings:
+                  original_addr: OriginalAddrLookup | None = None,
+                  process_lookup: socket.socket | None = None) -> ProxySettings:
         config = self.config
         return ProxySettings(
             proxy_port=config.redirect.proxy_port,
@@ -234,6 +233,7 @@ class Supervisor:
             pipeline=not self.bare,
             explicit_listen=config.explicit.address,
             original_addr=original_addr,
+            process_lookup=process_lookup,
             key_ports=config.redirect.ports,
             idle_timeout_s=config.redirect.idle_timeout_s,
         )

@@ -18,16 +18,20 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from llmtap.addons.recorder import start_writer_process
+from llmtap import addons
+from llmtap.addons.attribution import Attribution
+from llmtap.addons.live import Live
+from llmtap.addons.recorder import Recorder, start_writer_process
 from llmtap.errors import LlmtapError
 from llmtap.platform.base import plug_into_mitmproxy
 from llmtap.platform.linux.proc import parent_death_signal
 from llmtap.privileges import ServiceUser, drop_privileges
 from llmtap.proxy import ProxySettings, build_master
-from llmtap.records.writer_process import allow_leaving_idle_priority
+from llmtap.records.writer_process import RecordWriterProcess, allow_leaving_idle_priority
 from mitmproxy import ctx
 
 log = logging.getLogger("llmtap.worker")
@@ -149,10 +153,12 @@ def start_worker(settings: ProxySettings, user: ServiceUser) -> WorkerHandle:
             drop_privileges(user)
             if sys.platform == "linux":  # after the drop: a credential change clears it
                 parent_death_signal(parent)
+            writer = None
             if settings.pipeline:  # before any thread: it forks the record writer process
-                start_writer_process(settings.records_dir, settings.config_file, settings.state_dir)
+                writer = start_writer_process(settings.records_dir, settings.config_file,
+                                              settings.state_dir)
             with os.fdopen(write_fd, "w", buffering=1) as report:
-                code = asyncio.run(serve(settings, report, lifeline_read))
+                code = asyncio.run(serve(settings, report, lifeline_read, writer))
         except SystemExit as exc:  # mitmproxy's startup error check has printed the reason
             code = exc.code if isinstance(exc.code, int) else 1
         except LlmtapError as exc:
@@ -168,10 +174,15 @@ def start_worker(settings: ProxySettings, user: ServiceUser) -> WorkerHandle:
 
 
 class Reporter:
-    """Worker-only addon: tells the supervisor when listeners are up, then sends counters."""
+    """Worker-only addon: tells the supervisor when listeners are up, then sends counters (and
+    the live feed) of the pipeline's `stages`."""
 
-    def __init__(self, out: IO[str]) -> None:
+    def __init__(self, out: IO[str], stages: Iterable[object] = ()) -> None:
         self.out = out
+        stages = list(stages)
+        self.live = addons.stage(stages, Live)
+        self.recorder = addons.stage(stages, Recorder)
+        self.attribution = addons.stage(stages, Attribution)
         self._task: asyncio.Task[None] | None = None
 
     def _send(self, event: dict[str, Any]) -> None:
@@ -185,9 +196,7 @@ class Reporter:
         self._task = asyncio.create_task(self._report_forever())
 
     async def _report_forever(self) -> None:
-        live = ctx.master.addons.get("live")
-        recorder = ctx.master.addons.get("recorder")
-        attribution = ctx.master.addons.get("attribution")
+        live, recorder, attribution = self.live, self.recorder, self.attribution
         ticks = 0
         while True:
             if live and (events := live.drain()):  # dashboard events: batched, a few a second
@@ -206,15 +215,17 @@ class Reporter:
             self._task.cancel()
 
 
-async def serve(settings: ProxySettings, report: IO[str], lifeline: int) -> int:
+async def serve(settings: ProxySettings, report: IO[str], lifeline: int,
+                writer: RecordWriterProcess | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="llmtap worker: %(message)s", force=True)
     # Other threads (the parse pool for large bodies, attribution) hold the GIL in slices of this
     # length; at CPython's default 5 ms a request arriving meanwhile waits up to that long.
     sys.setswitchinterval(GIL_SWITCH_S)
     if settings.original_addr is not None:  # e.g. macOS: asked of the root supervisor
         plug_into_mitmproxy(settings.original_addr)
-    proxy = build_master(settings, with_pipeline=settings.pipeline)
-    proxy.addons.add(Reporter(report))
+    stages = addons.pipeline(lookup=settings.process_lookup, writer=writer) if settings.pipeline else []
+    proxy = build_master(settings, with_pipeline=settings.pipeline, stages=stages)
+    proxy.addons.add(Reporter(report, stages))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, proxy.shutdown)

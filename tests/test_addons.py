@@ -18,7 +18,10 @@ from mitmproxy.test import taddons, tflow
 def test_pipeline_follows_spec_order():
     names = [type(a).__name__.lower() for a in addons.pipeline()]
     assert names == [s for s in addons.PIPELINE if s in names]
-    assert addons.PIPELINE[0] == "scope" and addons.PIPELINE[-1] == "live"
+    assert addons.PIPELINE[0] == "scope"
+    # SPEC.md's stages end with live; only the stream tails, which wrap what they chose, follow.
+    assert addons.PIPELINE[addons.PIPELINE.index("live") + 1:] == ("dlpstreams", "credentialstreams")
+    assert set(addons.STAGES) == set(addons.PIPELINE)
 
 
 def test_scope_sets_anchored_allow_hosts():
@@ -93,3 +96,45 @@ def test_live_counts_connections_and_passthrough():
     live.tls_clienthello(Hello())  # type: ignore[arg-type]
     assert live.snapshot() == {"connections": 2, "intercepted": 1, "requests": 1,
                                "responses": 1, "errors": 0, "passthrough": 1}
+
+
+def test_pipeline_hands_each_stage_what_it_depends_on():
+    import socket
+
+    from llmtap.addons.attribution import Attribution
+    from llmtap.addons.credentials import Credentials, CredentialStreams
+    from llmtap.addons.dlp import Dlp, DlpStreams
+    from llmtap.addons.filters import Filters
+
+    ours, theirs = socket.socketpair()
+    try:
+        stages = addons.pipeline(lookup=ours)
+        attribution = addons.stage(stages, Attribution)
+        credentials, dlp = addons.stage(stages, Credentials), addons.stage(stages, Dlp)
+        recorder, live = addons.stage(stages, Recorder), addons.stage(stages, Live)
+        filters = addons.stage(stages, Filters)
+        assert attribution is not None and attribution.channel is ours
+        assert recorder is not None and recorder.lookup is attribution
+        assert recorder.process_writer is None  # none given: it writes on a thread of its own
+        assert live is not None and live.lookup is attribution
+        assert credentials is not None and credentials.attribution is attribution
+        assert dlp is not None and dlp.held is credentials
+        assert filters is not None and filters.dlp_follows
+        assert addons.stage(stages, DlpStreams).dlp is dlp  # type: ignore[union-attr]
+        assert addons.stage(stages, CredentialStreams).owner is credentials  # type: ignore[union-attr]
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_live_asks_the_lookup_it_was_given_for_a_process_still_unknown():
+    class Known:
+        def process_of(self, flow):
+            return {"pid": 9, "name": "node", "tool": "claude"}
+
+        def pending(self, flow):
+            return None
+
+    live = Live(lookup=Known())
+    flow = tflow.tflow(resp=True)
+    assert live._process(flow) == {"pid": 9, "name": "node", "tool": "claude", "user": None}

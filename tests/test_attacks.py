@@ -12,8 +12,8 @@ from llmtap import ca, price_data
 from llmtap.addons.counting import BilledIds, Counting
 from llmtap.addons.pricing import Pricing
 from llmtap.addons.protocols import Protocols
-from llmtap.addons.recorder import fields
 from llmtap.errors import RuntimeFailure
+from llmtap.flow import fields
 from test_protocols_addon import JSON, request_flow, response_headers, run_addons
 
 

@@ -20,7 +20,7 @@ from llmtap.addons.bodies import MAX_DECODED, decoded_request, decoded_response
 from llmtap.addons.dlp import Dlp
 from llmtap.addons.filters import Filters
 from llmtap.addons.protocols import Protocols
-from llmtap.addons.recorder import BLOCKED_HEADER, fields
+from llmtap.flow import BLOCKED_HEADER, BODIES, fields
 from llmtap.parsers.encoding import zstd
 from llmtap.rules import Rule, RuleStore, validate
 from mitmproxy import http
@@ -117,7 +117,7 @@ def test_the_view_is_made_once_and_remade_when_the_body_changes(monkeypatch: pyt
     assert decoded_request(flow) is first and calls == [1]
     flow.request.content = b'{"changed": true}'  # re-encoded as gzip
     assert decoded_request(flow).data == b'{"changed": true}' and calls == [2]
-    assert copy.deepcopy(flow.metadata)[bodies.KEY].decoded == {}  # a copy decodes its own
+    assert copy.deepcopy(flow.metadata)[BODIES].decoded == {}  # a copy decodes its own
 
 
 def count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -135,7 +135,7 @@ def count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_filters_dlp_and_protocols_share_one_decode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     RuleStore(tmp_path / "rules.db").add(validate(Rule("body", "text_replace", "contains", "nowhere", "x")))
     calls = count_decodes(monkeypatch)
-    filters, dlp, protocols = Filters(), Dlp(), Protocols()
+    filters, dlp, protocols = Filters(dlp_follows=True), Dlp(), Protocols()
     with taddons.context(filters, dlp, protocols) as tctx:
         tctx.configure(filters, llmtap_state_dir=str(tmp_path), llmtap_config_file=config_file(tmp_path))
         tctx.configure(dlp, llmtap_config_file=config_file(tmp_path))
@@ -155,7 +155,7 @@ def test_filters_dlp_and_protocols_share_one_decode(tmp_path: Path, monkeypatch:
 ])
 def test_a_bomb_is_refused_with_a_provider_shaped_413(tmp_path: Path, provider: str, host: str,
                                                       path: str) -> None:
-    filters, dlp = Filters(), Dlp()
+    filters, dlp = Filters(dlp_follows=True), Dlp()
     with taddons.context(filters, dlp) as tctx:
         tctx.configure(filters, llmtap_state_dir=str(tmp_path), llmtap_config_file=config_file(tmp_path))
         tctx.configure(dlp, llmtap_config_file=config_file(tmp_path))

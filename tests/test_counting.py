@@ -14,7 +14,7 @@ import streams
 from llmtap.addons.counting import BilledIds, Counting, Decision, decide
 from llmtap.addons.pricing import Pricing
 from llmtap.addons.protocols import Protocols
-from llmtap.addons.recorder import fields
+from llmtap.flow import fields
 from llmtap.records.index import COLUMNS, BilledLookup, Index, index_path
 from llmtap.records.writer import RecordWriter
 from test_protocols_addon import (

@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 from fake_providers import bomb
 from llmtap import secrets_store as store
-from llmtap.addons import credentials as cred
 from llmtap.addons.credentials import Credentials, CredentialStreams
 from llmtap.addons.echoes import EncodedEchoGuard, StreamScrubber
-from llmtap.addons.recorder import fields
+from llmtap.flow import CREDENTIALS, fields
 from mitmproxy import ctx, http
 from mitmproxy.test import taddons, tflow
 from mitmproxy.websocket import WebSocketMessage
@@ -464,15 +463,16 @@ def test_no_store_no_change(tmp_path):
         before = flow.request.copy()
         addon.requestheaders(flow)
         respond(addon, flow)
-    assert flow.request.headers == before.headers and cred.STATE not in flow.metadata
+    assert flow.request.headers == before.headers and CREDENTIALS not in flow.metadata
 
 
-def test_the_stream_tail_is_added_behind_every_other_addon(addon):
-    credentials, _, _ = addon
-    credentials.running()
-    credentials.running()  # once only
-    chain = [type(a).__name__ for a in ctx.master.addons.chain]
-    assert chain[-1] == "CredentialStreams" and chain.count("CredentialStreams") == 1
+def test_the_stream_tail_is_behind_every_other_stage():
+    from llmtap import addons
+
+    stages = addons.pipeline()
+    tail = stages[-1]
+    assert isinstance(tail, CredentialStreams)
+    assert tail.owner is addons.stage(stages, Credentials)  # the stage whose keys it scrubs
 
 
 def gzip_stream(text: bytes, pieces: int) -> list[bytes]:

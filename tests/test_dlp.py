@@ -15,11 +15,11 @@ from llmtap.addons import bodies
 from llmtap.addons import dlp as dlp_addon
 from llmtap.addons.dlp import Dlp, DlpStreams, chain
 from llmtap.addons.filters import Filters
-from llmtap.addons.recorder import fields
 from llmtap.addons.replies import refusal
 from llmtap.config import load_config
 from llmtap.dlp import BUILTIN, Detector, Scanner, StreamRedactor, card_number, escape_safe
 from llmtap.errors import UsageError
+from llmtap.flow import fields
 from llmtap.masking import SecretMask
 from llmtap.rules import Body, Protected, Rule, RuleStore, validate
 from mitmproxy.test import taddons, tflow
@@ -294,7 +294,7 @@ def test_filters_then_dlp_on_one_flow(tmp_path: Path) -> None:
     store = RuleStore(tmp_path / "rules.db")
     store.add(validate(Rule("header", "remove", "contains", "stainless")))
     store.add(validate(Rule("body", "text_replace", "contains", "internal.corp", "example.com")))
-    filters, scan = Filters(), Dlp()
+    filters, scan = Filters(dlp_follows=True), Dlp()
     with taddons.context(filters, scan) as tctx:
         tctx.configure(filters, llmtap_state_dir=str(tmp_path),
                        llmtap_config_file=config_file(tmp_path))
@@ -334,7 +334,7 @@ def test_a_sigv4_signed_body_that_must_change_is_blocked_not_sent_with_a_broken_
 
 def test_compressed_bodies_are_read_and_written_back_compressed(tmp_path: Path) -> None:
     RuleStore(tmp_path / "rules.db").add(validate(Rule("body", "text_replace", "contains", "a.corp", "b")))
-    filters, scan = Filters(), Dlp()
+    filters, scan = Filters(dlp_follows=True), Dlp()
     with taddons.context(filters, scan) as tctx:
         tctx.configure(filters, llmtap_state_dir=str(tmp_path), llmtap_config_file="")
         tctx.configure(scan, llmtap_config_file="")

@@ -17,9 +17,9 @@ import pytest
 from llmtap import control, proclookup
 from llmtap.addons.attribution import Attribution
 from llmtap.addons.live import Live
-from llmtap.addons.recorder import fields
 from llmtap.config import Config, DashboardConfig
 from llmtap.dashboard import History, State, context_window, render
+from llmtap.flow import fields
 from llmtap.livehub import LiveHub
 from llmtap.platform.linux import sockets
 from mitmproxy.test import taddons, tflow

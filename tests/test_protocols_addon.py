@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from llmtap.addons import pipeline
 from llmtap.addons.pricing import Pricing
-from llmtap.addons.protocols import WS_EXCHANGE, Protocols
-from llmtap.addons.recorder import fields
+from llmtap.addons.protocols import Protocols
+from llmtap.flow import WS_EXCHANGE, fields
 from llmtap.parsers import ResponseParser
 from llmtap.proxy import ProxySettings, build_master
 from mitmproxy import http

@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 import streams
 from llmtap import cli
-from llmtap.addons.recorder import SYSTEM_PROMPT, Recorder, fields
+from llmtap.addons.recorder import Recorder
 from llmtap.cli_history import parse_since
 from llmtap.config import ExportConfig, RecordsConfig
+from llmtap.flow import SYSTEM_PROMPT, fields
 from llmtap.records import export, rotation, store
 from llmtap.records.capture import (
     Body,
@@ -534,19 +535,16 @@ def test_gzip_archive_is_real_gzip(tmp_path):
     assert len(rotation.live_records(tmp_path)) == 5
 
 
-def test_records_written_by_a_writer_process_keep_their_files_index_and_counters(tmp_path,
-                                                                                 monkeypatch):
+def test_records_written_by_a_writer_process_keep_their_files_index_and_counters(tmp_path):
     """The worker's writer runs in a process of its own; what the Recorder sees is the same."""
     from llmtap.addons import recorder as recorder_module
 
     config = tmp_path / "config.toml"
     config.write_text("")
-    monkeypatch.setattr(recorder_module, "PROCESS_WRITER", None)
-    recorder_module.start_writer_process(tmp_path, config, None)
-    writer = recorder_module.PROCESS_WRITER
+    writer = recorder_module.start_writer_process(tmp_path, config, None)
     assert writer is not None
     flows = [anthropic_flow() for _ in range(5)]
-    recorder = Recorder()
+    recorder = Recorder(process_writer=writer)
     with taddons.context(recorder) as tctx:
         tctx.configure(recorder, llmtap_records_dir=str(tmp_path), llmtap_config_file=str(config))
         assert recorder.writer is writer
@@ -570,7 +568,8 @@ def test_a_stalled_writer_process_never_blocks_the_event_loop_and_drops_only_bey
     import os
     import signal
 
-    from llmtap.addons.recorder import build_record, capture_exchange
+    from llmtap.addons.recorder import capture_exchange
+    from llmtap.flow import build_record
     from llmtap.records.writer_process import BATCH_S, RecordWriterProcess
 
     writer = RecordWriterProcess(tmp_path, WriterSettings(RecordsConfig(queue_size=3)))
@@ -665,7 +664,8 @@ def test_a_killed_writer_process_is_replaced_and_loses_no_record(tmp_path, caplo
     import os
     import signal
 
-    from llmtap.addons.recorder import build_record, capture_exchange
+    from llmtap.addons.recorder import capture_exchange
+    from llmtap.flow import build_record
     from llmtap.records.writer_process import RecordWriterProcess
 
     writer = RecordWriterProcess(tmp_path, WriterSettings())
@@ -701,7 +701,8 @@ def test_a_client_gone_before_its_process_lookup_answers_still_gets_its_process(
     from llmtap.addons.attribution import Attribution
 
     ours, theirs = socket.socketpair()
-    attribution, recorder = Attribution(channel=ours), Recorder()
+    attribution = Attribution(channel=ours)
+    recorder = Recorder(lookup=attribution)
     flow = anthropic_flow()
     flow.client_conn.peername = ("127.0.0.1", 40000)
     process = {"pid": 4242, "name": "curl", "exe": "/usr/bin/curl", "user": "root"}

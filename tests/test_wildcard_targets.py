@@ -16,12 +16,12 @@ from cryptography.x509.verification import VerificationError
 from llmtap import cli, hostpatterns
 from llmtap import secrets_store as store
 from llmtap.addons.credentials import Credentials
-from llmtap.addons.recorder import fields
 from llmtap.addons.scope import Scope
 from llmtap.ca import KEY_AND_CERT, create_ca, uncovered_hosts
 from llmtap.cli_secrets import env_lines
 from llmtap.config import Config, TargetsConfig, load_config
 from llmtap.errors import UsageError
+from llmtap.flow import fields
 from llmtap.proxy import leaf_refusal
 from llmtap.targets import redirect_names
 from mitmproxy.certs import CertStore

@@ -171,10 +171,10 @@ def runner(config: Config, restricted: list[Path], monkeypatch: pytest.MonkeyPat
            ) -> inprocess.InProcessRunner:
     real = inprocess.build_master
 
-    def spy(settings: Any, with_pipeline: bool = True) -> Any:
+    def spy(settings: Any, with_pipeline: bool = True, stages: Any = None) -> Any:
         table = FakeDivert.instances[-1].table
         FakeDivert.events.append(("master", mitmproxy_platform.original_addr == table.original_addr))
-        return real(settings, with_pipeline)
+        return real(settings, with_pipeline, stages)
 
     monkeypatch.setattr(inprocess, "build_master", spy)
     made = inprocess.InProcessRunner(
@@ -320,8 +320,8 @@ def test_a_proxy_that_dies_stops_the_runner_with_exit_1(
 
     spy = inprocess.build_master
 
-    def build(settings: Any, with_pipeline: bool = True) -> Any:
-        made = spy(settings, with_pipeline)
+    def build(settings: Any, with_pipeline: bool = True, stages: Any = None) -> Any:
+        made = spy(settings, with_pipeline, stages)
         made.addons.add(QuitSoon())
         return made
 
@@ -333,7 +333,7 @@ def test_a_proxy_that_dies_stops_the_runner_with_exit_1(
 def test_a_proxy_that_does_not_start_is_never_redirected_to(
     runner: inprocess.InProcessRunner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken(settings: Any, with_pipeline: bool = True) -> Any:
+    def broken(settings: Any, with_pipeline: bool = True, stages: Any = None) -> Any:
         raise LlmtapError("no proxy today")
 
     monkeypatch.setattr(inprocess, "build_master", broken)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Iterable
+
 from llmtap.addons.attribution import Attribution
 from llmtap.addons.counting import Counting
-from llmtap.addons.credentials import Credentials
-from llmtap.addons.dlp import Dlp
+from llmtap.addons.credentials import Credentials, CredentialStreams
+from llmtap.addons.dlp import Dlp, DlpStreams
 from llmtap.addons.filters import Filters
 from llmtap.addons.live import Live
 from llmtap.addons.pricing import Pricing
 from llmtap.addons.protocols import Protocols
 from llmtap.addons.recorder import Recorder
 from llmtap.addons.scope import Scope
+from llmtap.records.writer_process import RecordWriterProcess
 
 # Every stage, in order. A stage not built yet has no addon; the order of the rest never changes.
 PIPELINE = (
@@ -25,6 +29,10 @@ PIPELINE = (
     "pricing",
     "recorder",
     "live",
+    # The stream tails: they wrap whatever stream callable the stages above settled on (the
+    # protocols stage and the recorder choose whether and how a body streams).
+    "dlpstreams",  # streamed request bodies: redacted before the stages above see them
+    "credentialstreams",  # streamed responses: held keys echoed back are scrubbed
 )
 
 STAGES: dict[str, type] = {
@@ -38,14 +46,35 @@ STAGES: dict[str, type] = {
     "pricing": Pricing,
     "recorder": Recorder,
     "live": Live,
+    "dlpstreams": DlpStreams,
+    "credentialstreams": CredentialStreams,
 }
 
 
-def pipeline() -> list[object]:
-    """Fresh addon instances in pipeline order, each given the stages it depends on."""
-    attribution = Attribution()
+def pipeline(lookup: socket.socket | None = None,
+             writer: RecordWriterProcess | None = None) -> list[object]:
+    """Fresh addon instances in pipeline order, each given what it depends on.
+
+    `lookup`: the worker's end of the supervisor's process lookup (llmtap.proclookup), without
+    which records carry no `process`; `writer`: the worker's record writer process, forked before
+    any thread (without it the recorder writes on a thread of its own).
+    """
+    attribution = Attribution(channel=lookup)
     credentials = Credentials(attribution=attribution)
-    made: dict[str, object] = {"attribution": attribution, "credentials": credentials,
-                               "dlp": Dlp(held=credentials), "recorder": Recorder(mask=credentials.mask),
-                               "live": Live(mask=credentials.mask)}
+    dlp = Dlp(held=credentials)
+    made: dict[str, object] = {
+        "attribution": attribution,
+        "credentials": credentials,
+        "filters": Filters(dlp_follows=True),
+        "dlp": dlp,
+        "recorder": Recorder(mask=credentials.mask, lookup=attribution, process_writer=writer),
+        "live": Live(mask=credentials.mask, lookup=attribution),
+        "dlpstreams": DlpStreams(dlp),
+        "credentialstreams": CredentialStreams(credentials),
+    }
     return [made.get(stage) or STAGES[stage]() for stage in PIPELINE if stage in STAGES]
+
+
+def stage[S](stages: Iterable[object], kind: type[S]) -> S | None:
+    """The pipeline's stage of that kind, if it has one (for what reports on the stages)."""
+    return next((found for found in stages if isinstance(found, kind)), None)

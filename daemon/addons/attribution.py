@@ -17,31 +17,27 @@ import socket
 from collections import OrderedDict
 from typing import Any
 
-from llmtap.addons.recorder import fields
+from llmtap.flow import Process, fields
 from mitmproxy import connection, http
 
 log = logging.getLogger(__name__)
 
-# The worker's end of the supervisor's lookup service, set by the supervisor before the fork.
-CHANNEL: socket.socket | None = None
 MAX_MESSAGE = 64 * 1024
 KEEP = 4096  # answers (and waiting flows) kept, per client connection, oldest dropped first
-PROCESS = "process"
 
 
 class Attribution:
     def __init__(self, channel: socket.socket | None = None) -> None:
-        self.channel = channel
+        self.channel = channel  # the worker's end of the supervisor's lookup service
         self.asked = 0
         self.answered = 0
         self.unanswered = 0  # the request could not be sent (the service is gone or busy)
-        self._answers: OrderedDict[str, dict[str, Any] | None] = OrderedDict()
+        self._answers: OrderedDict[str, Process | None] = OrderedDict()
         self._waiting: dict[str, list[http.HTTPFlow]] = {}
-        self._pending: OrderedDict[str, asyncio.Future[dict[str, Any] | None]] = OrderedDict()
+        self._pending: OrderedDict[str, asyncio.Future[Process | None]] = OrderedDict()
         self._reader_fd = -1
 
     def running(self) -> None:
-        self.channel = self.channel or CHANNEL
         if self.channel is None:
             return
         self.channel.setblocking(False)
@@ -93,13 +89,13 @@ class Attribution:
                 asyncio.get_running_loop().remove_reader(self._reader_fd)
             self._reader_fd = -1
 
-    def _answer(self, client_id: str, process: dict[str, Any] | None) -> None:
+    def _answer(self, client_id: str, process: Process | None) -> None:
         self.answered += 1
         self._answers[client_id] = process
         while len(self._answers) > KEEP:
             self._answers.popitem(last=False)
         for flow in self._waiting.pop(client_id, []):
-            fields(flow)[PROCESS] = process
+            fields(flow)["process"] = process
         future = self._pending.pop(client_id, None)
         if future is not None and not future.done():
             future.set_result(process)
@@ -107,7 +103,7 @@ class Attribution:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         client_id = flow.client_conn.id
         if client_id in self._answers:
-            fields(flow)[PROCESS] = self._answers[client_id]
+            fields(flow)["process"] = self._answers[client_id]
         elif self.channel is not None:
             self._waiting.setdefault(client_id, []).append(flow)
             while len(self._waiting) > KEEP:
@@ -116,13 +112,13 @@ class Attribution:
     def client_disconnected(self, client: connection.Client) -> None:
         self._waiting.pop(client.id, None)
 
-    def pending(self, flow: http.HTTPFlow) -> asyncio.Future[dict[str, Any] | None] | None:
+    def pending(self, flow: http.HTTPFlow) -> asyncio.Future[Process | None] | None:
         """The answer still to come for this flow's connection (the recorder waits for it,
         off the hot path), or None when it is known or will never come."""
         future = self._pending.get(flow.client_conn.id)
         return future if future is not None and not future.done() else None
 
-    def process_of(self, flow: http.HTTPFlow) -> dict[str, Any] | None:
+    def process_of(self, flow: http.HTTPFlow) -> Process | None:
         """What is known so far (for the live view)."""
         return self._answers.get(flow.client_conn.id)
 

@@ -27,8 +27,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from llmtap.addons.recorder import fields
 from llmtap.addons.replies import refusal
+from llmtap.flow import BODIES, fields
 from llmtap.parsers.classify import classify
 from llmtap.parsers.encoding import DecodeError, TooLarge, decode_all
 from llmtap.rules import Body
@@ -41,7 +41,6 @@ MAX_DECODED = 32 * 1024 * 1024
 # `[{},{},...]` grew it by 770 MB. Counted before any stage parses (braces inside strings count
 # too, so this is generous: a large agent request has tens of thousands).
 MAX_JSON_CONTAINERS = 500_000
-KEY = "llmtap.bodies"  # flow.metadata: the flow's Views
 TOO_LARGE_CODE = "llmtap_body_too_large"
 LIMIT = f"{MAX_DECODED >> 20} MiB decoded, as identity, gzip, deflate, br or zstd"
 
@@ -84,9 +83,9 @@ def decode(message: http.Message, parsed_later: bool = False) -> Decoded:
 
 
 def views(flow: http.HTTPFlow) -> Views:
-    found = flow.metadata.get(KEY)
+    found = flow.metadata.get(BODIES)
     if not isinstance(found, Views):
-        found = flow.metadata[KEY] = Views()
+        found = flow.metadata[BODIES] = Views()
     return found
 
 
@@ -114,10 +113,23 @@ def decoded_response(flow: http.HTTPFlow) -> Decoded:
 
 def forget_request(flow: http.HTTPFlow) -> None:
     """The request stages are done with its body: its decoded copy need not wait for the reply."""
-    found = flow.metadata.get(KEY)
+    found = flow.metadata.get(BODIES)
     if isinstance(found, Views):
         found.decoded.pop("request", None)
         found.parsed = None
+
+
+def load_body(flow: http.HTTPFlow) -> Body | str | None:
+    """The request body (its bounded decoded view), parsed; why not; or None when there is none."""
+    request = flow.request
+    if not request.raw_content:
+        return None
+    decoded = decoded_request(flow)
+    if decoded.error is not None:
+        return decoded.error
+    if not decoded.data:
+        return None
+    return Body.parse(decoded.data, request.headers.get("content-type", ""), raw=request.raw_content)
 
 
 def hand_over(flow: http.HTTPFlow, body: Body) -> None:
@@ -128,7 +140,7 @@ def hand_over(flow: http.HTTPFlow, body: Body) -> None:
 
 def take_over(flow: http.HTTPFlow) -> Body | None:
     """The parsed request body an earlier stage handed over, if it still matches the request."""
-    found = flow.metadata.get(KEY)
+    found = flow.metadata.get(BODIES)
     if not isinstance(found, Views) or found.parsed is None:
         return None
     body, found.parsed = found.parsed, None

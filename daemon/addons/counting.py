@@ -32,8 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmtap.addons.protocols import WS_EXCHANGE
-from llmtap.addons.recorder import fields
+from llmtap.flow import WS_EXCHANGE, Record, fields
 from llmtap.parsers.base import as_dict
 from llmtap.records.index import BilledLookup, index_path
 from mitmproxy import ctx, http
@@ -164,7 +163,7 @@ class Counting:
                           upgrade=upgrade, ws_exchange=WS_EXCHANGE in flow.metadata)
         self.apply(record, decision)
 
-    def apply(self, record: dict[str, Any], decision: Decision) -> None:
+    def apply(self, record: Record, decision: Decision) -> None:
         """Sets `counted` and its company, over any a WebSocket exchange took from its upgrade."""
         counted, key = decision.counted, decision.key
         if counted is None:

@@ -16,264 +16,39 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import json
 import logging
 import os
 from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import unquote
 
-from llmtap import hostpatterns
 from llmtap import secrets_store as store
-from llmtap.addons.attribution import Attribution
 from llmtap.addons.echoes import EncodedEchoGuard, StreamScrubber, scrub, scrub_held
-from llmtap.addons.recorder import fields
+from llmtap.addons.keywire import (
+    FlowState,
+    add_credential,
+    ask_identity,
+    destinations,
+    found_credentials,
+    replace_tokens,
+    verified_tls_name,
+)
 from llmtap.addons.replies import refusal
 from llmtap.errors import LlmtapError
-from llmtap.hostpatterns import HostSet
-from llmtap.masking import NO_MASK, SecretMask
+from llmtap.flow import CREDENTIALS, ProcessLookup, fields
+from llmtap.held_keys import Entry, Table, UsageLog
+from llmtap.masking import SecretMask
 from llmtap.parsers.classify import host_provider, normalise_host
 from mitmproxy import ctx, exceptions, http
 
 log = logging.getLogger(__name__)
 
-STATE = "llmtap.credentials"
-KEY_HEADERS = ("x-api-key", "api-key", "x-goog-api-key")
-AUTH_HEADERS = (*KEY_HEADERS, "authorization")
 RETIRED_MAX = 64  # rotated-out keys still scrubbed and flagged (they may still be valid upstream)
-USAGE_FLUSH_S = 5.0
 USER_WAIT_S = 2.0  # how long --when-absent waits to learn which user made a request
 
-@dataclass(frozen=True)
-class Entry:
-    """One secret as the worker uses it."""
-
-    name: str
-    id: str
-    hosts: frozenset[str]
-    header: str
-    when_absent: bool
-    placeholder: str
-    value: str | None  # None: its reference could not be resolved
-    problem: str = ""
-    for_users: frozenset[str] = frozenset()  # when_absent: only for requests these users made
-
-    @functools.cached_property
-    def bound(self) -> HostSet:
-        """The hosts as patterns (a name, or `*.openai.azure.com`: one label under it)."""
-        return hostpatterns.host_set(tuple(sorted(self.hosts)))
-
-    def allows(self, hosts: set[str]) -> bool:
-        """Every name the request goes to (Host and SNI) is one the secret is bound to."""
-        return all(self.bound.matches(h) for h in hosts)
-
-
-@dataclass(frozen=True)
-class Table:
-    by_placeholder: dict[str, Entry] = field(default_factory=dict)
-    by_value: dict[str, Entry] = field(default_factory=dict)  # current and retired keys
-    absent: tuple[Entry, ...] = ()  # secrets added when none is sent, first created first
-    pairs: tuple[tuple[bytes, bytes], ...] = ()  # (real key, placeholder) for scrubbing
-    mask: SecretMask = NO_MASK  # every held value, for whatever llmtap writes or shows
-
-    @classmethod
-    def build(cls, entries: list[Entry], retired: dict[str, Entry]) -> Table:
-        current = {e.value: e for e in entries if e.value}
-        by_value = {**retired, **current}
-        # never for anyone: a when_absent secret names its users
-        absent = tuple(e for e in entries if e.when_absent and e.value and e.for_users)
-        return cls(
-            by_placeholder={e.placeholder: e for e in entries},
-            by_value=by_value,
-            absent=absent,
-            pairs=tuple((v.encode(), e.placeholder.encode()) for v, e in by_value.items()),
-            mask=SecretMask(by_value),
-        )
-
-
-@dataclass
-class FlowState:
-    """Set on a flow that carried a registered real key (injected, or sent by the client)."""
-
-    path: str | None = None  # the client's own path, when llmtap changed its query
-    added: str | None = None  # the header llmtap added to a request that had none
-    restored: bool = False
-    asked_identity: bool = False  # accept-encoding was set to identity (see ask_identity)
-    accept_encoding: str | None = None  # the client's own, put back once the request has left
-
-
-def ask_identity(request: http.Request, state: FlowState) -> None:
-    """A key-bearing request asks its upstream for an uncompressed response, so that an echo of
-    the key can be scrubbed as the bytes pass (EncodedEchoGuard covers an upstream that ignores
-    this). The client's own accept-encoding is put back in the flow once the request has left."""
-    if not state.asked_identity:
-        state.asked_identity = True
-        state.accept_encoding = request.headers.get("accept-encoding")
-        request.headers["accept-encoding"] = "identity"
-
-
-# --- where credentials are in a request ---
-
-
-def query_keys(path: str) -> list[str]:
-    _, sep, query = path.partition("?")
-    if not sep:
-        return []
-    return [unquote(v) for k, eq, v in (i.partition("=") for i in query.split("&")) if k == "key" and eq]
-
-
-def map_query_key(path: str, mapping: dict[str, str]) -> str:
-    base, sep, query = path.partition("?")
-    if not sep:
-        return path
-    items = []
-    for item in query.split("&"):
-        name, eq, value = item.partition("=")
-        if name == "key" and eq and unquote(value) in mapping:
-            item = f"key={mapping[unquote(value)]}"
-        items.append(item)
-    return f"{base}?{'&'.join(items)}"
-
-
-def bearer_token(value: str) -> str:
-    scheme, _, token = value.strip().partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else value.strip()
-
-
-_AUTH_NAMES = {n.encode(): n for n in AUTH_HEADERS}
-
-
-def found_credentials(request: http.Request) -> list[tuple[str, str]]:
-    """(where, token) for every credential the client put where providers look for one."""
-    found = []
-    for raw_name, raw_value in request.headers.fields:  # one pass: this runs on every request
-        name = _AUTH_NAMES.get(raw_name.lower())
-        if name:
-            value = raw_value.decode("utf-8", "surrogateescape")  # as mitmproxy decodes them
-            found.append((name, bearer_token(value) if name == "authorization" else value.strip()))
-    if "?" in request.path:
-        found += [("query:key", v) for v in query_keys(request.path)]
-    return found
-
-
-def replace_tokens(request: http.Request, mapping: dict[str, str]) -> None:
-    """Replaces each token that is exactly a key of `mapping`, in place, wherever it is."""
-    changed, fields = False, []
-    for raw_name, raw_value in request.headers.fields:
-        name = _AUTH_NAMES.get(raw_name.lower())
-        if name:
-            value = raw_value.decode("utf-8", "surrogateescape")
-            new = _rebearer(value, mapping) if name == "authorization" else mapping.get(value.strip(), value)
-            if new != value:
-                raw_value, changed = new.encode("utf-8", "surrogateescape"), True
-        fields.append((raw_name, raw_value))
-    if changed:
-        request.headers.fields = tuple(fields)
-    if "?" in request.path:
-        request.path = map_query_key(request.path, mapping)
-
-
-def _rebearer(value: str, mapping: dict[str, str]) -> str:
-    token = bearer_token(value)
-    if token not in mapping:
-        return value
-    if token == value.strip():  # a bare token, no scheme
-        return mapping[token]
-    return f"{value.strip().partition(' ')[0]} {mapping[token]}"
-
-
-def add_credential(request: http.Request, header: str, value: str) -> None:
-    if header == "query:key":
-        request.path += f"{'&' if '?' in request.path else '?'}key={value}"
-    elif header == "authorization":
-        request.headers["authorization"] = f"Bearer {value}"
-    else:
-        request.headers[header] = value
-
-
-def wire_name(name: str) -> str:
-    """A Host or server name as checked: one not in ASCII, or with spaces, stays as it is and
-    matches no binding (lower() would turn the Kelvin sign into a "k"; real names travel as
-    IDNA xn-- labels)."""
-    return normalise_host(name) if name.isascii() and name == name.strip() else name
-
-
-def destinations(flow: http.HTTPFlow) -> set[str]:
-    """Where the request really goes: its Host/authority and the TLS server name, both checked."""
-    hosts = {wire_name(flow.request.pretty_host)}
-    if flow.client_conn.sni:
-        hosts.add(wire_name(flow.client_conn.sni))
-    return hosts
-
-
-def verified_tls_name(flow: http.HTTPFlow) -> str | None:
-    """The name the upstream certificate of this request's connection is verified for, or None
-    when the request does not travel over TLS on both legs.
-
-    mitmproxy picks the request's server connection by (host, port, TLS) once the request hooks
-    have run: the context's own connection when those match it, whose SNI is the client's (or
-    one already set), else a new one whose SNI is the request's host. Upstream certificates are
-    always verified against that SNI (ssl_insecure is never set; checked here all the same).
-    """
-    request, server = flow.request, flow.server_conn
-    if request.scheme != "https" or not flow.client_conn.tls or ctx.options.ssl_insecure:
-        return None
-    if server.address is not None and tuple(server.address[:2]) == (request.host, request.port):
-        name = server.sni or flow.client_conn.sni
-    else:
-        name = request.host
-    return wire_name(name) if name else None
-
-
-# --- last-used times ---
-
-
-class UsageLog:
-    """Last-used times, in a file of the worker's own (it cannot write the root-managed store).
-
-    A secret's first use is written at once; later ones at most every USAGE_FLUSH_S seconds.
-    """
-
-    def __init__(self, paths: store.StorePaths) -> None:
-        self.paths = paths
-        self.stamps = store.read_usage(paths)
-        self.written: set[str] = set()
-        self._timer: asyncio.TimerHandle | None = None
-
-    def touch(self, secret_id: str) -> None:
-        self.stamps[secret_id] = store.now()
-        if secret_id not in self.written:
-            self.flush()
-        elif self._timer is None:
-            try:
-                self._timer = asyncio.get_running_loop().call_later(USAGE_FLUSH_S, self.flush)
-            except RuntimeError:  # no event loop (tests): write now
-                self.flush()
-
-    def flush(self) -> None:
-        self._timer = None
-        data = json.dumps(self.stamps, indent=2).encode() + b"\n"
-        try:
-            # Not synced: a last-used time lost in a crash is not worth a disk flush on the loop.
-            # The daemon's own file: -1 keeps the owner it creates it with, on any platform.
-            store.write_private(self.paths.usage, data, -1, -1, durable=False)
-        except OSError as exc:
-            log.warning("cannot write %s: %s", self.paths.usage, exc.strerror)
-        self.written.update(self.stamps)
-
-    def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self.flush()
-
-
-# --- the addon ---
 
 
 class Credentials:
-    def __init__(self, attribution: Attribution | None = None) -> None:
+    def __init__(self, attribution: ProcessLookup | None = None) -> None:
         self.attribution = attribution  # who made a request: --when-absent --for-user needs it
         self.paths: store.StorePaths | None = None
         self.table = Table()
@@ -306,10 +81,6 @@ class Credentials:
         self.refresh()
 
     def running(self) -> None:
-        # Later stages choose whether and how a response streams (protocols, recorder): the
-        # scrubber must wrap whatever they chose, so it is added behind all of them.
-        if ctx.master.addons.get("credentialstreams") is None:
-            ctx.master.addons.add(CredentialStreams(self))
         for handler in logging.getLogger().handlers:  # mitmproxy's log lines and ours alike
             if self._log_filter not in handler.filters:
                 handler.addFilter(self._log_filter)
@@ -466,7 +237,7 @@ class Credentials:
             state.added = None if absent.header == "query:key" else absent.header
         if state.path == request.path:
             state.path = None
-        flow.metadata[STATE] = state
+        flow.metadata[CREDENTIALS] = state
         ask_identity(request, state)
         used = [*inject.values(), *([absent] if absent else [])]
         fields(flow)["credential"] = used[0].name
@@ -510,7 +281,7 @@ class Credentials:
     def key_bearing(self, flow: http.HTTPFlow) -> None:
         """A real key left in this request (the DLP stage let one in its body through): any echo
         of it in the response is scrubbed."""
-        ask_identity(flow.request, flow.metadata.setdefault(STATE, FlowState()))
+        ask_identity(flow.request, flow.metadata.setdefault(CREDENTIALS, FlowState()))
 
     # -- responses --
 
@@ -524,7 +295,7 @@ class Credentials:
                 (name, scrub(value, self.table.pairs)) for name, value in response.headers.fields)
 
     def response(self, flow: http.HTTPFlow) -> None:
-        state = flow.metadata.get(STATE)
+        state = flow.metadata.get(CREDENTIALS)
         response = flow.response
         if state and response is not None and response.raw_content is not None and self.table.pairs:
             scrub_held(flow, self.table.pairs)
@@ -539,15 +310,15 @@ class Credentials:
             for value, entry in self.table.by_value.items():
                 if value.encode() in message.content:
                     self._flag(flow, entry, destinations(flow), "a WebSocket message")
-                    flow.metadata.setdefault(STATE, FlowState())
+                    flow.metadata.setdefault(CREDENTIALS, FlowState())
             return
-        state = flow.metadata.get(STATE)
+        state = flow.metadata.get(CREDENTIALS)
         if state:
             message.content = scrub(message.content, self.table.pairs)
 
     def wrap_stream(self, flow: http.HTTPFlow) -> None:
         """Called last of all responseheaders hooks: scrubs a streamed body of a key-bearing flow."""
-        state = flow.metadata.get(STATE)
+        state = flow.metadata.get(CREDENTIALS)
         response = flow.response
         if not state or response is None or not response.stream:
             return
@@ -578,7 +349,7 @@ class Credentials:
         What llmtap changed goes back to what the client sent; a real key the client sent itself
         is shown as its placeholder.
         """
-        state = flow.metadata.get(STATE)
+        state = flow.metadata.get(CREDENTIALS)
         if not state or state.restored:
             return
         state.restored = True
@@ -601,7 +372,8 @@ class Credentials:
 
 
 class CredentialStreams:
-    """The tail of the pipeline, added by Credentials: wraps the stream the stages settled on."""
+    """A stream tail of the pipeline (behind every stage that chooses whether and how a response
+    streams: protocols, recorder): wraps the stream they settled on with the key scrubber."""
 
     def __init__(self, owner: Credentials) -> None:
         self.owner = owner

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from llmtap.addons import bodies
-from llmtap.addons.filters import load_body
-from llmtap.addons.recorder import addon_config, fields
+from llmtap.addons.bodies import load_body
+from llmtap.addons.options import addon_config
 from llmtap.addons.replies import refusal
 from llmtap.dlp import (
     HELD_KEY,
@@ -33,6 +33,7 @@ from llmtap.dlp import (
     held_key_action,
     redact_text,
 )
+from llmtap.flow import DLP_SCRUB, DLP_STREAM, fields
 from llmtap.masking import NO_MASK, SecretMask
 from llmtap.parsers.classify import classify
 from llmtap.rules import Body, Protected
@@ -97,8 +98,6 @@ class Dlp:
         self.held_action = "redact"
         self.scanner = Scanner([])
         self.protected = Protected()
-        self.streams: dict[str, StreamState] = {}
-        self.scrub: dict[str, bytes] = {}  # flow id -> its sent body with the alerted secrets out
 
     def load(self, loader) -> None:  # type: ignore[no-untyped-def]
         loader.add_option("llmtap_config_file", str, "", "llmtap's TOML config file.")
@@ -109,11 +108,6 @@ class Dlp:
             self.scanner = Scanner(detectors_from_config(config.dlp))
             self.held_action = held_key_action(config.dlp)
             self.protected = Protected(config.rules.all_protected_fields)
-
-    def running(self) -> None:
-        # Streamed bodies are wrapped after every other stage has set its own stream callable.
-        if ctx.master.addons.get("dlpstreams") is None:
-            ctx.master.addons.add(DlpStreams(self))
 
     def request(self, flow: http.HTTPFlow) -> None:
         request = flow.request
@@ -142,7 +136,7 @@ class Dlp:
             strings = body.strings(self.protected)
             for leaf, value in kept.items():
                 strings.replace(leaf, value)
-            self.scrub[flow.id] = body.serialize()
+            flow.metadata[DLP_SCRUB] = body.serialize()
 
     def _scan(self, flow: http.HTTPFlow, body: Body) -> dict[int, str]:
         """Records, blocks or redacts what the detectors find; returns the strings to scrub
@@ -201,7 +195,7 @@ class Dlp:
         fields(flow)["error"] = message
 
     def _streamed(self, flow: http.HTTPFlow) -> None:
-        state = self.streams.get(flow.id)
+        state: StreamState | None = flow.metadata.get(DLP_STREAM)
         if state is None:
             if self.scanner and flow.response is None:
                 fields(flow)["dlp_skipped"] = "request body streamed before it could be scanned"
@@ -211,25 +205,26 @@ class Dlp:
 
     def _scrub(self, flow: http.HTTPFlow) -> None:
         """The request has left: what stays in memory for the later stages loses its secrets."""
-        scrubbed = self.scrub.pop(flow.id, None)
+        scrubbed: bytes | None = flow.metadata.pop(DLP_SCRUB, None)
         if scrubbed is not None:
             flow.request.content = scrubbed
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._scrub(flow)
-        state = self.streams.pop(flow.id, None)
+        state: StreamState | None = flow.metadata.pop(DLP_STREAM, None)
         if state is not None and state.blocked:
             fields(flow)["error"] = "blocked by DLP (streamed request: redacted, exchange cut)"
             flow.kill()
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._scrub(flow)
-        self.streams.pop(flow.id, None)
+        flow.metadata.pop(DLP_STREAM, None)
 
 
 class DlpStreams:
-    """Installs the StreamRedactor of a streamed request body, wrapping whatever stream callable
-    the later stages (protocols) set, so they see the redacted bytes."""
+    """A stream tail of the pipeline: installs the StreamRedactor of a streamed request body,
+    wrapping whatever stream callable the stages before it (protocols) set, so they see the
+    redacted bytes."""
 
     def __init__(self, dlp: Dlp) -> None:
         self.dlp = dlp
@@ -241,7 +236,7 @@ class DlpStreams:
         if request.headers.get("content-encoding", "identity").strip().lower() != "identity":
             return  # compressed on the wire: recorded as skipped by Dlp.request
         state = StreamState()
-        self.dlp.streams[flow.id] = state
+        flow.metadata[DLP_STREAM] = state
         request.stream = chain(StreamRedactor(self.dlp.scanner, state.findings.append),
                                request.stream)
 

@@ -9,8 +9,8 @@ import logging
 from collections.abc import Callable, Iterable
 
 from llmtap.addons.bodies import LIMIT, decoded_response
-from llmtap.addons.recorder import fields
 from llmtap.addons.replies import refusal
+from llmtap.flow import fields
 from llmtap.parsers.classify import classify
 from llmtap.parsers.encoding import BodyDecoder, DecodeError, TooLarge
 from llmtap.records.capture import StreamFn

@@ -16,30 +16,18 @@ import logging
 from pathlib import Path
 
 from llmtap.addons import bodies
-from llmtap.addons.recorder import addon_config, fields
+from llmtap.addons.options import addon_config
+from llmtap.flow import fields
 from llmtap.rules import Body, Outcome, Protected, RuleSet, RuleSource, db_path
 from mitmproxy import ctx, http
 
 log = logging.getLogger(__name__)
 
 
-def load_body(flow: http.HTTPFlow) -> Body | str | None:
-    """The request body (its bounded decoded view), parsed; why not; or None when there is none."""
-    request = flow.request
-    if not request.raw_content:
-        return None
-    decoded = bodies.decoded_request(flow)
-    if decoded.error is not None:
-        return decoded.error
-    if not decoded.data:
-        return None
-    return Body.parse(decoded.data, request.headers.get("content-type", ""), raw=request.raw_content)
-
-
-def hand_over(flow: http.HTTPFlow, body: Body) -> None:
+def hand_over(flow: http.HTTPFlow, body: Body, dlp_follows: bool) -> None:
     """Hands the parsed body to the dlp stage, which runs next and writes it (re-encoded as it
     came) once for both stages; without a dlp stage, writes a changed body back here."""
-    if body.changed and ctx.master.addons.get("dlp") is None:
+    if body.changed and not dlp_follows:
         flow.request.content = body.serialize()
         body.changed = False
     body.raw = flow.request.raw_content
@@ -56,7 +44,8 @@ def record(flow: http.HTTPFlow, outcome: Outcome) -> None:
 
 
 class Filters:
-    def __init__(self) -> None:
+    def __init__(self, dlp_follows: bool = False) -> None:
+        self.dlp_follows = dlp_follows  # the dlp stage runs next and writes the body for both
         self.source: RuleSource | None = None
         self.protected = Protected()
         self.rules = RuleSet([], self.protected)
@@ -108,9 +97,9 @@ class Filters:
             self._streamed(flow)
             return
         outcome, body = self.rules.run(request.headers, request.pretty_host, request.path,
-                                       loader=lambda: load_body(flow), header_rules=False)
+                                       loader=lambda: bodies.load_body(flow), header_rules=False)
         if body is not None:
-            hand_over(flow, body)
+            hand_over(flow, body, self.dlp_follows)
         record(flow, outcome)
 
     def _streamed(self, flow: http.HTTPFlow) -> None:

@@ -13,14 +13,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from llmtap.addons.recorder import BLOCKED_HEADER, fields
+from llmtap.flow import BLOCKED_HEADER, LIVE_PARSER, ProcessLookup, fields
 from llmtap.masking import NO_MASK, SecretMask
 from llmtap.parsers.base import as_dict
-from mitmproxy import connection, ctx, http, tls
+from mitmproxy import connection, http, tls
 
 UPDATE_EVERY_S = 0.25
 MAX_PENDING = 5000  # events kept when nobody drains them (the oldest go first)
-PARSER = "llmtap.parser"  # flow.metadata: a protocol parser with a live `usage`, if exposed
 
 
 @dataclass
@@ -63,8 +62,10 @@ class StreamMeter:
 class Live:
     observes_response = True  # its response hook may run after the response is relayed
 
-    def __init__(self, mask: Callable[[], SecretMask] = lambda: NO_MASK) -> None:
+    def __init__(self, mask: Callable[[], SecretMask] = lambda: NO_MASK,
+                 lookup: ProcessLookup | None = None) -> None:
         self.mask = mask  # the held secrets (the credentials stage's), masked by value
+        self.lookup = lookup  # who made each request (the attribution stage)
         self.counters = Counters()
         self.pending: list[dict[str, Any]] = []
         self._updates: dict[str, dict[str, Any]] = {}  # the latest update per flow, coalesced
@@ -98,7 +99,7 @@ class Live:
         event: dict[str, Any] = {"type": "update", "id": flow.id, "ts": time.time(),
                                  "chunks": meter.chunks, "bytes": meter.bytes,
                                  "output_tokens_estimate": meter.data_lines}
-        parser = flow.metadata.get(PARSER)
+        parser = flow.metadata.get(LIVE_PARSER)
         usage = getattr(parser, "usage", None)
         if usage is not None:
             event["input_tokens"] = getattr(usage, "input_tokens", None)
@@ -141,8 +142,7 @@ class Live:
         known = process_summary(fields(flow).get("process"))
         if known:
             return known
-        attribution = ctx.master.addons.get("attribution") if _has_master() else None
-        return process_summary(attribution.process_of(flow)) if attribution else None
+        return process_summary(self.lookup.process_of(flow)) if self.lookup else None
 
     def _queue(self, event: dict[str, Any]) -> None:
         self.pending.append(event)
@@ -166,11 +166,4 @@ def _number(value: Any) -> float | None:
         return None if value is None or isinstance(value, bool) else float(value)
     except (TypeError, ValueError):
         return None
-
-
-def _has_master() -> bool:
-    try:
-        return ctx.master is not None
-    except AttributeError:
-        return False
 

@@ -19,12 +19,11 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 from llmtap import price_data
-from llmtap.addons.recorder import fields
 from llmtap.config import load_config
 from llmtap.errors import UsageError
+from llmtap.flow import Record, fields
 from llmtap.price_data import PriceData
 from llmtap.price_override import PriceTable, override_path, read_override
 from llmtap.pricing import Call, Pricer
@@ -118,7 +117,7 @@ class Pricing:
             await asyncio.sleep(self.update_hours * 3600)
 
 
-def call_of(record: dict[str, Any], flow: http.HTTPFlow) -> Call:
+def call_of(record: Record, flow: http.HTTPFlow) -> Call:
     started = flow.request.timestamp_start
     return Call(
         model=record.get("model"),

@@ -26,8 +26,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from llmtap.addons import bodies
-from llmtap.addons.live import PARSER as LIVE_PARSER
-from llmtap.addons.recorder import BLOCKED_HEADER, RECORD_FIELDS, STREAM_FLAG, SYSTEM_PROMPT, fields
+from llmtap.flow import (
+    BLOCKED_HEADER,
+    BODIES,
+    LIVE_PARSER,
+    RECORD_FIELDS,
+    STREAM_FLAG,
+    SYSTEM_PROMPT,
+    WS_EXCHANGE,
+    contribute,
+    fields,
+)
 from llmtap.parsers import (
     Limits,
     RequestInfo,
@@ -45,8 +54,6 @@ from mitmproxy.net.http.http1.read import expected_http_body_size
 from mitmproxy.proxy.layers.http import HttpResponseHook
 
 log = logging.getLogger(__name__)
-
-WS_EXCHANGE = "llmtap.ws_exchange"  # metadata of a flow standing for one WebSocket exchange
 
 MiB = 1024 * 1024
 # What the parsers may hold or inflate: a compressed body past 64 MiB is a bomb, not a reply,
@@ -353,7 +360,7 @@ class Protocols:
             result["notes"] = notes
         if exchange.websocket is not None:
             result["transport"] = "websocket"
-        fields(flow).update(result)
+        contribute(flow, result)
         flow.metadata[STREAM_FLAG] = bool(result["stream"])
 
     # -- WebSocket: OpenAI Responses ----------------------------------------------------------
@@ -412,7 +419,7 @@ class Protocols:
         sub.response.content = b"\n".join(done.received)
         sub.response.timestamp_start = done.started
         sub.response.timestamp_end = ended
-        sub.metadata = {k: v for k, v in flow.metadata.items() if k not in (RECORD_FIELDS, bodies.KEY)}
+        sub.metadata = {k: v for k, v in flow.metadata.items() if k not in (RECORD_FIELDS, BODIES)}
         sub.metadata[WS_EXCHANGE] = flow.id
         result = done.parser.result()
         result["provider"] = info.provider  # the host's, as for every other exchange
@@ -420,8 +427,7 @@ class Protocols:
         result["error"] = join_errors(result["error"], info.error)
         result["transport"] = "websocket"
         result["websocket"] = {"connection": flow.id, "exchange": exchange.ws_count}
-        contributed = fields(sub)
-        contributed.update(dict(fields(flow)))  # what other addons knew of the connection
-        contributed.update(result)
+        contribute(sub, dict(fields(flow)))  # what other addons knew of the connection
+        contribute(sub, result)
         sub.metadata[STREAM_FLAG] = True
         await ctx.master.addons.trigger_event(HttpResponseHook(sub))

@@ -10,22 +10,19 @@ counted (`llmtap status`), and relaying goes on.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from llmtap.config import Config, RecordsConfig, load_config
-from llmtap.errors import LlmtapError
+from llmtap.addons.options import addon_config
+from llmtap.config import Config, RecordsConfig
+from llmtap.flow import CAPTURE, SYSTEM_PROMPT, ProcessLookup, build_record, fields
 from llmtap.masking import NO_MASK, SecretMask
-from llmtap.records import store
 from llmtap.records.capture import (
     BodyCapture,
     Exchange,
     bounded,
-    mask_path,
     masked_headers,
     tee_stream,
 )
@@ -35,75 +32,7 @@ from mitmproxy import ctx, exceptions, http
 
 log = logging.getLogger(__name__)
 
-STREAM_FLAG = "llmtap.stream"  # flow.metadata: the response was relayed as a stream
-CAPTURE = "llmtap.capture"  # flow.metadata: the BodyCapture of a streamed response
-# flow.metadata: the text a protocol parser assembled from a streamed response, if it does.
-RESPONSE_TEXT = "llmtap.response_text"
-SYSTEM_PROMPT = "llmtap.system_prompt"  # set by the protocols stage: the request's system prompt
 PROCESS_WAIT_S = 2.0  # how long a record waits for its process lookup
-
-
-def rfc3339(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    moment = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-RECORD_FIELDS = "llmtap.record"
-# On a response a stage made itself instead of relaying it (a block): which stage. The stage's
-# reason, not the status, is then the record's error.
-BLOCKED_HEADER = "x-llmtap-blocked"
-
-
-def fields(flow: http.HTTPFlow) -> dict[str, Any]:
-    """The record fields other addons contribute (model, usage, credential, rules_hit, ...).
-
-    Each addon writes what it knows here; the recorder merges it over the base record.
-    """
-    contributed: dict[str, Any] = flow.metadata.setdefault(RECORD_FIELDS, {})
-    return contributed
-
-
-def build_record(flow: http.HTTPFlow) -> dict[str, Any]:
-    request, response = flow.request, flow.response
-    started = request.timestamp_start
-    ended = (response.timestamp_end if response else None) or (
-        flow.error.timestamp if flow.error else None
-    )
-    record: dict[str, Any] = {
-        "id": flow.id,
-        "started_at": rfc3339(started),
-        "ended_at": rfc3339(ended),
-        "host": request.pretty_host,
-        "method": request.method,
-        "path": mask_path(request.path),
-        "status": response.status_code if response else None,
-        "http_version": request.http_version,
-        "provider": None,
-        "api": None,
-        "model": None,
-        "stream": bool(flow.metadata.get(STREAM_FLAG)),
-        "request": None,
-        "usage": None,
-        "cost_usd": None,
-        "stop_reason": None,
-        "ttft_ms": None,
-        "duration_ms": round((ended - started) * 1000, 3) if ended else None,
-        "chunks": None,
-        "timeline": None,
-        "process": None,
-        "credential": None,
-        "rules_hit": [],
-        "dlp_hits": [],
-        "error": flow.error.msg if flow.error else None,
-    }
-    record.update(flow.metadata.get(RECORD_FIELDS, {}))
-    return record
-
-
-def record_name(record: dict[str, Any]) -> str:
-    return store.record_name(record)
 
 
 def capture_exchange(flow: http.HTTPFlow, limit: int) -> Exchange:
@@ -125,13 +54,8 @@ def capture_exchange(flow: http.HTTPFlow, limit: int) -> Exchange:
         request_body=bounded(request.raw_content, limit, request.headers.get("content-encoding"),
                              request.headers.get("content-type", "")),
         response_body=response_body,
-        response_text=flow.metadata.get(RESPONSE_TEXT),
         system_prompt=flow.metadata.get(SYSTEM_PROMPT),
     )
-
-
-# Set by the worker before the proxy starts (see start_writer_process); the Recorder uses it.
-PROCESS_WRITER: RecordWriterProcess | None = None
 
 
 def writer_settings(config_file: str, state_dir: str) -> tuple[Config, WriterSettings]:
@@ -141,28 +65,25 @@ def writer_settings(config_file: str, state_dir: str) -> tuple[Config, WriterSet
 
 
 def start_writer_process(records_dir: Path | None, config_file: Path | None,
-                         state_dir: Path | None) -> None:
-    """In the worker, before any thread starts: the records go to a writer process."""
-    global PROCESS_WRITER
+                         state_dir: Path | None) -> RecordWriterProcess | None:
+    """In the worker, before any thread starts: the writer process the records go to (given to
+    the pipeline, see llmtap.addons.pipeline)."""
     if records_dir is None or not str(records_dir):
-        return
+        return None
     _, settings = writer_settings(str(config_file or ""), str(state_dir or ""))
-    PROCESS_WRITER = RecordWriterProcess(records_dir, settings)
-
-
-def addon_config(path: str) -> Config:
-    """The daemon's config as an addon sees it ("" = the defaults)."""
-    try:
-        return load_config(path) if path else Config()
-    except LlmtapError as exc:
-        raise exceptions.OptionsError(str(exc)) from None
+    return RecordWriterProcess(records_dir, settings)
 
 
 class Recorder:
     observes_response = True  # its response hook may run after the response is relayed
 
-    def __init__(self, mask: Callable[[], SecretMask] = lambda: NO_MASK) -> None:
+    def __init__(self, mask: Callable[[], SecretMask] = lambda: NO_MASK,
+                 lookup: ProcessLookup | None = None,
+                 process_writer: RecordWriterProcess | None = None) -> None:
         self.writer: RecordWriter | RecordWriterProcess | None = None
+        self.lookup = lookup  # who made each request (the attribution stage): a record waits for it
+        # The worker's writer process, forked before any thread: used for its own directory.
+        self.process_writer = process_writer
         self.max_body_bytes = RecordsConfig().max_body_bytes
         self.mask = mask  # the held secrets (the credentials stage's), masked by value
 
@@ -180,8 +101,8 @@ class Recorder:
         config, settings = writer_settings(ctx.options.llmtap_config_file,
                                            ctx.options.llmtap_state_dir)
         self.max_body_bytes = config.records.max_body_bytes
-        if PROCESS_WRITER is not None and directory == str(PROCESS_WRITER.directory):
-            self.writer = PROCESS_WRITER  # the worker's: closed once, in done()
+        if self.process_writer and directory == str(self.process_writer.directory):
+            self.writer = self.process_writer  # the worker's: closed once, in done()
             return
         if self.writer:
             self.writer.close()
@@ -207,8 +128,7 @@ class Recorder:
             return
         record, exchange = build_record(flow), capture_exchange(flow, self.max_body_bytes)
         exchange.mask = self.mask()
-        attribution = ctx.master.addons.get("attribution")
-        pending = attribution.pending(flow) if attribution else None
+        pending = self.lookup.pending(flow) if self.lookup else None
         if pending is None:
             writer.submit(exchange.mask.deep(record), exchange)
             return

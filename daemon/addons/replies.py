@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from llmtap.addons.recorder import BLOCKED_HEADER
+from llmtap.flow import BLOCKED_HEADER
 from mitmproxy import http
 
 # Per status: (Anthropic error type, Google status, OpenAI error type)

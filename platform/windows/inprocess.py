@@ -31,7 +31,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from llmtap import ca, redirect
+from llmtap import addons, ca, redirect
 from llmtap.config import Config
 from llmtap.errors import LlmtapError, RuntimeFailure, UsageError
 from llmtap.platform import statusfile
@@ -121,8 +121,9 @@ class EmbeddedProxy:
             print(f"llmtap: proxy failed: {type(exc).__name__}: {exc}", file=sys.stderr)
 
     async def _serve(self) -> None:
-        proxy = build_master(self.settings, with_pipeline=self.settings.pipeline)
-        proxy.addons.add(Reporter(EventSink(self.on_event)))
+        stages = addons.pipeline(lookup=self.settings.process_lookup) if self.settings.pipeline else []
+        proxy = build_master(self.settings, with_pipeline=self.settings.pipeline, stages=stages)
+        proxy.addons.add(Reporter(EventSink(self.on_event), stages))
         with self._lock:
             if self._stopping:
                 return
