@@ -145,7 +145,7 @@ def test_a_forged_location_reads_nothing_outside_the_records(tmp_path: Path, mon
 
 
 def _tcp_line(n: int, local: tuple[str, int], remote: tuple[str, int], uid: int, inode: int) -> str:
-    from llmtap.proclookup import proc_net_address
+    from llmtap.platform.linux.sockets import proc_net_address
 
     return (f"  {n}: {proc_net_address(*local)} {proc_net_address(*remote)} 01 00000000:00000000 "
             f"00:00000000 00000000 {uid:5d}        0 {inode} 1 0000000000000000 20 4 30 10 -1\n")
@@ -155,7 +155,7 @@ def test_the_ui_peer_is_the_socket_to_the_ui_not_one_sharing_its_port(tmp_path: 
     """Sockets to different peers may share a local port (connect() reuses ports whose 4-tuples
     differ). Another user who connects to the UI from 127.0.0.1:X while one of root's sockets
     has local address 127.0.0.1:X toward elsewhere was taken for root."""
-    from llmtap.proclookup import socket_inode
+    from llmtap.platform.linux.sockets import socket_inode
     from llmtap.ui.app import Guard
 
     ui, peer = ("127.0.0.1", 8377), ("127.0.0.1", 40000)
