@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
-import secrets
 import ssl
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from llmtap import hostpatterns
+from llmtap.atomic import write_atomic
 from llmtap.errors import RuntimeFailure
 
 MITM_BASENAME = "mitmproxy"
@@ -180,19 +180,5 @@ def _own_dir(path: Path, uid: int, gid: int) -> None:
 
 
 def write_file(path: Path, data: bytes, mode: int, uid: int = 0, gid: int = 0) -> None:
-    """Atomically replaces `path` with `data`, owned uid:gid with `mode` (POSIX).
-
-    The temporary file is always a new one (O_EXCL, O_NOFOLLOW): root writes in directories the
-    service user owns, where a symlink planted at a known name would be followed."""
-    tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.llmtap-tmp")
-    flags = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-             | getattr(os, "O_BINARY", 0))  # Windows: no CRLF
-    try:
-        with os.fdopen(os.open(tmp, flags, mode), "wb") as out:
-            if hasattr(os, "fchown"):  # POSIX; on Windows the directory's ACL decides
-                os.fchown(out.fileno(), uid, gid)
-                os.fchmod(out.fileno(), mode)
-            out.write(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Atomically replaces `path` with `data`, owned uid:gid with `mode` (POSIX)."""
+    write_atomic(path, data, mode, (uid, gid))

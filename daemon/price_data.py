@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import ssl
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from typing import Any
 import genai_prices
 from genai_prices import data_snapshot, update_prices
 from genai_prices.types import _providers_from_raw  # what genai-prices' own updater parses with
+from llmtap.atomic import write_atomic
 
 SOURCE = "genai-prices"
 UPDATE_URL = update_prices.DEFAULT_UPDATE_URL
@@ -129,24 +129,13 @@ def update(url: str, state_dir: Path, owner: tuple[int, int] | None = None) -> P
 def write_public(target: Path, content: bytes, owner: tuple[int, int] | None) -> None:
     """Atomically, mode 0644, owned by `owner`: how every price file is written (override too).
 
-    Root writes here into the service user's directory: the temporary file is a new one
-    (mkstemp: O_EXCL, so a planted symlink is never followed) and is changed through its fd."""
+    Root writes here into the service user's directory: llmtap.atomic never follows a planted
+    symlink."""
     if not target.parent.exists():
         target.parent.mkdir(mode=0o700, parents=True)
         if owner is not None:
             os.chown(target.parent, *owner)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    tmp = Path(name)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(content)
-            if hasattr(os, "fchmod"):  # POSIX; on Windows the directory's ACL decides
-                os.fchmod(handle.fileno(), 0o644)  # prices are public; the worker reads them
-            if owner is not None:
-                os.fchown(handle.fileno(), *owner)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(target, content, 0o644, owner)  # prices are public; the worker reads them
 
 
 def _first_line(exc: BaseException) -> str:

@@ -34,6 +34,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from llmtap import hostpatterns
+from llmtap.atomic import write_atomic
 from llmtap.errors import RuntimeFailure, UsageError
 from llmtap.parsers.classify import host_provider
 
@@ -356,24 +357,7 @@ def write_private(path: Path, data: bytes, uid: int, gid: int, durable: bool = T
                   mode: int = 0o600) -> None:
     """Atomically replaces `path` with a file of `mode` owned by uid:gid (-1: unchanged; synced
     if `durable`)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW | getattr(os, "O_BINARY", 0)
-    fd = os.open(tmp, flags, mode & 0o600)  # the group gets its read bit only once chowned
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            if POSIX_OWNERS and (uid, gid) != (-1, -1):
-                os.fchown(out.fileno(), uid, gid)
-            if POSIX_OWNERS and mode != 0o600:
-                os.fchmod(out.fileno(), mode)
-            if durable:
-                os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+    write_atomic(path, data, mode, None if (uid, gid) == (-1, -1) else (uid, gid), durable)
 
 
 def read_store(paths: StorePaths) -> list[Secret]:

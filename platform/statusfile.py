@@ -12,13 +12,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psutil
+from llmtap.atomic import write_atomic
 from llmtap.errors import RuntimeFailure
 
 log = logging.getLogger(__name__)
@@ -33,11 +33,9 @@ def path_for(control_socket: Path) -> Path:
 
 def publish(control_socket: Path, report: dict[str, Any]) -> None:
     path = path_for(control_socket)
-    tmp = path.with_name(f".{NAME}.tmp")
     try:
-        tmp.write_text(json.dumps({**report, "published_at": time.time()}, default=str),
-                       encoding="utf-8")
-        os.replace(tmp, path)
+        data = json.dumps({**report, "published_at": time.time()}, default=str).encode("utf-8")
+        write_atomic(path, data, mode=None)
     except OSError as exc:  # e.g. a reader holds it open (Windows): the next round replaces it
         log.debug("status not published: %s", exc)
 

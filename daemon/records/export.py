@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmtap.records.store import write_atomic
+from llmtap.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class Spool:
                     e.size for e in self._entries) + entry.size > self.max_bytes):
                 self._evict(self._entries.pop(0))  # bounded: the oldest go first
             try:
-                write_atomic(self.directory / entry.name, payload)
+                write_atomic(self.directory / entry.name, payload, mode=None)
             except OSError:
                 self.dropped[sink] = self.dropped.get(sink, 0) + count
                 return

@@ -21,7 +21,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmtap.records.store import ARCHIVE_DIR, MONTHLY_RE, name_id, name_stamp, write_atomic
+from llmtap.atomic import write_atomic
+from llmtap.records.store import ARCHIVE_DIR, MONTHLY_RE, name_id, name_stamp
 
 ROTATE_FRACTION = 0.2
 Moves = dict[str, str | None]
@@ -69,7 +70,7 @@ def archive_oldest(directory: Path, max_files: int) -> Moves:
         for suffix in (".md", ".json"):  # the JSON last: while it is live, the record is too
             source = directory / f"{base}{suffix}"
             with contextlib.suppress(FileNotFoundError):
-                write_atomic(archive / f"{base}{suffix}.gz", gzip.compress(source.read_bytes(), 6))
+                write_atomic(archive / f"{base}{suffix}.gz", gzip.compress(source.read_bytes(), 6), mode=None)
                 source.unlink()
         moves[name_id(name)] = f"{ARCHIVE_DIR}/{name}.gz"
     return moves
@@ -107,7 +108,7 @@ def _fold(archive: Path, month: str, bases: list[str]) -> Moves:
                 if path.exists():
                     _add(out, f"{base}{suffix}", gzip.decompress(path.read_bytes()),
                          path.stat().st_mtime)
-    write_atomic(target, buffer.getvalue())
+    write_atomic(target, buffer.getvalue(), mode=None)
     for base in bases:
         for suffix in (".json.gz", ".md.gz"):
             with contextlib.suppress(FileNotFoundError):

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from llmtap.atomic import write_atomic
 from llmtap.jsontext import pretty
 
 ARCHIVE_DIR = "archive"
@@ -49,19 +50,6 @@ def name_id(name: str) -> str:
     return base.rsplit("_", 1)[-1]
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Whole or nothing: a reader (or a full disk) never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as out:
-            out.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
 def record_bytes(record: dict[str, Any]) -> bytes:
     return (pretty(record) + "\n").encode("utf-8")
 
@@ -72,7 +60,7 @@ def save_system_prompt(directory: Path, sha256: str, text: str) -> str:
     path = directory / location
     if not path.exists():
         path.parent.mkdir(exist_ok=True)
-        write_atomic(path, text.encode("utf-8"))
+        write_atomic(path, text.encode("utf-8"), mode=None)
     return location
 
 
@@ -85,8 +73,8 @@ def write_exchange(directory: Path, record: dict[str, Any], markdown: str | None
     md_path = directory / f"{name}.md"
     try:
         if markdown is not None:
-            write_atomic(md_path, markdown.encode("utf-8"))
-        write_atomic(directory / f"{name}.json", record_bytes(record))
+            write_atomic(md_path, markdown.encode("utf-8"), mode=None)
+        write_atomic(directory / f"{name}.json", record_bytes(record), mode=None)
     except OSError:
         with contextlib.suppress(OSError):
             md_path.unlink()

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from pathlib import Path
 
+from llmtap.atomic import write_atomic
 from llmtap.errors import RuntimeFailure
 
 SYSCTL_ROOT = Path("/proc/sys/net/ipv4/conf")
@@ -89,6 +89,4 @@ def _load(record: Path) -> dict[str, str]:
 
 def _save(record: Path, saved: dict[str, str]) -> None:
     record.parent.mkdir(parents=True, exist_ok=True)
-    partial = record.with_suffix(".tmp")
-    partial.write_text(json.dumps(saved))
-    os.replace(partial, record)  # never a half-written record, whenever we are killed
+    write_atomic(record, json.dumps(saved).encode(), mode=None)  # never half-written, whenever killed

@@ -23,6 +23,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
+from llmtap.atomic import write_atomic
 from llmtap.errors import RuntimeFailure
 from llmtap.platform.base import ServiceManager
 
@@ -103,9 +104,7 @@ class Keeper:
 
     def _write_pidfile(self, child_pid: int) -> None:
         path = Path(self.spec.pidfile)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(f"{os.getpid()} {child_pid}\n")
-        os.replace(tmp, path)
+        write_atomic(path, f"{os.getpid()} {child_pid}\n".encode(), mode=None)
 
 
 def describe(code: int) -> str:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from llmtap.atomic import write_atomic
 from llmtap.errors import RuntimeFailure, UsageError
 from llmtap.platform.base import ServiceManager
 from llmtap.platform.runner import Runner, SubprocessRunner
@@ -137,10 +138,7 @@ class SystemdService(ServiceManager):
     def install(self, command: list[str]) -> None:
         self.spec = dataclasses.replace(self.spec, exec_start=list(command))
         self.unit_file.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        tmp = self.unit_file.with_name(self.unit_file.name + ".tmp")
-        tmp.write_text(self.rendered())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, self.unit_file)
+        write_atomic(self.unit_file, self.rendered().encode(), 0o644)
         self._systemctl("daemon-reload")
         self._systemctl("enable", self.unit_name)
 

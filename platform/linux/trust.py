@@ -21,6 +21,7 @@ from typing import ClassVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from llmtap.atomic import write_atomic
 from llmtap.errors import RuntimeFailure, UsageError
 from llmtap.platform.base import TrustStore
 from llmtap.platform.runner import Runner, SubprocessRunner
@@ -111,10 +112,7 @@ class DistroTrustStore(ToolTrustStore):
 
     def _write_anchor(self, ca_cert: Path) -> None:
         self.anchor.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        tmp = self.anchor.with_name(self.anchor.name + ".tmp")
-        tmp.write_bytes(ca_cert.read_bytes())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, self.anchor)
+        write_atomic(self.anchor, ca_cert.read_bytes(), 0o644)
 
 
 class DebianTrustStore(DistroTrustStore):

@@ -11,6 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from llmtap.atomic import write_atomic
 from llmtap.errors import RuntimeFailure, UsageError
 from llmtap.platform.base import ServiceManager
 from llmtap.platform.runner import Runner, SubprocessRunner
@@ -93,9 +94,4 @@ class LaunchdService(ServiceManager):
     def _write_plist(self, data: bytes) -> None:
         """Atomically, 0644 and (as root) root:wheel: launchd ignores a plist others can write."""
         self.plist.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.plist.with_suffix(".plist.tmp")
-        tmp.write_bytes(data)
-        os.chmod(tmp, 0o644)
-        if os.geteuid() == 0:
-            os.chown(tmp, 0, 0)
-        os.replace(tmp, self.plist)
+        write_atomic(self.plist, data, 0o644, (0, 0) if os.geteuid() == 0 else None)
