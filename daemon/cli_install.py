@@ -8,7 +8,8 @@ from __future__ import annotations
 import typer
 from llmtap.cli_options import ConfigOption
 from llmtap.config import load_config
-from llmtap.install import Provider, provider_for
+from llmtap.install import provider_for
+from llmtap.install.engine import Provider
 
 
 def installer_for(config: str | None) -> Provider:

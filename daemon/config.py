@@ -320,7 +320,7 @@ def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
         raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
     except OSError as exc:
         raise UsageError(f"cannot read config file {path}: {exc.strerror}") from None
-    config = _build(Config, raw, prefix="")
+    config: Config = _build(Config, raw, prefix="")
     config = dataclasses.replace(config, source=path)
     validate(config)
     return config

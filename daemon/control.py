@@ -31,7 +31,7 @@ UNIX_SOCKETS = hasattr(socket, "AF_UNIX")
 def peer_uid(conn: socket.socket) -> int:
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)
-    return uid
+    return int(uid)
 
 
 class ControlServer:

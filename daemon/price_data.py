@@ -100,7 +100,7 @@ def fetch(url: str, timeout_s: float = TIMEOUT_S) -> bytes:
     context = ssl.create_default_context()  # the certificate is verified, as for any download
     try:
         with urllib.request.urlopen(url, timeout=timeout_s, context=context) as response:
-            raw = response.read(MAX_BYTES + 1)
+            raw: bytes = response.read(MAX_BYTES + 1)
     except urllib.error.HTTPError as exc:
         raise OSError(f"{url}: HTTP {exc.code} {exc.reason}") from None
     except urllib.error.URLError as exc:

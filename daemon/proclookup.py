@@ -157,7 +157,7 @@ class Lookup:
         with contextlib.suppress(psutil.Error, OSError):
             for conn in psutil.net_connections(kind="tcp"):
                 if conn.laddr and (normalise_ip(conn.laddr.ip), conn.laddr.port) == (ip, port):
-                    return conn.pid
+                    return int(conn.pid) if conn.pid is not None else None
         return None
 
 

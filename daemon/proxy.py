@@ -16,10 +16,9 @@ from llmtap import addons, hostpatterns
 from llmtap.addons.scope import allow_patterns
 from llmtap.parsers.classify import normalise_host
 from llmtap.platform.base import OriginalAddrLookup
-from mitmproxy import addonmanager, certs, ctx, exceptions, hooks, http, master, options
+from mitmproxy import addonmanager, certs, ctx, exceptions, hooks, http, master, options, tls
 from mitmproxy.addons import core, disable_h2c, errorcheck, next_layer, proxyserver, tlsconfig
 from mitmproxy.proxy import context, mode_specs
-from mitmproxy.proxy.layers import tls
 from mitmproxy.utils import human
 
 log = logging.getLogger(__name__)
@@ -89,7 +88,7 @@ class CachedHooks(addonmanager.AddonManager):
     """
 
     def __init__(self, owner: master.Master) -> None:
-        super().__init__(owner)
+        super().__init__(owner)  # type: ignore[no-untyped-call]  # mitmproxy's, via super()
         self._handlers: dict[str, list[Callable[..., Any]]] = {}
         self._observers: dict[str, list[Callable[..., Any]]] = {}
         self._later: set[asyncio.Task[None]] = set()  # deferred observers, referenced until done
@@ -102,18 +101,18 @@ class CachedHooks(addonmanager.AddonManager):
 
     def register(self, addon: Any) -> Any:
         self._forget()
-        return super().register(addon)
+        return super().register(addon)  # type: ignore[no-untyped-call]  # mitmproxy's, via super()
 
     def add(self, *addons: Any) -> None:
-        super().add(*addons)
+        super().add(*addons)  # type: ignore[no-untyped-call]  # mitmproxy's, via super()
         self._forget()
 
     def remove(self, addon: Any) -> None:
-        super().remove(addon)
+        super().remove(addon)  # type: ignore[no-untyped-call]  # mitmproxy's, via super()
         self._forget()
 
     def clear(self) -> None:
-        super().clear()
+        super().clear()  # type: ignore[no-untyped-call]  # mitmproxy's, via super()
         self._forget()
 
     def _forget(self) -> None:

@@ -153,7 +153,8 @@ class Live:
         """The queued events, oldest first; updates carry their latest counters."""
         events, self.pending = self.pending, []
         self._updates = {}  # each was queued when first made: the next update starts afresh
-        return self.mask().deep(events)
+        masked: list[dict[str, Any]] = self.mask().deep(events)
+        return masked
 
     def snapshot(self) -> dict[str, int]:
         counters = asdict(self.counters)

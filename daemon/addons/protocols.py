@@ -51,7 +51,7 @@ from llmtap.parsers import (
 from llmtap.parsers.request import info_from_fields, salvage_request
 from mitmproxy import ctx, http
 from mitmproxy.net.http.http1.read import expected_http_body_size
-from mitmproxy.proxy.layers.http import HttpResponseHook
+from mitmproxy.proxy.layers.http import HttpResponseHook  # type: ignore[attr-defined]  # not in its __all__
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class BodyStream:
 
 
 def is_event_stream(response: http.Response) -> bool:
-    content_type = response.headers.get("content-type", "")
+    content_type = str(response.headers.get("content-type", ""))
     return content_type.split(";")[0].strip().lower() == "text/event-stream"
 
 

@@ -85,6 +85,7 @@ class EventStreamDecoder:
 
     def _prelude(self) -> int:
         """The message's total length, once its prelude is checked (before the rest arrives)."""
+        total: int
         total, headers, crc = struct.unpack_from(">III", self._buf, self._pos)
         if zlib.crc32(self._buf[self._pos : self._pos + 8]) != crc:
             raise FramingError("event-stream prelude CRC mismatch")

@@ -173,7 +173,7 @@ def encode(records: Sequence[dict[str, Any]], service_name: str) -> bytes:
     scope_spans.scope.version = __version__
     request = ExportTraceServiceRequest(
         resource_spans=[ResourceSpans(resource=_resource(service_name), scope_spans=[scope_spans])])
-    return request.SerializeToString()
+    return bytes(request.SerializeToString())
 
 
 class _Points:
@@ -235,7 +235,7 @@ def encode_metrics(records: Sequence[dict[str, Any]], service_name: str) -> byte
     scope.scope.version = __version__
     request = ExportMetricsServiceRequest(resource_metrics=[
         ResourceMetrics(resource=_resource(service_name), scope_metrics=[scope])])
-    return request.SerializeToString()
+    return bytes(request.SerializeToString())
 
 
 def _duration_s(record: dict[str, Any]) -> float | None:

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
+from llmtap.platform.linux.sockets import socket_inode
 from llmtap.privileges import is_member
-from llmtap.proclookup import socket_inode
 from llmtap.ui.server import Receive, Scope, Send
 
 STATIC = Path(__file__).parent / "static"

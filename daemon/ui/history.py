@@ -56,7 +56,7 @@ class Billed:
 
     def counts(self, row: dict[str, Any]) -> bool:
         if "counted" in row:
-            return row["counted"] != 0
+            return bool(row["counted"] != 0)
         if row["id"] not in self._known:
             data = store.read_location(self.records_dir, str(row["location"]))
             try:

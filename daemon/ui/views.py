@@ -68,7 +68,8 @@ class Views:
 
     def _locked(self, view: Any, params: dict[str, str]) -> Reply | Stream:
         with self._lock:
-            return view(params)
+            reply: Reply | Stream = view(params)
+            return reply
 
     def page(self, name: str, **values: Any) -> Reply:
         return Reply(200, self.env.get_template(name).render(**values))

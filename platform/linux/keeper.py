@@ -86,7 +86,7 @@ class Keeper:
     def _delay(self) -> float:
         """Machines left untapped are worse than a slow retry: never give up, back off."""
         recent = [t for t in self.starts if time.monotonic() - t < BURST_WINDOW_S]
-        return min(self.spec.restart_sec * 2 ** max(0, len(recent) - 1), MAX_RESTART_SEC)
+        return float(min(self.spec.restart_sec * 2 ** max(0, len(recent) - 1), MAX_RESTART_SEC))
 
     def _cleanup(self) -> None:
         if self.spec.cleanup:

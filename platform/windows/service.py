@@ -367,7 +367,7 @@ def _define_service_class() -> type:
     import win32serviceutil
     from llmtap.config import load_config
 
-    class LlmtapService(win32serviceutil.ServiceFramework):
+    class LlmtapService(win32serviceutil.ServiceFramework):  # type: ignore[misc]  # pywin32 is untyped
         _svc_name_ = SERVICE_NAME
         _svc_display_name_ = DISPLAY_NAME
         _svc_description_ = DESCRIPTION

@@ -54,7 +54,7 @@ def internet_checksum(data: bytes) -> int:
     """RFC 1071 ones' complement sum."""
     if len(data) % 2:
         data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
@@ -293,7 +293,7 @@ def tcp_owner(local: Endpoint) -> int | None:
 
     for conn in psutil.net_connections(kind="tcp"):
         if conn.laddr and conn.laddr.port == local[1] and normalize(conn.laddr.ip) == local[0]:
-            return conn.pid
+            return int(conn.pid) if conn.pid is not None else None
     return None
 
 
