@@ -140,10 +140,10 @@ class Tree:
         return Completed(0)
 
     def system(self, **overrides: object) -> System:
-        values: dict[str, object] = dict(
-            runner=self, which=lambda name: f"/usr/bin/{name}", systemd=lambda: False,
-            check_port=lambda port: None, cleanup_rules=lambda: [],
-            wait_ready=lambda config, service: None)
+        values: dict[str, object] = {
+            "runner": self, "which": lambda name: f"/usr/bin/{name}", "systemd": lambda: False,
+            "check_port": lambda port: None, "cleanup_rules": list,
+            "wait_ready": lambda config, service: None}
         values.update(overrides)
         return System(**values)  # type: ignore[arg-type]
 

@@ -47,8 +47,7 @@ HOST_PATHS = ("/etc/ssl/certs", "/usr/local/share/ca-certificates", "/etc/profil
 
 
 def plain_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in clean_env(extra).items() if k not in CA_VARIABLES}
-    return env
+    return {k: v for k, v in clean_env(extra).items() if k not in CA_VARIABLES}
 
 
 def keystore_entries(keystore: Path) -> str:

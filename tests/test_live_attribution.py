@@ -178,7 +178,7 @@ def test_hub_tracks_active_requests_and_streams_to_subscribers():
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the control socket is root's")
 def test_control_subscribe_stream(tmp_path):
-    hub = LiveHub(lambda: {})
+    hub = LiveHub(dict)
     path = tmp_path / "control.sock"
     server = control.ControlServer(path, "root", 0, lambda m: {"ok": True},
                                    streams={"subscribe": hub.serve})

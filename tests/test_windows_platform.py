@@ -243,7 +243,7 @@ def make(tmp_path: Path, box: WindowsBox, service: FakeService, monkeypatch: pyt
     def build(elevated: bool = True, **overrides: Any) -> WindowsInstaller:
         system = WindowsSystem(
             runner=box, elevated=lambda: elevated, choose_backend=lambda name: None,
-            check_port=lambda port: None, cleanup_rules=lambda: [],
+            check_port=lambda port: None, cleanup_rules=list,
             service=lambda _elevated: service, wait_ready=lambda c, s: waited.append(c),
             command=lambda: str(exe), **overrides)
         return WindowsInstaller(config, None, system, report=reports.append)

@@ -495,7 +495,7 @@ def salvage(parser: ResponseParser, head: bytes, tail: bytes) -> None:
     obj: dict[str, Any] = {}
     for match in _HEAD_FIELD.finditer(head):
         obj.setdefault(match.group(1).decode(), match.group(2).decode("utf-8", "replace"))
-    usage_at = [m for m in _TAIL_USAGE.finditer(tail)]
+    usage_at = list(_TAIL_USAGE.finditer(tail))
     if usage_at:
         last = usage_at[-1]
         text = tail[last.end() - 1 :].decode("utf-8", errors="replace")

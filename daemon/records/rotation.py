@@ -154,5 +154,4 @@ def delete_older(directory: Path, before: datetime.datetime) -> Moves:
 
 def _month_end(entry: str) -> datetime.datetime:
     year, month = int(entry[:4]), int(entry[5:7])
-    first_next = datetime.datetime(year + month // 12, month % 12 + 1, 1, tzinfo=datetime.UTC)
-    return first_next
+    return datetime.datetime(year + month // 12, month % 12 + 1, 1, tzinfo=datetime.UTC)

@@ -160,7 +160,7 @@ def find_location(directory: Path, record_id: str) -> str | None:
     """Where a record is now, by scanning (for an index that has not followed a rotation)."""
     suffix = f"_{record_id}.json"
     return next((loc for loc in iter_locations(directory)
-                 if loc.endswith(suffix) or loc.endswith(suffix + ".gz")), None)
+                 if loc.endswith((suffix, suffix + ".gz"))), None)
 
 
 def iter_records(directory: Path) -> Iterator[tuple[str, dict[str, Any]]]:
