@@ -20,7 +20,7 @@ import pytest
 import streams
 from test_credentials_e2e import exports, set_secret
 from test_protocols_e2e import CLIENT, body_of, cost, records, upstream_seen, usage
-from testbed import BEDROCK_HOST, Daemon, Testbed, start_daemon
+from testbed import BEDROCK_HOST, Daemon, Testbed, running_daemon
 
 pytestmark = pytest.mark.root
 
@@ -54,14 +54,8 @@ CLAUDE = {{"anthropic_version": "bedrock-2023-05-31", "max_tokens": 1024,
 
 @pytest.fixture(scope="module")
 def tap(testbed: Testbed) -> Iterator[Daemon]:
-    daemon = start_daemon(testbed, extra_hosts=(BEDROCK_HOST,))
-    try:
-        daemon.wait_ready()
+    with running_daemon(testbed, extra_hosts=(BEDROCK_HOST,)) as daemon:
         yield daemon
-    finally:
-        if daemon.proc.poll() is None:
-            daemon.stop()
-        testbed.ns_exec(testbed.client_ns, "nft", "delete", "table", "inet", "llmtap", check=False)
 
 
 def run(testbed: Testbed, daemon: Daemon, code: str, env: dict[str, str] | None = None) -> Any:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from test_protocols_e2e import records, tag_of, usage
-from testbed import MORE_API_HOSTS, Daemon, Testbed, start_daemon
+from testbed import MORE_API_HOSTS, Daemon, Testbed, running_daemon
 
 pytestmark = pytest.mark.root
 
@@ -49,14 +49,8 @@ def run_client(testbed: Testbed, daemon: Daemon, code: str) -> Any:
 
 @pytest.fixture(scope="module")
 def tap(testbed: Testbed) -> Iterator[Daemon]:
-    daemon = start_daemon(testbed, extra_hosts=MORE_API_HOSTS)
-    try:
-        daemon.wait_ready()
+    with running_daemon(testbed, extra_hosts=MORE_API_HOSTS) as daemon:
         yield daemon
-    finally:
-        if daemon.proc.poll() is None:
-            daemon.stop()
-        testbed.ns_exec(testbed.client_ns, "nft", "delete", "table", "inet", "llmtap", check=False)
 
 
 def by_path(daemon: Daemon, piece: str, expected: int, timeout: float = 15) -> list[dict[str, Any]]:

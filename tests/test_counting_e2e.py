@@ -16,21 +16,15 @@ from typing import Any
 import pytest
 import streams
 from test_protocols_e2e import client, cost, records, usage
-from testbed import LLMTAP, Daemon, Testbed, clean_env, start_daemon
+from testbed import LLMTAP, Daemon, Testbed, clean_env, running_daemon
 
 pytestmark = pytest.mark.root
 
 
 @pytest.fixture(scope="module")
 def tap(testbed: Testbed) -> Iterator[Daemon]:
-    daemon = start_daemon(testbed)
-    try:
-        daemon.wait_ready()
+    with running_daemon(testbed) as daemon:
         yield daemon
-    finally:
-        if daemon.proc.poll() is None:
-            daemon.stop()
-        testbed.ns_exec(testbed.client_ns, "nft", "delete", "table", "inet", "llmtap", check=False)
 
 
 def stats(daemon: Daemon, by: str = "model") -> dict[str, Any]:

@@ -14,6 +14,7 @@ from llmtap.masking import SecretMask
 from llmtap.records import clickhouse, export, loki
 from llmtap.records.capture import Body, Exchange
 from llmtap.records.export import BODIES, Exporters, Rejected, Sink, Spool, StoreError
+from testbed import wait_for
 
 RECORD = {"id": "r1", "started_at": "2026-06-01T10:00:00.250Z", "ended_at": "2026-06-01T10:00:02Z",
           "host": "api.anthropic.com", "method": "POST", "path": "/v1/messages", "status": 200,
@@ -23,13 +24,6 @@ RECORD = {"id": "r1", "started_at": "2026-06-01T10:00:00.250Z", "ended_at": "202
                                      "row": "anthropic/claude-sonnet-4-5"},
           "timeline": [[1, 2]] * 50, "rules_hit": ["r"], "dlp_hits": [{"detector": "jwt"}],
           "process": {"pid": 7, "name": "node", "tool": "claude-code", "user": "alice"}}
-
-
-def wait_for(condition: Any, timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not condition():
-        time.sleep(0.05)
-    return bool(condition())
 
 
 def test_the_spool_is_one_bound_for_every_store_oldest_out_first(tmp_path):

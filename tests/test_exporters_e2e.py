@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 from test_credentials_e2e import real_key, set_secret
 from test_protocols_e2e import client, cost, records
-from testbed import Daemon, Testbed, make_workdir, start_daemon
+from testbed import Daemon, Testbed, make_workdir, running_daemon
 
 pytestmark = pytest.mark.root
 
@@ -202,7 +202,7 @@ def stores(testbed: Testbed) -> Iterator[Stores]:
 
 @pytest.fixture(scope="module")
 def tap(testbed: Testbed, stores: Stores) -> Iterator[Daemon]:
-    daemon = start_daemon(testbed, f"""
+    with running_daemon(testbed, f"""
         [export]
         otlp_endpoint = "http://127.0.0.1:{OTLP_PORT}/v1/traces"
         [export.loki]
@@ -213,14 +213,8 @@ def tap(testbed: Testbed, stores: Stores) -> Iterator[Daemon]:
         user = "{CH_USER}"
         password = "{CH_PASSWORD}"
         bodies = true
-    """)
-    try:
-        daemon.wait_ready()
+    """) as daemon:
         yield daemon
-    finally:
-        if daemon.proc.poll() is None:
-            daemon.stop()
-        testbed.ns_exec(testbed.client_ns, "nft", "delete", "table", "inet", "llmtap", check=False)
 
 
 def wait_for(check: Any, timeout: float, what: str) -> Any:

@@ -20,7 +20,7 @@ from urllib.parse import parse_qsl, urlsplit
 import fake_providers
 import pytest
 import streams
-from testbed import Daemon, Testbed, start_daemon
+from testbed import Daemon, Testbed, running_daemon
 
 pytestmark = pytest.mark.root
 
@@ -93,14 +93,8 @@ def upstream_seen(testbed: Testbed, tag: str) -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def tap(testbed: Testbed) -> Iterator[Daemon]:
     """One daemon for the whole module (each test tags its own requests)."""
-    daemon = start_daemon(testbed)
-    try:
-        daemon.wait_ready()
+    with running_daemon(testbed) as daemon:
         yield daemon
-    finally:
-        if daemon.proc.poll() is None:
-            daemon.stop()
-        testbed.ns_exec(testbed.client_ns, "nft", "delete", "table", "inet", "llmtap", check=False)
 
 
 SONNET_STREAM_COST = cost(input=(472, "3"), output=(189, "15"), read=(10240, "0.30"),

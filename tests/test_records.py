@@ -37,6 +37,7 @@ from llmtap.records.writer import RecordWriter, WriterSettings, exporters
 from mitmproxy.test import taddons, tflow
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from testbed import wait_for
 
 SYSTEM = "You are a careful assistant."
 ANTHROPIC_SSE = (
@@ -439,13 +440,6 @@ RECORD = {"id": "r1", "started_at": "2025-06-01T10:00:00.000Z", "ended_at": "202
           "usage": {"input_tokens": 10, "output_tokens": 20, "cache_read_tokens": 100,
                     "cache_write_5m_tokens": 5, "cache_write_1h_tokens": 0, "reasoning_tokens": None},
           "cost_usd": "0.0012", "ttft_ms": 321.5, "process": {"pid": 7, "name": "node", "tool": "claude"}}
-
-
-def wait_for(condition: Any, timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not condition():
-        time.sleep(0.05)
-    return bool(condition())
 
 
 def test_otlp_span_follows_genai_conventions(tmp_path):

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from test_protocols_e2e import client, cost, records
-from testbed import Daemon, Testbed, make_workdir, start_daemon
+from testbed import Daemon, Testbed, make_workdir, running_daemon
 
 pytestmark = pytest.mark.root
 
@@ -33,18 +33,12 @@ HAIKU = cost(input=(2095, "1"), output=(503, "5"), read=(3000, "0.10"), w1h=(100
 
 @pytest.fixture(scope="module")
 def tap(testbed: Testbed) -> Iterator[Daemon]:
-    daemon = start_daemon(testbed, f"""
+    with running_daemon(testbed, f"""
         [metrics]
         listen = "{METRICS}"
         bearer_token = "{TOKEN}"
-    """)
-    try:
-        daemon.wait_ready()
+    """) as daemon:
         yield daemon
-    finally:
-        if daemon.proc.poll() is None:
-            daemon.stop()
-        testbed.ns_exec(testbed.client_ns, "nft", "delete", "table", "inet", "llmtap", check=False)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ Everything is torn down by the fixtures in conftest.py, whatever happens in the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -339,3 +341,25 @@ def start_daemon(bed: Testbed, extra_toml: str = "", run_args: tuple[str, ...] =
         stdout=stderr, stderr=stderr, env=clean_env(),
     )
     return Daemon(bed, root, proc, config_path)
+
+
+def wait_for(condition: Any, timeout: float = 10, every: float = 0.05) -> bool:
+    """Whether `condition()` came true within `timeout` seconds (asked every `every`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not condition():
+        time.sleep(every)
+    return bool(condition())
+
+
+@contextlib.contextmanager
+def running_daemon(bed: Testbed, extra_toml: str = "", **kwargs: Any) -> Iterator[Daemon]:
+    """A ready daemon (start_daemon's arguments), stopped after, and the client namespace left
+    without llmtap's table whatever happened (for a module's shared daemon)."""
+    daemon = start_daemon(bed, extra_toml, **kwargs)
+    try:
+        daemon.wait_ready()
+        yield daemon
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.stop()
+        bed.ns_exec(bed.client_ns, "nft", "delete", "table", "inet", "llmtap", check=False)
