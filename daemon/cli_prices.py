@@ -17,15 +17,13 @@ from llmtap.cli_options import ConfigOption
 from llmtap.config import Config, load_config
 from llmtap.errors import RuntimeFailure, UsageError
 from llmtap.formatting import printable
-from llmtap.price_data import PriceData
 from llmtap.price_override import (
     PriceTable,
     Rates,
     import_litellm,
     override_path,
-    read_override,
 )
-from llmtap.pricing import Call, Pricer
+from llmtap.pricing import Call, Pricer, load_pricer
 
 with contextlib.suppress(ImportError):  # not on Windows (llmtap.platform.windows.inprocess)
     import pwd
@@ -44,26 +42,11 @@ HostOption = typer.Option("", "--host", help="Price as a call to this API host w
 
 
 def pricer(settings: Config) -> Pricer:
-    """The sources the daemon prices with, as this user can read them (warnings on stderr)."""
-    fetched: list[PriceData] = []
-    path = price_data.fetched_path(settings.state_dir)
-    try:
-        if (data := price_data.load_fetched(path)) is not None:
-            fetched.append(data)
-    except (OSError, ValueError) as exc:
-        typer.echo(f"llmtap: {path} ignored ({exc}); using the bundled prices", err=True)
-    return Pricer([*fetched, price_data.bundled()], _override(settings))
-
-
-def _override(settings: Config) -> PriceTable | None:
-    path = override_path(settings.state_dir)
-    try:
-        return read_override(path)
-    except PermissionError:
-        typer.echo(f"llmtap: cannot read {path} (run with sudo); showing it without", err=True)
-    except (OSError, ValueError) as exc:
-        typer.echo(f"llmtap: {path} ignored ({exc})", err=True)
-    return None
+    """The sources the daemon prices with, as this user can read them (problems on stderr)."""
+    prices, problems = load_pricer(settings.state_dir)
+    for problem in problems:
+        typer.echo(f"llmtap: {problem}", err=True)
+    return prices
 
 
 @prices_app.command("show")

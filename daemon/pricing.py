@@ -22,13 +22,15 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 from genai_prices import Usage
 from genai_prices.data_snapshot import find_provider_by_id
 from genai_prices.types import ModelInfo, Provider
+from llmtap import price_data
 from llmtap.price_data import SOURCE, PriceData
-from llmtap.price_override import PriceTable
+from llmtap.price_override import PriceTable, override_path, read_override
 
 OVERRIDE = "override"
 LOOKUPS_KEPT = 2048  # (host, model) answers remembered; model names come from clients: bounded
@@ -144,7 +146,9 @@ class Pricer:
         return result.total_price
 
     def _find(self, index: int, data: PriceData, call: Call) -> tuple[Provider, ModelInfo] | None:
-        key = (index, call.host.lower(), call.provider or "", str(call.model).lower())
+        # The path too: some providers are told apart by it (a gateway's /groq, /together ...).
+        key = (index, f"{call.host.lower()}{call.path.split('?', 1)[0]}", call.provider or "",
+               str(call.model).lower())
         if key in self._found:
             self._found.move_to_end(key)
             return self._found[key]
@@ -189,3 +193,26 @@ def provider_for(data: PriceData, host: str, path: str, provider_name: str | Non
         if provider.model_match is not None and provider.model_match.is_match(model.lower()):
             return provider
     return None
+
+
+def load_pricer(state_dir: Path | None) -> tuple[Pricer, list[str]]:
+    """The pricer over the price files in `state_dir` (the daemon and the CLI read them this one
+    way): the override, what `prices update` stored, then the bundled data. A file that cannot be
+    read is left out, and the second value says why, one line each."""
+    problems: list[str] = []
+    fetched: list[PriceData] = []
+    override: PriceTable | None = None
+    if state_dir is not None:
+        path = price_data.fetched_path(state_dir)
+        try:
+            if (data := price_data.load_fetched(path)) is not None:
+                fetched.append(data)
+        except (OSError, ValueError) as exc:
+            problems.append(f"updated prices {path} ignored (the bundled ones price instead): {exc}")
+        path = override_path(state_dir)
+        try:
+            override = read_override(path)
+        except (OSError, ValueError) as exc:
+            hint = " (run with sudo)" if isinstance(exc, PermissionError) else ""
+            problems.append(f"price override {path} ignored{hint}: {exc}")
+    return Pricer([*fetched, price_data.bundled()], override), problems

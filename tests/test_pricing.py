@@ -211,3 +211,22 @@ def test_the_configured_default_url_is_genai_prices_own() -> None:
     from llmtap.config import PricesConfig
 
     assert PricesConfig().url == price_data.UPDATE_URL
+
+
+def test_one_host_with_providers_told_apart_by_the_path_is_priced_per_path() -> None:
+    pricer, model = Pricer([price_data.bundled()]), "meta-llama/llama-3.3-70b-instruct"
+    rows = [pricer.quote(Call(model, {"input_tokens": 1000}, host="router.huggingface.co", path=path)).row
+            for path in ("/groq/openai/v1/chat/completions", "/together/v1/chat/completions")]
+    assert [row.split("/")[0] for row in rows if row] == ["huggingface_groq", "huggingface_together"]
+
+
+def test_the_daemon_and_the_cli_read_the_price_files_one_way(tmp_path: Path) -> None:
+    from llmtap.pricing import load_pricer
+
+    (tmp_path / "prices.json").write_text("{broken")
+    price_data.fetched_path(tmp_path).write_text("[]")
+    pricer, problems = load_pricer(tmp_path)
+    assert pricer.override is None and pricer.data == (price_data.bundled(),)
+    assert [p.split(" ", 2)[:2] for p in problems] == [["updated", "prices"], ["price", "override"]]
+    assert all("\n" not in p for p in problems)
+    assert load_pricer(None)[1] == []

@@ -24,9 +24,8 @@ from llmtap import price_data
 from llmtap.config import load_config
 from llmtap.errors import UsageError
 from llmtap.flow import Record, fields
-from llmtap.price_data import PriceData
-from llmtap.price_override import PriceTable, override_path, read_override
-from llmtap.pricing import Call, Pricer
+from llmtap.price_override import override_path
+from llmtap.pricing import Call, Pricer, load_pricer
 from mitmproxy import ctx, http
 
 log = logging.getLogger(__name__)
@@ -104,7 +103,9 @@ class Pricing:
         if stamps == self._stamps:
             return
         self._stamps = stamps
-        self.pricer = Pricer([*_fetched(fetched_file), price_data.bundled()], _override(override_file))
+        self.pricer, problems = load_pricer(self.state_dir)
+        for problem in problems:
+            log.warning("%s", problem)
 
     async def _update_forever(self) -> None:
         assert self.state_dir is not None
@@ -141,22 +142,3 @@ def _stamp(path: Path | None) -> Stamp:
     except OSError:
         return None
     return stat.st_mtime_ns, stat.st_size
-
-
-def _fetched(path: Path | None) -> list[PriceData]:
-    if path is None:
-        return []
-    try:
-        data = price_data.load_fetched(path)
-    except (OSError, ValueError) as exc:
-        log.warning("updated prices %s ignored (the bundled ones price instead): %s", path, exc)
-        return []
-    return [data] if data else []
-
-
-def _override(path: Path | None) -> PriceTable | None:
-    try:
-        return read_override(path)
-    except (OSError, ValueError) as exc:
-        log.warning("price override %s ignored: %s", path, exc)
-        return None
