@@ -2,7 +2,7 @@
 
     sudo .venv/bin/python bench/run.py [--quick] [--rounds N]
 
-Runs as root in the test bed's network namespaces (tests/testbed.py): a client namespace where the
+Runs as root in the test bed's network namespaces (tests/support/testbed.py): a client namespace where the
 clients and the daemon run, and an upstream namespace with the fake provider. Three arms:
   direct  no redirect: the client talks to the upstream itself
   bare    `llmtap run --bare`: same redirect, listeners and TLS, but no pipeline addons
@@ -27,7 +27,7 @@ from typing import Any
 import psutil
 
 BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH.parent / "tests"))
+sys.path.insert(0, str(BENCH.parent / "tests" / "support"))
 
 from testbed import (  # noqa: E402 - the test bed lives with the tests
     OTHER_HOST,

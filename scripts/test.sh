@@ -9,7 +9,7 @@ packages=(nftables iptables curl iproute2 procps passwd tmux ca-certificates nod
           ca-certificates-java
           systemd openssh-server
           chromium fonts-dejavu-core  # the web UI's browser tests (headless, over DevTools)
-          prometheus clickhouse-server)  # the team view's real stores (tests/test_team_e2e.py)
+          prometheus clickhouse-server)  # the team view's real stores (tests/e2e/test_team_e2e.py)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()
   for pkg in "${packages[@]}"; do
