@@ -54,7 +54,7 @@ def test_protocols_streams_event_streams_only():
     protocols = Protocols()
     sse = tflow.tflow(resp=True)
     sse.response.headers["content-type"] = "text/event-stream; charset=utf-8"
-    plain = tflow.tflow(resp=True)  # a sized body: mitmproxy holds it (tests/unit/addons/test_protocols_addon.py)
+    plain = tflow.tflow(resp=True)  # a sized body: mitmproxy holds it (test_protocols_addon.py)
     with taddons.context(protocols):
         protocols.responseheaders(sse)
         protocols.responseheaders(plain)
