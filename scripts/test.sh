@@ -30,4 +30,7 @@ scripts/venv-from-lock.sh .venv test --editable  # the locked product and test t
 
 .venv/bin/ruff check .
 scripts/typecheck.sh .venv/bin/mypy
+# With no arguments, the whole suite on two workers, a file per worker at a time (a module's daemon is
+# started once): the end-to-end tests spend most of their time waiting on sockets and processes.
+[ $# -gt 0 ] || set -- -n 2 --dist loadfile
 .venv/bin/pytest "$@"
