@@ -392,10 +392,13 @@ def test_doctor_on_windows_checks_windows_things(make: Any, box: WindowsBox,
     assert checks["environment"].status == "warn"  # this (test) shell has none of them
     assert checks["python3 (SSL_CERT_FILE)"].status == "ok"
     assert probes == [["python.exe", "-c", probes[0][2], "api.anthropic.com"]]
+    assert checks["firewall"].status == "ok" and "TCP 8443" in checks["firewall"].detail
     box.root_store.clear()
+    box.netsh.rules.clear()
     failed = {c.name: c for c in Doctor(installer.config, None, runner=probe, which=found.get,
                                         env={}, windows=installer).run()}
     assert failed["OS trust"].status == "fail" and failed["OS trust"].fix == "llmtap install (elevated)"
+    assert failed["firewall"].status == "fail" and "loopback only" in failed["firewall"].detail
 
 
 # --- the secret store without uids and modes ----------------------------------------------------
