@@ -13,10 +13,12 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import psutil
 import pytest
 from llmtap.platform.base import RedirectPlan, TargetAddresses
 from llmtap.platform.windows import inprocess
 from llmtap.platform.windows.loopback import BUSY_S, Action, Flow, Flows, Redirector, Targets
+from llmtap.platform.windows.tcptable import TcpOwners, TcpRow
 from win_packets import ACK, PSH, RST, SYN, fields, ipv4, ipv6
 
 CLIENT4, TARGET4, OTHER_NIC4 = "192.168.1.23", "160.79.104.10", "10.8.0.2"
@@ -182,3 +184,31 @@ def test_a_direct_connection_to_the_listener_is_never_taken_for_a_redirected_one
 
 def test_the_windows_proxy_listens_on_loopback_only() -> None:
     assert inprocess.LISTEN_HOSTS == ("127.0.0.1", "::1")
+
+
+def kernel_rows() -> list[TcpRow]:
+    """This machine's real TCP table (psutil reads the kernel's), as GetExtendedTcpTable rows."""
+    return [TcpRow((c.laddr.ip, c.laddr.port), (c.raddr.ip, c.raddr.port) if c.raddr else ("", 0),
+                   5, c.pid or 0) for c in psutil.net_connections(kind="tcp") if c.laddr]
+
+
+def test_attack_a_local_process_binding_a_redirected_port_gets_no_original_destination() -> None:
+    """Real sockets: the attacker binds 127.0.0.1:cp (a port with a redirect entry) and connects
+    to the loopback listener, hoping to be taken for the redirected client."""
+    with socket.socket() as listener, socket.socket() as attacker:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        attacker.bind(("127.0.0.1", 0))
+        cp = attacker.getsockname()[1]
+        guarded = Redirector(port, Targets.build(RedirectPlan(proxy_port=port, service_uid=0),
+                                                 ADDRESSES), Flows(), lambda client: False,
+                             TcpOwners(kernel_rows).connected)
+        guarded.request(ipv4(CLIENT4, TARGET4, cp, 443, SYN))
+        attacker.connect(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+        with accepted:
+            with pytest.raises(LookupError, match="not redirected"):
+                guarded.original_addr(accepted)
+            unguarded = Redirector(port, guarded.targets, guarded.flows, lambda client: False)
+            assert unguarded.original_addr(accepted) == (TARGET4, 443)  # what the guard stops
