@@ -6,6 +6,7 @@ direct connections out."""
 from __future__ import annotations
 
 import os
+import random
 import select
 import socket
 import struct
@@ -16,10 +17,10 @@ from typing import Any
 import psutil
 import pytest
 from llmtap.platform.base import RedirectPlan, TargetAddresses
-from llmtap.platform.windows import inprocess
+from llmtap.platform.windows import inprocess, packets
 from llmtap.platform.windows.loopback import BUSY_S, Action, Flow, Flows, Redirector, Targets
 from llmtap.platform.windows.tcptable import TcpOwners, TcpRow
-from win_packets import ACK, PSH, RST, SYN, fields, ipv4, ipv6
+from win_packets import ACK, PSH, RST, SYN, checksum, fields, ipv4, ipv6
 
 CLIENT4, TARGET4, OTHER_NIC4 = "192.168.1.23", "160.79.104.10", "10.8.0.2"
 CLIENT6, TARGET6 = "2a01:e0a:1d5:7c40:8d3:21f4:9a1b:3c2e", "2607:6bc0::10"
@@ -212,3 +213,11 @@ def test_attack_a_local_process_binding_a_redirected_port_gets_no_original_desti
                 guarded.original_addr(accepted)
             unguarded = Redirector(port, guarded.targets, guarded.flows, lambda client: False)
             assert unguarded.original_addr(accepted) == (TARGET4, 443)  # what the guard stops
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_the_fast_checksum_agrees_with_the_word_by_word_one(seed: int) -> None:
+    rng = random.Random(seed)
+    data = bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 1600)))
+    for sample in (data, b"\xff" * (seed % 7 * 2), bytes(seed % 5)):
+        assert packets.internet_checksum(sample) == checksum(sample)

@@ -95,7 +95,7 @@ class Flows:
 
 
 def loopback_of(address: str) -> str:
-    return LOOPBACK[ipaddress.ip_address(address).version]
+    return LOOPBACK[6 if ":" in address else 4]
 
 
 @dataclass(frozen=True)

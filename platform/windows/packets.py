@@ -7,6 +7,7 @@ tested on real packet bytes, on any OS.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import struct
 from dataclasses import dataclass
 
@@ -17,13 +18,22 @@ TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
 
 
 def internet_checksum(data: bytes) -> int:
-    """RFC 1071 ones' complement sum."""
+    """RFC 1071 ones' complement sum, in C: as 2**16 = 1 (mod 0xFFFF), the folded sum of the
+    16-bit words is the whole big-endian number mod 0xFFFF (0xFFFF where that is 0 but the
+    data is not: ones' complement's other zero)."""
     if len(data) % 2:
         data += b"\0"
-    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
+    number = int.from_bytes(data, "big")
+    total = number % 0xFFFF or (0xFFFF if number else 0)
     return ~total & 0xFFFF
+
+
+def _text(packed: bytes) -> str:
+    return socket.inet_ntop(socket.AF_INET if len(packed) == 4 else socket.AF_INET6, packed)
+
+
+def _packed(address: str) -> bytes:
+    return socket.inet_pton(socket.AF_INET6 if ":" in address else socket.AF_INET, address)
 
 
 @dataclass(frozen=True)
@@ -77,7 +87,7 @@ def parse_tcp(raw: bytes) -> TcpPacket | None:
         return None
     sport, dport = struct.unpack_from("!HH", raw, offset)
     return TcpPacket(
-        version, offset, end, str(ipaddress.ip_address(src)), str(ipaddress.ip_address(dst)),
+        version, offset, end, _text(src), _text(dst),
         sport, dport, raw[offset + 13],
     )
 
@@ -93,7 +103,7 @@ def rewrite(raw: bytes, src: Endpoint | None = None, dst: Endpoint | None = None
     for endpoint, addr_at, port_at in ((src, src_at, 0), (dst, dst_at, 2)):
         if endpoint is None:
             continue
-        packed = ipaddress.ip_address(endpoint[0]).packed
+        packed = _packed(endpoint[0])
         if len(packed) != width:
             raise ValueError(f"{endpoint[0]} is not an IPv{packet.version} address")
         buf[addr_at:addr_at + width] = packed
