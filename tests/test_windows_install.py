@@ -20,7 +20,7 @@ from llmtap.platform.runner import Completed
 from llmtap.platform.windows import firewall, sc
 from llmtap.platform.windows.elevation import elevated_per_whoami
 from llmtap.platform.windows.trust import thumbprint
-from windows_fixtures import FakeNetsh, certutil_listing, fixture
+from windows_fixtures import FIXTURES, FakeNetsh, certutil_listing, fixture
 
 ENV_KEY = r"HKLM\SYSTEM\CurrentControlSet\Control\Session Manager\Environment"
 OTHER_ROOT = "a9e2c1b0d4f3a9e2c1b0d4f3a9e2c1b0d4f3a9e2"  # a root someone else trusted
@@ -71,7 +71,7 @@ def test_whoami_groups_tells_an_elevated_token_from_a_filtered_one() -> None:
 
 
 def test_the_fixtures_keep_windows_line_endings() -> None:
-    raw = (Path(__file__).parent / "fixtures/windows/sc_query_running.txt").read_bytes()
+    raw = (FIXTURES / "sc_query_running.txt").read_bytes()
     assert b"\r\n" in raw and b"\n" not in raw.replace(b"\r\n", b"")
 
 

@@ -9,7 +9,9 @@ from cryptography import x509
 from llmtap.platform.runner import Completed
 from llmtap.platform.windows.trust import thumbprint
 
-FIXTURES = Path(__file__).parent / "fixtures" / "windows"
+# tests/fixtures/windows, from tests/ or from tests/support/ (where the support modules move).
+FIXTURES = next(p / "fixtures" / "windows" for p in Path(__file__).resolve().parents
+                if (p / "fixtures" / "windows").is_dir())
 
 
 def fixture(name: str) -> str:
