@@ -171,6 +171,8 @@ class Doctor:
             checks += [self.check_rules(), self.check_targets()]
         checks += [self.check_ca_coverage(), self.check_os_trust(), *self.check_nss(),
                    self.check_environment()]
+        if self.windows is not None:
+            checks.append(self.check_windows_firewall())
         checks += self.check_runtimes()
         return checks
 
@@ -277,6 +279,15 @@ class Doctor:
         if cert.exists() and store.is_trusted(cert):
             return ok("OS trust", f"the CA is in {store.bundle} ({store.name})")
         return fail("OS trust", f"the CA is not in {store.bundle}", "sudo llmtap install")
+
+    def check_windows_firewall(self) -> Check:
+        """The second wall behind the loopback-only listener (llmtap.platform.windows.firewall)."""
+        assert self.windows is not None
+        port = self.config.redirect.proxy_port
+        if self.windows.firewall.in_place(port):
+            return ok("firewall", f"inbound TCP {port} from other hosts is blocked")
+        return fail("firewall", f"no llmtap rule blocks inbound TCP {port} from other hosts "
+                    "(the proxy still listens on loopback only)", "llmtap install (elevated)")
 
     def check_nss(self) -> list[Check]:
         if self.windows is not None:

@@ -128,8 +128,7 @@ class Lookup:
 
     def _find(self, ip: str, port: int, remote: tuple[str, int] | None = None
               ) -> dict[str, Any] | None:
-        pid = (self._pid_linux(ip, port, remote) if sys.platform == "linux"
-               else self._pid_psutil(ip, port))
+        pid = self._pid(ip, port, remote)
         if pid is None:
             return None
         if pid in self._recent:
@@ -143,6 +142,11 @@ class Lookup:
             self._described = {p: d for p, d in self._described.items() if now - d[0] < CACHE_TTL_S}
         found = self._described[pid] = (now, describe(pid))
         return found[1]
+
+    def _pid(self, ip: str, port: int, remote: tuple[str, int] | None) -> int | None:
+        """The owning pid (Windows: llmtap.platform.windows.attribution overrides it)."""
+        return (self._pid_linux(ip, port, remote) if sys.platform == "linux"
+                else self._pid_psutil(ip, port))
 
     def _pid_linux(self, ip: str, port: int, remote: tuple[str, int] | None) -> int | None:
         found = diag_socket_inode((ip, port), remote) if remote else None

@@ -37,6 +37,7 @@ from llmtap.errors import LlmtapError, RuntimeFailure, UsageError
 from llmtap.platform import statusfile
 from llmtap.platform.base import RedirectBackend, plug_into_mitmproxy
 from llmtap.platform.windows.acl import restrict_to_administrators
+from llmtap.platform.windows.attribution import resolver_for
 from llmtap.privileges import ServiceUser, require_root
 from llmtap.proxy import ProxySettings, build_master
 from llmtap.supervisor import (
@@ -53,10 +54,9 @@ log = logging.getLogger("llmtap")
 
 # No service user: chown to -1 changes nothing, and the plan's uid is unused (the guard is the pid).
 NO_USER = ServiceUser("", -1, -1)
-# WinDivert cannot inject toward loopback: a redirected connection arrives at the client's own
-# address (llmtap.platform.windows.windivert), so the proxy listens on every address. A peer the
-# backend did not redirect has no entry in its table, and the proxy drops it at once.
-LISTEN_HOSTS = ("0.0.0.0", "::")
+# Loopback only: the redirect re-injects each connection as LO:cp -> LO:proxy
+# (llmtap.platform.windows.loopback); a peer it did not redirect has no entry, and is dropped.
+LISTEN_HOSTS = ("127.0.0.1", "::1")
 STATUS_EVERY_S = 1.0
 STOP_TIMEOUT_S = 10.0
 # SIGBREAK (Windows only): Ctrl-Break in the console. The service host, which runs us on a
@@ -85,9 +85,11 @@ class EmbeddedProxy:
     """llmtap.proxy's Master on a thread and event loop of its own, reporting through the
     forked worker's Reporter."""
 
-    def __init__(self, settings: ProxySettings, on_event: Callable[[Event], None]) -> None:
+    def __init__(self, settings: ProxySettings, on_event: Callable[[Event], None],
+                 resolve: Callable[[dict[str, Any]], Any] | None = None) -> None:
         self.settings = settings
         self.on_event = on_event
+        self.resolve = resolve  # attribution, answered in this process
         self._master: master.Master | None = None
         self._stopping = False
         self._lock = threading.Lock()
@@ -121,7 +123,8 @@ class EmbeddedProxy:
             print(f"llmtap: proxy failed: {type(exc).__name__}: {exc}", file=sys.stderr)
 
     async def _serve(self) -> None:
-        stages = addons.pipeline(lookup=self.settings.process_lookup) if self.settings.pipeline else []
+        stages = (addons.pipeline(lookup=self.settings.process_lookup, resolve=self.resolve)
+                  if self.settings.pipeline else [])
         proxy = build_master(self.settings, with_pipeline=self.settings.pipeline, stages=stages)
         proxy.addons.add(Reporter(EventSink(self.on_event), stages))
         with self._lock:
@@ -159,7 +162,8 @@ class InProcessRunner(Supervisor):
         self.backend = backend = backend_cls(self._plan(NO_USER))
         if lookup := backend.original_addr_lookup():
             plug_into_mitmproxy(lookup)  # before the Master: its transparent mode reads it at configure
-        proxy = EmbeddedProxy(self._settings(bundle, hosts), self._on_event)
+        proxy = EmbeddedProxy(self._settings(bundle, hosts), self._on_event,
+                              resolver_for(backend))
         previous = self._catch_stop_signals()
         try:
             proxy.start()

@@ -3,109 +3,23 @@ code written here, independently of the module's."""
 
 from __future__ import annotations
 
-import ipaddress
 import queue
-import struct
 from enum import IntEnum
 from typing import Any
 
 import pytest
 from llmtap.errors import RuntimeFailure, UsageError
 from llmtap.platform.base import RedirectPlan, TargetAddresses, plug_into_mitmproxy
-from llmtap.platform.windows import windivert
-from llmtap.platform.windows.windivert import (
-    Action,
-    OriginalDestinations,
-    Redirector,
-    Targets,
-    WindivertBackend,
-)
+from llmtap.platform.windows import packets, windivert
+from llmtap.platform.windows.loopback import Action, Flow, Flows, Redirector, Targets
+from llmtap.platform.windows.windivert import WindivertBackend
+from win_packets import ACK, PSH, SYN, checksum, fields, ipv4, ipv6
 
-FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
 CLIENT4, TARGET4, OTHER4 = "192.168.1.23", "160.79.104.10", "93.184.216.34"
 CLIENT6, TARGET6 = "2a01:e0a:1d5:7c40:8d3:21f4:9a1b:3c2e", "2607:6bc0::10"
 PLAN = RedirectPlan(proxy_port=8443, service_uid=0)
 ADDRESSES = TargetAddresses(v4=frozenset({TARGET4}), v6=frozenset({TARGET6}))
 PAYLOAD = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(40))  # a ClientHello start
-
-
-# --- packets, built and checked by hand ----------------------------------------------------------
-
-
-def fold(total: int) -> int:
-    while total > 0xFFFF:
-        total = (total & 0xFFFF) + (total >> 16)
-    return total
-
-
-def word_sum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\x00"
-    return sum((data[i] << 8) | data[i + 1] for i in range(0, len(data), 2))
-
-
-def checksum(data: bytes) -> int:
-    return 0xFFFF - fold(word_sum(data))
-
-
-def pseudo_header(version: int, src: bytes, dst: bytes, length: int, proto: int = 6) -> bytes:
-    if version == 4:
-        return src + dst + bytes([0, proto]) + length.to_bytes(2, "big")
-    return src + dst + length.to_bytes(4, "big") + bytes([0, 0, 0, proto])
-
-
-def tcp_segment(sport: int, dport: int, flags: int, payload: bytes) -> bytearray:
-    options = b"\x02\x04\x05\xb4\x01\x03\x03\x08" if flags & SYN else b""  # MSS, NOP, wscale
-    offset = (20 + len(options)) // 4
-    header = struct.pack("!HHIIBBHHH", sport, dport, 0x1A2B3C4D, 0x5E6F7081 if flags & ACK else 0,
-                         offset << 4, flags, 64240, 0, 0)
-    return bytearray(header + options + payload)
-
-
-def ipv4(src: str, dst: str, sport: int, dport: int, flags: int, payload: bytes = b"",
-         proto: int = 6) -> bytes:
-    s, d = ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed
-    segment = tcp_segment(sport, dport, flags, payload) if proto == 6 else bytearray(
-        struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload)
-    at = 16 if proto == 6 else 6
-    segment[at:at + 2] = checksum(pseudo_header(4, s, d, len(segment), proto) + segment).to_bytes(
-        2, "big")
-    header = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(segment), 0x4D2E, 0x4000, 128,
-                                   proto, 0, s, d))
-    header[10:12] = checksum(bytes(header)).to_bytes(2, "big")
-    return bytes(header + segment)
-
-
-def ipv6(src: str, dst: str, sport: int, dport: int, flags: int, payload: bytes = b"",
-         next_header: int = 6) -> bytes:
-    s, d = ipaddress.IPv6Address(src).packed, ipaddress.IPv6Address(dst).packed
-    segment = tcp_segment(sport, dport, flags, payload)
-    segment[16:18] = checksum(pseudo_header(6, s, d, len(segment)) + segment).to_bytes(2, "big")
-    header = struct.pack("!IHBB16s16s", 0x60012345, len(segment), next_header, 64, s, d)
-    return header + bytes(segment)
-
-
-def fields(raw: bytes) -> dict[str, Any]:
-    """Reads a packet back, checking every checksum on the way."""
-    version = raw[0] >> 4
-    if version == 4:
-        ihl = (raw[0] & 0x0F) * 4
-        assert fold(word_sum(raw[:ihl])) == 0xFFFF, "bad IPv4 header checksum"
-        src, dst = raw[12:16], raw[16:20]
-        extra = {"ttl": raw[8], "ident": raw[4:6]}
-    else:
-        ihl = 40
-        src, dst = raw[8:24], raw[24:40]
-        extra = {"hop_limit": raw[7], "flow": raw[:4]}
-    segment = raw[ihl:]
-    assert fold(word_sum(pseudo_header(version, src, dst, len(segment)) + segment)) == 0xFFFF, \
-        "bad TCP checksum"
-    sport, dport = struct.unpack_from("!HH", segment)
-    data_at = (segment[12] >> 4) * 4
-    return {"src": (str(ipaddress.ip_address(src)), sport),
-            "dst": (str(ipaddress.ip_address(dst)), dport),
-            "flags": segment[13], "seq": segment[4:12], "options": segment[20:data_at],
-            "payload": segment[data_at:], **extra}
 
 
 def test_the_builders_make_valid_packets() -> None:
@@ -124,16 +38,16 @@ def test_the_builders_make_valid_packets() -> None:
 def test_internet_checksum_matches_rfc1071_example() -> None:
     # RFC 1071 section 3's example words sum to ddf2 (folded); the checksum is its complement.
     data = bytes.fromhex("0001f203f4f5f6f7")
-    assert windivert.internet_checksum(data) == 0xFFFF - 0xDDF2
-    assert windivert.internet_checksum(data) == checksum(data)
+    assert packets.internet_checksum(data) == 0xFFFF - 0xDDF2
+    assert packets.internet_checksum(data) == checksum(data)
 
 
 def test_parse_ipv4_and_ipv6() -> None:
-    p4 = windivert.parse_tcp(ipv4(CLIENT4, TARGET4, 52431, 443, SYN))
+    p4 = packets.parse_tcp(ipv4(CLIENT4, TARGET4, 52431, 443, SYN))
     assert p4 is not None and p4.is_syn
     assert (p4.version, p4.tcp_offset, p4.client, p4.server) == (
         4, 20, (CLIENT4, 52431), (TARGET4, 443))
-    p6 = windivert.parse_tcp(ipv6(CLIENT6, TARGET6, 52432, 443, ACK | PSH, PAYLOAD))
+    p6 = packets.parse_tcp(ipv6(CLIENT6, TARGET6, 52432, 443, ACK | PSH, PAYLOAD))
     assert p6 is not None and not p6.is_syn
     assert (p6.version, p6.tcp_offset, p6.client, p6.server) == (
         6, 40, (CLIENT6, 52432), (TARGET6, 443))
@@ -146,18 +60,18 @@ def test_parse_ipv4_and_ipv6() -> None:
     b"",
 ])
 def test_parse_ignores_what_it_does_not_rewrite(raw: bytes) -> None:
-    assert windivert.parse_tcp(raw) is None
+    assert packets.parse_tcp(raw) is None
 
 
 def test_parse_ignores_fragments() -> None:
     raw = bytearray(ipv4(CLIENT4, TARGET4, 52431, 443, ACK, PAYLOAD))
     raw[6:8] = (0x2000).to_bytes(2, "big")  # more fragments
-    assert windivert.parse_tcp(bytes(raw)) is None
+    assert packets.parse_tcp(bytes(raw)) is None
 
 
 def test_rewrite_ipv4_destination() -> None:
     before = ipv4(CLIENT4, TARGET4, 52431, 443, ACK | PSH, PAYLOAD)
-    after = windivert.rewrite(before, dst=(CLIENT4, 8443))
+    after = packets.rewrite(before, dst=(CLIENT4, 8443))
     old, new = fields(before), fields(after)
     assert new["src"] == (CLIENT4, 52431)
     assert new["dst"] == (CLIENT4, 8443)
@@ -168,7 +82,7 @@ def test_rewrite_ipv4_destination() -> None:
 
 def test_rewrite_ipv6_source_and_destination() -> None:
     before = ipv6(CLIENT6, CLIENT6, 8443, 52432, SYN | ACK)
-    after = windivert.rewrite(before, src=(TARGET6, 443), dst=(CLIENT6, 52432))
+    after = packets.rewrite(before, src=(TARGET6, 443), dst=(CLIENT6, 52432))
     new = fields(after)
     assert new["src"] == (TARGET6, 443)
     assert new["dst"] == (CLIENT6, 52432)
@@ -178,11 +92,11 @@ def test_rewrite_ipv6_source_and_destination() -> None:
 
 def test_rewrite_refuses_a_mixed_family() -> None:
     with pytest.raises(ValueError, match="not an IPv4 address"):
-        windivert.rewrite(ipv4(CLIENT4, TARGET4, 1, 443, SYN), dst=(TARGET6, 443))
+        packets.rewrite(ipv4(CLIENT4, TARGET4, 1, 443, SYN), dst=(TARGET6, 443))
 
 
 def test_rewrite_odd_length_payload() -> None:
-    after = windivert.rewrite(ipv4(CLIENT4, TARGET4, 52431, 443, ACK, b"abc"), dst=(CLIENT4, 8443))
+    after = packets.rewrite(ipv4(CLIENT4, TARGET4, 52431, 443, ACK, b"abc"), dst=(CLIENT4, 8443))
     assert fields(after)["payload"] == b"abc"
 
 
@@ -191,29 +105,32 @@ def test_rewrite_odd_length_payload() -> None:
 
 def redirector(scope: str = "targets", exempt: set[tuple[str, int]] | None = None) -> Redirector:
     plan = RedirectPlan(proxy_port=8443, service_uid=0, scope=scope)
-    return Redirector(8443, Targets.build(plan, ADDRESSES), OriginalDestinations(),
+    return Redirector(8443, Targets.build(plan, ADDRESSES), Flows(),
                       lambda client: client in (exempt or set()))
 
 
-def test_a_connection_to_a_target_goes_to_the_proxy_and_back() -> None:
+def test_a_connection_to_a_target_goes_to_the_proxy_on_loopback_and_back() -> None:
     r = redirector()
     syn = r.request(ipv4(CLIENT4, TARGET4, 52431, 443, SYN))
     assert isinstance(syn, bytes)
-    assert fields(syn)["dst"] == (CLIENT4, 8443)
-    assert r.table.get((CLIENT4, 52431)) == (TARGET4, 443)
-    synack = r.reply(ipv4(CLIENT4, CLIENT4, 8443, 52431, SYN | ACK))
+    assert (fields(syn)["src"], fields(syn)["dst"]) == (("127.0.0.1", 52431), ("127.0.0.1", 8443))
+    assert r.flows.get(("127.0.0.1", 52431)) == Flow((CLIENT4, 52431), (TARGET4, 443))
+    synack = r.reply(ipv4("127.0.0.1", "127.0.0.1", 8443, 52431, SYN | ACK))
     assert isinstance(synack, bytes)
     assert (fields(synack)["src"], fields(synack)["dst"]) == ((TARGET4, 443), (CLIENT4, 52431))
     data = r.request(ipv4(CLIENT4, TARGET4, 52431, 443, ACK | PSH, PAYLOAD))
     assert isinstance(data, bytes) and fields(data)["payload"] == PAYLOAD
+    assert fields(data)["dst"] == ("127.0.0.1", 8443)
 
 
 def test_ipv6_connection() -> None:
     r = redirector()
     syn = r.request(ipv6(CLIENT6, TARGET6, 52432, 443, SYN))
-    assert isinstance(syn, bytes) and fields(syn)["dst"] == (CLIENT6, 8443)
-    back = r.reply(ipv6(CLIENT6, CLIENT6, 8443, 52432, SYN | ACK))
-    assert isinstance(back, bytes) and fields(back)["src"] == (TARGET6, 443)
+    assert isinstance(syn, bytes) and fields(syn)["dst"] == ("::1", 8443)
+    assert fields(syn)["src"] == ("::1", 52432)
+    back = r.reply(ipv6("::1", "::1", 8443, 52432, SYN | ACK))
+    assert isinstance(back, bytes)
+    assert (fields(back)["src"], fields(back)["dst"]) == ((TARGET6, 443), (CLIENT6, 52432))
 
 
 def test_what_stays_untouched() -> None:
@@ -222,15 +139,15 @@ def test_what_stays_untouched() -> None:
     assert r.request(ipv4(CLIENT4, TARGET4, 52431, 80, SYN)) is Action.PASS  # not a port of ours
     assert r.request(ipv4(CLIENT4, TARGET4, 52440, 443, ACK, PAYLOAD)) is Action.PASS  # older
     assert r.request(ipv4(CLIENT4, TARGET4, 50000, 443, SYN)) is Action.PASS  # the proxy itself
-    assert r.reply(ipv4(CLIENT4, CLIENT4, 8443, 61000, ACK)) is Action.PASS  # unknown client
-    assert r.reply(ipv4(CLIENT4, CLIENT4, 9000, 52431, ACK)) is Action.PASS
+    assert r.reply(ipv4("127.0.0.1", "127.0.0.1", 8443, 61000, ACK)) is Action.PASS  # unknown
+    assert r.reply(ipv4("127.0.0.1", "127.0.0.1", 9000, 52431, ACK)) is Action.PASS
     assert r.request(b"\x60" + bytes(10)) is Action.PASS
-    assert len(r.table) == 0
+    assert len(r.flows) == 0
 
 
 def test_the_proxys_own_connection_clears_a_stale_entry() -> None:
     r = redirector(exempt={(CLIENT4, 52431)})
-    r.table.remember((CLIENT4, 52431), (TARGET4, 443))  # an earlier connection on that port
+    r.flows.remember(("127.0.0.1", 52431), Flow((CLIENT4, 52431), (TARGET4, 443)))  # earlier
     assert r.request(ipv4(CLIENT4, TARGET4, 52431, 443, SYN)) is Action.PASS
     assert r.request(ipv4(CLIENT4, TARGET4, 52431, 443, ACK)) is Action.PASS
 
@@ -249,14 +166,15 @@ def test_quic_to_targets_is_dropped() -> None:
 
 
 def test_table_is_a_bounded_lru() -> None:
-    table = OriginalDestinations(capacity=2)
-    table.remember(("10.0.0.1", 1), ("1.1.1.1", 443))
-    table.remember(("10.0.0.1", 2), ("1.1.1.1", 443))
-    table.get(("10.0.0.1", 1))
-    table.remember(("10.0.0.1", 1), ("1.1.1.1", 443))  # refreshed
-    table.remember(("10.0.0.1", 3), ("1.1.1.1", 443))
-    assert table.get(("10.0.0.1", 2)) is None
-    assert table.get(("10.0.0.1", 1)) == ("1.1.1.1", 443)
+    table = Flows(capacity=2)
+    flow = Flow(("10.0.0.1", 1), ("1.1.1.1", 443))
+    table.remember(("127.0.0.1", 1), flow)
+    table.remember(("127.0.0.1", 2), flow)
+    table.get(("127.0.0.1", 1))
+    table.remember(("127.0.0.1", 1), flow)  # refreshed
+    table.remember(("127.0.0.1", 3), flow)
+    assert table.get(("127.0.0.1", 2)) is None
+    assert table.get(("127.0.0.1", 1)) == flow
 
 
 class FakeSocket:
@@ -268,21 +186,21 @@ class FakeSocket:
 
 
 @pytest.mark.parametrize("peer", [
-    ("::ffff:192.168.1.23", 52431, 0, 0),  # a dual-stack listener's view of an IPv4 client
-    ("192.168.1.23", 52431),
+    ("::ffff:127.0.0.1", 52431, 0, 0),  # a dual-stack listener's view of an IPv4 client
+    ("127.0.0.1", 52431),
 ])
 def test_original_addr_normalizes_the_peer(peer: tuple[Any, ...]) -> None:
-    table = OriginalDestinations()
-    table.remember((CLIENT4, 52431), (TARGET4, 443))
-    assert table.original_addr(FakeSocket(peer)) == (TARGET4, 443)
+    r = redirector()
+    r.request(ipv4(CLIENT4, TARGET4, 52431, 443, SYN))
+    assert r.original_addr(FakeSocket(peer)) == (TARGET4, 443)
 
 
 def test_original_addr_of_an_unknown_peer_fails() -> None:
-    table = OriginalDestinations()
-    table.remember((CLIENT6, 52432), (TARGET6, 443))
-    assert table.original_addr(FakeSocket((CLIENT6.upper() + "%12", 52432, 0, 12))) == (TARGET6, 443)
+    r = redirector()
+    r.request(ipv6(CLIENT6, TARGET6, 52432, 443, SYN))
+    assert r.original_addr(FakeSocket(("::1%1", 52432, 0, 1))) == (TARGET6, 443)
     with pytest.raises(LookupError, match="not redirected"):
-        table.original_addr(FakeSocket(("10.9.9.9", 1)))
+        r.original_addr(FakeSocket(("127.0.0.1", 1)))
 
 
 # --- filters (golden) --------------------------------------------------------------------------
@@ -294,7 +212,8 @@ def test_filters_are_golden() -> None:
         "outbound and tcp and tcp.DstPort == 443 and "
         "(ip.DstAddr == 160.79.104.10 or ipv6.DstAddr == 2607:6bc0::10)"
     )
-    assert windivert.render_reply_filter(PLAN) == "outbound and tcp and tcp.SrcPort == 8443"
+    assert windivert.render_reply_filter(PLAN) == (
+        "outbound and tcp and tcp.SrcPort == 8443 and (ip.SrcAddr == 127.0.0.1 or ipv6.SrcAddr == ::1)")
     assert windivert.render_quic_filter(PLAN, addrs) == (
         "outbound and udp and udp.DstPort == 443 and "
         "(ip.DstAddr == 160.79.104.10 or ipv6.DstAddr == 2607:6bc0::10)"
@@ -396,7 +315,7 @@ def backend(fake: FakeDivert) -> Any:
 
 def test_install_opens_replies_requests_and_quic(fake: FakeDivert, backend: Any) -> None:
     assert [h.filter for h in fake.handles] == [
-        "outbound and tcp and tcp.SrcPort == 8443",
+        windivert.render_reply_filter(PLAN),
         windivert.render_request_filter(PLAN, [TARGET4, TARGET6]),
         windivert.render_quic_filter(PLAN, [TARGET4, TARGET6]),
     ]
@@ -406,26 +325,26 @@ def test_install_opens_replies_requests_and_quic(fake: FakeDivert, backend: Any)
 def test_round_trip_ipv4(fake: FakeDivert, backend: Any) -> None:
     raw, direction, recalculate = fake.open_handle("tcp.DstPort").divert(
         ipv4(CLIENT4, TARGET4, 52431, 443, SYN))
-    assert direction == FakeDivert.Direction.INBOUND
+    assert direction == FakeDivert.Direction.OUTBOUND  # loopback packets are outbound
     assert recalculate is False  # our checksums, verified here
-    assert fields(raw)["dst"] == (CLIENT4, 8443)
+    assert (fields(raw)["src"], fields(raw)["dst"]) == (("127.0.0.1", 52431), ("127.0.0.1", 8443))
     lookup = backend.original_addr_lookup()
-    assert lookup(FakeSocket((CLIENT4, 52431))) == (TARGET4, 443)
+    assert lookup(FakeSocket(("127.0.0.1", 52431))) == (TARGET4, 443)
     raw, direction, recalculate = fake.open_handle("tcp.SrcPort").divert(
-        ipv4(CLIENT4, CLIENT4, 8443, 52431, SYN | ACK))
+        ipv4("127.0.0.1", "127.0.0.1", 8443, 52431, SYN | ACK))
     assert direction == FakeDivert.Direction.OUTBOUND
     assert (fields(raw)["src"], fields(raw)["dst"]) == ((TARGET4, 443), (CLIENT4, 52431))
     raw, _, _ = fake.open_handle("tcp.DstPort").divert(
         ipv4(CLIENT4, TARGET4, 52431, 443, ACK | PSH, PAYLOAD))
-    assert fields(raw)["payload"] == PAYLOAD and fields(raw)["dst"] == (CLIENT4, 8443)
+    assert fields(raw)["payload"] == PAYLOAD and fields(raw)["dst"] == ("127.0.0.1", 8443)
 
 
 def test_round_trip_ipv6(fake: FakeDivert, backend: Any) -> None:
     raw, direction, _ = fake.open_handle("tcp.DstPort").divert(ipv6(CLIENT6, TARGET6, 52432, 443, SYN))
-    assert direction == FakeDivert.Direction.INBOUND
-    assert fields(raw)["dst"] == (CLIENT6, 8443)
-    assert backend.original_addr_lookup()(FakeSocket((CLIENT6, 52432, 0, 0))) == (TARGET6, 443)
-    raw, _, _ = fake.open_handle("tcp.SrcPort").divert(ipv6(CLIENT6, CLIENT6, 8443, 52432, SYN | ACK))
+    assert direction == FakeDivert.Direction.OUTBOUND
+    assert fields(raw)["dst"] == ("::1", 8443)
+    assert backend.original_addr_lookup()(FakeSocket(("::1", 52432, 0, 0))) == (TARGET6, 443)
+    raw, _, _ = fake.open_handle("tcp.SrcPort").divert(ipv6("::1", "::1", 8443, 52432, SYN | ACK))
     assert fields(raw)["src"] == (TARGET6, 443)
 
 
@@ -458,7 +377,7 @@ def test_update_opens_new_handles_before_closing_old_ones(fake: FakeDivert, back
     assert all(a in request_filter for a in (OTHER4, TARGET4, TARGET6))
     assert TARGET4 not in fake.events[1][1]  # QUIC blocking follows the current set at once
     raw, _, _ = fake.open_handle("tcp.DstPort").divert(ipv4(CLIENT4, OTHER4, 52500, 443, SYN))
-    assert fields(raw)["dst"] == (CLIENT4, 8443)
+    assert fields(raw)["dst"] == ("127.0.0.1", 8443)
     assert backend.alive()
 
 
@@ -530,8 +449,8 @@ def test_plugs_into_mitmproxy_instead_of_its_windows_redirector(
     monkeypatch.setattr(mitmproxy_platform, "original_addr", mitmproxy_platform.original_addr)
     own_init = mitmproxy_platform.init_transparent_mode
     monkeypatch.setattr(mitmproxy_platform, "init_transparent_mode", own_init)
-    table = OriginalDestinations()
-    plug_into_mitmproxy(table.original_addr)
-    assert mitmproxy_platform.original_addr == table.original_addr
+    r = redirector()
+    plug_into_mitmproxy(r.original_addr)
+    assert mitmproxy_platform.original_addr == r.original_addr
     assert mitmproxy_platform.init_transparent_mode is not own_init
     mitmproxy_platform.init_transparent_mode()  # starts nothing of mitmproxy's

@@ -31,6 +31,7 @@ from llmtap.platform.linux.trust import PEM_BLOCK
 from llmtap.platform.runner import Completed
 from llmtap.platform.windows import environment
 from llmtap.platform.windows.trust import thumbprint
+from windows_fixtures import FakeNetsh, certutil_listing, fixture
 from windows_like import BLOCK_POSIX_IMPORTS
 
 ENV_KEY = r"HKLM\SYSTEM\CurrentControlSet\Control\Session Manager\Environment"
@@ -132,6 +133,8 @@ class WindowsBox:
         self.root_store: set[str] = set()  # thumbprints
         self.env: dict[str, str] = {}
         self.fail: set[str] = set()
+        self.netsh = FakeNetsh()
+        self.certs: dict[str, Path] = {}  # thumbprint -> the file it was added from
 
     def __call__(self, argv: list[str], stdin: str | None = None) -> Completed:
         self.calls.append(argv)
@@ -140,6 +143,8 @@ class WindowsBox:
             return Completed(5, "", f"{tool}: Access is denied.")
         if tool == "certutil":
             return self.certutil(argv)
+        if tool == "netsh":
+            return self.netsh(argv)
         if argv[:2] == ["reg", "query"]:
             name = argv[-1]
             if name not in self.env:
@@ -155,13 +160,15 @@ class WindowsBox:
     def certutil(self, argv: list[str]) -> Completed:
         if argv[1] == "-addstore":
             self.root_store.add(thumbprint(Path(argv[-1])))
+            self.certs[thumbprint(Path(argv[-1]))] = Path(argv[-1])
         elif argv[1] == "-delstore":
             self.root_store.clear()
         elif argv[1] == "-store":
             wanted = argv[-1]
             found = bool(self.root_store) if wanted == "llmtap local CA" else wanted in self.root_store
-            return Completed(0 if found else 1, "", "" if found else "CertUtil: -store command "
-                             "FAILED: 0x80090011 (-2146893807 NTE_NOT_FOUND)")
+            if not found:
+                return Completed(1, fixture("certutil_store_not_found.txt"))
+            return Completed(0, certutil_listing(self.certs[next(iter(self.root_store))]))
         return Completed(0)
 
     def named(self, tool: str) -> list[list[str]]:
@@ -261,8 +268,8 @@ def test_install_uses_windows_tools_and_is_idempotent(make: Any, box: WindowsBox
     base = installer.config_file.parent
     done = installer.install()
     assert done == ["directories", "config file", "certificate authority", "public CA files",
-                    "OS trust (certutil)", "runtime environment", "service (winservice)",
-                    "install record"]
+                    "OS trust (certutil)", "runtime environment", "firewall rule (netsh)",
+                    "service (winservice)", "install record"]
     assert make.reports[0].startswith("not on Windows: no `llmtap` user")
     private = [base, config.state_dir, config.records_dir, config.run_dir]
     assert box.named("icacls") == [
@@ -305,7 +312,7 @@ def test_a_failed_step_rolls_back_every_step(make: Any, box: WindowsBox,
     service.fail_start = True
     installer = make()
     with pytest.raises(RuntimeFailure, match=r"step 'service \(winservice\)' failed: starting the "
-                       r"llmtap service failed: Access is denied\.; rolled back 6 step\(s\)"):
+                       r"llmtap service failed: Access is denied\.; rolled back 7 step\(s\)"):
         installer.install()
     assert box.root_store == set() and box.env == {}
     assert not installer.config.state_dir.exists()
@@ -334,7 +341,7 @@ def test_every_step_is_removed_by_its_tag(make: Any) -> None:
     steps = installer.install_steps(True, True, manifest)
     assert [s.tag for s in steps] == ["directories", "config file", "certificate authority",
                                       "public CA files", "OS trust", "runtime environment",
-                                      "service", "install record"]
+                                      "firewall rule", "service", "install record"]
     assert unremoved(steps, installer.removals(manifest, purge=True)) == []
     assert unremoved(steps, installer.removals(manifest, purge=False)) == [
         "config file", "certificate authority", "install record"]
@@ -385,10 +392,13 @@ def test_doctor_on_windows_checks_windows_things(make: Any, box: WindowsBox,
     assert checks["environment"].status == "warn"  # this (test) shell has none of them
     assert checks["python3 (SSL_CERT_FILE)"].status == "ok"
     assert probes == [["python.exe", "-c", probes[0][2], "api.anthropic.com"]]
+    assert checks["firewall"].status == "ok" and "TCP 8443" in checks["firewall"].detail
     box.root_store.clear()
+    box.netsh.rules.clear()
     failed = {c.name: c for c in Doctor(installer.config, None, runner=probe, which=found.get,
                                         env={}, windows=installer).run()}
     assert failed["OS trust"].status == "fail" and failed["OS trust"].fix == "llmtap install (elevated)"
+    assert failed["firewall"].status == "fail" and "loopback only" in failed["firewall"].detail
 
 
 # --- the secret store without uids and modes ----------------------------------------------------

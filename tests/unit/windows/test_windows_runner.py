@@ -26,8 +26,8 @@ from llmtap.platform import statusfile
 from llmtap.platform.base import RedirectBackend, TargetAddresses
 from llmtap.platform.runner import Completed
 from llmtap.platform.windows import acl, inprocess
+from llmtap.platform.windows.loopback import Flow, Flows, Redirector, Targets
 from llmtap.platform.windows.service import ServiceHost
-from llmtap.platform.windows.windivert import OriginalDestinations
 from llmtap.privileges import require_root
 from llmtap.targets import Lookup, TargetResolver
 from mitmproxy import ctx
@@ -85,7 +85,8 @@ class FakeDivert(RedirectBackend):
 
     def __init__(self, plan: Any) -> None:
         super().__init__(plan)
-        self.table = OriginalDestinations()
+        self.redirector = Redirector(plan.proxy_port, Targets.build(plan, TargetAddresses()),
+                                     Flows(), lambda client: False)
         self.dead = False
         self.events.append(("backend", plan.proxy_port, listening(self.port)))
         self.instances.append(self)
@@ -119,7 +120,7 @@ class FakeDivert(RedirectBackend):
 
     def original_addr_lookup(self) -> Any:
         self.events.append(("lookup",))
-        return self.table.original_addr
+        return self.redirector.original_addr
 
 
 def names(events: list[tuple[Any, ...]]) -> list[str]:
@@ -172,7 +173,7 @@ def runner(config: Config, restricted: list[Path], monkeypatch: pytest.MonkeyPat
     real = inprocess.build_master
 
     def spy(settings: Any, with_pipeline: bool = True, stages: Any = None) -> Any:
-        table = FakeDivert.instances[-1].table
+        table = FakeDivert.instances[-1].redirector
         FakeDivert.events.append(("master", mitmproxy_platform.original_addr == table.original_addr))
         return real(settings, with_pipeline, stages)
 
@@ -240,7 +241,8 @@ def test_order_round_trip_refresh_status_and_stop(
     echo = Echo()
     with socket.socket() as client:
         client.bind(("127.0.0.1", 0))
-        backend.table.remember(client.getsockname(), ("127.0.0.1", echo.port))
+        backend.redirector.flows.remember(
+            client.getsockname(), Flow(("192.0.2.99", client.getsockname()[1]), ("127.0.0.1", echo.port)))
         client.settimeout(WAIT_S)
         client.connect(("127.0.0.1", port))
         client.sendall(b"ping")
@@ -253,7 +255,7 @@ def test_order_round_trip_refresh_status_and_stop(
     assert report is not None
     assert report["running"] and report["pid"] == report["worker_pid"] == os.getpid()
     assert report["backend"] == "fake-windivert" and report["rules_present"]
-    assert report["listening"] == [f"0.0.0.0:{port}", f":::{port}"]  # where WinDivert injects
+    assert report["listening"] == [f"127.0.0.1:{port}", f"::1:{port}"]  # loopback only
     with pytest.raises(SystemExit) as exited:
         main(["status", "--config", str(config.source)])
     assert exited.value.code == 0

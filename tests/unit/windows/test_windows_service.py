@@ -19,6 +19,7 @@ from llmtap.errors import RuntimeFailure, UsageError
 from llmtap.platform.runner import Completed
 from llmtap.platform.windows import service
 from llmtap.platform.windows.service import ScheduledTask, Win32Api, WindowsService
+from windows_fixtures import fixture
 
 FIXTURES = paths.FIXTURES / "windows"
 COMMAND = [r"C:\Program Files\llmtap\llmtap.exe", "run", "--config",
@@ -240,9 +241,13 @@ def test_service_lifecycle_tolerates_the_expected_states(
     manager.uninstall()
     assert [name for name, _, _ in util.calls] == [
         "StartService", "StopService", "StopService", "RemoveService"]
+    runner = win[1]
+    query = ("sc.exe", "query", "llmtap")
+    runner.answers[query] = Completed(0, fixture("sc_query_running.txt"))
     assert manager.is_running() is True
-    util.raises["QueryServiceStatus"] = Win32Error(1060, "OpenService", "The specified service "
-                                                   "does not exist as an installed service.")
+    runner.answers[query] = Completed(0, fixture("sc_query_stopped.txt"))
+    assert manager.is_running() is False
+    runner.answers[query] = Completed(1060, fixture("sc_query_missing.txt"))
     assert manager.is_running() is False
 
 

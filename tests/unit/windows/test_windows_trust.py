@@ -15,6 +15,7 @@ from llmtap.errors import RuntimeFailure, UsageError
 from llmtap.platform.runner import Completed
 from llmtap.platform.windows import trust
 from llmtap.platform.windows.trust import CertutilTrustStore
+from windows_fixtures import certutil_listing, fixture
 
 
 class FakeRunner:
@@ -67,13 +68,18 @@ def test_untrust_by_name_only_when_present(ca: Path) -> None:
     assert runner.calls == [["certutil", "-store", "Root", "llmtap local CA"]]
 
 
-def test_is_trusted_asks_by_thumbprint(ca: Path) -> None:
+@pytest.mark.parametrize("spaced", [False, True], ids=["certutil-10", "certutil-older"])
+def test_is_trusted_asks_by_thumbprint_and_reads_the_listing(ca: Path, spaced: bool) -> None:
     runner = FakeRunner()
-    assert store(runner, elevated=False).is_trusted(ca) is True  # reading needs no elevation
     cert = x509.load_pem_x509_certificate(ca.read_bytes())
-    assert runner.calls == [["certutil", "-store", "Root", cert.fingerprint(hashes.SHA1()).hex()]]
-    runner.answers[tuple(runner.calls[0])] = Completed(1)
+    query = ("certutil", "-store", "Root", cert.fingerprint(hashes.SHA1()).hex())
+    runner.answers[query] = Completed(0, certutil_listing(ca, spaced))
+    assert store(runner, elevated=False).is_trusted(ca) is True  # reading needs no elevation
+    assert runner.calls == [list(query)]
+    runner.answers[query] = Completed(1, fixture("certutil_store_not_found.txt"))
     assert store(runner).is_trusted(ca) is False
+    runner.answers[query] = Completed(0, "CertUtil: -store command completed successfully.\n")
+    assert store(runner).is_trusted(ca) is False  # success, but this certificate is not listed
 
 
 @pytest.mark.parametrize("action", ["trust", "untrust"])
