@@ -56,6 +56,7 @@ class FakeMac:
             "anchor": "",  # the rules in com.apple/llmtap
             "tokens": [],  # pf references held
             "next_token": 14574231651387265831,
+            "keystores": {},  # JDK cacerts path -> {alias: pem}
         }
         self.console_uid = console_uid
         self.crash = False
@@ -167,6 +168,29 @@ class FakeMac:
         if verb == "kickstart":
             return Completed(0 if label in jobs else 113)
         return Completed(64, "", f"Unrecognized subcommand: {verb}")
+
+    def run_keytool(self, args: list[str], stdin: str | None) -> Completed:
+        """keytool with -keystore K -storepass changeit at the end, as JdkTrustStore runs it."""
+        assert args[-4] == "-keystore" and args[-2:] == ["-storepass", "changeit"], args
+        store = self.state["keystores"].setdefault(args[-3], {})
+        alias = args[args.index("-alias") + 1]
+        if "-importcert" in args:
+            if alias in store:
+                return Completed(1, "keytool error: java.lang.Exception: Certificate not "
+                                 f"imported, alias <{alias}> already exists\n")
+            store[alias] = Path(args[args.index("-file") + 1]).read_text()
+            return Completed(0, "Certificate was added to keystore\n")
+        if alias not in store:
+            return Completed(1, f"keytool error: java.lang.Exception: Alias <{alias}> does not "
+                             "exist\n")
+        if "-delete" in args:
+            del store[alias]
+            if not store:
+                del self.state["keystores"][args[-3]]
+            return Completed(0)
+        if "-exportcert" in args:
+            return Completed(0, store[alias])
+        return Completed(0, f"{alias}, 2 Dec 2026, trustedCertEntry,\n")
 
     def gui_env(self, uid: int, args: list[str]) -> Completed:
         env = self.state["gui_env"].setdefault(str(uid), {})

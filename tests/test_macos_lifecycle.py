@@ -32,7 +32,7 @@ PROFILE = ("# System-wide .profile for sh(1)\n\nif [ -x /usr/libexec/path_helper
            "\teval `/usr/libexec/path_helper -s`\nfi\n")
 ROOTS = fixture("security_find_certificate.txt").split("SHA-1 hash: ")[1].split("\n", 1)[1]
 STEPS = ["service account _llmtap", "directories", "certificate authority", "public CA files",
-         "OS trust (System keychain)", "runtime environment (shells)",
+         "OS trust (System keychain)", "Java keystores (keytool)", "runtime environment (shells)",
          "runtime environment (GUI apps)", "service (launchd)", "install record"]
 
 
@@ -46,6 +46,9 @@ class Mac:
         (self.root / "etc/profile").write_text(PROFILE)
         (self.root / "etc/profile").chmod(0o444)  # as shipped by Apple
         (self.root / "etc/ssl/cert.pem").write_text(ROOTS)
+        self.jdk = self.root / "Library/Java/JavaVirtualMachines/temurin-21.jdk/Contents/Home"
+        (self.jdk / "lib/security").mkdir(parents=True)
+        (self.jdk / "lib/security/cacerts").write_bytes(b"\xfe\xed\xfe\xed stands in for a keystore")
         self.command = self.root / "usr/local/bin/llmtap"
         self.command.write_text("#!/bin/sh\n")
         self.command.chmod(0o755)
@@ -92,6 +95,8 @@ def test_install_then_purge_leaves_the_machine_byte_identical(mac: Mac) -> None:
     assert state["jobs"] == {"com.llmtap.daemon": str(mac.root / "Library/LaunchDaemons/"
                                                       "com.llmtap.daemon.plist")}
     assert len(state["tokens"]) == 1 and state["anchor"]
+    assert list(state["keystores"]) == [str(mac.jdk / "lib/security/cacerts")]
+    assert list(state["keystores"][str(mac.jdk / "lib/security/cacerts")]) == ["llmtap"]
     cert = "/etc/llmtap/llmtap-ca.pem"
     assert state["gui_env"]["501"]["NODE_EXTRA_CA_CERTS"] == cert
     assert state["gui_env"]["501"]["SSL_CERT_FILE"] == "/etc/llmtap/ca-bundle.pem"

@@ -21,7 +21,7 @@ from fake_macos import fixture
 from llmtap import ca, proclookup
 from llmtap.doctor import Doctor
 from llmtap.install.runtime_env import ca_bundle, env_values
-from llmtap.platform.macos import environment, users
+from llmtap.platform.macos import environment, java, users
 from llmtap.platform.macos.users import Account
 from test_ca_runtimes import TARGET, SniServer, issue
 from test_macos_lifecycle import Mac
@@ -184,3 +184,20 @@ def test_a_connection_is_attributed_to_its_process_by_psutil() -> None:
     with server, socket.create_connection(server.getsockname()) as client:
         ip, port = client.getsockname()
         assert proclookup.Lookup._pid_psutil(ip, port) == os.getpid()
+
+
+def test_each_jdk_is_found_once(tmp_path: Path) -> None:
+    brew = tmp_path / "opt/homebrew/opt/openjdk@21/libexec/openjdk.jdk/Contents/Home"
+    (brew / "lib/security").mkdir(parents=True)
+    (brew / "lib/security/cacerts").write_bytes(b"")
+    linked = tmp_path / "Library/Java/JavaVirtualMachines/openjdk-21.jdk"
+    linked.parent.mkdir(parents=True)
+    linked.symlink_to(brew.parent.parent)  # what `brew info openjdk` tells users to do
+    (tmp_path / "Library/Java/JavaVirtualMachines/broken.jdk/Contents/Home").mkdir(parents=True)
+    assert java.jdk_homes(tmp_path) == [
+        Path("/Library/Java/JavaVirtualMachines/openjdk-21.jdk/Contents/Home")]
+    store = java.JdkTrustStore(java.jdk_homes(tmp_path)[0], lambda argv, stdin=None: None,
+                               tmp_path)  # type: ignore[arg-type, return-value]
+    assert store.command("-list", "-alias", store.alias) == [
+        str(linked / "Contents/Home/bin/keytool"), "-list", "-alias", "llmtap", "-keystore",
+        str(linked / "Contents/Home/lib/security/cacerts"), "-storepass", "changeit"]

@@ -35,6 +35,7 @@ from llmtap.install.manifest import Manifest, remove_created_dirs
 from llmtap.install.ready import daemon_answers
 from llmtap.install.runtime_env import ca_bundle, env_values
 from llmtap.platform.macos import launchd, pf
+from llmtap.platform.macos.java import JdkTrustStore, jdk_homes
 from llmtap.platform.macos.launchd import LaunchdService
 from llmtap.platform.macos.trust import KeychainTrustStore
 from llmtap.platform.macos.users import Account, Directory, account_for
@@ -70,6 +71,10 @@ class MacInstaller:
 
     def env_values(self) -> dict[str, str]:
         return env_values(self.layout.public_cert_real, self.layout.public_bundle_real)
+
+    def jdk_stores(self) -> list[JdkTrustStore]:
+        return [JdkTrustStore(home, self.system.runner, self.layout.root)
+                for home in jdk_homes(self.layout.root)]
 
     def service(self) -> LaunchdService:
         return LaunchdService(self.system.runner, plist_dir=self.paths.daemon_plist_dir,
@@ -149,6 +154,8 @@ class MacInstaller:
         planned += [linux_steps.ca_step(self), linux_steps.public_step(self)]
         if trust:
             planned.append(macos_steps.keychain_step(self, self.store))
+            if jdks := self.jdk_stores():
+                planned.append(macos_steps.java_step(self, jdks))
         planned += [macos_steps.shell_env_step(self, manifest),
                     macos_steps.gui_env_step(self, manifest)]
         if service:
@@ -172,6 +179,7 @@ class MacInstaller:
             Removal("rules", lambda: macos_removal.rules(self)),
             Removal("GUI environment", lambda: macos_removal.gui_environment(self)),
             Removal("runtime environment", lambda: macos_removal.shell_environment(self, manifest)),
+            Removal("Java keystore", lambda: macos_removal.java(self)),
             Removal("OS trust", lambda: macos_removal.keychain(self)),
             Removal("public CA files", lambda: macos_removal.public_files(self)),
             Removal("run directory", lambda: macos_removal.run_dir(self)),

@@ -63,6 +63,14 @@ def keychain(inst: MacInstaller) -> str | None:
     return "removed the CA and its trust setting from the System keychain (by SHA-1)"
 
 
+def java(inst: MacInstaller) -> str | None:
+    holding = [store for store in inst.jdk_stores() if store.holds()]
+    for store in holding:
+        store.untrust()
+    return (f"removed the CA from {len(holding)} JDK keystore(s): "
+            f"{', '.join(str(store.home) for store in holding)}") if holding else None
+
+
 def public_files(inst: MacInstaller) -> str | None:
     return linux_removal.public_files(inst)
 

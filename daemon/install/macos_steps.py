@@ -14,6 +14,7 @@ from llmtap.install.macos_system import CONFIG_TEMPLATE
 from llmtap.install.manifest import Manifest
 from llmtap.platform.macos import environment
 from llmtap.platform.macos.environment import GuiSession
+from llmtap.platform.macos.java import JdkTrustStore
 from llmtap.platform.macos.trust import KeychainTrustStore
 
 if TYPE_CHECKING:
@@ -188,3 +189,26 @@ def service_step(inst: MacInstaller, manifest: Manifest) -> Step:
         remove_dirs(log_dirs)
 
     return Step("service (launchd)", needed, apply, undo, "service")
+
+
+def java_step(inst: MacInstaller, stores: list[JdkTrustStore]) -> Step:
+    done: list[JdkTrustStore] = []
+
+    def needed() -> bool:
+        cert = inst.layout.public_cert
+        return not cert.exists() or any(not store.is_trusted(cert) for store in stores)
+
+    def apply() -> str:
+        for store in stores:
+            if not (inst.layout.public_cert.exists() and store.is_trusted(inst.layout.public_cert)):
+                store.trust(inst.layout.public_cert)
+                done.append(store)
+        return (f"trusted the CA in {len(done)} JDK keystore(s) (alias llmtap): "
+                f"{', '.join(str(store.home) for store in done)}")
+
+    def undo() -> None:
+        for store in reversed(done):
+            store.untrust()
+        done.clear()
+
+    return Step("Java keystores (keytool)", needed, apply, undo, "Java keystore")
