@@ -276,3 +276,29 @@ def test_every_step_has_a_removal(mac: Mac) -> None:
     installer = mac.installer()
     manifest = Manifest(installer.layout.manifest)
     assert unremoved(installer.install_steps(manifest), installer.removals(manifest, True)) == []
+
+
+def test_rotate_trusts_the_new_ca_everywhere_the_old_one_was(mac: Mac) -> None:
+    mac.installer().install()
+    state = mac.fake.state
+    old = list(state["keychain"])
+    mac.installer().rotate()
+    assert len(state["keychain"]) == 1 and list(state["keychain"]) != old
+    assert state["trusted"] == list(state["keychain"])
+    new_pem = (mac.root / "etc/llmtap/llmtap-ca.pem").read_text()
+    assert next(iter(state["keystores"].values()))["llmtap"] == new_pem
+    assert ["/bin/launchctl", "bootout", "system/com.llmtap.daemon"] in mac.fake.calls
+    assert len(state["tokens"]) == 1  # the restarted daemon holds one reference, not two
+
+
+def test_a_failed_rotation_puts_the_old_ca_back(mac: Mac) -> None:
+    mac.installer().install()
+    before = mac.snapshot()
+    mac.fake.fail = lambda argv: argv[0].endswith("keytool") and "-importcert" in argv and \
+        "previous-ca.pem" not in " ".join(argv)
+    with pytest.raises(RuntimeFailure, match="rolled back"):
+        mac.installer().rotate()
+    mac.fake.fail = lambda argv: False
+    after = mac.snapshot()
+    assert after["state"] == before["state"]
+    assert after["files"] == before["files"]

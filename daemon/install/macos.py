@@ -20,9 +20,18 @@ from llmtap import ca
 from llmtap.config import Config
 from llmtap.errors import RuntimeFailure, UsageError
 from llmtap.install import linux_steps, macos_removal, macos_steps
-from llmtap.install.engine import DATA_STEPS, Removal, Report, Step, run_recorded, run_removals
+from llmtap.install.engine import (
+    DATA_STEPS,
+    Removal,
+    Report,
+    Step,
+    run_recorded,
+    run_removals,
+    run_steps,
+)
 from llmtap.install.files import FileChange
 from llmtap.install.linux_system import Layout, make_layout, validate_for_install
+from llmtap.install.macos_rotate import MacRotation
 from llmtap.install.macos_system import (
     MIN_MACOS,
     SW_VERS,
@@ -192,6 +201,18 @@ class MacInstaller:
         return found
 
     def rotate(self) -> None:
+        """A new CA for the current targets: trusted where the old one was, the old one removed."""
         self.preflight("ca rotate")
-        raise UsageError("`llmtap ca rotate` is not assembled on macOS yet: run `sudo llmtap "
-                         "uninstall --purge`, then `sudo llmtap install` (a new CA, trusted anew)")
+        if not (self.config.ca_dir / ca.KEY_AND_CERT).exists():
+            raise UsageError("there is no CA yet: run `sudo llmtap install`")
+        rotation = MacRotation(self, self.config.ca_dir / "previous-ca.pem")
+        try:
+            run_steps(rotation.steps(), self.report)
+        except RuntimeFailure:
+            if rotation.restarted:  # the daemon may have loaded the new CA: back to the old one
+                with contextlib.suppress(Exception):
+                    rotation.restart()
+            raise
+        finally:
+            rotation.old_cert_file.unlink(missing_ok=True)
+        self.report("the old CA is gone: its key is deleted and it is trusted nowhere")
