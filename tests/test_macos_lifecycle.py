@@ -11,6 +11,7 @@ import json
 import os
 import plistlib
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -302,3 +303,20 @@ def test_a_failed_rotation_puts_the_old_ca_back(mac: Mac) -> None:
     after = mac.snapshot()
     assert after["state"] == before["state"]
     assert after["files"] == before["files"]
+
+
+def test_the_commands_of_a_lifecycle_are_exactly_these(mac: Mac) -> None:
+    """Every command install and uninstall --purge run, in order (fixtures/macos/
+    lifecycle_commands.txt; the temporary root shown as <base>, the CA's SHA-1 as <sha1>)."""
+    mac.installer().install()
+    count = len(mac.fake.calls)
+    mac.installer().uninstall(purge=True)
+
+    def show(argv: list[str]) -> str:
+        text = shlex.join(argv).replace(str(mac.base), "<base>")
+        return re.sub(r"-Z [0-9A-F]{40}", "-Z <sha1>",
+                      re.sub(r"/tmp/llmtap-untrust-\w+", "<tmp>", text))
+
+    lines = ["# install", *map(show, mac.fake.calls[:count]), "# uninstall --purge",
+             *map(show, mac.fake.calls[count:])]
+    assert lines == fixture("lifecycle_commands.txt").splitlines()

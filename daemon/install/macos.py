@@ -62,14 +62,17 @@ class MacInstaller:
         self.account: Account = account_for(config.service_user)
         self.directory = Directory(self.system.runner)
         self.store = KeychainTrustStore(self.system.runner)
+        self._ids: tuple[int, int] | None = None
 
     # --- what the steps share ---
 
     def user(self) -> tuple[int, int]:
-        found = self.directory.lookup(self.account)
-        if found is None:
+        """(uid, gid) of the service account; asked of dscl until it exists, then remembered."""
+        if self._ids is None:
+            self._ids = self.directory.lookup(self.account)
+        if self._ids is None:
             raise RuntimeFailure(f"user {self.account.name!r} does not exist")
-        return found
+        return self._ids
 
     def public_files(self) -> list[FileChange]:
         """The CA and the bundle (Apple's roots + CA): Python's SSL_CERT_FILE replaces its store."""
