@@ -320,3 +320,23 @@ def test_the_commands_of_a_lifecycle_are_exactly_these(mac: Mac) -> None:
     lines = ["# install", *map(show, mac.fake.calls[:count]), "# uninstall --purge",
              *map(show, mac.fake.calls[count:])]
     assert lines == fixture("lifecycle_commands.txt").splitlines()
+
+
+@pytest.mark.parametrize("make_unsafe", [
+    lambda mac: os.chown(mac.command, 501, 20),  # a user's own file (a Homebrew or --user install)
+    lambda mac: os.chown(mac.command.parent, 501, 20),  # a user's directory: they can swap the file
+    lambda mac: mac.command.parent.chmod(0o777),
+    lambda mac: (mac.command.parent.chmod(0o775), os.chown(mac.command.parent, 0, 80)),  # admin
+    lambda mac: mac.command.write_text(f"#!{mac.command.parent / 'python3'}\n")
+    or (mac.command.parent / "python3").write_text("") or os.chown(mac.command.parent / "python3",
+                                                                   501, 20),
+])
+def test_a_command_a_user_could_replace_is_never_run_as_root(mac: Mac, make_unsafe) -> None:
+    """Attack: a malicious package running as the user swaps the program the LaunchDaemon runs
+    as root at the next boot (and reads every real key). Install refuses before any change."""
+    make_unsafe(mac)
+    before = mac.snapshot()
+    with pytest.raises(UsageError, match="would run as root what a user can change"):
+        mac.installer().install()
+    assert mac.snapshot() == before
+    assert mac.installer().install(service=False)  # without the service there is nothing to swap
