@@ -27,6 +27,7 @@ from typing import Any
 
 import psutil
 from llmtap.platform.linux.sockets import diag_socket_inode, normalise_ip, pid_of_inode, socket_inode
+from llmtap.platform.macos.sockets import pid_of_connection
 from llmtap.records.capture import mask_secrets
 
 log = logging.getLogger(__name__)
@@ -128,8 +129,12 @@ class Lookup:
 
     def _find(self, ip: str, port: int, remote: tuple[str, int] | None = None
               ) -> dict[str, Any] | None:
-        pid = (self._pid_linux(ip, port, remote) if sys.platform == "linux"
-               else self._pid_psutil(ip, port))
+        if sys.platform == "linux":
+            pid = self._pid_linux(ip, port, remote)
+        elif sys.platform == "darwin":  # recent pids first, the remote end checked too
+            pid = pid_of_connection((ip, port), remote, list(self._recent))
+        else:
+            pid = self._pid_psutil(ip, port)
         if pid is None:
             return None
         if pid in self._recent:

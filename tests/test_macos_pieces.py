@@ -21,7 +21,7 @@ from fake_macos import fixture
 from llmtap import ca, proclookup
 from llmtap.doctor import Doctor
 from llmtap.install.runtime_env import ca_bundle, env_values
-from llmtap.platform.macos import environment, java, users
+from llmtap.platform.macos import environment, java, sockets, users
 from llmtap.platform.macos.users import Account
 from test_ca_runtimes import TARGET, SniServer, issue
 from test_macos_lifecycle import Mac
@@ -178,12 +178,22 @@ def test_doctor_checks_each_step_on_the_fake_mac(tmp_path: Path,
 # --- attribution ---
 
 
-def test_a_connection_is_attributed_to_its_process_by_psutil() -> None:
-    """The lookup macOS uses (psutil, libproc underneath), on a real socket of this process."""
+def test_a_connection_is_attributed_to_its_process_by_psutil(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lookup macOS uses (psutil over libproc there; over /proc here), on real sockets."""
     server = socket.create_server(("127.0.0.1", 0))
     with server, socket.create_connection(server.getsockname()) as client:
-        ip, port = client.getsockname()
-        assert proclookup.Lookup._pid_psutil(ip, port) == os.getpid()
+        local, remote = client.getsockname(), server.getsockname()
+        assert sockets.pid_of_connection(local, remote) == os.getpid()
+        assert sockets.pid_of_connection((f"::ffff:{local[0]}", local[1])) == os.getpid()
+        assert sockets.pid_of_connection(local, ("127.0.0.1", 1)) is None  # another connection
+        assert proclookup.Lookup._pid_psutil(*local) == os.getpid()
+
+        def no_scan(kind: str) -> list[object]:
+            raise AssertionError("a recent pid must answer without a full scan")
+
+        monkeypatch.setattr(sockets.psutil, "net_connections", no_scan)
+        assert sockets.pid_of_connection(local, remote, recent=[1, os.getpid()]) == os.getpid()
 
 
 def test_each_jdk_is_found_once(tmp_path: Path) -> None:
