@@ -23,9 +23,10 @@ from llmtap.doctor import Doctor
 from llmtap.install.runtime_env import ca_bundle, env_values
 from llmtap.platform.macos import environment, java, sockets, users
 from llmtap.platform.macos.users import Account
-from test_ca_runtimes import TARGET, SniServer, issue
 from test_macos_lifecycle import Mac
+from tls_bed import SniServer, issue
 
+TARGET = "api.anthropic.com"
 CERT, BUNDLE = Path("/etc/llmtap/llmtap-ca.pem"), Path("/etc/llmtap/ca-bundle.pem")
 
 # --- dscl ---

@@ -1,16 +1,15 @@
 """The pf rules llmtap loads, and the rules pfctl prints back, parsed by the pf.conf grammar
-(tests/pf_grammar.py, transcribed from pf.conf(5)) with pfctl's post-parse checks."""
+(tests/support/pf_grammar.py, transcribed from pf.conf(5)) with pfctl's post-parse checks."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
+import paths
 import pytest
 from llmtap.platform.base import RedirectPlan, TargetAddresses
 from llmtap.platform.macos.pf import render_ruleset
 from pf_grammar import check_ruleset
 
-FIXTURES = Path(__file__).parent / "fixtures" / "macos"
+FIXTURES = paths.FIXTURES / "macos"
 ADDRESSES = TargetAddresses(v4=frozenset({"160.79.104.10", "104.18.33.45"}),
                             v6=frozenset({"2607:6bc0::10"}))
 

@@ -17,11 +17,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import paths
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from llmtap.platform.runner import Completed
 
-FIXTURES = Path(__file__).parent / "fixtures" / "macos"
+FIXTURES = paths.FIXTURES / "macos"
 KEYCHAIN = "/Library/Keychains/System.keychain"
 ANCHOR_RULES = (
     "rdr pass on lo0 inet proto tcp from any to <llmtap_targets4> port = 443 -> 127.0.0.1 port 8443\n")
