@@ -80,7 +80,10 @@ class MacInstaller:
     def public_files(self) -> list[FileChange]:
         """The CA and the bundle (Apple's roots + CA): Python's SSL_CERT_FILE replaces its store."""
         cert_pem = ca.public_cert_path(self.config.ca_dir).read_bytes()
-        roots = self.paths.roots.read_bytes() if self.paths.roots.is_file() else b""
+        if self.paths.roots.is_file():
+            roots = self.paths.roots.read_bytes()
+        else:  # no /etc/ssl/cert.pem: certifi's roots, or the bundle would trust the CA alone
+            roots = ca.system_roots() if self.layout.root == Path("/") else b""
         return [FileChange(self.layout.public_cert, cert_pem, 0o644),
                 FileChange(self.layout.public_bundle, ca_bundle(roots, cert_pem), 0o644)]
 

@@ -173,9 +173,10 @@ class FakeMac:
     def run_keytool(self, args: list[str], stdin: str | None) -> Completed:
         """keytool with -keystore K -storepass changeit at the end, as JdkTrustStore runs it."""
         assert args[-4] == "-keystore" and args[-2:] == ["-storepass", "changeit"], args
-        store = self.state["keystores"].setdefault(args[-3], {})
         alias = args[args.index("-alias") + 1]
+        store = self.state["keystores"].get(args[-3], {})
         if "-importcert" in args:
+            self.state["keystores"][args[-3]] = store
             if alias in store:
                 return Completed(1, "keytool error: java.lang.Exception: Certificate not "
                                  f"imported, alias <{alias}> already exists\n")

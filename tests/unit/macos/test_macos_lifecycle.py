@@ -15,6 +15,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from fake_macos import FakeMac, fixture
 from llmtap.config import load_config
 from llmtap.errors import RuntimeFailure, UsageError
@@ -93,6 +94,9 @@ def test_install_then_purge_leaves_the_machine_byte_identical(mac: Mac) -> None:
     assert user["UserShell"] == ["/usr/bin/false"] and user["NFSHomeDirectory"] == ["/var/empty"]
     assert state["records"]["/Groups/_llmtap"]["PrimaryGroupID"] == ["499"]
     assert len(state["keychain"]) == 1 and state["trusted"] == list(state["keychain"])
+    trusted = x509.load_pem_x509_certificate(next(iter(state["keychain"].values())).encode())
+    permitted = trusted.extensions.get_extension_for_class(x509.NameConstraints).value
+    assert "api.anthropic.com" in {n.value for n in permitted.permitted_subtrees or []}
     assert state["jobs"] == {"com.llmtap.daemon": str(mac.root / "Library/LaunchDaemons/"
                                                       "com.llmtap.daemon.plist")}
     assert len(state["tokens"]) == 1 and state["anchor"]
@@ -340,3 +344,12 @@ def test_a_command_a_user_could_replace_is_never_run_as_root(mac: Mac, make_unsa
         mac.installer().install()
     assert mac.snapshot() == before
     assert mac.installer().install(service=False)  # without the service there is nothing to swap
+
+
+@pytest.mark.parametrize(("trust", "service"), [(False, False), (True, False), (False, True)])
+def test_partial_installs_come_out_byte_identical_too(mac: Mac, trust: bool, service: bool) -> None:
+    before = mac.snapshot()
+    mac.installer().install(trust=trust, service=service)
+    assert bool(mac.fake.state["keychain"]) == trust and bool(mac.fake.state["jobs"]) == service
+    mac.installer().uninstall(purge=True)
+    assert mac.snapshot() == before
