@@ -163,6 +163,10 @@ class Doctor:
             from llmtap.install.macos import MacInstaller
 
             self.mac = MacInstaller(config, explicit_config)
+        if self.mac is not None:
+            from llmtap import doctor_macos
+
+            which = doctor_macos.without_stubs(which, self.mac.system.runner)
         self.runner = runner
         self.which = which
         self.base_env = dict(os.environ if env is None else env)

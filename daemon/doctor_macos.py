@@ -7,17 +7,33 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmtap.doctor import Check
+from llmtap.platform.linux.trust import Which
 from llmtap.platform.macos import environment, pf
 from llmtap.platform.macos.environment import GuiSession, console_uid
+from llmtap.platform.runner import Runner
 
 if TYPE_CHECKING:
     from llmtap.install.macos import MacInstaller
 
 INSTALL = "sudo llmtap install"
+# /usr/bin shims that, without what they front, open an "install the developer tools / Java"
+# dialog instead of running: asked first with a command that only answers.
+STUBS = {"/usr/bin/python3": ["/usr/bin/xcode-select", "-p"],
+         "/usr/bin/java": ["/usr/libexec/java_home"]}
 
 
 def check(name: str, status: str, detail: str, fix: str = "") -> Check:
     return Check(name, status, detail, fix)
+
+
+def without_stubs(which: Which, runner: Runner) -> Which:
+    """`which`, but None for a shim whose real tool is not installed."""
+    def find(name: str) -> str | None:
+        path = which(name)
+        probe = STUBS.get(path or "")
+        return None if probe and not runner(probe).ok else path
+
+    return find
 
 
 def service(mac: MacInstaller, status: dict[str, Any] | None) -> Check:

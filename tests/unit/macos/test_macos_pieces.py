@@ -176,6 +176,18 @@ def test_doctor_checks_each_step_on_the_fake_mac(tmp_path: Path,
     assert json.dumps(checks)
 
 
+def test_doctor_skips_the_shims_that_would_open_an_install_dialog(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    mac = Mac(tmp_path)  # no developer tools, no Java: xcode-select -p and java_home fail
+    installer = mac.installer()
+    doctor = Doctor(installer.config, str(mac.config_file), which=lambda name: f"/usr/bin/{name}",
+                    env={}, mac=installer)
+    assert doctor.which("python3") is None and doctor.which("java") is None
+    assert doctor.which("node") == "/usr/bin/node"
+    assert ["/usr/bin/xcode-select", "-p"] in mac.fake.calls
+
+
 # --- attribution ---
 
 
