@@ -119,7 +119,7 @@ class MacInstaller:
 
     # --- install ---
 
-    def preflight(self, action: str, trust: bool = False, service: bool = False) -> None:
+    def preflight(self, action: str, service: bool = False) -> None:
         """Every refusal happens here, before the first change."""
         if not self.system.is_root():
             raise UsageError(f"llmtap {action} needs root: run it with sudo")
@@ -161,7 +161,7 @@ class MacInstaller:
         return files
 
     def install(self, trust: bool = True, service: bool = True) -> list[str]:
-        self.preflight("install", trust, service)
+        self.preflight("install", service)
         manifest = Manifest(self.layout.manifest)
         done = run_recorded(self.install_steps(manifest, trust, service), manifest, self.report)
         if not done:

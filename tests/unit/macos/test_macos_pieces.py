@@ -19,6 +19,7 @@ import pytest
 from cryptography import x509
 from fake_macos import fixture
 from llmtap import ca, proclookup
+from llmtap.config import system_paths
 from llmtap.doctor import Doctor
 from llmtap.install.runtime_env import ca_bundle, env_values
 from llmtap.platform.macos import environment, java, sockets, users
@@ -55,6 +56,13 @@ def test_the_account_is_made_as_apple_makes_its_daemon_accounts() -> None:
     assert [*dscl, "-create", "/Users/_llmtap", "UserShell", "/usr/bin/false"] in commands
     assert [*dscl, "-create", "/Users/_llmtap", "NFSHomeDirectory", "/var/empty"] in commands
     assert len(users.create_commands(account, 499, group_exists=True)) == len(commands) - 5
+
+
+def test_run_files_go_in_var_run_on_macos() -> None:
+    """macOS has no /run, and its system volume is read-only: /run/llmtap cannot be made there."""
+    assert system_paths("darwin").run_dir == Path("/var/run/llmtap")
+    assert system_paths("linux").run_dir == Path("/run/llmtap")
+    assert system_paths("darwin").state_dir == system_paths("linux").state_dir
 
 
 # --- the shell block ---
