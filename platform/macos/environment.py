@@ -4,7 +4,8 @@ GUI apps (an IDE started from the Dock, Claude Desktop, a terminal app) get thei
 launchd, not from a shell: `launchctl setenv` in the user's GUI domain reaches every process
 launched after it, and a LaunchAgent in /Library/LaunchAgents runs it again at each login (the
 setting does not survive a logout; /etc/launchd.conf, the old way, is ignored since 10.10). For
-the session already open, install runs the same setenv as the console user (`launchctl asuser`).
+the session already open, install runs the same setenv as the console user (`launchctl asuser`
+with `sudo -u`).
 
 Shells not started from that session (ssh, `sudo -i`, cron) get the same lines from a tagged block
 in /etc/zshenv (every zsh, interactive or not: the default shell) and /etc/profile (bash login
@@ -21,6 +22,7 @@ from llmtap.install.runtime_env import ESCAPED_QUOTE, QUOTE
 from llmtap.platform.runner import Runner
 
 LAUNCHCTL = "/bin/launchctl"
+SUDO = "/usr/bin/sudo"
 AGENT_LABEL = "com.llmtap.env"
 AGENT_DIR = "/Library/LaunchAgents"
 SHELL_FILES = ("/etc/zshenv", "/etc/profile")
@@ -94,7 +96,10 @@ def console_uid(runner: Runner) -> int | None:
 
 
 def asuser(uid: int, *argv: str) -> list[str]:
-    return [LAUNCHCTL, "asuser", str(uid), LAUNCHCTL, *argv]
+    """launchctl run in the user's GUI bootstrap (asuser) AND as the user (sudo): asuser alone
+    keeps root's credentials, and launchd picks a setenv's domain by both (the idiom MDM scripts
+    use for per-user launchctl calls)."""
+    return [LAUNCHCTL, "asuser", str(uid), SUDO, "-u", f"#{uid}", LAUNCHCTL, *argv]
 
 
 def getenv_command(uid: int, name: str) -> list[str]:

@@ -144,8 +144,9 @@ class FakeMac:
         jobs = self.state["jobs"]
         verb = args[0]
         if verb == "asuser":
-            assert Path(args[2]).name == "launchctl", args
-            return self.gui_env(int(args[1]), args[3:])
+            assert args[2:5] == ["/usr/bin/sudo", "-u", f"#{args[1]}"], args
+            assert Path(args[5]).name == "launchctl", args
+            return self.gui_env(int(args[1]), args[6:])
         label = args[1].split("/", 1)[1] if "/" in args[1] else ""
         if verb == "print":
             if label not in jobs:
