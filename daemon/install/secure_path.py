@@ -16,9 +16,11 @@ from pathlib import Path
 
 
 def problem(path: Path) -> str | None:
-    """Why `path` (resolved) or a directory above it is unsafe, or None."""
+    """Why `path` or a directory above it is unsafe, or None: as written (a symlink in a user's
+    directory can be swapped, whatever it points to) and resolved."""
+    written = Path(os.path.abspath(path))
     real = Path(os.path.realpath(path))
-    for item in (real, *real.parents):
+    for item in (real, *real.parents, *written.parents):
         try:
             st = item.stat()
         except OSError as exc:

@@ -326,6 +326,14 @@ def test_the_commands_of_a_lifecycle_are_exactly_these(mac: Mac) -> None:
     assert lines == fixture("lifecycle_commands.txt").splitlines()
 
 
+def symlinked_from_a_user_directory(mac: Mac) -> None:
+    real = mac.root / "opt/llmtap/bin/llmtap"
+    real.parent.mkdir(parents=True)
+    mac.command.rename(real)
+    mac.command.symlink_to(real)  # the file is root's; the directory holding the link is not
+    os.chown(mac.command.parent, 501, 80)
+
+
 @pytest.mark.parametrize("make_unsafe", [
     lambda mac: os.chown(mac.command, 501, 20),  # a user's own file (a Homebrew or --user install)
     lambda mac: os.chown(mac.command.parent, 501, 20),  # a user's directory: they can swap the file
@@ -334,6 +342,7 @@ def test_the_commands_of_a_lifecycle_are_exactly_these(mac: Mac) -> None:
     lambda mac: mac.command.write_text(f"#!{mac.command.parent / 'python3'}\n")
     or (mac.command.parent / "python3").write_text("") or os.chown(mac.command.parent / "python3",
                                                                    501, 20),
+    lambda mac: symlinked_from_a_user_directory(mac),  # /usr/local/bin after Homebrew on Intel
 ])
 def test_a_command_a_user_could_replace_is_never_run_as_root(mac: Mac, make_unsafe) -> None:
     """Attack: a malicious package running as the user swaps the program the LaunchDaemon runs
