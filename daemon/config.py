@@ -49,8 +49,10 @@ def system_paths(platform: str | None = None, environ: Mapping[str, str] | None 
         base = ntpath.join(env.get("ProgramData") or r"C:\ProgramData", "llmtap")
         return SystemPaths(*(Path(ntpath.join(base, name)) for name in (
             "config.toml", "state", "records", "run", "public", "llmtap.log")))
+    # macOS has no /run (and its system volume is read-only): the run files go in /var/run.
+    run = "/var/run/llmtap" if (platform or sys.platform) == "darwin" else "/run/llmtap"
     return SystemPaths(Path("/etc/llmtap/config.toml"), Path("/var/lib/llmtap"),
-                       Path("/var/lib/llmtap/records"), Path("/run/llmtap"), Path("/etc/llmtap"),
+                       Path("/var/lib/llmtap/records"), Path(run), Path("/etc/llmtap"),
                        Path("/var/log/llmtap.log"))
 
 

@@ -32,6 +32,7 @@ from llmtap.platform.linux.trust import NssTrustStore, Which
 from llmtap.platform.runner import Completed
 
 if TYPE_CHECKING:
+    from llmtap.install.macos import MacInstaller
     from llmtap.install.windows import WindowsInstaller
 
 ProbeRunner = Callable[[list[str], dict[str, str]], Completed]
@@ -147,7 +148,8 @@ class Doctor:
     def __init__(self, config: Config, explicit_config: str | None = None,
                  runner: ProbeRunner = run_with_env, which: Which = shutil.which,
                  env: dict[str, str] | None = None, host: str | None = None,
-                 platform: str | None = None, windows: WindowsInstaller | None = None) -> None:
+                 platform: str | None = None, windows: WindowsInstaller | None = None,
+                 mac: MacInstaller | None = None) -> None:
         self.config = config
         self.installer = LinuxInstaller(config, explicit_config)
         self.layout = self.installer.layout
@@ -156,6 +158,15 @@ class Doctor:
             from llmtap.install.windows import WindowsInstaller
 
             self.windows = WindowsInstaller(config, explicit_config)
+        self.mac: MacInstaller | None = mac
+        if self.mac is None and (platform or sys.platform) == "darwin":
+            from llmtap.install.macos import MacInstaller
+
+            self.mac = MacInstaller(config, explicit_config)
+        if self.mac is not None:
+            from llmtap import doctor_macos
+
+            which = doctor_macos.without_stubs(which, self.mac.system.runner)
         self.runner = runner
         self.which = which
         self.base_env = dict(os.environ if env is None else env)
@@ -173,6 +184,10 @@ class Doctor:
                    self.check_environment()]
         if self.windows is not None:
             checks.append(self.check_windows_firewall())
+        if self.mac is not None:  # the account, pf, and the GUI apps' environment
+            from llmtap import doctor_macos
+
+            checks += doctor_macos.extra(self.mac, self.status)
         checks += self.check_runtimes()
         return checks
 
@@ -186,6 +201,10 @@ class Doctor:
                          "run `sudo llmtap doctor`, or join group " + self.config.service_user)
         if self.windows is not None:
             return self.check_windows_service()
+        if self.mac is not None:
+            from llmtap import doctor_macos
+
+            return doctor_macos.service(self.mac, self.status)
         managed = self.managed_service()
         if not (self.status and self.status.get("running")):
             fix = ("sudo systemctl start llmtap" if isinstance(managed, SystemdService)
@@ -265,6 +284,10 @@ class Doctor:
         return ok("CA", f"{cert} covers all {len(self.config.targets.all_hosts)} targets")
 
     def check_os_trust(self) -> Check:
+        if self.mac is not None:
+            from llmtap import doctor_macos
+
+            return doctor_macos.keychain(self.mac, self.ca_cert())
         if self.windows is not None:
             cert = self.ca_cert()
             if cert.exists() and self.windows.store.is_trusted(cert):
@@ -290,6 +313,8 @@ class Doctor:
                     "(the proxy still listens on loopback only)", "llmtap install (elevated)")
 
     def check_nss(self) -> list[Check]:
+        if self.mac is not None:
+            return []  # Chrome and Safari read the keychain; Firefox's own store is not managed
         if self.windows is not None:
             return [Check("NSS", "skip", "not checked on Windows (no NSS databases are managed)")]
         nss = self.installer.nss_store()
@@ -308,6 +333,10 @@ class Doctor:
             environment = self.windows.environment
             return {name: value for name in self.windows.env()
                     if (value := environment.get(name) or "")}
+        if self.mac is not None:  # what a new zsh gets from /etc/zshenv
+            from llmtap import doctor_macos
+
+            return doctor_macos.shell_values(self.mac)
         try:
             return parse_profile_script(self.layout.profile_script.read_text())
         except OSError:
@@ -315,7 +344,8 @@ class Doctor:
 
     def check_environment(self) -> Check:
         values = self.session_values()
-        script = "the machine environment" if self.windows else self.config.install.profile_script
+        script = ("the machine environment" if self.windows else "/etc/zshenv" if self.mac
+                  else self.config.install.profile_script)
         if not values:
             return fail("environment", f"{script} is missing or empty: Node, Python SDKs and Codex will not "
                         "trust the CA", "llmtap install (elevated)" if self.windows

@@ -27,6 +27,7 @@ from typing import Any
 
 import psutil
 from llmtap.platform.linux.sockets import diag_socket_inode, normalise_ip, pid_of_inode, socket_inode
+from llmtap.platform.macos.sockets import pid_of_connection
 from llmtap.records.capture import mask_secrets
 
 log = logging.getLogger(__name__)
@@ -145,8 +146,11 @@ class Lookup:
 
     def _pid(self, ip: str, port: int, remote: tuple[str, int] | None) -> int | None:
         """The owning pid (Windows: llmtap.platform.windows.attribution overrides it)."""
-        return (self._pid_linux(ip, port, remote) if sys.platform == "linux"
-                else self._pid_psutil(ip, port))
+        if sys.platform == "linux":
+            return self._pid_linux(ip, port, remote)
+        if sys.platform == "darwin":  # recent pids first, the remote end checked too
+            return pid_of_connection((ip, port), remote, list(self._recent))
+        return self._pid_psutil(ip, port)
 
     def _pid_linux(self, ip: str, port: int, remote: tuple[str, int] | None) -> int | None:
         found = diag_socket_inode((ip, port), remote) if remote else None

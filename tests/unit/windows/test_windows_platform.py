@@ -50,11 +50,11 @@ def test_default_paths_on_windows_are_under_programdata() -> None:
 
 
 def test_default_paths_elsewhere_are_unchanged() -> None:
-    for platform in ("linux", "darwin"):
+    for platform, run in (("linux", "/run/llmtap"), ("darwin", "/var/run/llmtap")):  # macOS has no /run
         paths = system_paths(platform, {"ProgramData": r"D:\Data"})
         assert (paths.config_file, paths.state_dir, paths.records_dir, paths.run_dir) == (
             Path("/etc/llmtap/config.toml"), Path("/var/lib/llmtap"),
-            Path("/var/lib/llmtap/records"), Path("/run/llmtap"))
+            Path("/var/lib/llmtap/records"), Path(run))
     config = Config()  # this process is Linux: the defaults the SPEC names
     assert (config.state_dir, config.run_dir, config.install.public_dir,
             config.install.log_file) == (Path("/var/lib/llmtap"), Path("/run/llmtap"),
