@@ -13,10 +13,8 @@ lifecycle against a fake macOS on Linux.
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
-import llmtap
 from llmtap import ca
 from llmtap.config import Config
 from llmtap.errors import RuntimeFailure, UsageError
@@ -44,8 +42,7 @@ from llmtap.install.macos_system import (
 from llmtap.install.manifest import Manifest, remove_created_dirs
 from llmtap.install.ready import daemon_answers
 from llmtap.install.runtime_env import ca_bundle, env_values
-from llmtap.install.secure_path import unsafe
-from llmtap.platform.linux.systemd import interpreter_of
+from llmtap.install.secure_path import check_service_command
 from llmtap.platform.macos import launchd, pf
 from llmtap.platform.macos.java import JdkTrustStore, jdk_homes
 from llmtap.platform.macos.launchd import LaunchdService
@@ -141,24 +138,9 @@ class MacInstaller:
         if missing := pf_hooks_missing(self.system.runner):
             raise UsageError(f"the main pf ruleset does not call {' and '.join(missing)} (custom "
                              "/etc/pf.conf?): add them back, then `sudo pfctl -f /etc/pf.conf`")
-        command = Path(self.layout.command())
-        if not (command.is_file() and os.access(command, os.X_OK)):
-            raise UsageError(f"the llmtap command {command} is not an executable file: set "
-                             "install.command")
-        if problems := unsafe(self.service_files(command)):
-            raise UsageError(f"the service would run as root what a user can change: "
-                             f"{problems[0]}. Install llmtap where only root can write (e.g. "
-                             "`sudo python3 -m venv /usr/local/llmtap` and set install.command)")
+        check_service_command(Path(self.layout.command()))
         if not daemon_answers(self.config) and not self.service().is_running():
             self.system.check_port(self.config.redirect.proxy_port)
-
-    @staticmethod
-    def service_files(command: Path) -> list[Path]:
-        """What the LaunchDaemon runs as root: the command, its interpreter, llmtap's code."""
-        files = [command, Path(llmtap.__file__).parent]
-        if interpreter := interpreter_of(command):
-            files.append(interpreter)
-        return files
 
     def install(self, trust: bool = True, service: bool = True) -> list[str]:
         self.preflight("install", service)

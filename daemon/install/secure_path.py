@@ -1,6 +1,6 @@
 """Is what a root service runs writable by anyone but root?
 
-A LaunchDaemon runs its program as root at every boot. If that program, its interpreter, the
+A LaunchDaemon or a systemd unit runs its program as root at every boot. If that program, its interpreter, the
 llmtap package or any directory above them is writable by a user (a Homebrew prefix, a
 `pip install --user`, a venv in a home directory), any process of that user (a malicious package
 an agent installs) can replace it and be root at the next start: it would then read every real
@@ -13,6 +13,10 @@ import os
 import stat
 from collections.abc import Iterable
 from pathlib import Path
+
+import llmtap
+from llmtap.errors import UsageError
+from llmtap.platform.linux.systemd import interpreter_of
 
 
 def problem(path: Path) -> str | None:
@@ -37,3 +41,21 @@ def problem(path: Path) -> str | None:
 
 def unsafe(paths: Iterable[Path]) -> list[str]:
     return [found for path in paths if (found := problem(path))]
+
+
+def service_files(command: Path) -> list[Path]:
+    """What the service runs as root: the command, its interpreter, llmtap's code."""
+    files = [command, Path(llmtap.__file__).parent]
+    if interpreter := interpreter_of(command):
+        files.append(interpreter)
+    return files
+
+
+def check_service_command(command: Path) -> None:
+    """Refuses, before any change, a service command that is missing or that a user could replace."""
+    if not (command.is_file() and os.access(command, os.X_OK)):
+        raise UsageError(f"the llmtap command {command} is not an executable file: set install.command")
+    if problems := unsafe(service_files(command)):
+        raise UsageError(f"the service would run as root what a user can change: {problems[0]}. Install "
+                         "llmtap where only root can write (e.g. `sudo python3 -m venv /opt/llmtap` and set "
+                         "install.command)")

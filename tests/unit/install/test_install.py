@@ -425,6 +425,22 @@ def test_systemd_service_files_and_commands(tree):
     assert not unit.exists()
 
 
+@pytest.mark.parametrize("make_unsafe", [
+    lambda tree: os.chown(tree.fake_llmtap, 1000, 1000),  # a `pip install --user` copy
+    lambda tree: os.chown(tree.fake_llmtap.parent, 1000, 1000),  # a venv in a home directory
+    lambda tree: tree.fake_llmtap.parent.chmod(0o777),
+])
+def test_a_service_command_a_user_could_replace_is_never_run_as_root(tree, make_unsafe):
+    """Attack: a package the agent runs as the user swaps the program systemd starts as root at the
+    next boot, and reads every real key. Install refuses before any change."""
+    make_unsafe(tree)
+    config = tree.config()
+    before = tree.listing()
+    with pytest.raises(UsageError, match="would run as root what a user can change"):
+        tree.installer(config, systemd=lambda: True).install(trust=False)
+    assert tree.listing() == before and not tree.calls
+
+
 def test_default_config_file_is_written_once_and_removed_by_purge(tree):
     config = tree.config()
     settings = dataclasses.replace(load_config(config), source=None)
