@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
-import textwrap
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,11 +20,24 @@ from typing import TYPE_CHECKING, Any
 
 from llmtap import ca, control, hostpatterns
 from llmtap.config import Config
+from llmtap.doctor.probes import (
+    ISSUER,
+    JAVA_PROBE,
+    NODE_PROBE,
+    PROBE_KEY,
+    PROBE_PATH,
+    PYTHON_PROBE,
+    REACHED_API,
+    TLS_TROUBLE,
+    node_interpreter,
+    parse_json_line,
+    run_with_env,
+)
 from llmtap.errors import LlmtapError, UsageError
 from llmtap.install.linux import LinuxInstaller
 from llmtap.install.runtime_env import parse_profile_script
 from llmtap.platform.linux.keeper import DetachedService
-from llmtap.platform.linux.systemd import SystemdService, interpreter_of
+from llmtap.platform.linux.systemd import SystemdService
 from llmtap.platform.linux.trust import NssTrustStore, Which
 from llmtap.platform.runner import Completed
 
@@ -37,103 +47,12 @@ if TYPE_CHECKING:
 
 ProbeRunner = Callable[[list[str], dict[str, str]], Completed]
 
-ISSUER = "llmtap local CA"  # llmtap.ca.create_ca's subject
-PROBE_PATH = "/llmtap-doctor"
-PROBE_KEY = "llmtap-doctor-probe-not-a-key"
-TLS_TROUBLE = re.compile(
-    r"certificate|self[- ]signed|issuer|UnknownIssuer|unable to verify|CERT_|SSL|TLS", re.IGNORECASE)
-REACHED_API = re.compile(
-    r"\b401\b|invalid.{0,20}api.?key|incorrect api key|authentication_error|unauthori[sz]ed",
-    re.IGNORECASE)
-
-
 @dataclass(frozen=True)
 class Check:
     name: str
     status: str  # ok | fail | warn | skip
     detail: str
     fix: str = ""
-
-
-PYTHON_PROBE = textwrap.dedent("""\
-    import json, os, socket, ssl, sys
-    host = sys.argv[1]
-    cafile, source = os.environ.get("SSL_CERT_FILE") or None, "SSL_CERT_FILE"
-    if cafile is None:  # what httpx, requests and the SDKs do without SSL_CERT_FILE
-        try:
-            import certifi
-            cafile, source = certifi.where(), "certifi"
-        except ImportError:
-            source = "the system store"
-    ctx = ssl.create_default_context(cafile=cafile)
-    try:
-        with socket.create_connection((host, 443), timeout=15) as raw:
-            with ctx.wrap_socket(raw, server_hostname=host) as tls:
-                issuer = dict(item[0] for item in tls.getpeercert()["issuer"])
-                print(json.dumps({"ok": True, "issuer": issuer.get("commonName", ""),
-                                  "source": source}))
-    except ssl.SSLCertVerificationError as exc:
-        print(json.dumps({"ok": False, "error": exc.verify_message, "source": source}))
-    except OSError as exc:
-        print(json.dumps({"ok": False, "error": str(exc), "source": source, "network": True}))
-""")
-
-NODE_PROBE = textwrap.dedent("""\
-    const tls = require("tls");
-    const host = process.argv[1];
-    const done = (o) => { console.log(JSON.stringify(o)); process.exit(0); };
-    const s = tls.connect({host, port: 443, servername: host, timeout: 15000}, () => {
-      const c = s.getPeerCertificate();
-      done({ok: s.authorized, issuer: (c.issuer || {}).CN || ""});
-    });
-    const NETWORK = ["ECONNREFUSED", "ECONNRESET", "ENOTFOUND", "ETIMEDOUT", "EHOSTUNREACH",
-                     "ENETUNREACH", "EAI_AGAIN", "EPIPE"];
-    s.on("error", (e) => done({ok: false, error: e.code === "UNSPECIFIED" ? e.message : e.code || e.message,
-                               network: NETWORK.includes(e.code)}));
-    s.on("timeout", () => done({ok: false, error: "timeout", network: true}));
-""")
-
-
-# Java runs a single source file (java File.java) since Java 11: no build step, no class files.
-JAVA_PROBE = textwrap.dedent("""\
-    import javax.net.ssl.*;
-    public class LlmtapProbe {
-        static String quoted(Object o) {
-            return "\\"" + String.valueOf(o).replace("\\\\", "/").replace("\\"", "'") + "\\"";
-        }
-        public static void main(String[] args) {
-            String host = args[0];
-            try (SSLSocket socket = (SSLSocket) SSLSocketFactory.getDefault().createSocket(host, 443)) {
-                SSLParameters params = socket.getSSLParameters();
-                params.setEndpointIdentificationAlgorithm("HTTPS");
-                socket.setSSLParameters(params);
-                socket.setSoTimeout(15000);
-                socket.startHandshake();
-                java.security.cert.X509Certificate leaf =
-                    (java.security.cert.X509Certificate) socket.getSession().getPeerCertificates()[0];
-                System.out.println("{\\"ok\\": true, \\"issuer\\": "
-                    + quoted(leaf.getIssuerX500Principal().getName()) + "}");
-            } catch (SSLException e) {
-                System.out.println("{\\"ok\\": false, \\"error\\": " + quoted(e.getMessage()) + "}");
-            } catch (Exception e) {
-                System.out.println("{\\"ok\\": false, \\"network\\": true, \\"error\\": "
-                    + quoted(e) + "}");
-            }
-        }
-    }
-""")
-
-
-def run_with_env(argv: list[str], env: dict[str, str], timeout_s: float = 60.0) -> Completed:
-    """Like platform.runner.SubprocessRunner, in a given environment."""
-    try:
-        proc = subprocess.run(argv, env=env, capture_output=True, text=True, errors="replace",
-                              timeout=timeout_s, stdin=subprocess.DEVNULL)
-    except FileNotFoundError:
-        return Completed(127, "", f"{argv[0]}: not found")
-    except subprocess.TimeoutExpired:
-        return Completed(124, "", f"{argv[0]} did not answer within {timeout_s:g}s")
-    return Completed(proc.returncode, proc.stdout, proc.stderr)
 
 
 def ok(name: str, detail: str) -> Check:
@@ -164,9 +83,9 @@ class Doctor:
 
             self.mac = MacInstaller(config, explicit_config)
         if self.mac is not None:
-            from llmtap import doctor_macos
+            from llmtap.doctor import macos
 
-            which = doctor_macos.without_stubs(which, self.mac.system.runner)
+            which = macos.without_stubs(which, self.mac.system.runner)
         self.runner = runner
         self.which = which
         self.base_env = dict(os.environ if env is None else env)
@@ -183,11 +102,13 @@ class Doctor:
         checks += [self.check_ca_coverage(), self.check_os_trust(), *self.check_nss(),
                    self.check_environment()]
         if self.windows is not None:
-            checks.append(self.check_windows_firewall())
-        if self.mac is not None:  # the account, pf, and the GUI apps' environment
-            from llmtap import doctor_macos
+            from llmtap.doctor import windows
 
-            checks += doctor_macos.extra(self.mac, self.status)
+            checks.append(windows.firewall(self.windows))
+        if self.mac is not None:  # the account, pf, and the GUI apps' environment
+            from llmtap.doctor import macos
+
+            checks += macos.extra(self.mac, self.status)
         checks += self.check_runtimes()
         return checks
 
@@ -200,11 +121,13 @@ class Doctor:
                          "run `llmtap doctor` from an elevated terminal" if self.windows else
                          "run `sudo llmtap doctor`, or join group " + self.config.service_user)
         if self.windows is not None:
-            return self.check_windows_service()
-        if self.mac is not None:
-            from llmtap import doctor_macos
+            from llmtap.doctor import windows
 
-            return doctor_macos.service(self.mac, self.status)
+            return windows.service(self.windows, self.status)
+        if self.mac is not None:
+            from llmtap.doctor import macos
+
+            return macos.service(self.mac, self.status)
         managed = self.managed_service()
         if not (self.status and self.status.get("running")):
             fix = ("sudo systemctl start llmtap" if isinstance(managed, SystemdService)
@@ -219,19 +142,6 @@ class Doctor:
                                  "no systemd here, so it does not start at boot")
         return Check("service", "warn", f"running (pid {pid}) but not as a service",
                      "sudo llmtap install (starts it at boot and restarts it on failure)")
-
-    def check_windows_service(self) -> Check:
-        assert self.windows is not None
-        service = self.windows.service()
-        if not (self.status and self.status.get("running")):
-            return fail("service", "the llmtap daemon is not running",
-                        "llmtap install (elevated)" if not service.is_running()
-                        else f"see {self.config.install.log_file}")
-        pid = self.status.get("pid")
-        if service.is_running():
-            return ok("service", f"running as the Windows {service.name} llmtap (pid {pid})")
-        return Check("service", "warn", f"running (pid {pid}) but not as a service",
-                     "llmtap install (elevated; starts it at boot and restarts it on failure)")
 
     def managed_service(self) -> SystemdService | DetachedService | None:
         systemd = self.installer.service("systemd")
@@ -285,9 +195,9 @@ class Doctor:
 
     def check_os_trust(self) -> Check:
         if self.mac is not None:
-            from llmtap import doctor_macos
+            from llmtap.doctor import macos
 
-            return doctor_macos.keychain(self.mac, self.ca_cert())
+            return macos.keychain(self.mac, self.ca_cert())
         if self.windows is not None:
             cert = self.ca_cert()
             if cert.exists() and self.windows.store.is_trusted(cert):
@@ -302,15 +212,6 @@ class Doctor:
         if cert.exists() and store.is_trusted(cert):
             return ok("OS trust", f"the CA is in {store.bundle} ({store.name})")
         return fail("OS trust", f"the CA is not in {store.bundle}", "sudo llmtap install")
-
-    def check_windows_firewall(self) -> Check:
-        """The second wall behind the loopback-only listener (llmtap.platform.windows.firewall)."""
-        assert self.windows is not None
-        port = self.config.redirect.proxy_port
-        if self.windows.firewall.in_place(port):
-            return ok("firewall", f"inbound TCP {port} from other hosts is blocked")
-        return fail("firewall", f"no llmtap rule blocks inbound TCP {port} from other hosts "
-                    "(the proxy still listens on loopback only)", "llmtap install (elevated)")
 
     def check_nss(self) -> list[Check]:
         if self.mac is not None:
@@ -334,9 +235,9 @@ class Doctor:
             return {name: value for name in self.windows.env()
                     if (value := environment.get(name) or "")}
         if self.mac is not None:  # what a new zsh gets from /etc/zshenv
-            from llmtap import doctor_macos
+            from llmtap.doctor import macos
 
-            return doctor_macos.shell_values(self.mac)
+            return macos.shell_values(self.mac)
         try:
             return parse_profile_script(self.layout.profile_script.read_text())
         except OSError:
@@ -476,28 +377,6 @@ class Doctor:
                         f"open a new shell (variables from {self.config.install.profile_script})")
         return Check(name, "warn", f"inconclusive: {last[:160] or f'exit code {result.returncode}'}",
                      "run it once yourself and look for certificate errors")
-
-
-def parse_json_line(result: Completed) -> dict[str, Any]:
-    for line in reversed(result.stdout.splitlines()):
-        if line.startswith("{"):
-            try:
-                parsed: dict[str, Any] = json.loads(line)
-                return parsed
-            except ValueError:
-                break
-    return {"ok": False, "error": result.reason(), "network": True}
-
-
-def node_interpreter(executable: Path, which: Which) -> Path | None:
-    """The Node that runs this CLI, when it is a Node script (npm installs)."""
-    real = Path(os.path.realpath(executable))
-    interpreter = interpreter_of(real)
-    if interpreter is not None and interpreter.name in ("node", "nodejs"):
-        return interpreter
-    if real.suffix in (".js", ".mjs", ".cjs") and (node := which("node")):
-        return Path(node)
-    return None
 
 
 def render(checks: list[Check]) -> str:

@@ -1,5 +1,5 @@
 """`llmtap doctor` on macOS: the checks of each install step (the runtime handshakes are the
-common ones in doctor.py, run with the environment a new shell gets from /etc/zshenv)."""
+common ones in llmtap.doctor, run with the environment a new shell gets from /etc/zshenv)."""
 
 from __future__ import annotations
 
