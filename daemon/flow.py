@@ -130,6 +130,8 @@ class Record(TypedDict, total=False):
     rules_missed: list[dict[str, Any]]
     dlp_skipped: str
     credential_alerts: list[dict[str, Any]]
+    # a secret bound to programs (llmtap.keybind): {secret, decision: injected|refused, rule, reason}
+    credential_decision: dict[str, Any]
 
 
 def rfc3339(timestamp: float | None) -> str | None:
