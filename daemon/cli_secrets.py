@@ -174,8 +174,8 @@ def _binding(exes: list[str] | None, scripts: list[str] | None, users: list[str]
         return None
     if children and not (exes or scripts):
         raise UsageError("--allow-children goes with --allow-exe or --allow-script")
-    if not store.POSIX_OWNERS and not unbind:
-        raise UsageError("--allow-* bindings are not available on this platform yet")
+    if sys.platform != "linux" and not unbind:  # the socket checks (proclookup) are Linux's
+        raise UsageError("--allow-* bindings are only available on Linux for now")
     return {"allow_exes": keybind.check_exes(exes or []),
             "allow_scripts": keybind.check_scripts(scripts or []),
             "allow_users": keybind.check_users(users or []) if users else (),

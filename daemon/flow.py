@@ -64,8 +64,11 @@ class Process(TypedDict, total=False):
     exe: str
     cmdline: list[str]
     user: str
+    uid: int | None  # the real uid
     tool: str | None
+    script: str | None  # an interpreter's first argument, as a real path (llmtap.keybind)
     parents: list[dict[str, Any]]
+    shared: bool  # its parent holds the same socket: who writes on it is not known
 
 
 class Record(TypedDict, total=False):
