@@ -69,6 +69,7 @@ class Process(TypedDict, total=False):
     script: str | None  # an interpreter's first argument, as a real path (llmtap.keybind)
     parents: list[dict[str, Any]]
     shared: bool  # its parent holds the same socket: who writes on it is not known
+    foreign_root: bool  # it runs in another root filesystem (a container)
 
 
 class Record(TypedDict, total=False):

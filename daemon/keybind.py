@@ -11,11 +11,12 @@ describes it, llmtap.proclookup) passes every kind of rule given:
   `--allow-children` a process in its parent chain may be the allowed one instead.
 - users (`--allow-user`): the process's real user is one of them.
 
-What cannot be told (no answer in time, a process that exited, a socket its parent holds too)
-is "not allowed". Paths are resolved when the secret is set, so a symlink given then is bound to
-its target. A script is named by the process's own arguments, which it can rewrite: a script
-binding keeps other programs of the same user from the key by mistake, not by force (processes
-of one user can also ptrace each other); `--allow-user` with a user of its own is the hard line.
+What cannot be told (no answer in time, a process that exited, a socket its parent holds too, a
+process in another root filesystem) is "not allowed". Paths are resolved when the secret is set,
+so a symlink given then is bound to its target. A script is named by the process's own
+arguments, which it can rewrite: a script binding keeps other programs of the same user from the
+key by mistake, not by force (processes of one user can also ptrace each other); `--allow-user`
+with a user of its own is the hard line.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ class Binding:
         who = describe(process)
         if process.get("shared"):
             return f"the connection is shared with its parent process ({who})"
+        if process.get("foreign_root"):
+            return f"it came from a process in another root filesystem, a container ({who})"
         if self.users and process.get("user") not in self.users:
             return f"it came from {who}"
         if (self.exes or self.scripts) and not any(self._program(p) for p in self._chain(process)):

@@ -121,6 +121,14 @@ def script_of(process: psutil.Process, cmdline: list[str]) -> str | None:
     return os.path.realpath(arg)[:MAX_SCRIPT]
 
 
+def _same_root(pid: int, proc: Path) -> bool:
+    try:
+        theirs, ours = os.stat(proc / str(pid) / "root"), os.stat("/")
+    except OSError:
+        return False
+    return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+
+
 def _exe_link(pid: int) -> str | None:
     try:
         return os.readlink(f"/proc/{pid}/exe")
@@ -180,6 +188,9 @@ class Lookup:
         # program): who writes on it is not known, and a key bound to the child must not go.
         if any(holds_socket(p["pid"], inode, self.proc) for p in info["parents"]):
             return {**info, "shared": True}
+        # In another root (a container): its paths name other files than ours.
+        if not _same_root(pid, self.proc):
+            return {**info, "foreign_root": True}
         return info
 
     def _describe(self, pid: int | None) -> dict[str, Any] | None:

@@ -46,6 +46,7 @@ USER = keybind.Binding(users=frozenset({"alice"}))
     (EXE, None, False),  # attribution not known in time
     (EXE, {"pid": None}, False),
     (EXE, proc(CURL, shared=True), False),  # its parent holds the socket too
+    (EXE, proc(CURL, foreign_root=True), False),  # a container's /opt/bin/curl is another file
     (SCRIPT, proc(NODE, script=CLI_JS), True),
     (SCRIPT, proc(NODE, script="/tmp/evil.js"), False),  # the interpreter, another script
     (SCRIPT, proc(NODE), False),  # node -e … / node -r x.js cli.js: no script named
