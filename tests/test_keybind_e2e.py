@@ -200,3 +200,42 @@ def test_a_socket_handed_to_the_bound_program_and_a_websocket_from_another_are_r
     reasons = [r["credential_decision"]["reason"] for r in daemon.records(expected=2)]
     assert any(r.startswith("the connection is shared with its parent process") for r in reasons)
     assert_no_real_key_anywhere(daemon, key, openai_key)
+
+
+CLIS = Path(__file__).parent / "clis" / "node_modules"
+CLAUDE = CLIS / "@anthropic-ai" / "claude-code-linux-x64" / "claude"
+
+
+def test_claude_code_bound_to_its_binary_works_and_shows_a_refusal_to_another_program(bed, tmp_path):
+    """The real Claude Code (its native binary): bound to it, its turn goes through with the real
+    key; a node script holding the same placeholder is refused, nothing reaching the upstream."""
+    testbed, daemon, ca = bed
+    if not CLAUDE.exists():
+        pytest.fail(f"{CLAUDE} is missing: scripts/test.sh installs it (npm ci in tests/clis)")
+    key = real_key("sk-ant-api03-")
+    placeholder = set_secret(daemon, "claude", key, "--host", "api.anthropic.com", "--allow-exe", str(CLAUDE))
+    home = tmp_path / "home"
+    home.mkdir()
+    start = len(testbed.upstream_requests())
+    result = testbed.client(str(CLAUDE), "-p", "Say hello.", "--output-format", "json", timeout=120,
+                            env={"HOME": str(home), "ANTHROPIC_API_KEY": placeholder,
+                                 "NODE_EXTRA_CA_CERTS": str(ca),
+                                 "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"})
+    assert json.loads(result.stdout)["is_error"] is False, result.stdout
+    calls = [r for r in testbed.upstream_requests()[start:] if r["path"].startswith("/v1/messages")]
+    assert calls and all(sent_key(r) == key for r in calls)
+
+    script = tmp_path / "other.mjs"
+    script.write_text(
+        "const r = await fetch('https://api.anthropic.com/v1/messages', {method: 'POST', headers: "
+        "{'x-api-key': process.env.KEY, 'content-type': 'application/json', 'anthropic-version': "
+        "'2023-06-01'}, body: JSON.stringify({model: 'claude-sonnet-4-5', max_tokens: 8, messages: "
+        "[{role: 'user', content: 'hi'}]})});\nconsole.log(r.status, await r.text());\n")
+    start = len(testbed.upstream_requests())
+    done = testbed.client(shutil.which("node") or "node", str(script),
+                          env={"KEY": placeholder, "NODE_EXTRA_CA_CERTS": str(ca)})
+    status, _, body = done.stdout.strip().partition(" ")
+    assert status == "403", done.stdout
+    assert f"only added for programs {CLAUDE.resolve()}, and it came from " in refused(body, "claude")
+    assert testbed.upstream_requests()[start:] == []
+    assert_no_real_key_anywhere(daemon, key)
