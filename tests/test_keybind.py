@@ -302,3 +302,28 @@ def test_a_port_rebound_by_another_process_does_not_inherit_the_first_ones_answe
     for server in servers:
         server.close()
     assert [pid for pid, _ in found] == [looked for _, looked in found]
+
+
+@pytest.mark.parametrize(("exe", "added"), [(CURL, True), ("/usr/bin/curl", False)])
+def test_when_absent_adds_a_bound_key_only_for_the_bound_program(tmp_path, exe, added):
+    paths = store.StorePaths.under(tmp_path)
+    store.ensure_directory(paths, os.getuid(), os.getgid())
+    key = store.ensure_key(paths, os.getgid())
+    secret = store.new_secret("claude", ("api.anthropic.com",), "x-api-key", True, KEY, key,
+                              for_users=("alice",))
+    store.write_store(paths, [dataclasses.replace(secret, allow_exes=(CURL,))], os.getgid())
+    addon = Credentials(attribution=Answers(proc(exe)))  # type: ignore[arg-type]
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, llmtap_state_dir=str(tmp_path))
+        flow = tflow.tflow(req=http.Request.make("POST", "https://api.anthropic.com/v1/messages", b"{}",
+                                                 {"host": "api.anthropic.com"}))
+        flow.client_conn.sni = "api.anthropic.com"
+        flow.client_conn.tls = flow.server_conn.tls = True
+        flow.server_conn.address, flow.server_conn.sni = ("api.anthropic.com", 443), None
+        result = addon.requestheaders(flow)
+        assert result is not None
+        asyncio.run(result)  # type: ignore[arg-type]
+    # Another program is sent on without a key (as another user would be), not refused.
+    assert flow.response is None
+    assert (flow.request.headers.get("x-api-key") == KEY) is added
+    assert ("credential_decision" in fields(flow)) is added
