@@ -275,6 +275,21 @@ sys.stdin.read()
 """
 
 
+def free_port_below_the_ephemeral_range() -> int:
+    """One no connection elsewhere on the machine will take meanwhile (it is not ephemeral)."""
+    import random
+    import socket
+
+    while True:
+        port = random.randrange(20000, 30000)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+
+
 def test_a_port_rebound_by_another_process_does_not_inherit_the_first_ones_answer():
     """The supervisor's short cache is keyed by the socket too: a process that binds the local
     port another one just left (SO_REUSEADDR) is looked up afresh, not taken for the first."""
@@ -285,9 +300,7 @@ def test_a_port_rebound_by_another_process_does_not_inherit_the_first_ones_answe
     from llmtap import proclookup
 
     servers = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port_below_the_ephemeral_range()
     lookup = proclookup.Lookup()
     found = []
     for server in servers:
