@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from test_claude_code_e2e import CLAUDE
 from test_credentials_e2e import assert_no_real_key_anywhere, real_key, sent_key, set_secret
 from testbed import Daemon, Testbed
 
@@ -201,9 +202,6 @@ def test_a_socket_handed_to_the_bound_program_and_a_websocket_from_another_are_r
     assert any(r.startswith("the connection is shared with its parent process") for r in reasons)
     assert_no_real_key_anywhere(daemon, key, openai_key)
 
-
-CLIS = Path(__file__).parent / "clis" / "node_modules"
-CLAUDE = CLIS / "@anthropic-ai" / "claude-code-linux-x64" / "claude"
 
 
 def test_claude_code_bound_to_its_binary_works_and_shows_a_refusal_to_another_program(bed, tmp_path):
