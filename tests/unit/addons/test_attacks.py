@@ -185,8 +185,8 @@ def test_deeply_nested_price_data_is_refused_not_a_crash(tmp_path: Path):
 def test_history_does_not_pass_escape_sequences_to_the_terminal(tmp_path: Path, capsys):
     """A model name (the client's request body) holding escape sequences: `llmtap logs` as the
     admin ran it erased the previous lines (a call hidden from view) or set the clipboard."""
+    from cli_runs import run_cli, write_config
     from test_counting import record, write
-    from test_records import run_cli, write_config
 
     records_dir = tmp_path / "records"
     records_dir.mkdir()

@@ -330,7 +330,7 @@ def test_an_index_from_before_counting_gains_its_columns(tmp_path: Path) -> None
 
 
 def test_stats_command_says_what_is_unpriced_and_not_counted(tmp_path: Path, capsys) -> None:
-    from test_records import run_cli, write_config
+    from cli_runs import run_cli, write_config
 
     records_dir = tmp_path / "records"
     records_dir.mkdir()

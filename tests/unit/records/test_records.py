@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import streams
-from llmtap import cli
+from cli_runs import run_cli, write_config
 from llmtap.addons.recorder import Recorder
 from llmtap.cli_history import parse_since
 from llmtap.config import ExportConfig, RecordsConfig
@@ -279,22 +279,6 @@ def test_retention_deletes_only_when_a_limit_says_so(tmp_path):
     for _, record in store.iter_records(tmp_path):  # whole months before the cutoff are gone
         started = datetime.datetime.fromisoformat(record["started_at"].replace("Z", "+00:00"))
         assert started >= cutoff.replace(day=1, hour=0)
-
-
-def write_config(tmp_path: Path, records: Path, extra: str = "") -> Path:
-    config = tmp_path / "config.toml"
-    config.write_text(f'state_dir = "{tmp_path / "state"}"\nrecords_dir = "{records}"\n'
-                      f'run_dir = "{tmp_path / "run"}"\n{extra}')
-    return config
-
-
-def run_cli(capsys: Any, *args: str) -> tuple[int, str, str]:
-    try:
-        code = cli.main(list(args))
-    except SystemExit as exc:  # click's own exit (0, or 2 for its usage errors)
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_read_only_history_changes_nothing(tmp_path, capsys):
