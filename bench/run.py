@@ -36,6 +36,7 @@ from testbed import (  # noqa: E402 - the test bed lives with the tests
     new_testbed,
     start_daemon,
 )
+from wan_arms import measure_wan_round, wan_table  # noqa: E402 - after the path above
 
 ARMS = ("direct", "bare", "llmtap")
 TARGET = "https://api.anthropic.com"
@@ -282,6 +283,8 @@ def table(arms: dict[str, Arm], extra: dict[str, Any]) -> list[str]:
             {a: load[a]["cpu_s_per_1000"] for a in ARMS})
     row("daemon peak PSS under load, all its processes (MB)",
         {a: arms[a].results.get("peak_pss_mb", float("nan")) for a in ARMS})
+    row("daemon idle PSS, all its processes (MB, median)",
+        {a: statistics.median(arms[a].results.get("idle_pss_mb", [float("nan")])) for a in ARMS})
     row("daemon peak RSS, all its processes summed (MB; shared pages counted twice)",
         {a: arms[a].results.get("peak_rss_mb", float("nan")) for a in ARMS})
     row("proxy worker peak RSS (MB)",
@@ -307,6 +310,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer samples (a smoke run)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="the arms take turns this many times, each measuring its share")
+    parser.add_argument("--wan-only", action="store_true",
+                        help="only the WAN table (RESULTS.md is then left alone)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench/run.py needs root (network namespaces): sudo .venv/bin/python bench/run.py")
@@ -323,19 +328,27 @@ def main() -> None:
                 arm = arms[name]
                 arm.daemon, ready = start(bed, name)
                 arm.results.setdefault("ready_s", []).append(ready if arm.daemon else float("nan"))
+                if arm.daemon:  # idle: ready, nothing served yet, the record writer settled
+                    time.sleep(1.0)
+                    arm.results.setdefault("idle_pss_mb", []).append(pss_mb(arm.daemon_pids()))
                 try:
                     print(f"round {turn + 1}/{args.rounds}: measuring {name} ...", flush=True)
-                    measure_round(arm, args.quick, args.rounds)
+                    if not args.wan_only:
+                        measure_round(arm, args.quick, args.rounds)
+                    measure_wan_round(arm, args.quick, args.rounds)
                 finally:
                     if arm.daemon:
                         arm.daemon.stop()
                     arm.daemon = None
+        if args.wan_only:
+            print("\n".join(wan_table(arms, summary, fmt, ratio)))
+            return
         print("measuring passthrough and rule timing ...", flush=True)
         extra = {"passthrough": measure_passthrough(bed, args.quick, args.rounds),
                  "rules": json.loads(bed.python(RULE_TIMING).stdout)}
     finally:
         bed.destroy()
-    lines = table(arms, extra)
+    lines = [*table(arms, extra), "", *wan_table(arms, summary, fmt, ratio)]
     took = time.perf_counter() - began
     report = [
         "# llmtap benchmark results", "",
