@@ -47,6 +47,7 @@ class Idle:
     tls: SSL.Connection
     since: float  # the end of its last response
     keep_s: float  # closed once idle this long
+    previous: asyncio.Task[Any] | None = None  # mitmproxy's reader task, winding down
     watch: asyncio.Task[None] | None = None
 
 
@@ -124,6 +125,8 @@ class UpstreamPool:
         entries = self._idle.get(key)
         while entries:
             idle = entries.pop()  # the most recently used: the least likely to be timed out
+            if idle.previous is not None:  # one reader at a time on a StreamReader
+                await asyncio.wait([idle.previous])
             if idle.watch is not None:
                 idle.watch.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -151,7 +154,7 @@ class UpstreamPool:
         """An adopted connection mitmproxy did not use after all (its connect was killed)."""
         idle = self._adopting.pop(conn.id, None)
         if idle is not None:
-            self._keep(idle, None)
+            self._keep(idle)
 
     def release(self, conn: connection.Server, io: server.ConnectionIO) -> bool:
         """Takes `conn` into the pool if it is idle, verified and sound; False leaves it be."""
@@ -169,7 +172,7 @@ class UpstreamPool:
             return False
         since, keep_s = self.last_response.get(conn.id, (time.monotonic(), self.idle_s))
         self.released += 1
-        self._keep(Idle(key, reader, writer, tls_conn, since, min(self.idle_s, keep_s)), io.handler)
+        self._keep(Idle(key, reader, writer, tls_conn, since, min(self.idle_s, keep_s), io.handler))
         return True
 
     def responded(self, conn: connection.Server, keep_alive: str | None) -> None:
@@ -182,14 +185,14 @@ class UpstreamPool:
                 keep_s = max(0.0, int(value) - 1.0)
         self.last_response[conn.id] = (time.monotonic(), keep_s)
 
-    def _keep(self, idle: Idle, previous: asyncio.Task[Any] | None) -> None:
+    def _keep(self, idle: Idle) -> None:
         self._idle.setdefault(idle.key, []).append(idle)
-        idle.watch = asyncio.get_running_loop().create_task(self._watch(idle, previous))
+        idle.watch = asyncio.get_running_loop().create_task(self._watch(idle))
 
-    async def _watch(self, idle: Idle, previous: asyncio.Task[Any] | None) -> None:
+    async def _watch(self, idle: Idle) -> None:
         """Closes the connection when it has been idle `idle_s`, or its server sends or closes."""
-        if previous is not None:  # mitmproxy's reader task: it must be gone before we read
-            await asyncio.wait([previous])
+        if idle.previous is not None:  # mitmproxy's reader task: it must be gone before we read
+            await asyncio.wait([idle.previous])
         with contextlib.suppress(TimeoutError, OSError):
             await asyncio.wait_for(idle.reader.read(1), idle.keep_s - (time.monotonic() - idle.since))
         entries = self._idle.get(idle.key, [])
