@@ -85,7 +85,10 @@ class Arm:
 def cpu_seconds(pids: list[int]) -> float:
     total = 0
     for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # a short-lived child (nft) went away
+            continue
         total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / CLK_TCK
 
