@@ -39,11 +39,11 @@ def wan_link(bed: Any, loss: float) -> Iterator[None]:
 
 def curl_first_ms(arm: Any) -> float:
     """curl's own total (its default ALPN offers h2): connect, TLS and the request."""
-    out = arm.bed.client("curl", "-sS", "-o", "/dev/null", "-w", "%{time_total}", "--cacert",
+    out = arm.bed.client("curl", "-sS", "-o", "/dev/null", "-w", "%{time_total}", "--fail", "--cacert",
                          arm.cacert, "-H", "x-api-key: bench", "-H", "content-type: application/json",
                          "-d", '{"model": "claude-sonnet-4-5", "max_tokens": 8, "messages": []}',
-                         f"{TARGET}/v1/messages?bench=json", timeout=60)
-    return float(out.stdout) * 1000
+                         f"{TARGET}/v1/messages?bench=json", timeout=60, check=False)
+    return float(out.stdout) * 1000 if out.returncode == 0 else float("nan")
 
 
 def measure_wan_round(arm: Any, quick: bool, rounds: int) -> None:
@@ -54,9 +54,11 @@ def measure_wan_round(arm: Any, quick: bool, rounds: int) -> None:
     reply = f"{TARGET}/v1/messages?bench=json"
     for prefix, loss in LINKS:
         with wan_link(arm.bed, loss):
-            samples = [arm.client("first", reply, arm.cacert)["ms"][0] for _ in range(fresh + 1)]
-            r.setdefault(f"wan_{prefix}fresh_ms", []).extend(samples[1:])
-            r.setdefault(f"wan_{prefix}curl_ms", []).extend(curl_first_ms(arm) for _ in range(fresh))
+            runs = [arm.client("first", reply, arm.cacert) for _ in range(fresh + 1)]
+            r.setdefault(f"wan_{prefix}fresh_ms", []).extend(ms for run in runs[1:] for ms in run["ms"])
+            r[f"wan_{prefix}failed"] = r.get(f"wan_{prefix}failed", 0) + sum(run["failures"] for run in runs)
+            curls = [curl_first_ms(arm) for _ in range(fresh)]
+            r.setdefault(f"wan_{prefix}curl_ms", []).extend(ms for ms in curls if ms == ms)
             if prefix:
                 continue
             r.setdefault("wan_keepalive_ms", []).extend(
@@ -85,4 +87,8 @@ def wan_table(arms: dict[str, Any], summary: Callable[[list[float]], dict[str, f
             d, b, l_ = (summary(arms[a].results.get(key, []))[q] for a in ("direct", "bare", "llmtap"))
             lines.append(f"| {label} {q} | {fmt(d)} | {fmt(b)} | {fmt(l_)} | {ratio(l_, b)} "
                          f"| {ratio(l_, d)} |")
+    failed = {a: arms[a].results.get("wan_failed", 0) + arms[a].results.get("wan_lossy_failed", 0)
+              for a in ("direct", "bare", "llmtap")}
+    lines.append(f"| fresh httpx clients that failed (both links) | {failed['direct']} | "
+                 f"{failed['bare']} | {failed['llmtap']} | | |")
     return lines
