@@ -236,6 +236,8 @@ class Supervisor:
             process_lookup=process_lookup,
             key_ports=config.redirect.ports,
             idle_timeout_s=config.redirect.idle_timeout_s,
+            upstream_pool_per_host=config.upstream.pool_per_host,
+            upstream_pool_idle_s=config.upstream.pool_idle_s,
         )
 
     def _plan(self, user: ServiceUser) -> RedirectPlan:

@@ -306,8 +306,10 @@ def make_workdir() -> Path:
 
 
 def write_config(path: Path, root: Path, bed: Testbed, extra_toml: str = "",
-                 extra_hosts: tuple[str, ...] = (), **redirect: Any) -> Path:
-    """The daemon's config; `extra_toml` (whole tables, e.g. "[dlp]\n...") is appended."""
+                 extra_hosts: tuple[str, ...] = (), upstream: dict[str, Any] | None = None,
+                 **redirect: Any) -> Path:
+    """The daemon's config; `extra_toml` (whole tables, e.g. "[dlp]\n...") is appended;
+    `upstream`: keys of [upstream] besides extra_ca (e.g. pool_idle_s)."""
     settings = {"backend": "auto", "scope": "targets", "proxy_port": 8443,
                 "dns_refresh_max_s": 30, **redirect}
     lines = [
@@ -321,6 +323,7 @@ def write_config(path: Path, root: Path, bed: Testbed, extra_toml: str = "",
         f"extra_hosts = {json.dumps(list(extra_hosts))}",
         "[upstream]",
         f'extra_ca = "{bed.upstream_ca_pem}"',
+        *(f"{key} = {json.dumps(value)}" for key, value in (upstream or {}).items()),
     ]
     path.write_text("\n".join(lines) + "\n" + textwrap.dedent(extra_toml) + "\n")
     return path
@@ -328,12 +331,12 @@ def write_config(path: Path, root: Path, bed: Testbed, extra_toml: str = "",
 
 def start_daemon(bed: Testbed, extra_toml: str = "", run_args: tuple[str, ...] = (),
                  prefix: tuple[str, ...] = (), extra_hosts: tuple[str, ...] = (),
-                 **redirect: Any) -> Daemon:
+                 upstream: dict[str, Any] | None = None, **redirect: Any) -> Daemon:
     """`prefix` goes before the command (e.g. prlimit with its options); `extra_hosts` are
     targets besides TARGET_HOSTS (e.g. some of MORE_API_HOSTS)."""
     root = make_workdir()
     config_path = write_config(root / "config.toml", root, bed, extra_toml, extra_hosts,
-                               **redirect)
+                               upstream, **redirect)
     stderr = open(root / "daemon.stderr", "wb")  # noqa: SIM115 - the daemon keeps writing to it
     proc = subprocess.Popen(
         ["ip", "netns", "exec", bed.client_ns, *prefix, LLMTAP, "run",
