@@ -1,6 +1,6 @@
 """The upstream pool's bookkeeping, without a network: how long a kept connection may idle, which
 keys it is filed under, and the config that bounds it (the end-to-end behaviour is in
-tests/test_upstream_reuse_e2e.py)."""
+tests/e2e/test_upstream_reuse_e2e.py)."""
 
 from __future__ import annotations
 
