@@ -130,6 +130,10 @@ class Record(TypedDict, total=False):
     rules_missed: list[dict[str, Any]]
     dlp_skipped: str
     credential_alerts: list[dict[str, Any]]
+    # the budgets stage: the budgets and limits covering the call, and what was decided
+    # ({"budgets": [...], "limits": [...], "decision": "admitted" | "blocked" | "rate_limited",
+    #   "estimate_usd": reserved while in flight, "budget" | "limit": the one that refused it})
+    policy: dict[str, Any]
 
 
 def rfc3339(timestamp: float | None) -> str | None:
