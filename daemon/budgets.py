@@ -4,8 +4,9 @@ and which calls a budget or limit covers.
 The file is root's (`sudo llmtap budget|limit ...`, written with llmtap.atomic) and read by the
 proxy worker (llmtap.addons.budgets), which re-reads it within a few seconds of a change. A rule
 covers a call when every selector it has matches: `secret` the record's credential name,
-`process` the attributed process's name, tool, exe path or exe file name, `model` the model (a
-glob: `claude-*`), `user` the process's OS user. No selector covers every call.
+`process` the attributed process's name, tool, exe path or exe file name, `model` the model asked
+for or the one the reply names (a glob: `claude-haiku-4-5*` also covers the dated names replies
+and past records carry), `user` the process's OS user. No selector covers every call.
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ class Selectors:
         """`call`: credential, model, process (the record's fields)."""
         if self.secret is not None and call.get("credential") != self.secret:
             return False
-        if self.model is not None and not fnmatch.fnmatchcase(str(call.get("model") or ""), self.model):
+        if self.model is not None and not any(  # the model asked for, or the reply's name for it
+                fnmatch.fnmatchcase(str(m), self.model)
+                for m in (call.get("model"), call.get("requested_model")) if m):
             return False
         process = as_dict(call.get("process"))
         if self.user is not None and process.get("user") != self.user:

@@ -120,6 +120,7 @@ class Reservation:
     budgets: tuple[Budget, ...]
     limits: tuple[Limit, ...]
     estimate: float
+    model: str | None  # the model asked for (the reply may name it otherwise)
     day: str  # the period the call's cost belongs to (its start)
     started: float
 

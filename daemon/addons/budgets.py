@@ -184,7 +184,8 @@ class Budgets:
                 return
         for lim in limits:
             self.windows.admit(lim, now)
-        self.reserved[flow.id] = Reservation(budgets, limits, cost, periods(now)[0], now)
+        self.reserved[flow.id] = Reservation(budgets, limits, cost, call["model"],
+                                             periods(now)[0], now)
         policy |= {"decision": "admitted", "estimate_usd": round(cost, 6)}
 
     def _estimate(self, flow: http.HTTPFlow) -> float:
@@ -254,7 +255,8 @@ class Budgets:
         if reservation is None and (flow.response is None or BLOCKED_HEADER in flow.response.headers):
             return  # refused here or by an earlier stage: it cost nothing
         call = {"credential": record.get("credential"), "model": record.get("model"),
-                "process": record.get("process")}
+                "process": record.get("process"),
+                "requested_model": reservation.model if reservation else None}
         day = reservation.day if reservation else periods(flow.request.timestamp_start or now)[0]
         budgets = tuple(b for b in self.policy.budgets if b.where.matches(call))
         cost = record.get("cost_usd")
@@ -300,6 +302,7 @@ class Budgets:
     # -- for status and the dashboard -------------------------------------------------------------
 
     def snapshot(self) -> list[dict[str, Any]]:
+        self.refresh()  # a change shows in `status` without waiting for a request
         now, shown = self.clock(), []
         for budget in self.policy.budgets:
             today, month = self.ledger.spent(budget, now)
