@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from llmtap.errors import UsageError
+from llmtap.formatting import money
 from llmtap.parsers.base import as_dict
 
 FILE_NAME = "budgets.json"
@@ -203,6 +204,36 @@ def load_policy(state_dir: Path) -> Policy:
     except OSError as exc:
         raise UsageError(f"cannot read {policy_path(state_dir)}: {exc.strerror}") from None
     return parse_policy(raw)
+
+
+# -- their use, as `budget list`, `status` and the dashboard show it ----------------------------
+
+
+def budget_line(row: dict[str, Any]) -> str:
+    caps = []
+    for cap, spent, period in ((row.get("daily"), row.get("spent_today"), "today"),
+                               (row.get("monthly"), row.get("spent_month"), "this month")):
+        if cap:
+            caps.append(f"{money(spent)} of {money(cap)} {period} ({(spent or 0) / cap:.0%})")
+    flying = row.get("in_flight")
+    extra = f", {money(flying)} in flight" if flying else ""
+    return (f"{row['name']}: {'; '.join(caps)}{extra} [{row.get('where')}; {row.get('action')}, "
+            f"alert at {row.get('alert_at', 80):g}%]")
+
+
+def limit_line(row: dict[str, Any]) -> str:
+    used = []
+    if row.get("rpm"):
+        used.append(f"{row.get('calls_last_minute', 0)}/{row['rpm']} calls")
+    if row.get("tpm"):
+        used.append(f"{row.get('tokens_last_minute', 0)}/{row['tpm']} tokens")
+    return f"{row['name']}: {', '.join(used)} in the last minute [{row.get('where')}]"
+
+
+def policy_line(row: dict[str, Any]) -> str:
+    """One budget's or limit's line in `llmtap status`."""
+    return f"budget {budget_line(row)}" if row.get("kind") == "budget" else f"limit {limit_line(row)}"
+
 
 
 # -- periods ------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ from typing import Any
 
 import typer
 from llmtap import __version__, cli_install, control, redirect
-from llmtap.cli_budget import budget_app, limit_app, policy_line
+from llmtap.budgets import policy_line
+from llmtap.cli_budget import budget_app, limit_app
 from llmtap.cli_history import history_app
 from llmtap.cli_options import ConfigOption
 from llmtap.cli_prices import prices_app

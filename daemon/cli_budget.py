@@ -25,8 +25,10 @@ from llmtap.budgets import (
     Limit,
     Policy,
     budget,
+    budget_line,
     check_name,
     limit,
+    limit_line,
     load_policy,
     policy_path,
     selectors,
@@ -156,18 +158,6 @@ def budget_list(as_json: bool = JsonOpt, config: str | None = ConfigOption) -> N
         typer.echo(budget_line(row))
 
 
-def budget_line(row: dict[str, Any]) -> str:
-    caps = []
-    for cap, spent, period in ((row.get("daily"), row.get("spent_today"), "today"),
-                               (row.get("monthly"), row.get("spent_month"), "this month")):
-        if cap:
-            caps.append(f"{money(spent)} of {money(cap)} {period} ({(spent or 0) / cap:.0%})")
-    flying = row.get("in_flight")
-    extra = f", {money(flying)} in flight" if flying else ""
-    return (f"{row['name']}: {'; '.join(caps)}{extra} [{row.get('where')}; {row.get('action')}, "
-            f"alert at {row.get('alert_at', 80):g}%]")
-
-
 # -- limit --------------------------------------------------------------------------------------
 
 
@@ -218,20 +208,6 @@ def limit_list(as_json: bool = JsonOpt, config: str | None = ConfigOption) -> No
         typer.echo("no limits (add one with `sudo llmtap limit set NAME --rpm N`)")
     for row in rows:
         typer.echo(limit_line(row))
-
-
-def limit_line(row: dict[str, Any]) -> str:
-    used = []
-    if row.get("rpm"):
-        used.append(f"{row.get('calls_last_minute', 0)}/{row['rpm']} calls")
-    if row.get("tpm"):
-        used.append(f"{row.get('tokens_last_minute', 0)}/{row['tpm']} tokens")
-    return f"{row['name']}: {', '.join(used)} in the last minute [{row.get('where')}]"
-
-
-def policy_line(row: dict[str, Any]) -> str:
-    """One budget's or limit's line in `llmtap status`."""
-    return f"budget {budget_line(row)}" if row.get("kind") == "budget" else f"limit {limit_line(row)}"
 
 
 # -- use -----------------------------------------------------------------------------------------
