@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 
 # (local day, credential, model, process name, tool, exe, user)
 Key = tuple[str, str | None, str | None, str | None, str | None, str | None, str | None]
-MAX_KEYS = 50_000  # distinct sums kept; beyond it the exe path is dropped from new keys
+# Distinct sums kept; beyond it a new key keeps only its day, credential, tool and user (process
+# names and exe paths are the caller's to vary; models without a price never get here).
+MAX_KEYS = 50_000
 WINDOW_S = 60.0
 MAX_WINDOW = 100_000  # completed calls remembered per tpm window
 LOAD_SQL = (
@@ -81,7 +83,7 @@ class Ledger:
     def add(self, day: str, call: dict[str, Any], cost: float) -> None:
         key = key_of(day, call)
         if key not in self.sums and len(self.sums) >= MAX_KEYS:
-            key = (*key[:5], None, key[6])
+            key = (key[0], key[1], None, None, key[4], None, key[6])
         self.sums[key] = self.sums.get(key, 0.0) + cost
         for budget, cached in list(self._totals.items()):  # the covering budgets' totals follow
             if not budget.where.matches(call):

@@ -285,6 +285,8 @@ class Budgets:
         return found
 
     def _alerts(self, budget: Budget, now: float) -> None:
+        current = periods(now)
+        self.fired = {f for f in self.fired if f[1] in current}  # past periods: forgotten
         for period, spent, cap, threshold in self._crossed(budget, now):
             if (budget.name, period, threshold) in self.fired:
                 continue
