@@ -314,3 +314,31 @@ def test_the_policy_file_is_read_again_when_it_changes(tmp_path: Path):
         stage.budgets._checked = float("-inf")
         stage.budgets.refresh()
         assert stage.budgets.policy == policy  # a broken file leaves the last good one in force
+
+
+def test_a_response_create_over_a_websocket_is_checked_like_a_request(monkeypatch):
+    from mitmproxy.websocket import WebSocketMessage
+    from wsproto.frame_protocol import Opcode
+
+    def create(model: str) -> WebSocketMessage:
+        body = {"type": "response.create", "response": {"model": model, "max_output_tokens": 1000}}
+        return WebSocketMessage(Opcode.TEXT, True, json.dumps(body).encode())
+
+    stage = Stage(Policy((Budget("ws", daily=0.001, where=Selectors(model="gpt-4.1")),)), NOON)
+    flow = tflow.twebsocketflow(messages=False)
+    flow.request.host, flow.request.path = "api.openai.com", "/v1/responses"
+    injected: list[tuple[Any, ...]] = []
+    with taddons.context(stage.budgets) as tctx:
+        monkeypatch.setattr(tctx.master.commands, "call", lambda *args: injected.append(args))
+        assert flow.websocket is not None
+        flow.websocket.messages.append(create("gpt-4.1-nano"))  # not covered: it goes
+        stage.budgets.websocket_message(flow)
+        assert not flow.websocket.messages[-1].dropped and not injected
+        flow.websocket.messages.append(create("gpt-4.1"))  # $0.008 of output could run over
+        stage.budgets.websocket_message(flow)
+    assert flow.websocket.messages[-1].dropped
+    ((command, _, to_client, content, is_text),) = injected
+    event = json.loads(content)
+    assert (command, to_client, is_text, event["type"], event["error"]["code"]) == (
+        "inject.websocket", True, True, "error", "llmtap_budget_exceeded")
+    assert "budget 'ws'" in event["error"]["message"]

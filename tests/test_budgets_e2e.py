@@ -250,6 +250,47 @@ def restart(daemon: Daemon) -> None:
     daemon.wait_ready()
 
 
+WS_TURN = """
+    import socket, ssl
+    import wsproto
+    from wsproto import events as ev
+    tls = ssl.create_default_context(cafile=CA).wrap_socket(
+        socket.create_connection(("api.openai.com", 443)), server_hostname="api.openai.com")
+    ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+    tls.sendall(ws.send(ev.Request(host="api.openai.com", target="/v1/responses?t=bud-ws",
+                                   extra_headers=[(b"authorization", b"Bearer sk-placeholder")])))
+    def first(kind):
+        while True:
+            ws.receive_data(tls.recv(65536))
+            for event in ws.events():
+                if isinstance(event, kind):
+                    return event
+    first(ev.AcceptConnection)
+    tls.sendall(ws.send(ev.TextMessage(open(CREATE).read().strip())))
+    reply = json.loads(first(ev.TextMessage).data)
+    tls.sendall(ws.send(ev.CloseConnection(code=1000)))
+    print(json.dumps(reply))
+"""
+
+
+def test_a_budget_also_holds_each_response_asked_for_over_a_websocket(testbed, tap):
+    """The upgrade is one request; every response.create after it is a call the budget must see."""
+    import streams
+
+    set_rule(tap, "budget", "wsb", "--daily", "0.03", "--model", "gpt-5*")  # one turn reserves $0.04
+    try:
+        create = repr(str(streams.DIR / "openai_responses_ws_client.json"))
+        reply = client(testbed, tap, WS_TURN.replace("CREATE", create))
+        assert reply["type"] == "error" and reply["error"]["code"] == "llmtap_budget_exceeded"
+        assert "budget 'wsb'" in reply["error"]["message"]
+        upgrade, turn = records(tap, "bud-ws", 2)
+        assert upgrade["status"] == 101 and "llmtap_budget_exceeded" in (turn["error"] or "")
+        assert not turn["usage"] or not turn["cost_usd"]
+        assert policy(tap)["wsb"]["spent_today"] == 0
+    finally:
+        remove(tap, "budget", "wsb")
+
+
 def test_no_addon_failed_along_the_way(tap):
     assert "Addon error" not in tap.stderr()
     assert "Traceback" not in tap.stderr()

@@ -20,17 +20,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmtap import jsontext
 from llmtap.addons.replies import refusal
 from llmtap.budgets import Budget, Limit, Policy, load_policy, next_reset, periods, policy_path
 from llmtap.errors import UsageError
 from llmtap.flow import BLOCKED_HEADER, ProcessLookup, fields
 from llmtap.formatting import money
+from llmtap.parsers.base import as_dict
 from llmtap.pricing import Call, Pricer
 from llmtap.spend import Ledger, Reservation, Windows, seconds
 from mitmproxy import ctx, http
@@ -58,6 +62,36 @@ def estimate(pricer: Pricer, info: Any, body_bytes: int, host: str, path: str) -
     quote = pricer.quote(Call(getattr(info, "model", None), usage, host, path,
                               getattr(info, "provider", None)))
     return 0.0 if quote.cost is None else float(quote.cost)
+
+
+@dataclass(frozen=True)
+class Refused:
+    message: str
+    code: str  # llmtap_budget_exceeded | llmtap_rate_limited
+    headers: dict[str, str]
+    decision: dict[str, Any]  # for the record's `policy`
+
+
+@dataclass(frozen=True)
+class Asked:
+    """A response.create on a WebSocket, as the estimate reads a request."""
+
+    provider: str
+    model: str | None
+    max_tokens: int | None
+
+
+def ws_request(content: bytes) -> Asked | None:
+    try:
+        obj = as_dict(jsontext.parse(content))
+    except ValueError:
+        return None
+    if obj.get("type") != "response.create":
+        return None
+    body = as_dict(obj.get("response")) or obj
+    model, most = body.get("model"), body.get("max_output_tokens")
+    return Asked("openai", model if isinstance(model, str) else None,
+                 most if isinstance(most, int) and not isinstance(most, bool) else None)
 
 
 def tokens_of(usage: Any) -> int:
@@ -173,20 +207,31 @@ class Budgets:
         policy: dict[str, Any] = {"budgets": [b.name for b in budgets],
                                   "limits": [lim.name for lim in limits]}
         fields(flow)["policy"] = policy
-        for lim in limits:
-            if (wait := self.windows.retry_after(lim, now)) > 0:
-                self._refuse_rate(flow, lim, wait, policy)
-                return
         cost = self._estimate(flow) if budgets else 0.0
-        for budget in budgets:
-            if budget.action == "block" and (over := self._over(budget, now, cost)):
-                self._refuse_budget(flow, budget, over, cost, policy)
-                return
-        for lim in limits:
-            self.windows.admit(lim, now)
+        if (refused := self._verdict(budgets, limits, now, cost)) is not None:
+            info = self.request_info(flow) if self.request_info else None
+            flow.response = refusal(getattr(info, "provider", None), 429, refused.message,
+                                    refused.code, "budgets", refused.headers)
+            fields(flow)["error"] = refused.message
+            policy |= refused.decision
+            return
         self.reserved[flow.id] = Reservation(budgets, limits, cost, call["model"],
                                              periods(now)[0], now)
         policy |= {"decision": "admitted", "estimate_usd": round(cost, 6)}
+
+    def _verdict(self, budgets: tuple[Budget, ...], limits: tuple[Limit, ...], now: float,
+                 cost: float) -> Refused | None:
+        """Why the call may not go (a limit first, then a blocking budget); None admits it and
+        takes its place in the limits' windows."""
+        for lim in limits:
+            if (wait := self.windows.retry_after(lim, now)) > 0:
+                return self._rate_limited(lim, wait)
+        for budget in budgets:
+            if budget.action == "block" and (over := self._over(budget, now, cost)):
+                return self._over_budget(budget, over, cost)
+        for lim in limits:
+            self.windows.admit(lim, now)
+        return None
 
     def _estimate(self, flow: http.HTTPFlow) -> float:
         if self.pricer is None:
@@ -209,8 +254,7 @@ class Budgets:
                 return period, spent + flying, cap
         return None
 
-    def _refuse_budget(self, flow: http.HTTPFlow, budget: Budget,
-                       over: tuple[str, float, float], cost: float, policy: dict[str, Any]) -> None:
+    def _over_budget(self, budget: Budget, over: tuple[str, float, float], cost: float) -> Refused:
         period, spent, cap = over
         flag = "--daily" if period == "today" else "--monthly"
         reset = next_reset(self.clock(), monthly=period != "today")
@@ -219,25 +263,50 @@ class Budgets:
                    f"cost up to {money(cost)}. Raise it with `sudo llmtap budget set {budget.name} "
                    f"{flag} <USD>`, or wait for the reset at "
                    f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(reset))}.")
+        log.warning("%s", message)
         headers = {"retry-after": str(seconds(reset - self.clock())), "x-should-retry": "false"}
-        self._refuse(flow, message, "llmtap_budget_exceeded", headers)
-        policy |= {"decision": "blocked", "budget": budget.name}
+        return Refused(message, "llmtap_budget_exceeded", headers,
+                       {"decision": "blocked", "budget": budget.name})
 
-    def _refuse_rate(self, flow: http.HTTPFlow, lim: Limit, wait: float,
-                     policy: dict[str, Any]) -> None:
+    def _rate_limited(self, lim: Limit, wait: float) -> Refused:
         rates = ", ".join(f"{n} {v}" for n, v in (("rpm", lim.rpm), ("tpm", lim.tpm)) if v)
         message = (f"llmtap: rate limit {lim.name!r} ({lim.where.describe()}; {rates}) reached; "
                    f"retry in {seconds(wait)} s, or raise it with `sudo llmtap limit set "
                    f"{lim.name} --rpm <N>`.")
-        self._refuse(flow, message, "llmtap_rate_limited", {"retry-after": str(seconds(wait))})
-        policy |= {"decision": "rate_limited", "limit": lim.name}
-
-    def _refuse(self, flow: http.HTTPFlow, message: str, code: str, headers: dict[str, str]) -> None:
-        provider = self.request_info(flow) if self.request_info else None
-        flow.response = refusal(getattr(provider, "provider", None), 429, message, code,
-                                "budgets", headers)
-        fields(flow)["error"] = message
         log.warning("%s", message)
+        return Refused(message, "llmtap_rate_limited", {"retry-after": str(seconds(wait))},
+                       {"decision": "rate_limited", "limit": lim.name})
+
+    # -- a Responses WebSocket: each response.create on it is a call ----------------------------
+
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        """The upgrade was checked as a request; each response asked for on the connection is
+        checked here. A refused one is not sent on: the client gets an `error` event instead
+        (which also ends the exchange the protocols stage opened for it)."""
+        assert flow.websocket is not None
+        message = flow.websocket.messages[-1]
+        if not message.from_client or not message.is_text or message.injected:
+            return
+        if not (self.policy.budgets or self.policy.limits) or b"response.create" not in message.content:
+            return
+        asked = ws_request(message.content)
+        if asked is None:
+            return
+        call, now = self._call(flow), self.clock()
+        call["model"] = asked.model
+        budgets = tuple(b for b in self.policy.budgets if b.where.matches(call))
+        limits = tuple(lim for lim in self.policy.limits if lim.where.matches(call))
+        cost = 0.0
+        if budgets and self.pricer is not None:
+            cost = estimate(self.pricer(), asked, len(message.content), flow.request.pretty_host,
+                            flow.request.path)
+        if (refused := self._verdict(budgets, limits, now, cost)) is None:
+            return
+        message.drop()
+        event = {"type": "error", "status": 429, "error": {
+            "type": "rate_limit_error", "code": refused.code, "message": refused.message,
+            "param": None}}
+        ctx.master.commands.call("inject.websocket", flow, True, json.dumps(event).encode(), True)
 
     # -- response: settle ----------------------------------------------------------------------
 
