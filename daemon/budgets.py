@@ -239,10 +239,19 @@ def policy_line(row: dict[str, Any]) -> str:
 # -- periods ------------------------------------------------------------------------------------
 
 
+_day: list[Any] = [0.0, 0.0, ("", "")]  # [start, end, periods] of the day last asked about
+
+
 def periods(timestamp: float) -> tuple[str, str]:
     """The local day and month a moment belongs to ("2026-12-02", "2026-12")."""
+    start, end, found = _day
+    if start <= timestamp < end:  # asked several times a call: the day changes rarely
+        return found  # type: ignore[no-any-return]
     day = datetime.datetime.fromtimestamp(timestamp).date()
-    return day.isoformat(), day.isoformat()[:7]
+    found = day.isoformat(), day.isoformat()[:7]
+    begin = datetime.datetime.combine(day, datetime.time()).timestamp()
+    _day[:] = [begin, next_reset(timestamp), found]
+    return found
 
 
 def next_reset(timestamp: float, monthly: bool = False) -> float:

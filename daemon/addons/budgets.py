@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,14 +55,39 @@ TOKEN_KEYS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write
 Events = Callable[[dict[str, Any]], None]
 
 
+RateKey = tuple[int, str | None, str, str, str | None]
+RATES_KEPT = 1024  # (prices, model, host, path, provider) whose per-token rates are kept
+_rates: OrderedDict[RateKey, tuple[float, float] | None] = OrderedDict()
+
+
+def rates(pricer: Pricer, model: str | None, host: str, path: str,
+          provider: str | None) -> tuple[float, float] | None:
+    """USD per input and per output token; None for a model with no price. Quoting a call costs
+    ~0.5 ms (genai-prices), too much for every request: the two rates are quoted once per model
+    and kept (so a tiered price is estimated at its first tier)."""
+    key = (id(pricer), model, host, path.split("?", 1)[0], provider)
+    if key in _rates:
+        _rates.move_to_end(key)
+        return _rates[key]
+    found: list[float] = []
+    for usage in ({"input_tokens": 1000}, {"output_tokens": 1000}):  # under any tier
+        quote = pricer.quote(Call(model, usage, host, path, provider))
+        found.append(0.0 if quote.cost is None else float(quote.cost) / 1000)
+    _rates[key] = None if not any(found) else (found[0], found[1])
+    while len(_rates) > RATES_KEPT:
+        _rates.popitem(last=False)
+    return _rates[key]
+
+
 def estimate(pricer: Pricer, info: Any, body_bytes: int, host: str, path: str) -> float:
     """The worst-case cost of a call not yet made, in USD (0 for a model with no price)."""
     output = getattr(info, "max_tokens", None)
     output = output if isinstance(output, int) and output > 0 else DEFAULT_OUTPUT
-    usage = {"input_tokens": body_bytes // BYTES_PER_TOKEN, "output_tokens": output}
-    quote = pricer.quote(Call(getattr(info, "model", None), usage, host, path,
-                              getattr(info, "provider", None)))
-    return 0.0 if quote.cost is None else float(quote.cost)
+    per_token = rates(pricer, getattr(info, "model", None), host, path,
+                      getattr(info, "provider", None))
+    if per_token is None:
+        return 0.0
+    return body_bytes // BYTES_PER_TOKEN * per_token[0] + output * per_token[1]
 
 
 @dataclass(frozen=True)
@@ -116,6 +142,8 @@ class Budgets:
         self.ledger = Ledger()
         self.windows = Windows()
         self.reserved: dict[str, Reservation] = {}
+        self._flying: dict[str, float] = {}  # per budget name: the reserved estimates' sum
+        self._swept = 0.0
         self.fired: set[tuple[str, str, float]] = set()  # (budget, period, threshold)
         self.path: Path | None = None
         self._stamp: tuple[int, int] | None = None
@@ -215,8 +243,8 @@ class Budgets:
             fields(flow)["error"] = refused.message
             policy |= refused.decision
             return
-        self.reserved[flow.id] = Reservation(budgets, limits, cost, call["model"],
-                                             periods(now)[0], now)
+        self._reserve(flow.id, Reservation(budgets, limits, cost, call["model"],
+                                           periods(now)[0], now))
         policy |= {"decision": "admitted", "estimate_usd": round(cost, 6)}
 
     def _verdict(self, budgets: tuple[Budget, ...], limits: tuple[Limit, ...], now: float,
@@ -242,8 +270,28 @@ class Budgets:
         return estimate(self.pricer(), info, size, request.pretty_host, request.path)
 
     def in_flight(self, budget: Budget, now: float) -> float:
-        self._drop_stale(now)
-        return sum(r.estimate for r in self.reserved.values() if budget in r.budgets)
+        if now - self._swept > STALE_S / 60:
+            self._swept = now
+            for flow_id in [i for i, r in self.reserved.items() if now - r.started > STALE_S]:
+                self._release(flow_id)
+        return max(0.0, self._flying.get(budget.name, 0.0))
+
+    def _reserve(self, flow_id: str, reservation: Reservation) -> None:
+        self.reserved[flow_id] = reservation
+        for budget in reservation.budgets:
+            self._flying[budget.name] = self._flying.get(budget.name, 0.0) + reservation.estimate
+
+    def _release(self, flow_id: str) -> Reservation | None:
+        reservation = self.reserved.pop(flow_id, None)
+        if reservation is None:
+            return None
+        for budget in reservation.budgets:
+            left = self._flying.get(budget.name, 0.0) - reservation.estimate
+            if left > 1e-12:
+                self._flying[budget.name] = left
+            else:
+                self._flying.pop(budget.name, None)
+        return reservation
 
     def _over(self, budget: Budget, now: float, cost: float) -> tuple[str, float, float] | None:
         """(period, spent, cap) of the first cap the call could run over."""
@@ -319,7 +367,7 @@ class Budgets:
     def settle(self, flow: http.HTTPFlow) -> None:
         """The reservation gives way to the real cost (a WebSocket exchange was never reserved:
         its cost is counted all the same)."""
-        reservation = self.reserved.pop(flow.id, None)
+        reservation = self._release(flow.id)
         record, now = fields(flow), self.clock()
         if reservation is None and (flow.response is None or BLOCKED_HEADER in flow.response.headers):
             return  # refused here or by an earlier stage: it cost nothing
@@ -335,10 +383,6 @@ class Budgets:
             self.windows.completed(lim, now, tokens_of(record.get("usage")))
         for budget in budgets:
             self._alerts(budget, now)
-
-    def _drop_stale(self, now: float) -> None:
-        for flow_id in [i for i, r in self.reserved.items() if now - r.started > STALE_S]:
-            del self.reserved[flow_id]
 
     # -- alerts --------------------------------------------------------------------------------
 
