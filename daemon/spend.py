@@ -1,6 +1,6 @@
 """What budgets and rate limits count: money spent per local day (from the priced records and the
-calls completed since), the calls in flight with their reserved estimates, and the sliding minute
-of each rate limit.
+calls completed since), the estimate a call in flight reserves, and the sliding minute of each
+rate limit.
 
 Spend is kept as sums per (local day, credential, model, process, user): loaded once from the
 records index (this month's counted records), then added to as this worker prices each call, so
@@ -14,15 +14,25 @@ import contextlib
 import logging
 import math
 import sqlite3
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llmtap.budgets import Budget, Limit, month_start, periods
 from llmtap.parsers.base import as_dict
+from llmtap.pricing import Call, Pricer
 from llmtap.records.index import COUNTED, index_path
 
 log = logging.getLogger(__name__)
+
+# ESTIMATE of a call before it runs: its input as request bytes / BYTES_PER_TOKEN (JSON and
+# base64 make this an over-estimate, the safe side) and its output as its max tokens, or
+# DEFAULT_OUTPUT when it names none, priced by the pricing stage's prices.
+BYTES_PER_TOKEN = 4
+DEFAULT_OUTPUT = 4096
+TOKEN_KEYS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_5m_tokens",
+              "cache_write_1h_tokens")  # what a tokens-per-minute limit counts
 
 # (local day, credential, model, process name, tool, exe, user)
 Key = tuple[str, str | None, str | None, str | None, str | None, str | None, str | None]
@@ -190,6 +200,47 @@ def _expire(calls: collections.deque[float], now: float) -> None:
 def _expire_tokens(used: collections.deque[tuple[float, int]], now: float) -> None:
     while used and used[0][0] <= now - WINDOW_S:
         used.popleft()
+
+
+RateKey = tuple[int, str | None, str, str, str | None]
+RATES_KEPT = 1024  # (prices, model, host, path, provider) whose per-token rates are kept
+_rates: OrderedDict[RateKey, tuple[float, float] | None] = OrderedDict()
+
+
+def rates(pricer: Pricer, model: str | None, host: str, path: str,
+          provider: str | None) -> tuple[float, float] | None:
+    """USD per input and per output token; None for a model with no price. Quoting a call costs
+    ~0.5 ms (genai-prices), too much for every request: the two rates are quoted once per model
+    and kept (so a tiered price is estimated at its first tier)."""
+    key = (id(pricer), model, host, path.split("?", 1)[0], provider)
+    if key in _rates:
+        _rates.move_to_end(key)
+        return _rates[key]
+    found: list[float] = []
+    for usage in ({"input_tokens": 1000}, {"output_tokens": 1000}):  # under any tier
+        quote = pricer.quote(Call(model, usage, host, path, provider))
+        found.append(0.0 if quote.cost is None else float(quote.cost) / 1000)
+    _rates[key] = None if not any(found) else (found[0], found[1])
+    while len(_rates) > RATES_KEPT:
+        _rates.popitem(last=False)
+    return _rates[key]
+
+
+def estimate(pricer: Pricer, info: Any, body_bytes: int, host: str, path: str) -> float:
+    """The worst-case cost of a call not yet made, in USD (0 for a model with no price)."""
+    output = getattr(info, "max_tokens", None)
+    output = output if isinstance(output, int) and output > 0 else DEFAULT_OUTPUT
+    per_token = rates(pricer, getattr(info, "model", None), host, path,
+                      getattr(info, "provider", None))
+    if per_token is None:
+        return 0.0
+    return body_bytes // BYTES_PER_TOKEN * per_token[0] + output * per_token[1]
+
+
+def tokens_of(usage: Any) -> int:
+    if not isinstance(usage, dict):
+        return 0
+    return sum(v for k in TOKEN_KEYS if isinstance(v := usage.get(k), int))
 
 
 def seconds(wait: float) -> int:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from llmtap import budgets as policy_mod
-from llmtap.addons.budgets import DEFAULT_OUTPUT, Budgets, estimate
+from llmtap.addons.budgets import Budgets
 from llmtap.addons.pricing import Pricing
 from llmtap.addons.protocols import Protocols
 from llmtap.budgets import Budget, Limit, Policy, Selectors, parse_policy, periods
@@ -19,6 +19,7 @@ from llmtap.flow import BLOCKED_HEADER, fields
 from llmtap.price_data import bundled
 from llmtap.pricing import Call, Pricer
 from llmtap.records.index import Index, index_path, row_of
+from llmtap.spend import DEFAULT_OUTPUT, estimate
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow
 

@@ -11,7 +11,7 @@ the response, the call's cost is known), before the recorder (which writes its `
   the budget, its spend and how to raise it (`x-should-retry: false`: SDKs must not retry).
   "Could run over": spent + the estimates of the calls in flight + this call's estimate > cap.
 
-An admitted call reserves its estimate (ESTIMATE below) until its response or error, when the
+An admitted call reserves its estimate (llmtap.spend.estimate) until its response or error, when the
 real cost (the pricing stage's) takes its place; so parallel calls overshoot a cap by no more
 than what their estimates missed. Alerts fire once per budget, period and threshold.
 """
@@ -23,7 +23,6 @@ import contextlib
 import json
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,58 +35,16 @@ from llmtap.errors import UsageError
 from llmtap.flow import BLOCKED_HEADER, ProcessLookup, fields
 from llmtap.formatting import money
 from llmtap.parsers.base import as_dict
-from llmtap.pricing import Call, Pricer
-from llmtap.spend import Ledger, Reservation, Windows, seconds
+from llmtap.pricing import Pricer
+from llmtap.spend import Ledger, Reservation, Windows, estimate, seconds, tokens_of
 from mitmproxy import ctx, http
 
 log = logging.getLogger(__name__)
 
 RECHECK_S = 2.0  # how often budgets.json is looked at (a stat)
 ATTRIBUTION_WAIT_S = 1.0  # a process or user selector waits this long for the process
-# ESTIMATE of a call before it runs: its input as request bytes / BYTES_PER_TOKEN (JSON and
-# base64 make this an over-estimate, the safe side) and its output as its max tokens, or
-# DEFAULT_OUTPUT when it names none, priced by the pricing stage's prices.
-BYTES_PER_TOKEN = 4
-DEFAULT_OUTPUT = 4096
 STALE_S = 3600.0  # a reservation whose flow never ended is dropped after this
-TOKEN_KEYS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_5m_tokens",
-              "cache_write_1h_tokens")
 Events = Callable[[dict[str, Any]], None]
-
-
-RateKey = tuple[int, str | None, str, str, str | None]
-RATES_KEPT = 1024  # (prices, model, host, path, provider) whose per-token rates are kept
-_rates: OrderedDict[RateKey, tuple[float, float] | None] = OrderedDict()
-
-
-def rates(pricer: Pricer, model: str | None, host: str, path: str,
-          provider: str | None) -> tuple[float, float] | None:
-    """USD per input and per output token; None for a model with no price. Quoting a call costs
-    ~0.5 ms (genai-prices), too much for every request: the two rates are quoted once per model
-    and kept (so a tiered price is estimated at its first tier)."""
-    key = (id(pricer), model, host, path.split("?", 1)[0], provider)
-    if key in _rates:
-        _rates.move_to_end(key)
-        return _rates[key]
-    found: list[float] = []
-    for usage in ({"input_tokens": 1000}, {"output_tokens": 1000}):  # under any tier
-        quote = pricer.quote(Call(model, usage, host, path, provider))
-        found.append(0.0 if quote.cost is None else float(quote.cost) / 1000)
-    _rates[key] = None if not any(found) else (found[0], found[1])
-    while len(_rates) > RATES_KEPT:
-        _rates.popitem(last=False)
-    return _rates[key]
-
-
-def estimate(pricer: Pricer, info: Any, body_bytes: int, host: str, path: str) -> float:
-    """The worst-case cost of a call not yet made, in USD (0 for a model with no price)."""
-    output = getattr(info, "max_tokens", None)
-    output = output if isinstance(output, int) and output > 0 else DEFAULT_OUTPUT
-    per_token = rates(pricer, getattr(info, "model", None), host, path,
-                      getattr(info, "provider", None))
-    if per_token is None:
-        return 0.0
-    return body_bytes // BYTES_PER_TOKEN * per_token[0] + output * per_token[1]
 
 
 @dataclass(frozen=True)
@@ -118,12 +75,6 @@ def ws_request(content: bytes) -> Asked | None:
     model, most = body.get("model"), body.get("max_output_tokens")
     return Asked("openai", model if isinstance(model, str) else None,
                  most if isinstance(most, int) and not isinstance(most, bool) else None)
-
-
-def tokens_of(usage: Any) -> int:
-    if not isinstance(usage, dict):
-        return 0
-    return sum(v for k in TOKEN_KEYS if isinstance(v := usage.get(k), int))
 
 
 class Budgets:
