@@ -9,6 +9,8 @@ from typing import Any
 
 import typer
 from llmtap import __version__, cli_install, control, redirect
+from llmtap.budgets import policy_line
+from llmtap.cli_budget import budget_app, limit_app
 from llmtap.cli_history import history_app
 from llmtap.cli_options import ConfigOption
 from llmtap.cli_prices import prices_app
@@ -37,6 +39,8 @@ app.add_typer(history_app)  # logs, show, stats, export, reindex, dashboard: top
 app.add_typer(prices_app, name="prices")
 app.add_typer(rules_app, name="rules")
 app.add_typer(secrets_app, name="secrets")
+app.add_typer(budget_app, name="budget")
+app.add_typer(limit_app, name="limit")
 app.command("env")(env_command)
 app.command("tunnel")(tunnel_command)
 app.command("ui")(ui_command)
@@ -120,8 +124,11 @@ def _print_status(report: dict[str, Any]) -> None:
         typer.echo(f"  metrics: http://{report['metrics']}/metrics and /health")
     for host, addresses in report["targets"].items():
         typer.echo(f"  {host}: {', '.join(addresses) or 'unresolved'}")
-    counters = report.get("counters", {})
+    counters = dict(report.get("counters", {}))
+    policy = counters.pop("policy", None) or []
     typer.echo("  " + ", ".join(f"{k} {v}" for k, v in counters.items()))
+    for row in policy:  # budgets and rate limits with their use
+        typer.echo(f"  {policy_line(row)}")
 
 
 @ca_app.command("path")

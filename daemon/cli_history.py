@@ -31,7 +31,7 @@ ReadOnlyOption = typer.Option(False, "--read-only", help="Change nothing on disk
 SinceOption = typer.Option(None, "--since", help="Only calls since: 30m, 1h, 2d, 1w or a date/time.")
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-BY_CHOICES = ("model", "process", "host", "day")
+BY_CHOICES = ("model", "process", "host", "day", "budget")
 
 
 def parse_since(value: str | None, now: float | None = None) -> float | None:
@@ -145,7 +145,7 @@ def show(
 
 @history_app.command()
 def stats(
-    by: str = typer.Option("model", "--by", help="Group by model, process, host or day."),
+    by: str = typer.Option("model", "--by", help="Group by model, process, host, day or budget."),
     since: str | None = SinceOption,
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     read_only: bool = ReadOnlyOption,

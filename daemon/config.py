@@ -149,6 +149,13 @@ class DashboardConfig:
 
 
 @dataclass(frozen=True)
+class BudgetsConfig:
+    """Where budget alerts go besides the log, the live feed and a desktop notification."""
+
+    webhook: str = ""  # an https:// URL that gets each alert as a JSON POST ("" = none)
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     """Prometheus /metrics and /health, served by the supervisor ("" = off), e.g. "127.0.0.1:9464".
     Loopback unless allow_non_loopback is set too, and then only with a bearer_token (SPEC:
@@ -288,6 +295,7 @@ class Config:
     explicit: ExplicitConfig = field(default_factory=ExplicitConfig)
     records: RecordsConfig = field(default_factory=RecordsConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
+    budgets: BudgetsConfig = field(default_factory=BudgetsConfig)
     prices: PricesConfig = field(default_factory=PricesConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -364,6 +372,9 @@ def validate(config: Config) -> None:
         raise UsageError("targets.hosts and targets.extra_hosts are both empty")
     if config.upstream.extra_ca and not Path(config.upstream.extra_ca).is_file():
         raise UsageError(f"upstream.extra_ca: {config.upstream.extra_ca} is not a file")
+    webhook = config.budgets.webhook
+    if webhook and not (webhook.startswith("https://") and len(webhook) > 8 and " " not in webhook):
+        raise UsageError(f"budgets.webhook must be an https:// URL, not {webhook!r}")
     validate_reach(config)
     validate_history(config)
     validate_filters(config)

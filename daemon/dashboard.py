@@ -130,6 +130,8 @@ class State:
         elif kind == "end":
             self.active.pop(str(event.get("id")), None)
             return True
+        elif kind == "alert":  # a budget threshold crossed (llmtap.addons.budgets)
+            self.banner = str(event.get("message", ""))
         return False
 
     def check_budget(self) -> bool:
@@ -315,7 +317,30 @@ def _budget(state: State) -> RenderableType:
         parts += [Text(f"budget {money(cost)} of {money(budget)} ({share:.0%})", style=colour),
                   ProgressBar(total=budget, completed=min(cost, budget), width=36,
                               complete_style=colour, finished_style=colour)]
+    for row in (state.counters.get("policy") or [])[:6]:  # `llmtap budget|limit` with their use
+        parts.append(Text(_policy_text(row), style="red" if _spent(row) else "", no_wrap=True,
+                          overflow="ellipsis"))
     return Panel(Group(*parts), title="Today")
+
+
+def _policy_text(row: dict[str, Any]) -> str:
+    """One budget or limit, short: `work $5.50/$5.00 today +$0.25 in flight`."""
+    if row.get("kind") == "limit":
+        rates = [f"{row.get(used) or 0}/{row[cap]} {cap}"
+                 for cap, used in (("rpm", "calls_last_minute"), ("tpm", "tokens_last_minute"))
+                 if row.get(cap)]
+        return f"limit {row.get('name')} {', '.join(rates)}"
+    caps = [f"{money(spent)}/{money(cap)} {period}"
+            for cap, spent, period in ((row.get("daily"), row.get("spent_today"), "today"),
+                                       (row.get("monthly"), row.get("spent_month"), "month"))
+            if cap]
+    flying = f" +{money(row['in_flight'])} in flight" if row.get("in_flight") else ""
+    return f"budget {row.get('name')} {', '.join(caps)}{flying}"
+
+
+def _spent(row: dict[str, Any]) -> bool:
+    caps = ((row.get("daily"), row.get("spent_today")), (row.get("monthly"), row.get("spent_month")))
+    return any(cap and (spent or 0) >= cap for cap, spent in caps)
 
 
 def _context(state: State) -> RenderableType:
@@ -372,6 +397,7 @@ def render(state: State, width: int = 120) -> RenderableType:
     right = Layout(name="right", ratio=2, minimum_size=40)
     body.split_row(left, right)
     left.split_column(Layout(_active(state), ratio=3), Layout(_recent(state), ratio=2))
-    right.split_column(Layout(_budget(state), size=13), Layout(_context(state), ratio=1),
+    shown = min(len(state.counters.get("policy") or []), 6)  # budgets and limits, a line each
+    right.split_column(Layout(_budget(state), size=13 + shown), Layout(_context(state), ratio=1),
                        Layout(_processes(state), ratio=1))
     return layout

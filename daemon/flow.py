@@ -130,6 +130,10 @@ class Record(TypedDict, total=False):
     repeat_of: str
     # the pricing stage
     price: dict[str, Any] | None  # the price's provenance (source, version, rates)
+    # the budgets stage: the budgets and limits covering the call, and what was decided
+    # ({"budgets": [...], "limits": [...], "decision": "admitted" | "blocked" | "rate_limited",
+    #   "estimate_usd": reserved while in flight, "budget" | "limit": the one that refused it})
+    policy: dict[str, Any]
     # the filters, DLP and credentials stages
     rules_missed: list[dict[str, Any]]
     dlp_skipped: str

@@ -24,7 +24,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from llmtap import ca, control, livehub, metrics, proclookup, redirect
+from llmtap import alerts, ca, control, livehub, metrics, proclookup, redirect
 from llmtap.config import Config
 from llmtap.errors import LlmtapError, RuntimeFailure, UsageError
 from llmtap.healing import HEARTBEAT_TIMEOUT_S, Healer
@@ -373,6 +373,7 @@ class Supervisor:
                     self.metrics.update_counters(self.counters, worker.pid)
                 elif event.get("event") == "live":
                     self.hub.publish(event.get("events", []))
+                    alerts.deliver(event.get("events", []), self.config.budgets.webhook)
                     self.metrics.observe(event.get("events", []))
         worker.ended = True  # it exited: every moment the redirect still points at it is refusals
         self.wake.set()

@@ -24,6 +24,7 @@ from typing import IO, Any
 
 from llmtap import addons
 from llmtap.addons.attribution import Attribution
+from llmtap.addons.budgets import Budgets
 from llmtap.addons.live import Live
 from llmtap.addons.recorder import Recorder, start_writer_process
 from llmtap.errors import LlmtapError
@@ -183,6 +184,7 @@ class Reporter:
         self.live = addons.stage(stages, Live)
         self.recorder = addons.stage(stages, Recorder)
         self.attribution = addons.stage(stages, Attribution)
+        self.budgets = addons.stage(stages, Budgets)
         self._task: asyncio.Task[None] | None = None
 
     def _send(self, event: dict[str, Any]) -> None:
@@ -202,10 +204,12 @@ class Reporter:
             if live and (events := live.drain()):  # dashboard events: batched, a few a second
                 self._send({"event": "live", "events": events})
             if ticks % round(REPORT_INTERVAL_S / LIVE_INTERVAL_S) == 0:
-                counters = live.snapshot() if live else {}
+                counters: dict[str, Any] = live.snapshot() if live else {}
                 counters.update(recorder.counters() if recorder else {})
                 if attribution:
                     counters["attribution_unanswered"] = attribution.unanswered
+                if self.budgets and (policy := self.budgets.snapshot()):
+                    counters["policy"] = policy  # budgets and limits with their use
                 self._send({"event": "counters", "counters": counters})
             ticks += 1
             await asyncio.sleep(LIVE_INTERVAL_S)

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from llmtap.addons.attribution import Attribution
+from llmtap.addons.budgets import Budgets
 from llmtap.addons.counting import Counting
 from llmtap.addons.credentials import Credentials, CredentialStreams
 from llmtap.addons.dlp import Dlp, DlpStreams
@@ -29,6 +30,10 @@ PIPELINE = (
     "protocols",
     "counting",  # which record is the billed call (a poll, a retrieval, an upgrade are not)
     "pricing",
+    # Spending caps and rate limits: its request hook runs once protocols has read the request
+    # (and credentials, attribution have said whose call it is), before anything goes upstream;
+    # its response hook after pricing (the real cost), before the recorder (the record's policy).
+    "budgets",
     "recorder",
     "live",
     # The stream tails: they wrap whatever stream callable the stages above settled on (the
@@ -46,6 +51,7 @@ STAGES: dict[str, type] = {
     "protocols": Protocols,
     "counting": Counting,
     "pricing": Pricing,
+    "budgets": Budgets,
     "recorder": Recorder,
     "live": Live,
     "dlpstreams": DlpStreams,
@@ -66,13 +72,19 @@ def pipeline(lookup: socket.socket | None = None,
     attribution = Attribution(channel=lookup, resolve=resolve)
     credentials = Credentials(attribution=attribution)
     dlp = Dlp(held=credentials)
+    protocols, pricing = Protocols(), Pricing()
+    live = Live(mask=credentials.mask, lookup=attribution)
     made: dict[str, object] = {
         "attribution": attribution,
         "credentials": credentials,
         "filters": Filters(dlp_follows=True),
         "dlp": dlp,
         "recorder": Recorder(mask=credentials.mask, lookup=attribution, process_writer=writer),
-        "live": Live(mask=credentials.mask, lookup=attribution),
+        "protocols": protocols,
+        "pricing": pricing,
+        "budgets": Budgets(pricer=lambda: pricing.pricer, request_info=protocols.request_info,
+                           lookup=attribution, events=live.event),
+        "live": live,
         "dlpstreams": DlpStreams(dlp),
         "credentialstreams": CredentialStreams(credentials),
     }

@@ -144,6 +144,10 @@ class Live:
             return known
         return process_summary(self.lookup.process_of(flow)) if self.lookup else None
 
+    def event(self, event: dict[str, Any]) -> None:
+        """An event another stage sends to the feed (a budget alert)."""
+        self._queue(event)
+
     def _queue(self, event: dict[str, Any]) -> None:
         self.pending.append(event)
         if len(self.pending) > MAX_PENDING:

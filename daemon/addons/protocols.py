@@ -257,6 +257,11 @@ class Protocols:
             req.headers.update(rewrite.headers)
             exchange.strip_usage = True
 
+    def request_info(self, flow: http.HTTPFlow) -> RequestInfo | None:
+        """What the request asks for (provider, model, max tokens), once `request` has read it."""
+        exchange = self._exchanges.get(flow)
+        return exchange.info if exchange is not None else None
+
     def _exchange(self, flow: http.HTTPFlow) -> Exchange:
         """The flow's exchange; one from the request line alone if `request` never ran."""
         exchange = self._exchanges.get(flow)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator
@@ -31,6 +32,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("process_user", "TEXT"), ("credential", "TEXT"), ("error", "TEXT"),
     # 0: a retrieval, a poll, a WebSocket upgrade... (llmtap.addons.counting); NULL counts
     ("counted", "INTEGER"), ("billed_id", "TEXT"), ("repeat_of", "TEXT"),
+    ("budgets", "TEXT"),  # a JSON list: the budgets covering the call (record's policy.budgets)
 )
 NAMES = tuple(name for name, _ in COLUMNS)
 SCHEMA = f"""
@@ -47,7 +49,9 @@ UNPRICED = (f"{COUNTED} AND cost_usd IS NULL AND "
             "(input_tokens IS NOT NULL OR output_tokens IS NOT NULL)")  # tokens, but no price
 UNPRICED_SUM = f"SUM(CASE WHEN {UNPRICED} THEN 1 ELSE 0 END) AS unpriced"
 STATS_KEYS = {"model": "model", "process": "COALESCE(process_tool, process_name)",
-              "host": "host", "day": "day"}
+              "host": "host", "day": "day", "budget": "budget.value"}
+# A call covered by several budgets is in each one's group; one covered by none, in none.
+STATS_FROM = {"budget": "calls, json_each(calls.budgets) AS budget"}
 
 
 def ensure_schema(conn: sqlite3.Connection) -> None:
@@ -80,6 +84,7 @@ def row_of(record: dict[str, Any], location: str) -> tuple[Any, ...]:
     usage = as_dict(record.get("usage"))
     process = as_dict(record.get("process"))
     request = as_dict(record.get("request"))
+    budgets = as_dict(record.get("policy")).get("budgets")
     values: dict[str, Any] = {
         "id": str(record["id"]), "location": location,
         "started_at": record.get("started_at"),
@@ -94,6 +99,8 @@ def row_of(record: dict[str, Any], location: str) -> tuple[Any, ...]:
         "max_tokens": _int(request.get("max_tokens")),
         "process_pid": _int(process.get("pid")), "process_name": process.get("name"),
         "process_tool": process.get("tool"), "process_user": process.get("user"),
+        "budgets": json.dumps([str(b) for b in budgets]) if isinstance(budgets, list) and budgets
+        else None,
     }
     for key in ("cost_usd", "ttft_ms", "duration_ms"):
         values[key] = _float(values[key])
@@ -241,22 +248,24 @@ class Index:
         return where, args
 
     def stats(self, by: str, since: float | None = None) -> list[dict[str, Any]]:
-        key = STATS_KEYS[by]
+        key, source = STATS_KEYS[by], STATS_FROM.get(by, "calls")
         where, args = self._filters(since, None, None, counted_only=True)
         sums = ", ".join(f"SUM({k}) AS {k}" for k in USAGE_KEYS)
         sql = (f"SELECT {key} AS key, COUNT(*) AS calls, {sums}, SUM(cost_usd) AS cost_usd, "
-               f"COUNT(cost_usd) AS priced, {UNPRICED_SUM} FROM calls WHERE {' AND '.join(where)} "
+               f"COUNT(cost_usd) AS priced, {UNPRICED_SUM} FROM {source} "
+               f"WHERE {' AND '.join(where)} "
                f"GROUP BY {key} ORDER BY cost_usd DESC NULLS LAST, calls DESC")
         groups = [dict(row) for row in self.conn.execute(sql, args)]
         for group in groups:
-            ttfts = self._ttfts(key, group["key"], where, args)
+            ttfts = self._ttfts(key, group["key"], where, args, source)
             group["ttft_p50_ms"] = percentile(ttfts, 50)
             group["ttft_p95_ms"] = percentile(ttfts, 95)
         return groups
 
-    def _ttfts(self, key: str, value: Any, where: list[str], args: list[Any]) -> list[float]:
+    def _ttfts(self, key: str, value: Any, where: list[str], args: list[Any],
+               source: str = "calls") -> list[float]:
         test = f"{key} IS ?"
-        sql = (f"SELECT ttft_ms FROM calls WHERE {' AND '.join(where)} AND {test} "
+        sql = (f"SELECT ttft_ms FROM {source} WHERE {' AND '.join(where)} AND {test} "
                "AND ttft_ms IS NOT NULL ORDER BY ttft_ms")
         return [row[0] for row in self.conn.execute(sql, [*args, value])]
 

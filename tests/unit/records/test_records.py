@@ -352,7 +352,7 @@ def test_history_commands(tmp_path, capsys):
     assert out.splitlines()[0].startswith("id,location,started_at") and len(out.splitlines()) == 4
     assert run_cli(capsys, "show", "abcd", "--config", config)[0] == 2  # ambiguous
     assert run_cli(capsys, "stats", "--by", "colour", "--config", config)[2].strip() == \
-        "llmtap: --by must be one of model, process, host, day, not 'colour'"
+        "llmtap: --by must be one of model, process, host, day, budget, not 'colour'"
     assert run_cli(capsys, "logs", "--since", "yesterday", "--config", config)[0] == 2
     index_path(records).unlink()
     code, out, _ = run_cli(capsys, "reindex", "--config", config)
