@@ -18,7 +18,7 @@ import pytest
 import streams
 from llmtap import cli
 from llmtap.addons.recorder import Recorder
-from llmtap.cli_history import parse_since
+from llmtap.cli.history import parse_since
 from llmtap.config import ExportConfig, RecordsConfig
 from llmtap.flow import SYSTEM_PROMPT, fields
 from llmtap.records import export, rotation, store
