@@ -7,14 +7,15 @@ from collections.abc import Iterable
 
 from llmtap.addons.attribution import Attribution
 from llmtap.addons.counting import Counting
-from llmtap.addons.credentials import Credentials, CredentialStreams
-from llmtap.addons.dlp import Dlp, DlpStreams
+from llmtap.addons.credentials import Credentials
+from llmtap.addons.dlp import Dlp
 from llmtap.addons.filters import Filters
 from llmtap.addons.live import Live
 from llmtap.addons.pricing import Pricing
 from llmtap.addons.protocols import Protocols
 from llmtap.addons.recorder import Recorder
 from llmtap.addons.scope import Scope
+from llmtap.addons.streams import Streams
 from llmtap.records.writer_process import RecordWriterProcess
 
 # Every stage, in order. A stage not built yet has no addon; the order of the rest never changes.
@@ -29,10 +30,9 @@ PIPELINE = (
     "pricing",
     "recorder",
     "live",
-    # The stream tails: they wrap whatever stream callable the stages above settled on (the
-    # protocols stage and the recorder choose whether and how a body streams).
-    "dlpstreams",  # streamed request bodies: redacted before the stages above see them
-    "credentialstreams",  # streamed responses: held keys echoed back are scrubbed
+    # Last, once the stages above have settled whether a body streams: chains their stream
+    # layers into the one callable mitmproxy calls per chunk (the order: llmtap.addons.streams).
+    "streams",
 )
 
 STAGES: dict[str, type] = {
@@ -46,8 +46,7 @@ STAGES: dict[str, type] = {
     "pricing": Pricing,
     "recorder": Recorder,
     "live": Live,
-    "dlpstreams": DlpStreams,
-    "credentialstreams": CredentialStreams,
+    "streams": Streams,
 }
 
 
@@ -62,15 +61,20 @@ def pipeline(lookup: socket.socket | None = None,
     attribution = Attribution(channel=lookup)
     credentials = Credentials(attribution=attribution)
     dlp = Dlp(held=credentials)
+    protocols = Protocols()
+    recorder = Recorder(mask=credentials.mask, lookup=attribution, process_writer=writer)
+    live = Live(mask=credentials.mask, lookup=attribution)
     made: dict[str, object] = {
         "attribution": attribution,
         "credentials": credentials,
         "filters": Filters(dlp_follows=True),
         "dlp": dlp,
-        "recorder": Recorder(mask=credentials.mask, lookup=attribution, process_writer=writer),
-        "live": Live(mask=credentials.mask, lookup=attribution),
-        "dlpstreams": DlpStreams(dlp),
-        "credentialstreams": CredentialStreams(credentials),
+        "protocols": protocols,
+        "recorder": recorder,
+        "live": live,
+        # in the order the bytes go through them
+        "streams": Streams(request=(dlp, protocols),
+                           response=(credentials, live, recorder, protocols)),
     }
     return [made.get(stage) or STAGES[stage]() for stage in PIPELINE if stage in STAGES]
 
