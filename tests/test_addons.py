@@ -125,8 +125,8 @@ def test_pipeline_hands_each_stage_what_it_depends_on():
         assert filters is not None and filters.dlp_follows
         streams, protocols = addons.stage(stages, Streams), addons.stage(stages, Protocols)
         assert streams is not None
-        assert streams.request == (dlp, protocols)
-        assert streams.response == (credentials, live, recorder, protocols)
+        assert streams.request_stages == (dlp, protocols)
+        assert streams.response_stages == (credentials, live, recorder, protocols)
     finally:
         ours.close()
         theirs.close()

@@ -472,7 +472,7 @@ def test_the_stream_tail_is_behind_every_other_stage():
     stages = addons.pipeline()
     tail = stages[-1]
     assert isinstance(tail, Streams)
-    assert tail.response[0] is addons.stage(stages, Credentials)  # keys out before any other layer
+    assert tail.response_stages[0] is addons.stage(stages, Credentials)  # keys out first
 
 
 def gzip_stream(text: bytes, pieces: int) -> list[bytes]:

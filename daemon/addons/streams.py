@@ -77,13 +77,15 @@ class Streams:
 
     def __init__(self, request: Sequence[RequestLayers] = (),
                  response: Sequence[ResponseLayers] = ()) -> None:
-        self.request = tuple(request)  # in the order the bytes go through them
-        self.response = tuple(response)
+        # In the order the bytes go through them. Not `request`/`response`: mitmproxy would take
+        # attributes of those names for its hooks.
+        self.request_stages = tuple(request)
+        self.response_stages = tuple(response)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.request.stream is not True:  # held, or already set by someone else
             return
-        layers = [layer for stage in self.request if (layer := stage.request_layer(flow))]
+        layers = [layer for stage in self.request_stages if (layer := stage.request_layer(flow))]
         if layers:
             flow.request.stream = StreamChain(layers)
 
@@ -91,6 +93,6 @@ class Streams:
         response = flow.response
         if response is None or response.stream is not True:
             return
-        layers = [layer for stage in self.response if (layer := stage.response_layer(flow))]
+        layers = [layer for stage in self.response_stages if (layer := stage.response_layer(flow))]
         if layers:
             response.stream = StreamChain(layers)
