@@ -149,7 +149,7 @@ class InProcessHost:
         return backend
 
     def start(self, on_event: EventHandler, stop: threading.Event) -> list[str] | None:
-        """True once the proxy listens; None if a stop came first."""
+        """Where the proxy listens, once it does; None if a stop came first."""
         assert self._settings is not None
 
         def handle(event: Event) -> None:
