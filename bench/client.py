@@ -5,6 +5,7 @@ Each subcommand prints one JSON object. Times are in milliseconds.
     client.py stream   URL CACERT --repeat R         TTFB and per-chunk delay (server-stamped events)
     client.py load     URL CACERT --concurrency C --requests M
     client.py download URL CACERT                    MB/s of one large body
+    client.py first    URL CACERT                    a fresh process's first request (connect included)
 """
 
 from __future__ import annotations
@@ -106,6 +107,19 @@ async def load(url: str, cacert: str, concurrency: int, requests: int) -> dict[s
             "chunk_delay_ms": delays}
 
 
+def first(url: str, cacert: str) -> dict[str, Any]:
+    """What an SDK script run pays: its first request, on a new connection (DNS, TCP, TLS)."""
+    client = httpx.Client(verify=context(cacert))
+    start = time.perf_counter()
+    try:
+        ok = client.post(url, json=REQUEST, headers=HEADERS).is_success
+    except httpx.HTTPError:
+        ok = False
+    elapsed = (time.perf_counter() - start) * 1000
+    client.close()
+    return {"ms": [elapsed] if ok else [], "failures": 0 if ok else 1}
+
+
 def download(url: str, cacert: str) -> dict[str, Any]:
     size = 0
     with httpx.Client(verify=context(cacert), timeout=120) as client:
@@ -119,7 +133,7 @@ def download(url: str, cacert: str) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("command", choices=["latency", "stream", "load", "download"])
+    parser.add_argument("command", choices=["latency", "stream", "load", "download", "first"])
     parser.add_argument("url")
     parser.add_argument("cacert")
     parser.add_argument("--n", type=int, default=100)
@@ -134,6 +148,8 @@ def main() -> None:
         result = stream(args.url, args.cacert, args.repeat)
     elif args.command == "load":
         result = asyncio.run(load(args.url, args.cacert, args.concurrency, args.requests))
+    elif args.command == "first":
+        result = first(args.url, args.cacert)
     else:
         result = download(args.url, args.cacert)
     print(json.dumps(result))

@@ -2,7 +2,7 @@
 
     sudo .venv/bin/python bench/fault_soak.py [--seconds 120] [--clients 4]
 
-In the test bed's namespaces (tests/testbed.py), like bench/run.py. Every FAULT_EVERY_S one fault
+In the test bed's namespaces (tests/support/testbed.py), like bench/run.py. Every FAULT_EVERY_S one fault
 is injected, in turn: SIGKILL of the worker, SIGSTOP of the worker, SIGKILL of the record writer,
 SIGKILL of the nft helper. The clients (one process each, httpx, trusting both the tap's CA and
 the upstream's, so a request succeeds tapped or direct) loop over JSON calls and SSE streams
@@ -31,7 +31,7 @@ from typing import Any
 import psutil
 
 BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH.parent / "tests"))
+sys.path.insert(0, str(BENCH.parent / "tests" / "support"))
 
 from testbed import Daemon, Testbed, new_testbed, start_daemon  # noqa: E402
 

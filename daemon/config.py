@@ -49,8 +49,10 @@ def system_paths(platform: str | None = None, environ: Mapping[str, str] | None 
         base = ntpath.join(env.get("ProgramData") or r"C:\ProgramData", "llmtap")
         return SystemPaths(*(Path(ntpath.join(base, name)) for name in (
             "config.toml", "state", "records", "run", "public", "llmtap.log")))
+    # macOS has no /run (and its system volume is read-only): the run files go in /var/run.
+    run = "/var/run/llmtap" if (platform or sys.platform) == "darwin" else "/run/llmtap"
     return SystemPaths(Path("/etc/llmtap/config.toml"), Path("/var/lib/llmtap"),
-                       Path("/var/lib/llmtap/records"), Path("/run/llmtap"), Path("/etc/llmtap"),
+                       Path("/var/lib/llmtap/records"), Path(run), Path("/etc/llmtap"),
                        Path("/var/log/llmtap.log"))
 
 
@@ -114,6 +116,10 @@ class TargetsConfig:
 @dataclass(frozen=True)
 class UpstreamConfig:
     extra_ca: str = ""  # PEM bundle trusted in addition to the system roots
+    # Verified upstream connections a client leaves idle are kept for the next client, up to
+    # pool_per_host per address and server name (0: never), each closed after pool_idle_s idle.
+    pool_per_host: int = 4
+    pool_idle_s: int = 30
 
 
 @dataclass(frozen=True)
@@ -344,6 +350,10 @@ def validate(config: Config) -> None:
         raise UsageError("redirect.max_connections_per_user must be 0 (no cap) or more")
     if r.idle_timeout_s < 1:
         raise UsageError("redirect.idle_timeout_s must be at least 1")
+    if not 0 <= config.upstream.pool_per_host <= 64:
+        raise UsageError("upstream.pool_per_host must be 0 (no pooling) to 64")
+    if config.upstream.pool_idle_s < 1:
+        raise UsageError("upstream.pool_idle_s must be at least 1")
     for host in config.targets.all_hosts:
         try:
             hostpatterns.check(host)

@@ -65,8 +65,12 @@ class Process(TypedDict, total=False):
     exe: str
     cmdline: list[str]
     user: str
+    uid: int | None  # the real uid
     tool: str | None
+    script: str | None  # an interpreter's first argument, as a real path (llmtap.keybind)
     parents: list[dict[str, Any]]
+    shared: bool  # its parent holds the same socket: who writes on it is not known
+    foreign_root: bool  # it runs in another root filesystem (a container)
 
 
 class Record(TypedDict, total=False):
@@ -131,6 +135,8 @@ class Record(TypedDict, total=False):
     rules_missed: list[dict[str, Any]]
     dlp_skipped: str
     credential_alerts: list[dict[str, Any]]
+    # a secret bound to programs (llmtap.keybind): {secret, decision: injected|refused, rule, reason}
+    credential_decision: dict[str, Any]
 
 
 def rfc3339(timestamp: float | None) -> str | None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from llmtap import hostpatterns
 from llmtap import secrets_store as store
 from llmtap.hostpatterns import HostSet
+from llmtap.keybind import UNBOUND, Binding
 from llmtap.masking import NO_MASK, SecretMask
 
 log = logging.getLogger("llmtap.addons.credentials")  # its lines read as the stage's, as before
@@ -32,6 +33,7 @@ class Entry:
     value: str | None  # None: its reference could not be resolved
     problem: str = ""
     for_users: frozenset[str] = frozenset()  # when_absent: only for requests these users made
+    binding: Binding = UNBOUND  # the programs and users its key is added for (unbound: any)
 
     @functools.cached_property
     def bound(self) -> HostSet:

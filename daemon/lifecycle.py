@@ -188,6 +188,8 @@ class Lifecycle:
             explicit_listen=config.explicit.address,
             key_ports=config.redirect.ports,
             idle_timeout_s=config.redirect.idle_timeout_s,
+            upstream_pool_per_host=config.upstream.pool_per_host,
+            upstream_pool_idle_s=config.upstream.pool_idle_s,
         )
 
     def request_stop(self, reason: str = "requested") -> None:

@@ -26,7 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from llmtap.platform.linux.sockets import diag_socket_inode, normalise_ip, pid_of_inode, socket_inode
+from llmtap.platform.linux.sockets import (
+    diag_socket_inode,
+    holds_socket,
+    normalise_ip,
+    pid_of_inode,
+    socket_inode,
+)
+from llmtap.platform.macos.sockets import pid_of_connection
 from llmtap.records.capture import mask_secrets
 
 log = logging.getLogger(__name__)
@@ -35,6 +42,7 @@ CACHE_TTL_S = 2.0  # a local port is reused only after TIME_WAIT, far longer tha
 MAX_MESSAGE = 64 * 1024
 MAX_PARENTS = 8
 MAX_CMDLINE = 1024
+MAX_SCRIPT = 1024  # a longer first argument is no script path (and the reply stays small)
 # Agents first: the chain is walked up to the first of these. Runtimes name a tool only when no
 # agent is found (a bare `python script.py` is attributed to python).
 AGENTS = ("claude", "codex", "cursor", "aider", "gemini", "copilot", "windsurf", "zed", "code",
@@ -75,7 +83,8 @@ def describe(pid: int) -> dict[str, Any] | None:
     info["tool"] = agent or info["tool"]  # a runtime parent (a shell script's python) is no tool
     # The chain up to the first agent (or the whole short chain): who started this call.
     cut = next((i for i, p in enumerate(parents) if p["tool"] in AGENTS), len(parents) - 1)
-    info["parents"] = [{k: p[k] for k in ("pid", "name", "exe", "tool")} for p in parents[:cut + 1]]
+    info["parents"] = [{k: p[k] for k in ("pid", "name", "exe", "tool", "uid", "script")}
+                       for p in parents[:cut + 1]]
     return info
 
 
@@ -90,8 +99,41 @@ def _basic(process: psutil.Process) -> dict[str, Any]:
         "exe": exe,
         "cmdline": text[:MAX_CMDLINE] + ("…" if len(text) > MAX_CMDLINE else ""),
         "user": _safe(process.username),
+        "uid": _safe(lambda: process.uids().real),
         "tool": tool_name(name, cmdline, exe),
+        "script": script_of(process, cmdline),
     }
+
+
+def script_of(process: psutil.Process, cmdline: list[str]) -> str | None:
+    """The script an interpreter runs, as a real path: its first argument when that is no option
+    (`node /usr/local/bin/claude …`, what a shebang line makes), against its working directory.
+    An option first (`node -r x.js cli.js`, `python -c …`) gives none: code would run that is not
+    the script. The process can rewrite its own arguments: this names, it does not prove."""
+    arg = cmdline[1] if len(cmdline) > 1 else ""
+    if not arg or arg.startswith("-") or len(arg) > MAX_SCRIPT:
+        return None
+    if not os.path.isabs(arg):
+        cwd = _safe(process.cwd)
+        if not cwd:
+            return None
+        arg = os.path.join(cwd, arg)
+    return os.path.realpath(arg)[:MAX_SCRIPT]
+
+
+def _same_root(pid: int, proc: Path) -> bool:
+    try:
+        theirs, ours = os.stat(proc / str(pid) / "root"), os.stat("/")
+    except OSError:
+        return False
+    return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+
+
+def _exe_link(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
 
 
 def _safe(getter: Any) -> Any:
@@ -106,51 +148,75 @@ class Lookup:
 
     def __init__(self, proc: Path = Path("/proc")) -> None:
         self.proc = proc
-        self._cache: OrderedDict[tuple[str, int], tuple[float, dict[str, Any] | None]] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, int, int], tuple[float, dict[str, Any] | None]] = OrderedDict()
         self._recent: deque[int] = deque(maxlen=16)
         # pid -> (when, description): a client opening 50 connections is described once.
-        self._described: dict[int, tuple[float, dict[str, Any] | None]] = {}
+        self._described: dict[int, tuple[float, str | None, dict[str, Any] | None]] = {}
 
     def find(self, ip: str, port: int, remote: tuple[str, int] | None = None
              ) -> dict[str, Any] | None:
         """The process whose socket has local address (ip, port); `remote`, the address that
         socket is connected to, allows the fast exact lookup."""
-        key = (normalise_ip(ip), port)
+        address = (normalise_ip(ip), port)
+        sock = None
+        if sys.platform == "linux":
+            sock = diag_socket_inode(address, remote) if remote else None
+            sock = sock or socket_inode(*address, self.proc)
+        # Keyed by the socket too: a port freed by one process and bound at once by another
+        # (bind() to that very port) must not inherit the first one's answer.
+        key = (*address, sock[0] if sock else 0)
         now = time.monotonic()
         cached = self._cache.get(key)
         if cached and now - cached[0] < CACHE_TTL_S:
             return cached[1]
-        found = self._find(*key, remote)
+        found = self._find_linux(*sock) if sock else self._describe(self._pid(*address, remote))
         self._cache[key] = (now, found)
         while len(self._cache) > 1024:
             self._cache.popitem(last=False)
         return found
 
-    def _find(self, ip: str, port: int, remote: tuple[str, int] | None = None
-              ) -> dict[str, Any] | None:
-        pid = (self._pid_linux(ip, port, remote) if sys.platform == "linux"
-               else self._pid_psutil(ip, port))
+    def _find_linux(self, inode: int, uid: int) -> dict[str, Any] | None:
+        pid = pid_of_inode(inode, list(self._recent), self.proc, uid)
+        info = self._describe(pid)
+        if pid is None or info is None:
+            return None
+        # Described after it was found: if it no longer holds the socket it exited (its pid may
+        # be another's now) and what was described is not who connected.
+        if not holds_socket(pid, inode, self.proc):
+            return None
+        # A parent holding the same socket handed it to this child (fork, exec of another
+        # program): who writes on it is not known, and a key bound to the child must not go.
+        if any(holds_socket(p["pid"], inode, self.proc) for p in info["parents"]):
+            return {**info, "shared": True}
+        # In another root (a container): its paths name other files than ours.
+        if not _same_root(pid, self.proc):
+            return {**info, "foreign_root": True}
+        return info
+
+    def _describe(self, pid: int | None) -> dict[str, Any] | None:
         if pid is None:
             return None
         if pid in self._recent:
             self._recent.remove(pid)
         self._recent.appendleft(pid)
         now = time.monotonic()
+        exe = _exe_link(pid)
         cached = self._described.get(pid)
-        if cached and now - cached[0] < CACHE_TTL_S:
-            return cached[1]
+        if cached and now - cached[0] < CACHE_TTL_S and cached[1] == exe:  # no exec() since
+            return cached[2]
         if len(self._described) > 1024:
             self._described = {p: d for p, d in self._described.items() if now - d[0] < CACHE_TTL_S}
-        found = self._described[pid] = (now, describe(pid))
-        return found[1]
+        self._described[pid] = (now, exe, describe(pid))
+        return self._described[pid][2]
 
-    def _pid_linux(self, ip: str, port: int, remote: tuple[str, int] | None) -> int | None:
-        found = diag_socket_inode((ip, port), remote) if remote else None
-        found = found or socket_inode(ip, port, self.proc)
-        if found is None:
+    def _pid(self, ip: str, port: int, remote: tuple[str, int] | None) -> int | None:
+        """The owning pid where no socket was found by its inode (Linux: nobody to name;
+        Windows: llmtap.platform.windows.attribution overrides it)."""
+        if sys.platform == "linux":
             return None
-        inode, uid = found
-        return pid_of_inode(inode, list(self._recent), self.proc, uid)
+        if sys.platform == "darwin":  # recent pids first, the remote end checked too
+            return pid_of_connection((ip, port), remote, list(self._recent))
+        return self._pid_psutil(ip, port)
 
     @staticmethod
     def _pid_psutil(ip: str, port: int) -> int | None:

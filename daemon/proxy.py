@@ -16,6 +16,7 @@ from llmtap import addons, hostpatterns
 from llmtap.addons.scope import allow_patterns
 from llmtap.parsers.classify import normalise_host
 from llmtap.platform.base import OriginalAddrLookup
+from llmtap.upstream_pool import UpstreamPool, UpstreamReuse
 from mitmproxy import addonmanager, certs, ctx, exceptions, hooks, http, master, options, tls
 from mitmproxy.addons import core, disable_h2c, errorcheck, next_layer, proxyserver, tlsconfig
 from mitmproxy.proxy import context, mode_specs
@@ -195,6 +196,10 @@ class ProxySettings:
     # The worker's end of the supervisor's process lookup (llmtap.proclookup), made before the fork.
     process_lookup: socket.socket | None = None
     idle_timeout_s: int = 600
+    # Idle verified upstream connections kept for later clients, per (address, server name);
+    # 0: none (llmtap.upstream_pool). The bare proxy never pools.
+    upstream_pool_per_host: int = 4
+    upstream_pool_idle_s: int = 30
 
 
 def transparent_modes(port: int, hosts: Iterable[str]) -> list[str]:
@@ -214,6 +219,12 @@ def proxy_modes(settings: ProxySettings) -> list[str]:
     return modes
 
 
+def upstream_reuse(settings: ProxySettings, with_pipeline: bool) -> list[UpstreamReuse]:
+    if not with_pipeline or settings.upstream_pool_per_host < 1:
+        return []
+    return [UpstreamReuse(UpstreamPool(settings.upstream_pool_per_host, settings.upstream_pool_idle_s))]
+
+
 def build_master(settings: ProxySettings, with_pipeline: bool = True,
                  stages: list[object] | None = None) -> master.Master:
     """A mitmproxy Master with only the addons llmtap needs. Call inside a running event loop.
@@ -230,6 +241,7 @@ def build_master(settings: ProxySettings, with_pipeline: bool = True,
         core.Core(),
         proxyserver.Proxyserver(),
         next_layer.NextLayer(),
+        *upstream_reuse(settings, with_pipeline),  # before the TLS config: it hands over pooled TLS
         NameOnlyTlsConfig(),
         disable_h2c.DisableH2C(),
         errorcheck.ErrorCheck(repeat_errors_on_stderr=True),
@@ -249,6 +261,11 @@ def build_master(settings: ProxySettings, with_pipeline: bool = True,
         stream_large_bodies=STREAM_LARGE_BODIES,
         tcp_timeout=settings.idle_timeout_s,  # a connection with no traffic either way is closed
     )
+    if with_pipeline and settings.upstream_pool_per_host > 0:
+        # Upstream connections are opened when a request needs one, when the server name is
+        # known and a pooled connection for it can be taken; eager would connect at accept time,
+        # before the ClientHello names the server (llmtap.upstream_pool).
+        opts.update(connection_strategy="lazy")
     if with_pipeline:
         # Deferred: each llmtap_* option is declared by the addon that owns it, in its load().
         opts.update_defer(

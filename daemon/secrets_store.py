@@ -156,10 +156,18 @@ class Secret:
     sealed: str | None = None  # base64(nonce + AES-GCM ciphertext) of a literal value
     ref: str | None = None  # env:VAR | file:PATH | keyring:SERVICE/USER, resolved at start
     for_users: tuple[str, ...] = ()  # when_absent: the local users whose requests get the key
+    # Bound to programs (llmtap.keybind): real paths, (interpreter, script) pairs, user names.
+    allow_exes: tuple[str, ...] = ()
+    allow_scripts: tuple[tuple[str, str], ...] = ()
+    allow_users: tuple[str, ...] = ()
+    allow_children: bool = False
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> Secret:
-        return cls(**{**raw, "hosts": tuple(raw["hosts"]), "for_users": tuple(raw.get("for_users", ()))})
+        return cls(**{**raw, "hosts": tuple(raw["hosts"]), "for_users": tuple(raw.get("for_users", ())),
+                      "allow_exes": tuple(raw.get("allow_exes", ())),
+                      "allow_scripts": tuple((str(i), str(s)) for i, s in raw.get("allow_scripts", ())),
+                      "allow_users": tuple(raw.get("allow_users", ()))})
 
 
 def now() -> str:

@@ -9,7 +9,7 @@ packages=(nftables iptables curl iproute2 procps passwd tmux ca-certificates nod
           ca-certificates-java
           systemd openssh-server
           chromium fonts-dejavu-core  # the web UI's browser tests (headless, over DevTools)
-          prometheus clickhouse-server)  # the team view's real stores (tests/test_team_e2e.py)
+          prometheus clickhouse-server)  # the team view's real stores (tests/e2e/test_team_e2e.py)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()
   for pkg in "${packages[@]}"; do
@@ -30,4 +30,7 @@ scripts/venv-from-lock.sh .venv test --editable  # the locked product and test t
 
 .venv/bin/ruff check .
 scripts/typecheck.sh .venv/bin/mypy
+# With no arguments, the whole suite on two workers, a file per worker at a time (a module's daemon is
+# started once): the end-to-end tests spend most of their time waiting on sockets and processes.
+[ $# -gt 0 ] || set -- -n 2 --dist loadfile
 .venv/bin/pytest "$@"

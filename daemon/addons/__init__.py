@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from llmtap.addons.attribution import Attribution
 from llmtap.addons.counting import Counting
@@ -16,6 +17,7 @@ from llmtap.addons.protocols import Protocols
 from llmtap.addons.recorder import Recorder
 from llmtap.addons.scope import Scope
 from llmtap.addons.streams import Streams
+from llmtap.flow import Process
 from llmtap.records.writer_process import RecordWriterProcess
 
 # Every stage, in order. A stage not built yet has no addon; the order of the rest never changes.
@@ -51,14 +53,16 @@ STAGES: dict[str, type] = {
 
 
 def pipeline(lookup: socket.socket | None = None,
-             writer: RecordWriterProcess | None = None) -> list[object]:
+             writer: RecordWriterProcess | None = None,
+             resolve: Callable[[dict[str, Any]], Process | None] | None = None) -> list[object]:
     """Fresh addon instances in pipeline order, each given what it depends on.
 
     `lookup`: the worker's end of the supervisor's process lookup (llmtap.proclookup), without
     which records carry no `process`; `writer`: the worker's record writer process, forked before
-    any thread (without it the recorder writes on a thread of its own).
+    any thread (without it the recorder writes on a thread of its own); `resolve`: the lookup
+    answered in this process instead (Windows, llmtap.platform.windows.attribution).
     """
-    attribution = Attribution(channel=lookup)
+    attribution = Attribution(channel=lookup, resolve=resolve)
     credentials = Credentials(attribution=attribution)
     dlp = Dlp(held=credentials)
     protocols = Protocols()

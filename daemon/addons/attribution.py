@@ -15,6 +15,7 @@ import json
 import logging
 import socket
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from llmtap.flow import Process, fields
@@ -27,8 +28,12 @@ KEEP = 4096  # answers (and waiting flows) kept, per client connection, oldest d
 
 
 class Attribution:
-    def __init__(self, channel: socket.socket | None = None) -> None:
+    def __init__(self, channel: socket.socket | None = None,
+                 resolve: Callable[[dict[str, Any]], Process | None] | None = None) -> None:
         self.channel = channel  # the worker's end of the supervisor's lookup service
+        # Where there is no supervisor (Windows): the same question answered in this process,
+        # on a worker thread (llmtap.platform.windows.attribution).
+        self.resolve = resolve
         self.asked = 0
         self.answered = 0
         self.unanswered = 0  # the request could not be sent (the service is gone or busy)
@@ -46,7 +51,7 @@ class Attribution:
         loop.add_reader(self._reader_fd, self._receive)
 
     def client_connected(self, client: connection.Client) -> None:
-        if self.channel is None or not client.peername:
+        if (self.channel is None and self.resolve is None) or not client.peername:
             return
         ip, port = client.peername[0], client.peername[1]
         question: dict[str, Any] = {"id": client.id, "ip": ip, "port": port}
@@ -54,17 +59,42 @@ class Attribution:
         # destination) lets the supervisor look the socket up by its exact addresses.
         if client.sockname and client.sockname[0]:
             question |= {"remote_ip": client.sockname[0], "remote_port": client.sockname[1]}
-        message = json.dumps(question).encode()
-        try:
-            self.channel.send(message)
-            self.asked += 1
-        except OSError:  # BlockingIOError too: never wait on the proxy's loop
-            self.unanswered += 1
+        if not self._ask(question):
             return
         with contextlib.suppress(RuntimeError):  # no loop (unit tests): nobody will wait
             self._pending[client.id] = asyncio.get_running_loop().create_future()
             while len(self._pending) > KEEP:
                 self._pending.popitem(last=False)
+
+    def _ask(self, question: dict[str, Any]) -> bool:
+        if self.resolve is not None:
+            return self._ask_in_process(question)
+        assert self.channel is not None
+        try:
+            self.channel.send(json.dumps(question).encode())
+            self.asked += 1
+        except OSError:  # BlockingIOError too: never wait on the proxy's loop
+            self.unanswered += 1
+            return False
+        return True
+
+    def _ask_in_process(self, question: dict[str, Any]) -> bool:
+        resolve, client_id = self.resolve, str(question["id"])
+        assert resolve is not None
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (unit tests): answered at once
+            self.asked += 1
+            self._answer(client_id, resolve(question))
+            return False
+
+        def done(answer: asyncio.Future[Process | None]) -> None:
+            failed = answer.cancelled() or answer.exception() is not None
+            self._answer(client_id, None if failed else answer.result())
+
+        self.asked += 1
+        loop.run_in_executor(None, resolve, question).add_done_callback(done)
+        return True
 
     def _receive(self) -> None:
         assert self.channel is not None
@@ -104,7 +134,7 @@ class Attribution:
         client_id = flow.client_conn.id
         if client_id in self._answers:
             fields(flow)["process"] = self._answers[client_id]
-        elif self.channel is not None:
+        elif self.channel is not None or self.resolve is not None:
             self._waiting.setdefault(client_id, []).append(flow)
             while len(self._waiting) > KEEP:
                 self._waiting.pop(next(iter(self._waiting)))

@@ -14,14 +14,14 @@ the next request on; open streams keep going untouched.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Sequence
 from pathlib import Path
 
+from llmtap import keybind
 from llmtap import secrets_store as store
+from llmtap.addons import keygate
 from llmtap.addons.echoes import EncodedEchoGuard, StreamScrubber, scrub, scrub_held
 from llmtap.addons.keywire import (
     FlowState,
@@ -43,13 +43,13 @@ from mitmproxy import ctx, exceptions, http
 log = logging.getLogger(__name__)
 
 RETIRED_MAX = 64  # rotated-out keys still scrubbed and flagged (they may still be valid upstream)
-USER_WAIT_S = 2.0  # how long --when-absent waits to learn which user made a request
 
 
 
 class Credentials:
     def __init__(self, attribution: ProcessLookup | None = None) -> None:
-        self.attribution = attribution  # who made a request: --when-absent --for-user needs it
+        self.attribution = attribution  # who made a request: --for-user, --allow-* need it
+        self.gate = keygate.Who(attribution)
         self.paths: store.StorePaths | None = None
         self.table = Table()
         self.usage: UsageLog | None = None
@@ -150,8 +150,10 @@ class Credentials:
         if item.when_absent and not item.for_users:
             self._report(f"secret {item.name!r}: --when-absent is not applied without --for-user; "
                          f"set it again with --when-absent --for-user USER")
+        binding = keybind.from_stored(item.allow_exes, item.allow_scripts, item.allow_users,
+                                      item.allow_children)
         return Entry(item.name, item.id, frozenset(item.hosts), item.header, item.when_absent,
-                     item.placeholder, value, problem, frozenset(item.for_users))
+                     item.placeholder, value, problem, frozenset(item.for_users), binding)
 
     def _report(self, message: str) -> None:
         # A warning: mitmproxy's startup check stops the proxy at any error logged while it
@@ -185,6 +187,8 @@ class Credentials:
         absent = None if found else self._absent(flow, hosts)
         if absent and not inject:
             return self._inject_for_user(flow, absent)
+        if inject and any(e.binding.bound for e in inject.values()):
+            return self._inject_bound(flow, inject)
         if inject:
             self._inject(flow, inject, None)
         elif sent:
@@ -192,16 +196,28 @@ class Credentials:
         return None
 
     async def _inject_for_user(self, flow: http.HTTPFlow, entry: Entry) -> None:
-        """--when-absent: only for a request made by one of the secret's users, as attribution
-        says (waiting a little for its answer); unknown is no."""
-        process = self.attribution.process_of(flow) if self.attribution else None
-        pending = self.attribution.pending(flow) if self.attribution and process is None else None
-        if pending is not None:
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                process = await asyncio.wait_for(asyncio.shield(pending), USER_WAIT_S)
-        user = process.get("user") if isinstance(process, dict) else None
-        if user in entry.for_users:
-            self._inject(flow, {}, entry)
+        """--when-absent: only for a request made by one of the secret's users (and programs, if
+        it is bound to some), as attribution says; unknown is no."""
+        process = await self.gate.process(flow)
+        if process is None or process.get("user") not in entry.for_users:
+            return
+        if entry.binding.bound:
+            if entry.binding.check(process) is not None:
+                return  # sent on without a key, as for another user
+            keygate.decided(flow, entry, "injected")
+        self._inject(flow, {}, entry)
+
+    async def _inject_bound(self, flow: http.HTTPFlow, inject: dict[str, Entry]) -> None:
+        """A placeholder of a secret bound to programs: its key goes in only for them. Anyone
+        else gets a 403 naming the rule, and nothing reaches the upstream."""
+        process = await self.gate.process(flow)
+        bound = [e for e in {e.id: e for e in inject.values()}.values() if e.binding.bound]
+        for entry in bound:
+            if why := entry.binding.check(process):
+                keygate.refuse(flow, entry, why)
+                return
+        keygate.decided(flow, bound[0], "injected")
+        self._inject(flow, inject, None)
 
     def _refusal(self, flow: http.HTTPFlow, entry: Entry, hosts: set[str]) -> str | None:
         """Why the real key of `entry` must not be added to this request, or None.

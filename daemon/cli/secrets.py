@@ -8,6 +8,7 @@ run as root (or as that user) and hand every file they write to it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import getpass
 import json
 import os
@@ -15,7 +16,7 @@ import sys
 from typing import Any
 
 import typer
-from llmtap import hostpatterns
+from llmtap import hostpatterns, keybind
 from llmtap import secrets_store as store
 from llmtap.cli.options import ConfigOption
 from llmtap.config import Config, load_config
@@ -97,14 +98,29 @@ def set_secret(
         "(repeatable; checked against the process that made the request)."),
     replace: bool = typer.Option(
         False, "--replace", help="Rotate an existing secret's value, keeping its placeholder."),
+    allow_exe: list[str] | None = typer.Option(
+        None, "--allow-exe", help="Only this executable gets the key (repeatable; its real path: "
+        "a symlink or a copy elsewhere is another program)."),
+    allow_script: list[str] | None = typer.Option(
+        None, "--allow-script", help="INTERPRETER:SCRIPT: only this interpreter running this "
+        "script as its first argument gets the key (repeatable), e.g. "
+        "/usr/bin/node:/usr/lib/node_modules/@anthropic-ai/claude-code/cli.js."),
+    allow_user: list[str] | None = typer.Option(
+        None, "--allow-user", help="Only processes of this local user get the key (repeatable)."),
+    allow_children: bool = typer.Option(
+        False, "--allow-children", help="With --allow-exe/--allow-script: a process whose parent "
+        "chain holds the allowed program gets the key too (what it runs, it trusts)."),
+    unbind: bool = typer.Option(False, "--unbind", help="With --replace: drop the bindings."),
     config: str | None = ConfigOption,
 ) -> None:
     """Store a key (read from stdin or a hidden prompt) or a reference env:VAR, file:PATH or
-    keyring:SERVICE/USER that the daemon resolves when it starts."""
+    keyring:SERVICE/USER that the daemon resolves when it starts. Anyone else sending the
+    placeholder of a secret bound with --allow-* gets a 403 naming the rule."""
     settings = load_config(config)
     store.check_name(name)
     hosts = store.check_hosts(host or [])
     chosen_header = store.check_header(header, hosts) if header else None
+    binding = _binding(allow_exe, allow_script, allow_user, allow_children, unbind)
     owner = service_owner(settings, create=True)
     require_writer(owner, "llmtap secrets set")
     if when_absent and not replace:  # before asking for the value
@@ -135,14 +151,45 @@ def set_secret(
             previous,
             store.check_for_users(users, absent),
         )
+        if binding is not None or previous:
+            secret = dataclasses.replace(secret, **(binding if binding is not None else _bound(previous)))
         items = [secret if s.name == name else s for s in items] if previous else [*items, secret]
         store.write_store(paths, items, owner.gid)
     _warn_non_targets(settings, secret.hosts)
     verb = "rotated" if previous else "stored"
     typer.echo(f"{verb} secret {name!r} for {', '.join(secret.hosts)} (header {secret.header})")
+    if (rule := _rule(secret)) != "anyone":
+        typer.echo(f"bound to: {rule}")
     typer.echo(f"placeholder: {secret.placeholder}")
     if previous:
         typer.echo("the placeholder is unchanged; a running daemon uses the new value from the next request")
+
+
+def _binding(exes: list[str] | None, scripts: list[str] | None, users: list[str] | None,
+             children: bool, unbind: bool) -> dict[str, Any] | None:
+    """The bindings given (checked before the value is asked for), or None: keep the old ones."""
+    if unbind and (exes or scripts or users or children):
+        raise UsageError("--unbind drops the bindings: give it alone, without --allow-*")
+    if not (exes or scripts or users or children or unbind):
+        return None
+    if children and not (exes or scripts):
+        raise UsageError("--allow-children goes with --allow-exe or --allow-script")
+    if sys.platform != "linux" and not unbind:  # the socket checks (proclookup) are Linux's
+        raise UsageError("--allow-* bindings are only available on Linux for now")
+    return {"allow_exes": keybind.check_exes(exes or []),
+            "allow_scripts": keybind.check_scripts(scripts or []),
+            "allow_users": keybind.check_users(users or []) if users else (),
+            "allow_children": children}
+
+
+def _bound(secret: store.Secret | None) -> dict[str, Any]:
+    keys = ("allow_exes", "allow_scripts", "allow_users", "allow_children")
+    return {k: getattr(secret, k) for k in keys} if secret else {}
+
+
+def _rule(secret: store.Secret) -> str:
+    return keybind.from_stored(secret.allow_exes, secret.allow_scripts, secret.allow_users,
+                               secret.allow_children).rule()
 
 
 def _warn_non_targets(settings: Config, hosts: tuple[str, ...]) -> None:
@@ -175,7 +222,8 @@ def list_secrets(
         absent = (f" (added when the client sends none, for users: {', '.join(row['for_users'])})"
                   if row["when_absent"] else "")
         typer.echo(f"{row['name']}\n  hosts:       {', '.join(row['hosts'])}\n"
-                   f"  header:      {row['header']}{absent}\n  placeholder: {row['placeholder']}\n"
+                   f"  header:      {row['header']}{absent}\n  bound to:    {row['bound_to']}\n"
+                   f"  placeholder: {row['placeholder']}\n"
                    f"  key:         {row['key']}\n  created:     {row['created_at']}"
                    f"   last used: {row['last_used'] or 'never'}")
 
@@ -190,7 +238,9 @@ def _row(paths: store.StorePaths, secret: store.Secret, key: bytes | None,
         shown = "(store.key missing)"
     return {"name": secret.name, "hosts": list(secret.hosts), "header": secret.header,
             "when_absent": secret.when_absent, "for_users": list(secret.for_users),
-            "placeholder": secret.placeholder, "key": shown,
+            "placeholder": secret.placeholder, "key": shown, "bound_to": _rule(secret),
+            "allow_exes": list(secret.allow_exes), "allow_scripts": [list(p) for p in secret.allow_scripts],
+            "allow_users": list(secret.allow_users), "allow_children": secret.allow_children,
             "created_at": secret.created_at, "updated_at": secret.updated_at,
             "last_used": usage.get(secret.id)}
 

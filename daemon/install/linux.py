@@ -9,7 +9,6 @@ system path through `install.root`, so tests assert exact commands and files in 
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
 from llmtap import ca
@@ -24,6 +23,7 @@ from llmtap.install.linux_system import Layout, System, make_layout, validate_fo
 from llmtap.install.manifest import Manifest, remove_created_dirs
 from llmtap.install.ready import daemon_answers
 from llmtap.install.runtime_env import ca_bundle, env_values, environment_d, profile_script
+from llmtap.install.secure_path import check_service_command
 from llmtap.platform.base import ServiceManager
 from llmtap.platform.linux.keeper import DetachedService
 from llmtap.platform.linux.systemd import SystemdService, UnitSpec, interpreter_of
@@ -131,10 +131,7 @@ class LinuxInstaller:
         store = self.trust_store() if trust else None
         kind = self.service_kind() if service else None
         if kind is not None:
-            command = Path(self.layout.command())
-            if not (command.is_file() and os.access(command, os.X_OK)):
-                raise UsageError(f"the llmtap command {command} is not an executable file: set "
-                                 "install.command")
+            check_service_command(Path(self.layout.command()))
             if not self.daemon_answers() and not self.service(kind).is_running():
                 self.system.check_port(self.config.redirect.proxy_port)
         return store, kind

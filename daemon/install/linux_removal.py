@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from llmtap.errors import RuntimeFailure, UsageError
 from llmtap.install.files import remove_data, remove_file, remove_run_dir
+from llmtap.install.host import Host
 from llmtap.install.manifest import Manifest
 from llmtap.platform.linux.systemd import SystemdService
 from llmtap.platform.linux.trust import NssTrustStore
@@ -77,7 +78,7 @@ def os_trust(inst: LinuxInstaller, manifest: Manifest) -> str | None:
     return f"removed the CA from the OS store ({store.name})"
 
 
-def public_files(inst: LinuxInstaller) -> str | None:
+def public_files(inst: Host) -> str | None:
     removed = [p for p in (inst.layout.public_cert, inst.layout.public_bundle) if remove_file(p)]
     with contextlib.suppress(OSError):
         inst.layout.public_dir.rmdir()  # only when empty: the config may live there
@@ -93,7 +94,7 @@ def data(inst: LinuxInstaller) -> str | None:
     return remove_data(inst.config, inst.layout.log_file)
 
 
-def config_file(inst: LinuxInstaller, manifest: Manifest) -> str | None:
+def config_file(inst: Host, manifest: Manifest) -> str | None:
     created = manifest.data.get("created_config")
     if not created or Path(created) != inst.layout.config_file_real:
         return None  # the user's own file: never ours to delete

@@ -14,6 +14,7 @@ from llmtap import ca
 from llmtap.errors import RuntimeFailure
 from llmtap.install.engine import Step
 from llmtap.install.files import FileChange, make_dirs, remove_dirs, remove_file
+from llmtap.install.host import Host
 from llmtap.install.linux_system import CONFIG_TEMPLATE
 from llmtap.install.manifest import Manifest
 from llmtap.install.runtime_env import env_values
@@ -51,7 +52,7 @@ def user_step(inst: LinuxInstaller, manifest: Manifest) -> Step:
                 "system user")
 
 
-def dirs_step(inst: LinuxInstaller, manifest: Manifest) -> Step:
+def dirs_step(inst: Host, manifest: Manifest) -> Step:
     config = inst.config
     created: list[Path] = []
     changed: list[tuple[Path, int, int, int]] = []
@@ -111,7 +112,7 @@ def config_step(inst: LinuxInstaller, manifest: Manifest) -> Step:
     return Step("config file", lambda: not inst.layout.config_file.exists(), apply, undo)
 
 
-def ca_step(inst: LinuxInstaller) -> Step:
+def ca_step(inst: Host) -> Step:
     ca_dir = inst.config.ca_dir
     created = [False]
     hosts = inst.config.targets.all_hosts
@@ -137,7 +138,7 @@ def ca_step(inst: LinuxInstaller) -> Step:
     return Step("certificate authority", lambda: not key_file.exists(), apply, undo)
 
 
-def public_step(inst: LinuxInstaller) -> Step:
+def public_step(inst: Host) -> Step:
     changes: list[FileChange] = []
 
     def needed() -> bool:

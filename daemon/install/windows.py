@@ -32,6 +32,7 @@ from llmtap.platform.runner import Runner, SubprocessRunner
 from llmtap.platform.windows import acl
 from llmtap.platform.windows.elevation import ElevationCheck, is_elevated, require_elevated
 from llmtap.platform.windows.environment import MachineEnvironment
+from llmtap.platform.windows.firewall import RULE_NAME, FirewallRule
 from llmtap.platform.windows.service import WindowsService, service_manager
 from llmtap.platform.windows.trust import CertutilTrustStore
 
@@ -102,6 +103,7 @@ class WindowsInstaller:
         runner, elevated = self.system.runner, self.system.elevated
         self.store = CertutilTrustStore(runner, elevated=elevated)
         self.environment = MachineEnvironment(runner)
+        self.firewall = FirewallRule(runner)
 
     # --- paths ---
 
@@ -178,7 +180,7 @@ class WindowsInstaller:
         steps += [self.ca_step(), self.public_step()]
         if trust:
             steps.append(self.trust_step(manifest))
-        steps.append(self.env_step(manifest))
+        steps += [self.env_step(manifest), self.firewall_step()]
         if service:
             steps.append(self.service_step(manifest))
         steps.append(manifest.step())
@@ -302,6 +304,16 @@ class WindowsInstaller:
 
         return Step("runtime environment", lambda: bool(changed()), apply, undo)
 
+    def firewall_step(self) -> Step:
+        port, rule = self.config.redirect.proxy_port, self.firewall
+
+        def apply() -> str:
+            rule.add(port)
+            return f"blocked inbound TCP {port} from other hosts (firewall rule {RULE_NAME})"
+
+        return Step("firewall rule (netsh)", lambda: not rule.in_place(port), apply, rule.remove,
+                    "firewall rule")
+
     def service_step(self, manifest: Manifest) -> Step:
         service = self.service()
         kind = service.name
@@ -337,6 +349,7 @@ class WindowsInstaller:
             Removal("service", lambda: self.remove_service(manifest)),
             Removal("rules", self.remove_rules),
             Removal("runtime environment", self.remove_env),
+            Removal("firewall rule", self.remove_firewall),
             Removal("OS trust", self.remove_trust),
             Removal("public CA files", self.remove_public),
             Removal("run directory", self.remove_run_dir),
@@ -364,6 +377,12 @@ class WindowsInstaller:
         for name in ours:  # a value someone changed since is theirs now
             self.environment.delete(name)
         return f"removed the machine variables {', '.join(ours)}" if ours else None
+
+    def remove_firewall(self) -> str | None:
+        if not self.firewall.present():
+            return None
+        self.firewall.remove()
+        return f"removed the firewall rule {RULE_NAME}"
 
     def remove_trust(self) -> str | None:
         if not self.store.present():

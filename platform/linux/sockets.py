@@ -126,6 +126,11 @@ def _pid_has(pid: int, target: str, proc: Path) -> bool:
     return False
 
 
+def holds_socket(pid: int, inode: int, proc: Path = Path("/proc")) -> bool:
+    """Whether process `pid` has the socket among its descriptors (now)."""
+    return _pid_has(pid, f"socket:[{inode}]", proc)
+
+
 def pid_of_inode(inode: int, hints: list[int], proc: Path = Path("/proc"), uid: int | None = None
                  ) -> int | None:
     """The process holding the socket; recent ones first, then only those of the socket's owner."""

@@ -389,6 +389,7 @@ class JavaTrustStore(ToolTrustStore):
 
     name = "java"
     tool = "keytool"
+    alias: ClassVar[str] = JAVA_ALIAS
 
     @property
     def keystore(self) -> Path:
@@ -413,23 +414,23 @@ class JavaTrustStore(ToolTrustStore):
     def trust(self, ca_cert: Path) -> None:
         self.untrust()  # an older llmtap CA under the alias (rotation, or the hook's copy)
         result = self.runner(self.command("-importcert", "-noprompt", "-trustcacerts",
-                                          "-alias", JAVA_ALIAS, "-file", str(ca_cert)))
+                                          "-alias", self.alias, "-file", str(ca_cert)))
         if not result.ok:
             raise RuntimeFailure(f"keytool could not add the CA to {self.keystore}: {result.reason()}")
 
     def untrust(self) -> None:
         if not self.holds():
             return
-        result = self.runner(self.command("-delete", "-noprompt", "-alias", JAVA_ALIAS))
+        result = self.runner(self.command("-delete", "-noprompt", "-alias", self.alias))
         if not result.ok:
             raise RuntimeFailure(f"keytool could not remove the CA from {self.keystore}: "
                                  f"{result.reason()}")
 
     def holds(self) -> bool:
         """Whether an llmtap CA (any) is in the keystore."""
-        return self.runner(self.command("-list", "-alias", JAVA_ALIAS)).ok
+        return self.runner(self.command("-list", "-alias", self.alias)).ok
 
     def is_trusted(self, ca_cert: Path) -> bool:
-        result = self.runner(self.command("-exportcert", "-rfc", "-alias", JAVA_ALIAS))
+        result = self.runner(self.command("-exportcert", "-rfc", "-alias", self.alias))
         blocks = PEM_BLOCK.findall(result.stdout.encode()) if result.ok else []
         return der_of(ca_cert.read_bytes()) in {der_of(b) for b in blocks}

@@ -42,10 +42,12 @@ class LaunchdService(ServiceManager):
     name = "launchd"
 
     def __init__(
-        self, runner: Runner | None = None, label: str = LABEL, plist_dir: Path = PLIST_DIR
+        self, runner: Runner | None = None, label: str = LABEL, plist_dir: Path = PLIST_DIR,
+        log_file: str = LOG_FILE,
     ) -> None:
         self.runner = runner or SubprocessRunner()
         self.label = label
+        self.log_file = log_file
         self.plist = plist_dir / f"{label}.plist"
 
     @property
@@ -57,7 +59,7 @@ class LaunchdService(ServiceManager):
         return sys.platform == "darwin" and os.path.exists(LAUNCHCTL)
 
     def install(self, command: list[str]) -> None:
-        self._write_plist(render_plist(command, self.label))
+        self._write_plist(render_plist(command, self.label, self.log_file))
         self.stop()  # a reinstall replaces the loaded definition
         self._launchctl("bootstrap", DOMAIN, str(self.plist))
 

@@ -93,6 +93,10 @@ class KeychainTrustStore(TrustStore):
             return False
         return self.runner(verify_command(ca_cert)).ok
 
+    def found(self) -> list[tuple[str, str]]:
+        """(SHA-1, PEM) of every llmtap CA in the System keychain."""
+        return self._found()
+
     def _found(self) -> list[tuple[str, str]]:
         result = self.runner(find_command(self.common_name))
         return parse_found(result.stdout) if result.ok else []

@@ -2,6 +2,6 @@
 directories for Administrators only (acl.py), machine-wide variables (environment.py); `llmtap run`
 itself is inprocess.py, and `llmtap install` llmtap.install.windows.
 
-Exercised on Linux CI only through tests/test_windows_*.py: real IPv4/IPv6 packet bytes through a
+Exercised on Linux CI only through tests/unit/windows/: real IPv4/IPv6 packet bytes through a
 fake pydivert, golden filters, the task XML and a fake pywin32. Not yet run on a real Windows.
 """

@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from llmtap import addons, ca, redirect
 from llmtap.config import Config
@@ -35,6 +36,7 @@ from llmtap.lifecycle import READY_TIMEOUT_S, Event, EventHandler, Lifecycle, co
 from llmtap.platform import statusfile
 from llmtap.platform.base import RedirectBackend, RedirectPlan, plug_into_mitmproxy
 from llmtap.platform.windows.acl import restrict_to_administrators
+from llmtap.platform.windows.attribution import resolver_for
 from llmtap.privileges import ServiceUser, require_root
 from llmtap.proxy import ProxySettings, build_master
 from llmtap.supervisor import listen_hosts
@@ -45,10 +47,9 @@ log = logging.getLogger("llmtap")
 
 # No service user: chown to -1 changes nothing, and the plan's uid is unused (the guard is the pid).
 NO_USER = ServiceUser("", -1, -1)
-# WinDivert cannot inject toward loopback: a redirected connection arrives at the client's own
-# address (llmtap.platform.windows.windivert), so the proxy listens on every address. A peer the
-# backend did not redirect has no entry in its table, and the proxy drops it at once.
-LISTEN_HOSTS = ("0.0.0.0", "::")
+# Loopback only: the redirect re-injects each connection as LO:cp -> LO:proxy
+# (llmtap.platform.windows.loopback); a peer it did not redirect has no entry, and is dropped.
+LISTEN_HOSTS = ("127.0.0.1", "::1")
 STATUS_EVERY_S = 1.0
 STOP_TIMEOUT_S = 10.0
 
@@ -72,9 +73,11 @@ class EmbeddedProxy:
     """llmtap.proxy's Master on a thread and event loop of its own, reporting through the
     forked worker's Reporter."""
 
-    def __init__(self, settings: ProxySettings, on_event: Callable[[Event], None]) -> None:
+    def __init__(self, settings: ProxySettings, on_event: Callable[[Event], None],
+                 resolve: Callable[[dict[str, Any]], Any] | None = None) -> None:
         self.settings = settings
         self.on_event = on_event
+        self.resolve = resolve  # attribution, answered in this process
         self._master: master.Master | None = None
         self._stopping = False
         self._lock = threading.Lock()
@@ -108,7 +111,8 @@ class EmbeddedProxy:
             print(f"llmtap: proxy failed: {type(exc).__name__}: {exc}", file=sys.stderr)
 
     async def _serve(self) -> None:
-        stages = addons.pipeline(lookup=self.settings.process_lookup) if self.settings.pipeline else []
+        stages = (addons.pipeline(lookup=self.settings.process_lookup, resolve=self.resolve)
+                  if self.settings.pipeline else [])
         proxy = build_master(self.settings, with_pipeline=self.settings.pipeline, stages=stages)
         proxy.addons.add(Reporter(EventSink(self.on_event), stages))
         with self._lock:
@@ -133,6 +137,7 @@ class InProcessHost:
     def __init__(self) -> None:
         self.proxy: EmbeddedProxy | None = None
         self._settings: ProxySettings | None = None
+        self._resolve: Callable[[dict[str, Any]], Any] | None = None
         self._ready = threading.Event()
         self._listening: list[str] = []
 
@@ -146,6 +151,7 @@ class InProcessHost:
         if lookup := backend.original_addr_lookup():
             plug_into_mitmproxy(lookup)  # before the Master: its transparent mode reads it at configure
         self._settings = settings
+        self._resolve = resolver_for(backend)  # attribution, answered in this process
         return backend
 
     def start(self, on_event: EventHandler, stop: threading.Event) -> list[str] | None:
@@ -158,7 +164,7 @@ class InProcessHost:
                 self._ready.set()
             on_event(event)
 
-        proxy = self.proxy = EmbeddedProxy(self._settings, handle)
+        proxy = self.proxy = EmbeddedProxy(self._settings, handle, self._resolve)
         proxy.start()
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not self._ready.wait(0.05):

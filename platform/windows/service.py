@@ -28,6 +28,7 @@ from llmtap.errors import LlmtapError, RuntimeFailure
 from llmtap.platform.base import ServiceManager
 from llmtap.platform.runner import Runner, SubprocessRunner
 from llmtap.platform.windows.elevation import ElevationCheck, is_elevated, require_elevated
+from llmtap.platform.windows.sc import ScQuery
 
 SERVICE_NAME = "llmtap"
 DISPLAY_NAME = "llmtap"
@@ -231,13 +232,8 @@ class WindowsService(ServiceManager):
                    ignore=(ERROR_SERVICE_NOT_ACTIVE, ERROR_SERVICE_DOES_NOT_EXIST))
 
     def is_running(self) -> bool:
-        try:
-            status = self.api.serviceutil.QueryServiceStatus(SERVICE_NAME)
-        except Exception as exc:
-            if _winerror(exc) == ERROR_SERVICE_DOES_NOT_EXIST:
-                return False
-            raise RuntimeFailure(f"querying the llmtap service failed: {_describe(exc)}") from None
-        return bool(status[1] == self.api.service.SERVICE_RUNNING)
+        """As `sc query` reports it (no pywin32 needed to ask: status and doctor)."""
+        return ScQuery(SERVICE_NAME, self.runner).state() == "RUNNING"
 
     def _call(self, doing: str, function: Callable[[str], Any], ignore: tuple[int, ...]) -> None:
         try:

@@ -39,6 +39,13 @@ def query_command(ca_cert: Path) -> list[str]:
     return [CERTUTIL, "-store", STORE, thumbprint(ca_cert)]
 
 
+def listed_hashes(output: str) -> list[str]:
+    """The "Cert Hash(sha1):" of each certificate `certutil -store` lists (older certutil
+    prints the bytes space-separated), lower-case hex."""
+    return [line.split(":", 1)[1].replace(" ", "").strip().lower()
+            for line in output.splitlines() if line.startswith("Cert Hash(sha1):")]
+
+
 class CertutilTrustStore(TrustStore):
     name = "certutil"
 
@@ -68,7 +75,9 @@ class CertutilTrustStore(TrustStore):
                 raise RuntimeFailure(f"certutil -delstore failed: {result.reason()}")
 
     def is_trusted(self, ca_cert: Path) -> bool:
-        return self.runner(query_command(ca_cert)).ok
+        """The store lists a certificate with exactly this one's SHA-1."""
+        result = self.runner(query_command(ca_cert))
+        return result.ok and thumbprint(ca_cert) in listed_hashes(result.stdout)
 
     def present(self) -> bool:
         """Whether any llmtap CA (this one or one before a rotation) is in the Root store."""
