@@ -27,6 +27,7 @@ BODIES = "llmtap.bodies"  # the flow's decoded body views (llmtap.addons.bodies.
 CREDENTIALS = "llmtap.credentials"  # the credentials stage's FlowState (which keys went in)
 DLP_STREAM = "llmtap.dlp_stream"  # the DLP stage's StreamState of a streamed request body
 DLP_SCRUB = "llmtap.dlp_scrub"  # the sent body with alerted secrets out: kept once it has left
+EXCHANGE = "llmtap.exchange"  # the protocols stage's Exchange: what it knows of the exchange in flight
 
 # -- HTTP headers -------------------------------------------------------------------------------
 

@@ -9,14 +9,15 @@ from typing import Any
 from llmtap.addons.attribution import Attribution
 from llmtap.addons.budgets import Budgets
 from llmtap.addons.counting import Counting
-from llmtap.addons.credentials import Credentials, CredentialStreams
-from llmtap.addons.dlp import Dlp, DlpStreams
+from llmtap.addons.credentials import Credentials
+from llmtap.addons.dlp import Dlp
 from llmtap.addons.filters import Filters
 from llmtap.addons.live import Live
 from llmtap.addons.pricing import Pricing
 from llmtap.addons.protocols import Protocols
 from llmtap.addons.recorder import Recorder
 from llmtap.addons.scope import Scope
+from llmtap.addons.streams import Streams
 from llmtap.flow import Process
 from llmtap.records.writer_process import RecordWriterProcess
 
@@ -36,10 +37,9 @@ PIPELINE = (
     "budgets",
     "recorder",
     "live",
-    # The stream tails: they wrap whatever stream callable the stages above settled on (the
-    # protocols stage and the recorder choose whether and how a body streams).
-    "dlpstreams",  # streamed request bodies: redacted before the stages above see them
-    "credentialstreams",  # streamed responses: held keys echoed back are scrubbed
+    # Last, once the stages above have settled whether a body streams: chains their stream
+    # layers into the one callable mitmproxy calls per chunk (the order: llmtap.addons.streams).
+    "streams",
 )
 
 STAGES: dict[str, type] = {
@@ -54,8 +54,7 @@ STAGES: dict[str, type] = {
     "budgets": Budgets,
     "recorder": Recorder,
     "live": Live,
-    "dlpstreams": DlpStreams,
-    "credentialstreams": CredentialStreams,
+    "streams": Streams,
 }
 
 
@@ -73,20 +72,22 @@ def pipeline(lookup: socket.socket | None = None,
     credentials = Credentials(attribution=attribution)
     dlp = Dlp(held=credentials)
     protocols, pricing = Protocols(), Pricing()
+    recorder = Recorder(mask=credentials.mask, lookup=attribution, process_writer=writer)
     live = Live(mask=credentials.mask, lookup=attribution)
     made: dict[str, object] = {
         "attribution": attribution,
         "credentials": credentials,
         "filters": Filters(dlp_follows=True),
         "dlp": dlp,
-        "recorder": Recorder(mask=credentials.mask, lookup=attribution, process_writer=writer),
         "protocols": protocols,
         "pricing": pricing,
         "budgets": Budgets(pricer=lambda: pricing.pricer, request_info=protocols.request_info,
                            lookup=attribution, events=live.event),
+        "recorder": recorder,
         "live": live,
-        "dlpstreams": DlpStreams(dlp),
-        "credentialstreams": CredentialStreams(credentials),
+        # in the order the bytes go through them
+        "streams": Streams(request=(dlp, protocols),
+                           response=(credentials, live, recorder, protocols)),
     }
     return [made.get(stage) or STAGES[stage]() for stage in PIPELINE if stage in STAGES]
 

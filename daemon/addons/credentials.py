@@ -332,24 +332,24 @@ class Credentials:
         if state:
             message.content = scrub(message.content, self.table.pairs)
 
-    def wrap_stream(self, flow: http.HTTPFlow) -> None:
-        """Called last of all responseheaders hooks: scrubs a streamed body of a key-bearing flow."""
+    def response_layer(self, flow: http.HTTPFlow) -> StreamScrubber | EncodedEchoGuard | None:
+        """A streamed body of a key-bearing flow: echoed keys out, first among the stream layers
+        (llmtap.addons.streams), so no later one, nor the client, sees a key."""
         state = flow.metadata.get(CREDENTIALS)
         response = flow.response
         if not state or response is None or not response.stream:
-            return
+            return None
         if not self.table.pairs or flow.request.method == "HEAD":
-            return
+            return None
         encoding = response.headers.get("content-encoding", "identity").strip().lower()
         if encoding != "identity":  # the upstream ignored ask_identity
-            response.stream = EncodedEchoGuard(self.table.pairs, encoding, response.stream,
-                                               lambda why: self._echo_cut(flow, why))
-            return
-        response.stream = StreamScrubber(self.table.pairs, response.stream)
+            return EncodedEchoGuard(self.table.pairs, encoding, True,
+                                    lambda why: self._echo_cut(flow, why))
         if "content-length" in response.headers:  # a placeholder and its key differ in length
             del response.headers["content-length"]
             if flow.client_conn.alpn != b"h2":
                 response.headers["transfer-encoding"] = "chunked"
+        return StreamScrubber(self.table.pairs, True)
 
     def _echo_cut(self, flow: http.HTTPFlow, why: str) -> None:
         fields(flow).setdefault("credential_alerts", []).append(
@@ -385,17 +385,6 @@ class Credentials:
             self.usage.close()
         for handler in logging.getLogger().handlers:
             handler.removeFilter(self._log_filter)
-
-
-class CredentialStreams:
-    """A stream tail of the pipeline (behind every stage that chooses whether and how a response
-    streams: protocols, recorder): wraps the stream they settled on with the key scrubber."""
-
-    def __init__(self, owner: Credentials) -> None:
-        self.owner = owner
-
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
-        self.owner.wrap_stream(flow)
 
 
 def _process(flow: http.HTTPFlow) -> str:

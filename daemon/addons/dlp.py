@@ -4,8 +4,9 @@ A held body (the common case) is scanned once, reusing the filters stage's parse
 the client with a 403 shaped like the provider's own errors (the SDKs raise their
 PermissionDenied error) and nothing reaches the provider; `redact` rewrites the body; `alert`
 only records and logs. A body streamed because it is too large to hold is redacted on the fly
-(StreamRedactor, installed after the protocols stage so both see it); a `block` finding there
-cannot stop what has left, so it is redacted and the exchange is cut when the response starts.
+(StreamRedactor, first among the stream layers, so the protocols stage sees it redacted); a
+`block` finding there cannot stop what has left, so it is redacted and the exchange is cut when
+the response starts.
 
 The record gets `dlp_hits`: detector, action, location and count, never the matched value. What
 is kept of the request for the record (the recorder's Markdown twin) has no secret either: a
@@ -220,44 +221,14 @@ class Dlp:
         self._scrub(flow)
         flow.metadata.pop(DLP_STREAM, None)
 
-
-class DlpStreams:
-    """A stream tail of the pipeline: installs the StreamRedactor of a streamed request body,
-    wrapping whatever stream callable the stages before it (protocols) set, so they see the
-    redacted bytes."""
-
-    def __init__(self, dlp: Dlp) -> None:
-        self.dlp = dlp
-
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def request_layer(self, flow: http.HTTPFlow) -> StreamRedactor | None:
+        """A streamed request body's redactor: first in line (llmtap.addons.streams), so every
+        later layer sees the redacted bytes."""
         request = flow.request
-        if not request.stream or flow.response is not None or not self.dlp.scanner:
-            return
+        if flow.response is not None or not self.scanner:
+            return None
         if request.headers.get("content-encoding", "identity").strip().lower() != "identity":
-            return  # compressed on the wire: recorded as skipped by Dlp.request
+            return None  # compressed on the wire: recorded as skipped by request()
         state = StreamState()
         flow.metadata[DLP_STREAM] = state
-        request.stream = chain(StreamRedactor(self.dlp.scanner, state.findings.append),
-                               request.stream)
-
-
-Stream = Callable[[bytes], "bytes | Iterable[bytes]"]
-
-
-def chain(first: StreamRedactor, then: Stream | bool) -> Stream:
-    """`then(first(chunk))`, keeping the end-of-body signal (an empty chunk) for the end only."""
-
-    def pieces(data: bytes) -> list[bytes]:
-        if not callable(then):
-            return [data]
-        out = then(data)
-        return [out] if isinstance(out, bytes) else list(out)
-
-    def stream(chunk: bytes) -> list[bytes]:
-        data = first(chunk)
-        out = pieces(data) if data else []
-        if chunk == b"" and callable(then):
-            out += pieces(b"")
-        return [piece for piece in out if piece]
-
-    return stream
+        return StreamRedactor(self.scanner, state.findings.append)

@@ -9,10 +9,11 @@ so the hot path costs a counter increment and a clock read per chunk.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from llmtap.addons.streams import layer_of
 from llmtap.flow import BLOCKED_HEADER, LIVE_PARSER, ProcessLookup, fields
 from llmtap.masking import NO_MASK, SecretMask
 from llmtap.parsers.base import as_dict
@@ -38,16 +39,17 @@ def process_summary(process: Any) -> dict[str, Any] | None:
 
 
 class StreamMeter:
-    """Counts a streamed response's chunks, bytes and SSE data lines (a token estimate)."""
+    """A stream layer that counts a streamed response's chunks, bytes and SSE data lines (a
+    token estimate), passing each chunk on unchanged."""
 
-    def __init__(self, live: Live, flow: http.HTTPFlow, inner: Any) -> None:
-        self.live, self.flow, self.inner = live, flow, inner
+    def __init__(self, live: Live, flow: http.HTTPFlow) -> None:
+        self.live, self.flow = live, flow
         self.chunks = 0
         self.bytes = 0
         self.data_lines = 0
         self.last_sent = 0.0
 
-    def __call__(self, data: bytes) -> Iterable[bytes] | bytes:
+    def __call__(self, data: bytes) -> bytes:
         if data:
             self.chunks += 1
             self.bytes += len(data)
@@ -56,7 +58,7 @@ class StreamMeter:
             if now - self.last_sent >= UPDATE_EVERY_S:
                 self.last_sent = now
                 self.live.stream_update(self.flow, self)
-        return self.inner(data) if callable(self.inner) else data
+        return data
 
 
 class Live:
@@ -91,9 +93,9 @@ class Live:
             "max_tokens": request.get("max_tokens"), "process": self._process(flow),
         })
 
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None and flow.response.stream:
-            flow.response.stream = StreamMeter(self, flow, flow.response.stream)
+    def response_layer(self, flow: http.HTTPFlow) -> StreamMeter | None:
+        """A streamed response's meter (llmtap.addons.streams): its counts feed the updates."""
+        return StreamMeter(self, flow) if flow.response is not None else None
 
     def stream_update(self, flow: http.HTTPFlow, meter: StreamMeter) -> None:
         event: dict[str, Any] = {"type": "update", "id": flow.id, "ts": time.time(),
@@ -121,14 +123,14 @@ class Live:
         started = flow.request.timestamp_start
         ended = (flow.response.timestamp_end if flow.response else None) or time.time()
         self._updates.pop(flow.id, None)
-        meter = flow.response.stream if flow.response is not None else None
+        meter = layer_of(flow.response.stream, StreamMeter) if flow.response is not None else None
         self._queue({
             "type": "end", "id": flow.id, "ts": ended,
             "status": flow.response.status_code if flow.response else None,
             "model": known.get("model"), "provider": known.get("provider"),
             "usage": known.get("usage"), "cost_usd": _number(known.get("cost_usd")),
             "ttft_ms": known.get("ttft_ms"), "duration_ms": round((ended - started) * 1000, 1),
-            "chunks": known.get("chunks") or (meter.chunks if isinstance(meter, StreamMeter) else None),
+            "chunks": known.get("chunks") or (meter.chunks if meter else None),
             "error": known.get("error") or (flow.error.msg if flow.error else None),
             "process": process_summary(known.get("process")) or self._process(flow),
             "host": flow.request.pretty_host,

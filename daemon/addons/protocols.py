@@ -6,7 +6,8 @@ is removed from what the client receives (llmtap.parsers.rewrite), so every call
 
 Response: event streams, replies to streamed requests (Gemini's JSON array), bodies of unknown size
 and bodies over mitmproxy's `stream_large_bodies` are streamed through `BodyStream`, which feeds
-the incremental parser and hands each chunk back at once. Other bodies (known size, under the
+the incremental parser and hands each chunk back at once (its place among the other stages'
+stream layers is the streams stage's, llmtap.addons.streams). Other bodies (known size, under the
 threshold) are held by mitmproxy as usual and parsed in `response` from their raw bytes, under the
 same caps. Nothing the parser does can stop or change the bytes.
 
@@ -20,8 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import weakref
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -29,6 +29,7 @@ from llmtap.addons import bodies
 from llmtap.flow import (
     BLOCKED_HEADER,
     BODIES,
+    EXCHANGE,
     LIVE_PARSER,
     RECORD_FIELDS,
     STREAM_FLAG,
@@ -85,7 +86,7 @@ class Exchange:
 
 
 class RequestEnds:
-    """Request stream callable: passes a too-large body on, keeping its head and tail."""
+    """Request stream layer: passes a too-large body on, keeping its head and tail."""
 
     def __init__(self) -> None:
         self.head = bytearray()
@@ -100,7 +101,7 @@ class RequestEnds:
 
 
 class BodyStream:
-    """Response stream callable: each wire chunk goes to the parser and back out at once.
+    """Response stream layer: each wire chunk goes to the parser and back out at once.
 
     Only the usage-only event llmtap asked for is removed (and, while it may still come, the
     unfinished SSE event at the end of a chunk waits for its blank line). Returns a tuple: an
@@ -111,21 +112,14 @@ class BodyStream:
         self,
         parser: ResponseParser,
         stripper: UsageChunkStripper | None,
-        then: Callable[[bytes], Chunks | bytes] | None = None,
     ) -> None:
         self.parser = parser
         self.stripper = stripper
-        self.then = then  # a stream callable another addon had set before us
         self.bytes = 0
 
     def __call__(self, chunk: bytes) -> Chunks:
         self.bytes += len(chunk)
         self._parse(chunk)
-        if self.then is not None:
-            passed = self.then(chunk)
-            if isinstance(passed, bytes):
-                return (passed,) if passed else ()
-            return passed
         out = self._strip(chunk) if self.stripper else chunk
         return (out,) if out else ()
 
@@ -216,25 +210,21 @@ def join_errors(*errors: str | None) -> str | None:
 class Protocols:
     observes_response = True  # its response hook may run after the response is relayed
 
-    def __init__(self) -> None:
-        # Per-flow state lives here, not in flow.metadata, which mitmproxy deep-copies.
-        self._exchanges: weakref.WeakKeyDictionary[http.HTTPFlow, Exchange] = (
-            weakref.WeakKeyDictionary()
-        )
-
     # -- request ----------------------------------------------------------------------------
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         req = flow.request
         if req.stream is True:  # mitmproxy streams it (too large): keep its ends
-            ends = RequestEnds()
-            req.stream = ends
             info = parse_request(req.pretty_host, req.method, req.path, b"")
-            self._exchanges[flow] = Exchange(info, request_ends=ends)
+            flow.metadata[EXCHANGE] = Exchange(info, request_ends=RequestEnds())
+
+    def request_layer(self, flow: http.HTTPFlow) -> RequestEnds | None:
+        exchange: Exchange | None = flow.metadata.get(EXCHANGE)
+        return exchange.request_ends if exchange else None
 
     def request(self, flow: http.HTTPFlow) -> None:
         req = flow.request
-        known = self._exchanges.get(flow)
+        known: Exchange | None = flow.metadata.get(EXCHANGE)
         if known is not None and known.request_ends is not None:
             ends = known.request_ends
             known.info = salvage_request(
@@ -243,14 +233,14 @@ class Protocols:
             return
         if req.stream and req.raw_content is None:  # mitmproxy began streaming it midway
             info = salvage_request(req.pretty_host, req.method, req.path, b"", b"")
-            self._exchanges[flow] = Exchange(info)
+            flow.metadata[EXCHANGE] = Exchange(info)
             return
         info = read_request(flow)
         bodies.forget_request(flow)  # the last stage to read it: the copy need not wait for the reply
         exchange = Exchange(info)
         if info.system_text:  # parsed once here; the recorder archives it
             flow.metadata[SYSTEM_PROMPT] = info.system_text
-        self._exchanges[flow] = exchange
+        flow.metadata[EXCHANGE] = exchange
         rewrite = usage_rewrite(info, req.raw_content or b"", req.headers.get("content-encoding"))
         if rewrite.strip_usage_chunk:
             req.content = rewrite.body  # also sets content-length
@@ -264,11 +254,11 @@ class Protocols:
 
     def _exchange(self, flow: http.HTTPFlow) -> Exchange:
         """The flow's exchange; one from the request line alone if `request` never ran."""
-        exchange = self._exchanges.get(flow)
+        exchange: Exchange | None = flow.metadata.get(EXCHANGE)
         if exchange is None:
             req = flow.request
             exchange = Exchange(parse_request(req.pretty_host, req.method, req.path, b""))
-            self._exchanges[flow] = exchange
+            flow.metadata[EXCHANGE] = exchange
         return exchange
 
     # -- response ---------------------------------------------------------------------------
@@ -288,10 +278,13 @@ class Protocols:
                 exchange.notes.append(NOT_STRIPPED)
             else:
                 stripper = UsageChunkStripper()
-        previous = response.stream if callable(response.stream) else None
-        exchange.stream = BodyStream(exchange.parser, stripper, then=previous)
-        response.stream = exchange.stream
+        exchange.stream = BodyStream(exchange.parser, stripper)
+        response.stream = True  # the streams stage puts BodyStream in its place (response_layer)
         flow.metadata[STREAM_FLAG] = True
+
+    def response_layer(self, flow: http.HTTPFlow) -> BodyStream | None:
+        exchange: Exchange | None = flow.metadata.get(EXCHANGE)
+        return exchange.stream if exchange else None
 
     def _parser(self, flow: http.HTTPFlow, info: RequestInfo) -> ResponseParser:
         assert flow.response
@@ -379,7 +372,7 @@ class Protocols:
         self._contribute(flow, exchange)
 
     async def websocket_message(self, flow: http.HTTPFlow) -> None:
-        exchange = self._exchanges.get(flow)
+        exchange: Exchange | None = flow.metadata.get(EXCHANGE)
         if exchange is None or exchange.websocket is None or flow.websocket is None:
             return
         message = flow.websocket.messages[-1]
@@ -400,7 +393,7 @@ class Protocols:
             del flow.websocket.messages[:-1]  # the last is still this hook's, for later addons
 
     async def websocket_end(self, flow: http.HTTPFlow) -> None:
-        exchange = self._exchanges.get(flow)
+        exchange: Exchange | None = flow.metadata.get(EXCHANGE)
         if exchange is None or exchange.websocket is None:
             return
         now = time.time()
@@ -424,7 +417,7 @@ class Protocols:
         sub.response.content = b"\n".join(done.received)
         sub.response.timestamp_start = done.started
         sub.response.timestamp_end = ended
-        sub.metadata = {k: v for k, v in flow.metadata.items() if k not in (RECORD_FIELDS, BODIES)}
+        sub.metadata = {k: v for k, v in flow.metadata.items() if k not in (RECORD_FIELDS, BODIES, EXCHANGE)}
         sub.metadata[WS_EXCHANGE] = flow.id
         result = done.parser.result()
         result["provider"] = info.provider  # the host's, as for every other exchange

@@ -22,6 +22,7 @@ from llmtap.masking import NO_MASK, SecretMask
 from llmtap.records.capture import (
     BodyCapture,
     Exchange,
+    StreamFn,
     bounded,
     masked_headers,
     tee_stream,
@@ -108,13 +109,13 @@ class Recorder:
             self.writer.close()
         self.writer = RecordWriter(Path(directory), settings) if directory else None
 
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
-        """A streamed response (another addon set `stream`): copy what passes, bounded."""
-        if self.writer is None or flow.response is None or not flow.response.stream:
-            return
+    def response_layer(self, flow: http.HTTPFlow) -> StreamFn | None:
+        """A streamed response (llmtap.addons.streams): a bounded copy of what passes."""
+        if self.writer is None or flow.response is None:
+            return None
         capture = BodyCapture(self.max_body_bytes)
         flow.metadata[CAPTURE] = capture
-        flow.response.stream = tee_stream(flow.response.stream, capture)
+        return tee_stream(True, capture)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._record(flow)

@@ -1,11 +1,11 @@
 """`llmtap run` where there is no fork (Windows): the redirect and the proxy in one process.
 
 WinDivert's original-destination table lives in the process that holds its handles, and mitmproxy
-asks it for every connection, so the proxy cannot be a separate worker. The order is the
-supervisor's: leftovers cleaned up -> the backend made and its lookup plugged into mitmproxy ->
-the embedded Master (llmtap.proxy, the same pipeline) started on a thread and event loop of its
-own -> listening -> the redirect installed -> watched -> on stop, the redirect removed, then the
-Master shut down.
+asks it for every connection, so the proxy cannot be a separate worker. The lifecycle is the one
+of every OS (llmtap.lifecycle); what is Windows's is here: InProcessHost makes the backend first
+and plugs its lookup into mitmproxy, then runs the embedded Master (llmtap.proxy, the same
+pipeline) on a thread and event loop of its own; InProcessRunner supplies the checks, the
+directories and the status file.
 
 There is no privilege drop (Windows has no setuid): the process stays elevated, the loop guard is
 the process id (WindivertBackend's OwnProcessExemption excludes this process's connections), and
@@ -22,31 +22,24 @@ import io
 import json
 import logging
 import os
-import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from llmtap import addons, ca, redirect
 from llmtap.config import Config
 from llmtap.errors import LlmtapError, RuntimeFailure, UsageError
+from llmtap.lifecycle import READY_TIMEOUT_S, Event, EventHandler, Lifecycle, configure_logging
 from llmtap.platform import statusfile
-from llmtap.platform.base import RedirectBackend, plug_into_mitmproxy
+from llmtap.platform.base import RedirectBackend, RedirectPlan, plug_into_mitmproxy
 from llmtap.platform.windows.acl import restrict_to_administrators
 from llmtap.platform.windows.attribution import resolver_for
 from llmtap.privileges import ServiceUser, require_root
 from llmtap.proxy import ProxySettings, build_master
-from llmtap.supervisor import (
-    READY_TIMEOUT_S,
-    WATCH_INTERVAL_S,
-    Supervisor,
-    configure_logging,
-    listen_hosts,
-)
+from llmtap.supervisor import listen_hosts
 from llmtap.worker import GIL_SWITCH_S, Reporter
 from mitmproxy import master
 
@@ -59,11 +52,6 @@ NO_USER = ServiceUser("", -1, -1)
 LISTEN_HOSTS = ("127.0.0.1", "::1")
 STATUS_EVERY_S = 1.0
 STOP_TIMEOUT_S = 10.0
-# SIGBREAK (Windows only): Ctrl-Break in the console. The service host, which runs us on a
-# thread of its own (no signals there), calls request_stop() instead.
-STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGBREAK")
-
-Event = dict[str, Any]
 
 
 class EventSink(io.StringIO):
@@ -139,8 +127,73 @@ class EmbeddedProxy:
                 await server.servers.update([])
 
 
-class InProcessRunner(Supervisor):
-    """The supervisor's lifecycle (target refresh, status) with the proxy in this process."""
+class InProcessHost:
+    """The proxy in this process (a ProxyHost, llmtap.lifecycle): the backend is made first and
+    its original-destination table plugged into mitmproxy, then the embedded Master. It does not
+    heal: a proxy that stops ends the run (the service manager restarts it)."""
+
+    heals = False
+
+    def __init__(self) -> None:
+        self.proxy: EmbeddedProxy | None = None
+        self._settings: ProxySettings | None = None
+        self._resolve: Callable[[dict[str, Any]], Any] | None = None
+        self._ready = threading.Event()
+        self._listening: list[str] = []
+
+    @property
+    def pid(self) -> int:
+        return os.getpid()  # status reports it as the worker
+
+    def prepare(self, settings: ProxySettings, backend_cls: type[RedirectBackend],
+                plan: RedirectPlan) -> RedirectBackend | None:
+        backend = backend_cls(plan)
+        if lookup := backend.original_addr_lookup():
+            plug_into_mitmproxy(lookup)  # before the Master: its transparent mode reads it at configure
+        self._settings = settings
+        self._resolve = resolver_for(backend)  # attribution, answered in this process
+        return backend
+
+    def start(self, on_event: EventHandler, stop: threading.Event) -> list[str] | None:
+        """Where the proxy listens, once it does; None if a stop came first."""
+        assert self._settings is not None
+
+        def handle(event: Event) -> None:
+            if event.get("event") == "ready":
+                self._listening = list(event.get("listening", []))
+                self._ready.set()
+            on_event(event)
+
+        proxy = self.proxy = EmbeddedProxy(self._settings, handle, self._resolve)
+        proxy.start()
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not self._ready.wait(0.05):
+            if stop.is_set():
+                return None
+            if not proxy.alive() or time.monotonic() > deadline:
+                raise RuntimeFailure("the proxy did not start (its reason is printed above)")
+        return self._listening
+
+    def alive(self) -> bool:
+        return self.proxy is not None and self.proxy.alive()
+
+    def trouble(self) -> str | None:
+        if self.proxy is not None and not self.proxy.alive():
+            return "the proxy stopped (its reason is printed above)"
+        return None
+
+    def kill(self) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.proxy is not None:
+            self.proxy.stop()
+
+
+class InProcessRunner(Lifecycle):
+    """The lifecycle elevated on Windows: the proxy in this process, the status in a file."""
+
+    REDIRECT_LOST = "the redirect was lost (the {} handles closed)"
 
     def __init__(
         self, config: Config, bare: bool = False, *,
@@ -148,47 +201,14 @@ class InProcessRunner(Supervisor):
         check_rights: Callable[[str], None] | None = None,
         restrict: Callable[[Path], None] | None = None,
     ) -> None:
-        super().__init__(config, bare)
-        self.backend_cls = backend_cls
+        super().__init__(config, bare, InProcessHost())
+        self.chosen_backend = backend_cls
         self.check_rights = check_rights or require_root  # Windows: elevated
         self.restrict = restrict or restrict_to_administrators
-        self.ready = threading.Event()
-        self.worker_pid = os.getpid()  # the proxy is this process (status reports it as the worker)
+        self.next_status = 0.0
 
-    def run(self) -> int:
-        config = self.config
-        backend_cls, hosts, bundle = self._prepare()
-        self.addresses, next_refresh = self.resolver.refresh()
-        self.backend = backend = backend_cls(self._plan(NO_USER))
-        if lookup := backend.original_addr_lookup():
-            plug_into_mitmproxy(lookup)  # before the Master: its transparent mode reads it at configure
-        proxy = EmbeddedProxy(self._settings(bundle, hosts), self._on_event,
-                              resolver_for(backend))
-        previous = self._catch_stop_signals()
-        try:
-            proxy.start()
-            if not self._wait_listening(proxy):
-                return 0
-            backend.install(self.addresses)
-            threading.Thread(target=self._refresh, args=(next_refresh,), daemon=True).start()
-            self._write_pidfile()
-            log.info(
-                "intercepting with %s (scope %s, %d target addresses); proxy on %s",
-                backend.name, config.redirect.scope, len(self.addresses), ", ".join(self.listening),
-            )
-            return self._watch_proxy(proxy)
-        finally:
-            self.stop.set()  # no target refresh from now on
-            backend.remove()
-            proxy.stop()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            statusfile.withdraw(config.control_socket)
-            with contextlib.suppress(FileNotFoundError):
-                (config.run_dir / "llmtap.pid").unlink()
-
-    def _prepare(self) -> tuple[type[RedirectBackend], tuple[str, ...], Path]:
-        """Checks, directories, leftovers and the CA: (backend class, listen hosts, CA bundle)."""
+    def prepare(self) -> tuple[type[RedirectBackend], ProxySettings]:
+        """Checks, directories, leftovers and the CA."""
         config = self.config
         self.check_rights("llmtap run")
         if config.redirect.gateway_interfaces:
@@ -196,7 +216,7 @@ class InProcessRunner(Supervisor):
         if config.metrics.listen:  # served by the supervisor, which this runner has none of
             raise UsageError("metrics.listen is not available on Windows yet: remove it from the "
                              "config")
-        backend_cls = self.backend_cls or redirect.choose_backend(config.redirect.backend)
+        backend_cls = self.chosen_backend or redirect.choose_backend(config.redirect.backend)
         hosts = listen_hosts(config.redirect.proxy_port, config.explicit.address, LISTEN_HOSTS)
         self._prepare_dirs()
         if backend_cls.cleanup_leftovers():
@@ -207,7 +227,7 @@ class InProcessRunner(Supervisor):
         bundle = ca.write_upstream_bundle(
             config.run_dir / "upstream-ca.pem", config.upstream.extra_ca, NO_USER.uid, NO_USER.gid
         )
-        return backend_cls, hosts, bundle
+        return backend_cls, self.settings(bundle, hosts)
 
     def _prepare_dirs(self) -> None:
         """Restricted before anything is written in them (the CA key first of all)."""
@@ -215,64 +235,22 @@ class InProcessRunner(Supervisor):
             directory.mkdir(parents=True, exist_ok=True)
             self.restrict(directory)
 
-    def request_stop(self, reason: str = "requested") -> None:
-        """From any thread, any time (even before run): the redirect is removed, then the proxy
-        stopped, and run() returns 0."""
-        if not self.stop.is_set():
-            self.exit_reason = reason
-        self.stop.set()
+    def redirect_plan(self) -> RedirectPlan:
+        """No service user: the plan's uid is unused (the loop guard is the process id)."""
+        r = self.config.redirect
+        return RedirectPlan(proxy_port=r.proxy_port, service_uid=NO_USER.uid, ports=r.ports,
+                            scope=r.scope, block_quic=r.block_quic,
+                            gateway_interfaces=r.gateway_interfaces,
+                            max_connections_per_user=r.max_connections_per_user)
 
-    def _catch_stop_signals(self) -> dict[int, Any]:
-        """The previous handlers, to put back. Only the main thread may set them."""
-        if threading.current_thread() is not threading.main_thread():
-            return {}
+    def tick(self) -> None:
+        """The status file, every STATUS_EVERY_S (no control socket: no AF_UNIX here)."""
+        if time.monotonic() >= self.next_status:
+            statusfile.publish(self.config.control_socket, self.status())
+            self.next_status = time.monotonic() + STATUS_EVERY_S
 
-        def request_stop(signum: int, _frame: FrameType | None) -> None:
-            self.request_stop(signal.Signals(signum).name)
-
-        previous: dict[int, Any] = {}
-        for name in STOP_SIGNALS:
-            if (sig := getattr(signal, name, None)) is not None:
-                previous[sig] = signal.signal(sig, request_stop) or signal.SIG_DFL
-        return previous
-
-    def _wait_listening(self, proxy: EmbeddedProxy) -> bool:
-        """True once the proxy listens; False if a stop came first."""
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while not self.ready.wait(0.05):
-            if self.stop.is_set():
-                return False
-            if not proxy.alive() or time.monotonic() > deadline:
-                raise RuntimeFailure("the proxy did not start (its reason is printed above)")
-        return True
-
-    def _on_event(self, event: Event) -> None:
-        """Reporter's events, on the proxy's thread. "live" events feed the control socket's
-        subscribers; there is no socket here."""
-        kind = event.get("event")
-        if kind == "ready":
-            self.listening = list(event.get("listening", []))
-            self.ready.set()
-        elif kind == "counters":
-            self.counters = event.get("counters", {})
-
-    def _watch_proxy(self, proxy: EmbeddedProxy) -> int:
-        assert self.backend is not None
-        next_status = 0.0
-        while True:
-            if not proxy.alive():
-                log.error("the proxy stopped (its reason is printed above); redirect removed")
-                return 1
-            if not self.backend.alive():
-                log.error("the redirect was lost (the %s handles closed)", self.backend.name)
-                return 1
-            if time.monotonic() >= next_status:
-                statusfile.publish(self.config.control_socket, self.status())
-                next_status = time.monotonic() + STATUS_EVERY_S
-            if self.stop.wait(WATCH_INTERVAL_S):
-                break
-        log.info("stopping (%s); removing the redirect", self.exit_reason or "requested")
-        return 0
+    def stop_services(self) -> None:
+        statusfile.withdraw(self.config.control_socket)
 
 
 def make_runner(config: Config, bare: bool = False) -> InProcessRunner:

@@ -20,7 +20,7 @@ def test_pipeline_follows_spec_order():
     assert names == [s for s in addons.PIPELINE if s in names]
     assert addons.PIPELINE[0] == "scope"
     # SPEC.md's stages end with live; only the stream tails, which wrap what they chose, follow.
-    assert addons.PIPELINE[addons.PIPELINE.index("live") + 1:] == ("dlpstreams", "credentialstreams")
+    assert addons.PIPELINE[-1] == "streams"
     assert set(addons.STAGES) == set(addons.PIPELINE)
 
 
@@ -58,7 +58,8 @@ def test_protocols_streams_event_streams_only():
     with taddons.context(protocols):
         protocols.responseheaders(sse)
         protocols.responseheaders(plain)
-    assert callable(sse.response.stream) and not plain.response.stream
+    assert sse.response.stream is True and not plain.response.stream  # streamed: decided here,
+    assert protocols.response_layer(sse) is not None  # its layer put in place by the streams stage
 
 
 def test_recorder_writes_one_json_record_without_headers(tmp_path):
@@ -102,9 +103,11 @@ def test_pipeline_hands_each_stage_what_it_depends_on():
     import socket
 
     from llmtap.addons.attribution import Attribution
-    from llmtap.addons.credentials import Credentials, CredentialStreams
-    from llmtap.addons.dlp import Dlp, DlpStreams
+    from llmtap.addons.credentials import Credentials
+    from llmtap.addons.dlp import Dlp
     from llmtap.addons.filters import Filters
+    from llmtap.addons.protocols import Protocols
+    from llmtap.addons.streams import Streams
 
     ours, theirs = socket.socketpair()
     try:
@@ -120,8 +123,10 @@ def test_pipeline_hands_each_stage_what_it_depends_on():
         assert credentials is not None and credentials.attribution is attribution
         assert dlp is not None and dlp.held is credentials
         assert filters is not None and filters.dlp_follows
-        assert addons.stage(stages, DlpStreams).dlp is dlp  # type: ignore[union-attr]
-        assert addons.stage(stages, CredentialStreams).owner is credentials  # type: ignore[union-attr]
+        streams, protocols = addons.stage(stages, Streams), addons.stage(stages, Protocols)
+        assert streams is not None
+        assert streams.request_stages == (dlp, protocols)
+        assert streams.response_stages == (credentials, live, recorder, protocols)
     finally:
         ours.close()
         theirs.close()

@@ -26,6 +26,7 @@ from test_protocols_addon import (
     request_flow,
     response_headers,
     run_addons,
+    stream_headers,
     websocket_session,
 )
 
@@ -65,7 +66,7 @@ def streamed(addons: tuple[Any, ...], path: str, body: bytes, method: str = "GET
     flow = request_flow(OPENAI, path, request, method=method)
     protocols.request(flow)
     response_headers(flow, 200, SSE)
-    protocols.responseheaders(flow)
+    stream_headers(protocols, flow)
     relay(protocols, flow, [body[i:i + 97] for i in range(0, len(body), 97)])
     counting.response(flow)
     pricing.response(flow)

@@ -13,8 +13,9 @@ import pytest
 from credential_flows import KnownUser, flow_to, respond, run_hook, write_secrets
 from fake_providers import bomb
 from llmtap import secrets_store as store
-from llmtap.addons.credentials import Credentials, CredentialStreams
+from llmtap.addons.credentials import Credentials
 from llmtap.addons.echoes import EncodedEchoGuard, StreamScrubber
+from llmtap.addons.streams import Streams, layer_of
 from llmtap.flow import CREDENTIALS, fields
 from mitmproxy import ctx, http
 from mitmproxy.test import taddons, tflow
@@ -319,15 +320,15 @@ def test_streamed_response_of_a_key_bearing_flow_is_wrapped_last(addon):
     flow.response = http.Response.make(200, b"", {"content-length": "500"})
     credentials.responseheaders(flow)
     flow.response.stream = True  # what a later stage (protocols) decides
-    CredentialStreams(credentials).responseheaders(flow)
-    assert isinstance(flow.response.stream, StreamScrubber)
+    Streams(response=(credentials,)).responseheaders(flow)
+    assert layer_of(flow.response.stream, StreamScrubber) is not None
     assert "content-length" not in flow.response.headers
     assert flow.response.headers["transfer-encoding"] == "chunked"
     untouched = flow_to("api.anthropic.com", headers={"x-api-key": "sk-ant-someone-elses"})
     credentials.requestheaders(untouched)
     untouched.response = http.Response.make(200, b"")
     untouched.response.stream = True
-    CredentialStreams(credentials).responseheaders(untouched)
+    Streams(response=(credentials,)).responseheaders(untouched)
     assert untouched.response.stream is True
 
 
@@ -337,8 +338,7 @@ def test_rotation_takes_effect_on_the_next_request_and_old_keys_stay_scrubbed(ad
     credentials.requestheaders(first)
     first.response = http.Response.make(200, b"")
     first.response.stream = True
-    credentials.wrap_stream(first)
-    open_stream = first.response.stream
+    open_stream = credentials.response_layer(first)
     rotated = "sk-ant-api03-ROTATEDanthropicKEY987"
     again = write_secrets(state_dir, ("anthropic", ("api.anthropic.com",), "x-api-key", False, rotated),
                           *DEFAULT[1:])
@@ -417,8 +417,8 @@ def test_the_stream_tail_is_behind_every_other_stage():
 
     stages = addons.pipeline()
     tail = stages[-1]
-    assert isinstance(tail, CredentialStreams)
-    assert tail.owner is addons.stage(stages, Credentials)  # the stage whose keys it scrubs
+    assert isinstance(tail, Streams)
+    assert tail.response_stages[0] is addons.stage(stages, Credentials)  # keys out first
 
 
 def gzip_stream(text: bytes, pieces: int) -> list[bytes]:

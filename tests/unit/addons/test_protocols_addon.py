@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from llmtap.addons import pipeline
 from llmtap.addons.pricing import Pricing
-from llmtap.addons.protocols import Protocols
+from llmtap.addons.protocols import BodyStream, Protocols
+from llmtap.addons.streams import Streams, layer_of
 from llmtap.flow import WS_EXCHANGE, fields
 from llmtap.parsers import ResponseParser
 from llmtap.proxy import ProxySettings, build_master
@@ -47,6 +48,12 @@ def response_headers(flow: http.HTTPFlow, status: int, headers: dict[str, str],
     flow.response.timestamp_start = T0 + 0.1
 
 
+def stream_headers(protocols: Protocols, flow: http.HTTPFlow) -> None:
+    """responseheaders, then the streams stage's (which puts the stage's layer in place)."""
+    protocols.responseheaders(flow)
+    Streams(response=(protocols,)).responseheaders(flow)
+
+
 def relay(protocols: Protocols, flow: http.HTTPFlow, chunks: list[bytes]) -> bytes:
     """What the client receives through the stream callable; every piece comes back at once."""
     assert callable(flow.response.stream)
@@ -74,7 +81,7 @@ def test_sse_passes_through_unchanged_and_is_parsed():
     with run_addons(protocols, pricing):
         protocols.request(flow)
         response_headers(flow, 200, SSE)
-        protocols.responseheaders(flow)
+        stream_headers(protocols, flow)
         assert relay(protocols, flow, split(body, range(7, len(body), 13))) == body
         pricing.response(flow)
     record = fields(flow)
@@ -99,7 +106,7 @@ def test_chat_stream_gets_usage_the_client_does_not_see():
         assert flow.request.headers["accept-encoding"] == "identity"
         assert flow.request.headers["content-length"] == str(len(flow.request.content))
         response_headers(flow, 200, SSE)
-        protocols.responseheaders(flow)
+        stream_headers(protocols, flow)
         body = streams.openai_chat_stream()
         assert relay(protocols, flow, split(body, range(5, len(body), 11))) == (
             streams.openai_chat_stream_stripped())
@@ -119,7 +126,7 @@ def test_client_asking_for_usage_sees_it():
         protocols.request(flow)
         assert flow.request.content == original
         response_headers(flow, 200, SSE)
-        protocols.responseheaders(flow)
+        stream_headers(protocols, flow)
         body = streams.openai_chat_stream()
         assert relay(protocols, flow, [body]) == body
 
@@ -131,7 +138,7 @@ def test_compressed_stream_is_not_stripped_but_parsed():
     with run_addons(protocols):
         protocols.request(flow)
         response_headers(flow, 200, {**SSE, "content-encoding": "gzip"})
-        protocols.responseheaders(flow)
+        stream_headers(protocols, flow)
         body = gzip.compress(streams.openai_chat_stream())
         assert relay(protocols, flow, split(body, [10, 100, 300])) == body
     record = fields(flow)
@@ -146,7 +153,7 @@ def test_sized_json_is_held_by_mitmproxy_and_parsed_from_raw_bytes():
     with run_addons(protocols, pricing):
         protocols.request(flow)
         response_headers(flow, 200, JSON, size=len(body))
-        protocols.responseheaders(flow)
+        stream_headers(protocols, flow)
         assert not flow.response.stream
         flow.response.raw_content = body
         flow.response.timestamp_end = T0 + 0.5
@@ -169,7 +176,7 @@ def test_unknown_size_json_is_streamed():
     with run_addons(protocols):
         protocols.request(flow)
         response_headers(flow, 200, JSON)  # no content-length: an HTTP/2 reply, say
-        protocols.responseheaders(flow)
+        stream_headers(protocols, flow)
         assert relay(protocols, flow, split(body, [100])) == body
     record = fields(flow)
     assert record["usage"]["output_tokens"] == 10 and record["error"] is None
@@ -183,7 +190,7 @@ def test_large_body_is_streamed_and_parsed_best_effort():
         protocols.request(flow)
         response_headers(flow, 200, JSON, size=12 * 2**20)
         flow.response.stream = True  # what mitmproxy does past stream_large_bodies
-        protocols.responseheaders(flow)
+        stream_headers(protocols, flow)
         head = b'{"object": "chat.completion", "model": "gpt-4.1", "choices": [{"message": {"content": "'
         tail = b'"}}], "usage": {"prompt_tokens": 7, "completion_tokens": 3000000}}'
         body = head + b"x" * (12 * 2**20 - len(head) - len(tail)) + tail
@@ -204,7 +211,7 @@ def test_a_crashing_parser_never_stops_the_bytes(monkeypatch):
     with run_addons(protocols):
         protocols.request(flow)
         response_headers(flow, 200, SSE)
-        protocols.responseheaders(flow)
+        stream_headers(protocols, flow)
         monkeypatch.setattr(ResponseParser, "feed", explode)
         client = b"".join(b"".join(flow.response.stream(c)) for c in split(body, [50, 900]))
         monkeypatch.undo()
@@ -220,8 +227,10 @@ def test_a_crashing_stripper_gives_up_stripping_not_bytes(monkeypatch):
     with run_addons(protocols):
         protocols.request(flow)
         response_headers(flow, 200, SSE)
-        protocols.responseheaders(flow)
-        stripper = flow.response.stream.stripper
+        stream_headers(protocols, flow)
+        body_stream = layer_of(flow.response.stream, BodyStream)
+        assert body_stream is not None
+        stripper = body_stream.stripper
         first = b"".join(flow.response.stream(body[:500]))
         monkeypatch.setattr(stripper, "_events", lambda out: 1 / 0)
         rest = relay(protocols, flow, [body[500:]])
@@ -236,7 +245,7 @@ def test_truncated_stream_and_connection_error_are_recorded():
     with run_addons(protocols, pricing):
         protocols.request(flow)
         response_headers(flow, 200, SSE)
-        protocols.responseheaders(flow)
+        stream_headers(protocols, flow)
         flow.response.stream(body[:1200])
         flow.error = tflow.terr("peer closed connection")
         protocols.error(flow)
@@ -269,7 +278,7 @@ def test_errors_keep_rate_limit_headers():
         protocols.request(flow)
         response_headers(flow, 429, {**JSON, "retry-after": "2", "x-ratelimit-remaining-tokens": "0",
                                      "x-request-id": "req_1", "set-cookie": "secret"}, size=len(body))
-        protocols.responseheaders(flow)
+        stream_headers(protocols, flow)
         flow.response.raw_content = body
         protocols.response(flow)
     record = fields(flow)
@@ -286,7 +295,7 @@ def test_unknown_path_and_invalid_request():
         for flow in (unknown, broken):
             protocols.request(flow)
             response_headers(flow, 200, JSON, size=2)
-            protocols.responseheaders(flow)
+            stream_headers(protocols, flow)
             flow.response.raw_content = b"{}"
             protocols.response(flow)
             pricing.response(flow)
@@ -302,12 +311,13 @@ def test_large_request_is_read_from_its_ends():
     flow.request.stream = True  # mitmproxy streams bodies past stream_large_bodies
     with run_addons(protocols):
         protocols.requestheaders(flow)
+        Streams(request=(protocols,)).requestheaders(flow)
         for chunk in split(body, range(0, len(body), 65536)):
-            assert flow.request.stream(chunk) == chunk
+            assert flow.request.stream(chunk) == [chunk]
         flow.request.raw_content = None
         protocols.request(flow)
         response_headers(flow, 200, SSE)
-        protocols.responseheaders(flow)
+        stream_headers(protocols, flow)
         relay(protocols, flow, [streams.anthropic_overloaded_stream()])
     record = fields(flow)
     assert record["request"] is not None and record["stream"] is True
@@ -457,7 +467,7 @@ def test_client_hanging_up_after_the_last_event_is_no_error():
     with run_addons(protocols):
         protocols.request(flow)
         response_headers(flow, 200, SSE)
-        protocols.responseheaders(flow)
+        stream_headers(protocols, flow)
         flow.response.stream(streams.openai_chat_stream())  # [DONE] seen, end of body not yet
         flow.error = tflow.terr("Client disconnected.")
         protocols.error(flow)
@@ -484,7 +494,7 @@ def test_compat_stream_hung_up_after_done_is_no_error(fixture: str, provider: st
     with run_addons(protocols):
         protocols.request(flow)
         response_headers(flow, 200, SSE)
-        protocols.responseheaders(flow)
+        stream_headers(protocols, flow)
         out = b"".join(flow.response.stream(known.body))
         flow.error = tflow.terr("Client disconnected.")
         protocols.error(flow)
@@ -509,7 +519,7 @@ def test_a_large_or_compressed_held_body_is_parsed_off_the_event_loop():
         with taddons.context(protocols):
             protocols.request(flow)
             response_headers(flow, 200, {**JSON, "content-encoding": "gzip"}, size=len(bomb))
-            protocols.responseheaders(flow)
+            stream_headers(protocols, flow)
             flow.response.raw_content = bomb
             pending = protocols.response(flow)
             assert pending is not None and not fields(flow)  # nothing parsed on the loop
@@ -547,7 +557,7 @@ def test_any_chunking_relays_the_same_bytes_and_records_the_same(data: st.DataOb
         with run_addons(protocols):
             protocols.request(flow)
             response_headers(flow, fixture.status, {"content-type": fixture.content_type})
-            protocols.responseheaders(flow)
+            stream_headers(protocols, flow)
             relayed = relay(protocols, flow, chunks)
         expected = streams.openai_chat_stream_stripped() if strip else body
         assert relayed == expected

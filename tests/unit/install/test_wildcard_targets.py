@@ -19,7 +19,7 @@ from llmtap import secrets_store as store
 from llmtap.addons.credentials import Credentials
 from llmtap.addons.scope import Scope
 from llmtap.ca import KEY_AND_CERT, create_ca, uncovered_hosts
-from llmtap.cli_secrets import env_lines
+from llmtap.cli.secrets import env_lines
 from llmtap.config import Config, TargetsConfig, load_config
 from llmtap.errors import UsageError
 from llmtap.flow import fields

@@ -17,6 +17,7 @@ import pytest
 from llmtap import control, proclookup
 from llmtap.addons.attribution import Attribution
 from llmtap.addons.live import Live
+from llmtap.addons.streams import Streams
 from llmtap.config import Config, DashboardConfig
 from llmtap.dashboard import History, State, context_window, render
 from llmtap.flow import fields
@@ -135,12 +136,12 @@ def test_live_events_start_throttled_updates_end(monkeypatch):
         live.requestheaders(flow)
         live.request(flow)
         flow.response.stream = True
-        live.responseheaders(flow)
+        Streams(response=(live,)).responseheaders(flow)
         clock = [100.0]
         monkeypatch.setattr("llmtap.addons.live.time.monotonic", lambda: clock[0])
         for _ in range(10):
             clock[0] += 0.1
-            assert flow.response.stream(b"data: {}\n\n") == b"data: {}\n\n"
+            assert flow.response.stream(b"data: {}\n\n") == [b"data: {}\n\n"]
         events = live.drain()
         fields(flow).update(usage={"output_tokens": 12}, cost_usd="0.0003")
         live.response(flow)

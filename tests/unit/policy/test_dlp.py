@@ -13,9 +13,10 @@ from hypothesis import strategies as st
 from llmtap import dlp
 from llmtap.addons import bodies
 from llmtap.addons import dlp as dlp_addon
-from llmtap.addons.dlp import Dlp, DlpStreams, chain
+from llmtap.addons.dlp import Dlp
 from llmtap.addons.filters import Filters
 from llmtap.addons.replies import refusal
+from llmtap.addons.streams import StreamChain, Streams
 from llmtap.config import load_config
 from llmtap.dlp import BUILTIN, Detector, Scanner, StreamRedactor, card_number, escape_safe
 from llmtap.errors import UsageError
@@ -235,14 +236,14 @@ def test_escape_safe_widens_spans_inside_escapes() -> None:
     assert escape_safe(b"a\\\\b", 3, 4) == (3, 4)  # an escaped backslash is not an escape
 
 
-def test_chain_keeps_the_end_signal_for_the_end() -> None:
+def test_stream_chain_keeps_the_end_signal_for_the_end() -> None:
     seen: list[bytes] = []
 
     def inner(chunk: bytes) -> bytes:
         seen.append(chunk)
         return chunk.upper()
 
-    stream = chain(StreamRedactor(scanner(), lambda f: None, window=4), inner)
+    stream = StreamChain([StreamRedactor(scanner(), lambda f: None, window=4), inner])
     assert stream(b"abcdef") == [b"AB"]
     assert stream(b"gh") == [b"CD"]
     assert stream(b"") == [b"EFGH"]
@@ -411,7 +412,7 @@ def test_streamed_request_is_redacted_and_a_block_cuts_the_exchange(tmp_path: Pa
             tmp_path, '[dlp.actions]\ngithub_token = "block"'))
         flow = tflow.tflow()
         flow.request.stream = True
-        DlpStreams(scan).requestheaders(flow)
+        Streams(request=(scan,)).requestheaders(flow)
         stream = flow.request.stream
         assert callable(stream)
         data = b'{"t":"ghp_' + b"A" * 36 + b' AKIAIOSFODNN7EXAMPLE"}'

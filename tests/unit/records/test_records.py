@@ -18,7 +18,8 @@ import pytest
 import streams
 from cli_runs import run_cli, write_config
 from llmtap.addons.recorder import Recorder
-from llmtap.cli_history import parse_since
+from llmtap.addons.streams import Streams
+from llmtap.cli.history import parse_since
 from llmtap.config import ExportConfig, RecordsConfig
 from llmtap.flow import SYSTEM_PROMPT, fields
 from llmtap.records import export, rotation, store
@@ -82,7 +83,7 @@ def record_once(tmp_path: Path, *flows: Any, toml: str = "") -> Recorder:
         for flow in flows:
             if flow.metadata.get("stream_body") is not None:
                 flow.response.stream = True
-                recorder.responseheaders(flow)
+                Streams(response=(recorder,)).responseheaders(flow)
                 for piece in (flow.metadata["stream_body"][:50], flow.metadata["stream_body"][50:],
                               b""):
                     flow.response.stream(piece)

@@ -15,8 +15,9 @@ from typing import Any, ClassVar
 
 import certifi
 import pytest
-from llmtap import ca, cli_secrets, supervisor
+from llmtap import ca, supervisor
 from llmtap import secrets_store as store
+from llmtap.cli import secrets as cli_secrets
 from llmtap.config import Config, load_config, system_paths
 from llmtap.doctor import Doctor
 from llmtap.errors import RuntimeFailure, UsageError

@@ -439,7 +439,7 @@ for name in ("fork", "chown", "fchown", "fchmod", "geteuid", "getuid", "getgid",
 del signal.SIGHUP, socket.AF_NETLINK, socket.SO_PEERCRED  # AF_UNIX stays: asyncio needs it here
 
 import llmtap.cli
-from llmtap import redirect, supervisor
+from llmtap import lifecycle, redirect
 from llmtap.platform.windows import inprocess
 from llmtap.platform.base import RedirectBackend
 from llmtap.targets import Lookup, TargetResolver
@@ -471,7 +471,7 @@ class Backend(RedirectBackend):
 redirect.choose_backend = lambda name: Backend
 inprocess.require_root = lambda action: events.append("rights")
 inprocess.restrict_to_administrators = lambda directory: events.append("restrict")
-supervisor.TargetResolver = lambda hosts, **kw: TargetResolver(
+lifecycle.TargetResolver = lambda hosts, **kw: TargetResolver(
     hosts, lookup=lambda host: Lookup(frozenset({"192.0.2.10"}), None), **kw)
 try:
     llmtap.cli.main(["run", "--config", sys.argv[1]])

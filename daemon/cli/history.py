@@ -1,4 +1,4 @@
-"""History commands: logs, show, stats, export, reindex and the live dashboard.
+"""History commands: logs, show, stats, export and reindex.
 
 They read the records directory (root or members of group llmtap). `--read-only` changes nothing
 at all, not even SQLite's side files: for reading a copied archive or someone else's tree.
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from llmtap.cli_options import ConfigOption
+from llmtap.cli.options import ConfigOption
 from llmtap.config import Config, load_config
 from llmtap.errors import RuntimeFailure, UsageError
 from llmtap.formatting import local_time, millis, money, printable, tokens
@@ -264,15 +264,5 @@ def reindex(config: str | None = ConfigOption) -> None:
     typer.echo(f"indexed {count} records from {directory}")
 
 
-@history_app.command()
-def dashboard(
-    read_only: bool = ReadOnlyOption,
-    once: bool = typer.Option(False, "--once", help="Print one frame and exit."),
-    config: str | None = ConfigOption,
-) -> None:
-    """Live view: requests in flight, today's tokens and cost against the budget, per process."""
-    from llmtap import dashboard as view
-
-    settings = load_config(config)
-    view.run(settings, read_only=read_only, once=once)
-
+def register(root: typer.Typer) -> None:
+    root.add_typer(history_app)  # logs, show, stats, export, reindex: top-level commands

@@ -12,8 +12,8 @@ from typing import Any
 
 import typer
 from llmtap import price_data
-from llmtap.cli_history import ReadOnlyOption, SinceOption, open_index, parse_since
-from llmtap.cli_options import ConfigOption
+from llmtap.cli.history import ReadOnlyOption, SinceOption, open_index, parse_since
+from llmtap.cli.options import ConfigOption
 from llmtap.config import Config, load_config
 from llmtap.errors import RuntimeFailure, UsageError
 from llmtap.formatting import printable
@@ -204,3 +204,7 @@ def _owner(service_user: str) -> tuple[int, int] | None:
     except KeyError:
         return None  # not installed yet: `llmtap run` hands the state dir over when it starts
     return entry.pw_uid, entry.pw_gid
+
+
+def register(root: typer.Typer) -> None:
+    root.add_typer(prices_app, name="prices")

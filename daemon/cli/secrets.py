@@ -18,7 +18,7 @@ from typing import Any
 import typer
 from llmtap import hostpatterns, keybind
 from llmtap import secrets_store as store
-from llmtap.cli_options import ConfigOption
+from llmtap.cli.options import ConfigOption
 from llmtap.config import Config, load_config
 from llmtap.errors import UsageError
 from llmtap.privileges import ServiceUser, ensure_service_user, require_root
@@ -289,3 +289,8 @@ def env_lines(items: list[store.Secret], shell: str) -> list[str]:
                          f"variable; its placeholder: {secret.placeholder}")
     syntax = {"sh": "export {}='{}'", "fish": "set -gx {} '{}'", "powershell": "$env:{} = '{}'"}[shell]
     return [syntax.format(var, value) for var, value in exports.items()] + lines
+
+
+def register(root: typer.Typer) -> None:
+    root.add_typer(secrets_app, name="secrets")
+    root.command("env")(env_command)

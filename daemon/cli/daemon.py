@@ -1,66 +1,21 @@
-"""The `llmtap` command line. Every error a user can cause is one line and an exit code."""
+"""`llmtap run`, `status` and `cleanup`: the daemon in the foreground, what it is doing, and
+what an earlier run left behind."""
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Any
 
 import typer
-from llmtap import __version__, cli_install, control, redirect
+from llmtap import control, redirect
 from llmtap.budgets import policy_line
-from llmtap.cli_budget import budget_app, limit_app
-from llmtap.cli_history import history_app
-from llmtap.cli_options import ConfigOption
-from llmtap.cli_prices import prices_app
-from llmtap.cli_rules import rules_app
-from llmtap.cli_secrets import env_command, secrets_app
-from llmtap.cli_tunnel import tunnel_command
-from llmtap.cli_ui import ui_command
+from llmtap.cli.options import ConfigOption
 from llmtap.config import Config, load_config
-from llmtap.errors import LlmtapError
 from llmtap.platform.linux import gateway
 from llmtap.privileges import require_root
 
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    help="See, secure and account for every LLM API call on this machine.",
-)
-ca_app = typer.Typer(no_args_is_help=True, help="llmtap's certificate authority.")
-app.add_typer(ca_app, name="ca")
-app.command()(cli_install.install)
-app.command()(cli_install.uninstall)
-app.command()(cli_install.doctor)
-ca_app.command("rotate")(cli_install.ca_rotate)
-app.add_typer(history_app)  # logs, show, stats, export, reindex, dashboard: top-level commands
-app.add_typer(prices_app, name="prices")
-app.add_typer(rules_app, name="rules")
-app.add_typer(secrets_app, name="secrets")
-app.add_typer(budget_app, name="budget")
-app.add_typer(limit_app, name="limit")
-app.command("env")(env_command)
-app.command("tunnel")(tunnel_command)
-app.command("ui")(ui_command)
 
-
-
-@app.callback(invoke_without_command=True)
-def _root(
-    ctx: typer.Context,
-    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
-) -> None:
-    if version:
-        typer.echo(__version__)
-        raise typer.Exit(0)
-    if ctx.invoked_subcommand is None:
-        typer.echo(ctx.get_help())
-        raise typer.Exit(0)
-
-
-@app.command()
 def run(
     config: str | None = ConfigOption,
     bare: bool = typer.Option(False, "--bare", hidden=True,
@@ -76,7 +31,6 @@ def run(
     raise typer.Exit(supervisor.run(load_config(config), bare))
 
 
-@app.command()
 def cleanup(config: str | None = ConfigOption) -> None:
     """Remove any llmtap redirect rules left on this machine. Safe to run any time."""
     settings = load_config(config)  # a bad config is reported even here, where nothing else needs it
@@ -87,7 +41,6 @@ def cleanup(config: str | None = ConfigOption) -> None:
     typer.echo(f"removed llmtap rules ({', '.join(removed)})" if removed else "no llmtap rules found")
 
 
-@app.command()
 def status(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     config: str | None = ConfigOption,
@@ -131,23 +84,6 @@ def _print_status(report: dict[str, Any]) -> None:
         typer.echo(f"  {policy_line(row)}")
 
 
-@ca_app.command("path")
-def ca_path(config: str | None = ConfigOption) -> None:
-    """Print the path of the CA certificate (PEM, no key)."""
-    from llmtap.ca import public_cert_path
-
-    typer.echo(str(public_cert_path(load_config(config).ca_dir)))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Click reports usage errors itself (exit 2); ours are one line with their exit code."""
-    try:
-        app(args=argv)
-    except LlmtapError as exc:
-        print(f"llmtap: {exc}", file=sys.stderr)
-        return exc.exit_code
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def register(root: typer.Typer) -> None:
+    for command in (run, status, cleanup):
+        root.command()(command)

@@ -1,4 +1,4 @@
-"""CLI: `install`, `uninstall`, `doctor` and `ca rotate` (registered in cli.py).
+"""`llmtap install`, `uninstall` and `doctor`: this OS's installer (llmtap.install) and its checks.
 
 The heavy modules are imported inside the commands: every other command starts faster for it.
 """
@@ -6,7 +6,7 @@ The heavy modules are imported inside the commands: every other command starts f
 from __future__ import annotations
 
 import typer
-from llmtap.cli_options import ConfigOption
+from llmtap.cli.options import ConfigOption
 from llmtap.config import load_config
 from llmtap.install import provider_for
 from llmtap.install.engine import Provider
@@ -51,6 +51,6 @@ def doctor(
         raise typer.Exit(1)
 
 
-def ca_rotate(config: str | None = ConfigOption) -> None:
-    """Issues a new CA for the current targets, trusts it where the old one was, removes the old."""
-    installer_for(config).rotate()
+def register(root: typer.Typer) -> None:
+    for command in (install, uninstall, doctor):
+        root.command()(command)

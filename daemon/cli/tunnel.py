@@ -9,7 +9,7 @@ from types import FrameType
 
 import typer
 from llmtap import ca, tunnel
-from llmtap.cli_options import ConfigOption
+from llmtap.cli.options import ConfigOption
 from llmtap.config import load_config
 from llmtap.errors import UsageError
 
@@ -68,3 +68,7 @@ def placeholder_exports(config: str | None) -> list[str]:
     if result.returncode != 0:
         return ["# the placeholders for the API keys: see `sudo llmtap env` on this machine"]
     return result.stdout.splitlines()
+
+
+def register(root: typer.Typer) -> None:
+    root.command("tunnel")(tunnel_command)

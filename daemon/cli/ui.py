@@ -1,4 +1,5 @@
-"""`llmtap ui`: serves the web UI on loopback and prints its URL with a per-run token."""
+"""The views of the calls as they happen: `llmtap ui` (the web UI, served on loopback, its URL
+printed with a per-run token) and `llmtap dashboard` (the terminal's)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import threading
 import webbrowser
 
 import typer
-from llmtap.cli_history import open_index
-from llmtap.cli_options import ConfigOption
+from llmtap.cli.history import ReadOnlyOption, open_index
+from llmtap.cli.options import ConfigOption
 from llmtap.config import Config, load_config
 from llmtap.errors import RuntimeFailure, UsageError
 
@@ -66,3 +67,20 @@ async def serve(settings: Config, token: str, port: int, open_browser: bool) -> 
 def _open(url: str) -> None:
     with contextlib.suppress(Exception):
         webbrowser.open(url)
+
+
+def dashboard(
+    read_only: bool = ReadOnlyOption,
+    once: bool = typer.Option(False, "--once", help="Print one frame and exit."),
+    config: str | None = ConfigOption,
+) -> None:
+    """Live view: requests in flight, today's tokens and cost against the budget, per process."""
+    from llmtap import dashboard as view
+
+    settings = load_config(config)
+    view.run(settings, read_only=read_only, once=once)
+
+
+def register(root: typer.Typer) -> None:
+    root.command("ui")(ui_command)
+    root.command("dashboard")(dashboard)

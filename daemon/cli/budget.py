@@ -33,8 +33,8 @@ from llmtap.budgets import (
     policy_path,
     selectors,
 )
-from llmtap.cli_options import ConfigOption
-from llmtap.cli_secrets import service_owner
+from llmtap.cli.options import ConfigOption
+from llmtap.cli.secrets import service_owner
 from llmtap.config import Config, load_config
 from llmtap.errors import LlmtapError, RuntimeFailure, UsageError
 from llmtap.formatting import money
@@ -236,3 +236,8 @@ def offline_usage(settings: Config, policy: Policy, now: float) -> list[dict[str
     rows += [{"kind": "limit", "name": lim.name, "rpm": lim.rpm, "tpm": lim.tpm,
               "where": lim.where.describe()} for lim in policy.limits]
     return rows
+
+
+def register(root: typer.Typer) -> None:
+    root.add_typer(budget_app, name="budget")
+    root.add_typer(limit_app, name="limit")

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from llmtap.cli_options import ConfigOption
-from llmtap.cli_secrets import require_writer, service_owner
+from llmtap.cli.options import ConfigOption
+from llmtap.cli.secrets import require_writer, service_owner
 from llmtap.config import Config, load_config
 from llmtap.errors import RuntimeFailure, UsageError
 from llmtap.rules import Body, Protected, Rule, RuleError, RuleSet, RuleStore, db_path, validate
@@ -253,3 +253,7 @@ def test(
         typer.echo(f"miss rule {entry['id']}: {entry['reason']}")
     for rule, reason in ruleset.skipped:
         typer.echo(f"skipped rule {rule.id}: {reason}")
+
+
+def register(root: typer.Typer) -> None:
+    root.add_typer(rules_app, name="rules")
