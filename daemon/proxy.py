@@ -41,6 +41,11 @@ class NameOnlyTlsConfig(tlsconfig.TlsConfig):
         super().tls_clienthello(tls_clienthello)
         if leaf_refusal(tls_clienthello.context):
             tls_clienthello.establish_server_tls_first = False  # nothing goes upstream either
+        elif offers_h2(tls_clienthello.context):
+            # The client gets the protocol its server chose, as with connection_strategy eager.
+            # Lazy (upstream reuse) would leave the choice to mitmproxy, which takes the client's
+            # first preference: http/1.1 for httpx, which lists it before h2; servers choose h2.
+            tls_clienthello.establish_server_tls_first = tls_clienthello.context.server.tls
 
     def tls_start_client(self, tls_start: tls.TlsData) -> None:
         reason = leaf_refusal(tls_start.context)
@@ -54,6 +59,11 @@ class NameOnlyTlsConfig(tlsconfig.TlsConfig):
         sni = conn_context.client.sni
         assert sni  # leaf_refusal turned away every connection without one
         return self.certstore.get_cert(sni, [x509.DNSName(sni)])
+
+
+def offers_h2(conn_context: context.Context) -> bool:
+    """The client could speak HTTP/2 with us (offers it, and mitmproxy's http2 option is on)."""
+    return bool(ctx.options.http2) and b"h2" in conn_context.client.alpn_offers
 
 
 def leaf_refusal(conn_context: context.Context) -> str | None:
@@ -264,7 +274,8 @@ def build_master(settings: ProxySettings, with_pipeline: bool = True,
     if with_pipeline and settings.upstream_pool_per_host > 0:
         # Upstream connections are opened when a request needs one, when the server name is
         # known and a pooled connection for it can be taken; eager would connect at accept time,
-        # before the ClientHello names the server (llmtap.upstream_pool).
+        # before the ClientHello names the server (llmtap.upstream_pool). A client offering h2
+        # still has its server connection made during its handshake (NameOnlyTlsConfig).
         opts.update(connection_strategy="lazy")
     if with_pipeline:
         # Deferred: each llmtap_* option is declared by the addon that owns it, in its load().

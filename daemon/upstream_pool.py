@@ -9,7 +9,9 @@ closed; the next client connection to the same address and server name adopts it
 the socket in place of a TCP connect (UpstreamHandler.open_connection) and the established TLS
 object in place of a handshake (UpstreamReuse.tls_start_server), and goes on exactly as with a
 connection it made itself. Everything else (HTTP/2 upstreams, WebSockets, CONNECT tunnels,
-responses read to EOF, Connection: close) is never pooled and closes as before.
+responses read to EOF, Connection: close) is never pooled and closes as before. A client offering
+HTTP/2 never takes a pooled connection: its first one is made during its handshake, whose ALPN it
+mirrors (llmtap.proxy.NameOnlyTlsConfig.tls_clienthello).
 
 Bounds: at most `per_host` idle connections per (address, port, server name), `total` in all;
 an idle connection is closed after `idle_s`, or as soon as its server sends anything or closes.
@@ -237,9 +239,11 @@ def handler_class(pool: UpstreamPool) -> type[mode_servers.ProxyConnectionHandle
 
         def _pool_key(self, conn: connection.Connection) -> Key | None:
             """The pool a TLS connection may be taken from. Its server name is the one the TLS
-            config would give it (the client's, when none is set yet); an HTTP/2 client would
-            use an HTTP/1.1 connection for one request only."""
-            if not isinstance(conn, connection.Server) or not conn.tls or self.client.alpn == b"h2":
+            config would give it (the client's, when none is set yet). None for a client that
+            offers HTTP/2: its ALPN mirrors the first connection's (opened during its handshake,
+            llmtap.proxy.NameOnlyTlsConfig), and a pooled one would make it HTTP/1.1."""
+            if (not isinstance(conn, connection.Server) or not conn.tls
+                    or b"h2" in self.client.alpn_offers):
                 return None
             sni = conn.sni or self.client.sni
             if conn.address is None or not sni or conn.transport_protocol != "tcp":
