@@ -22,7 +22,7 @@ from test_credentials_e2e import assert_no_real_key_anywhere, real_key, set_secr
 from test_key_theft_e2e import ANTHROPIC_HOST, record_with_error
 from testbed import Daemon, Testbed
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.serial]
 
 PEAK_BUDGET_MB = 300  # the worker's VmHWM at any point of these tests
 BOMB_SIZE = 1 << 30  # what each bomb inflates to; about 1 MiB on the wire
