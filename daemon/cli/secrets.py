@@ -16,7 +16,7 @@ import sys
 from typing import Any
 
 import typer
-from llmtap import hostpatterns, keybind
+from llmtap import hostpatterns, keybind, provider_keys
 from llmtap import secrets_store as store
 from llmtap.cli.options import ConfigOption
 from llmtap.config import Config, load_config
@@ -281,7 +281,7 @@ def env_lines(items: list[store.Secret], shell: str) -> list[str]:
     exports: dict[str, str] = {}
     lines = []
     for secret in items:
-        names = [var for host in secret.hosts for var in store.env_vars(host)]
+        names = [var for host in secret.hosts for var in provider_keys.env_vars(host)]
         for var in names:
             exports.setdefault(var, secret.placeholder)  # the first secret for a provider wins
         if not names:
