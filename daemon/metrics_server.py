@@ -2,7 +2,7 @@
 
 Served by the root supervisor in threads of its own, never by the proxy worker: a scrape costs
 the proxy's event loop nothing, and /health says what the supervisor knows (redirect in place,
-worker answering). Loopback unless told (config.validate_metrics); with a bearer token set, every
+worker answering). Loopback unless told (config_validation.validate_metrics); with a bearer token set, every
 request must carry it. Few threads, short timeouts: a stuck client cannot pile up threads.
 """
 

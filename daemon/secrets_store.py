@@ -10,9 +10,8 @@ Values are sealed so that the plain key is in no file (a grep of the state dir, 
 secrets.json alone or a pasted bug report does not reveal it); anyone who can read both files can
 unseal them, so the real protection is the ownership and modes, which are checked on every read.
 A value may instead be a reference (`env:VAR`, `file:PATH`, `keyring:SERVICE/USER`) that the
-daemon resolves when it starts, in the root supervisor, before the worker drops its privileges.
-Root resolves references only from a store that nobody but root can write: a store the service
-user could write would let it make root read any file and inject it (resolve_at_start).
+daemon resolves when it starts (llmtap.secret_references). Which header and variables each
+provider uses, and the placeholders' shapes, are in llmtap.provider_keys.
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ import os
 import re
 import secrets
 import stat
-import string
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +34,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from llmtap import hostpatterns
 from llmtap.atomic import write_atomic
 from llmtap.errors import RuntimeFailure, UsageError
-from llmtap.parsers.classify import host_provider
+from llmtap.provider_keys import DEFAULT_HEADERS, make_placeholder, provider_host
 
 with contextlib.suppress(ImportError):  # POSIX
     import fcntl
@@ -55,93 +53,6 @@ REF_RE = re.compile(r"^(env|file|keyring):")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Keys are single tokens: anything else would corrupt a header or a query string.
 VALUE_RE = re.compile(r"^[\x21-\x7e]+$")
-
-# Where each provider's tools expect their key, and which variables they read it from.
-DEFAULT_HEADERS = {
-    "api.anthropic.com": "x-api-key",
-    "generativelanguage.googleapis.com": "x-goog-api-key",
-    "*.openai.azure.com": "api-key",
-    "*.cognitiveservices.azure.com": "api-key",
-    "*.services.ai.azure.com": "api-key",
-}
-ENV_VARS = {
-    "api.anthropic.com": ("ANTHROPIC_API_KEY",),
-    "api.openai.com": ("OPENAI_API_KEY", "CODEX_API_KEY"),
-    "generativelanguage.googleapis.com": ("GEMINI_API_KEY", "GOOGLE_API_KEY"),
-    "api.mistral.ai": ("MISTRAL_API_KEY",),
-    "api.x.ai": ("XAI_API_KEY",),
-    "api.deepseek.com": ("DEEPSEEK_API_KEY",),
-    "api.groq.com": ("GROQ_API_KEY",),
-    "openrouter.ai": ("OPENROUTER_API_KEY",),
-    "*.openai.azure.com": ("AZURE_OPENAI_API_KEY",),
-    "*.cognitiveservices.azure.com": ("AZURE_OPENAI_API_KEY",),
-    "*.services.ai.azure.com": ("AZURE_OPENAI_API_KEY",),
-}
-
-
-def env_vars(host: str) -> tuple[str, ...]:
-    """The variables the tools for `host` read its key from. AWS Bedrock's regional runtime hosts
-    take an API key as a bearer token (boto3 and AnthropicBedrock read this variable)."""
-    sample = next(iter(hostpatterns.parse(host).names), host)  # a region pattern: its first name
-    if host_provider(sample) == "bedrock":
-        return ("AWS_BEARER_TOKEN_BEDROCK",)
-    return ENV_VARS.get(provider_host(host), ())
-
-
-def provider_host(host: str) -> str:
-    """The key of DEFAULT_HEADERS and ENV_VARS for `host`: itself, or the wildcard it is under
-    (an Azure resource `myres.openai.azure.com` is `*.openai.azure.com`)."""
-    wildcards = (w for w in ENV_VARS if w.startswith("*."))
-    return next((w for w in wildcards if hostpatterns.parse(w).matches(host)), host)
-
-
-_URLSAFE = string.ascii_letters + string.digits + "-_"
-_ALNUM = string.ascii_letters + string.digits
-_HEX = "0123456789abcdef"
-
-
-def _random(alphabet: str, length: int) -> str:
-    return "".join(secrets.choice(alphabet) for _ in range(length))
-
-
-# Placeholders have the shape of the provider's real keys (client-side format checks pass) and
-# at least 190 random bits, so nobody can guess one that llmtap would fill in.
-_FORMATS = {
-    "anthropic": lambda: "sk-ant-api03-" + _random(_URLSAFE, 93) + "AA",
-    "openai": lambda: "sk-proj-" + _random(_URLSAFE, 74) + "T3BlbkFJ" + _random(_URLSAFE, 74),
-    "google": lambda: "AIza" + _random(_URLSAFE, 35),
-    "mistral": lambda: _random(_ALNUM, 32),
-    "xai": lambda: "xai-" + _random(_ALNUM, 80),
-    "deepseek": lambda: "sk-" + _random(_HEX, 48),
-    "groq": lambda: "gsk_" + _random(_ALNUM, 52),
-    "openrouter": lambda: "sk-or-v1-" + _random(_HEX, 64),
-    "bedrock": lambda: "ABSK" + _random(_ALNUM, 128),  # a long-term Bedrock API key's prefix
-    "generic": lambda: "sk-" + _random(_ALNUM, 48),
-}
-_FORMAT_BY_HOST = {
-    "api.anthropic.com": "anthropic",
-    "api.openai.com": "openai",
-    "generativelanguage.googleapis.com": "google",
-    "api.mistral.ai": "mistral",
-    "api.x.ai": "xai",
-    "api.deepseek.com": "deepseek",
-    "api.groq.com": "groq",
-    "openrouter.ai": "openrouter",
-}
-_FORMAT_BY_PREFIX = (("sk-ant-", "anthropic"), ("sk-or-", "openrouter"), ("sk-", "openai"),
-                     ("AIza", "google"), ("xai-", "xai"), ("gsk_", "groq"), ("ABSK", "bedrock"),
-                     ("bedrock-api-key-", "bedrock"))
-
-
-def make_placeholder(hosts: tuple[str, ...], value: str | None) -> str:
-    """A placeholder shaped like the key the first host expects (else like the value itself)."""
-    kind = _FORMAT_BY_HOST.get(hosts[0]) if hosts else None
-    if hosts and host_provider(hosts[0]) == "bedrock":
-        kind = "bedrock"
-    if kind is None and value:
-        kind = next((k for prefix, k in _FORMAT_BY_PREFIX if value.startswith(prefix)), None)
-    return _FORMATS[kind or "generic"]()
-
 
 @dataclass(frozen=True)
 class Secret:
@@ -484,90 +395,3 @@ def read_usage(paths: StorePaths) -> dict[str, str]:
     except (OSError, ValueError):
         return {}
     return {str(k): str(v) for k, v in usage.items()} if isinstance(usage, dict) else {}
-
-
-# --- references, resolved at daemon start ---
-
-
-class ResolutionError(Exception):
-    """Why a reference gave no value. The message never contains a secret."""
-
-
-# Filled by the root supervisor before it forks the worker, which inherits it: the worker can
-# neither read root-only files nor reach root's keyring once it has dropped its privileges.
-_AT_START: dict[str, str | ResolutionError] = {}
-
-
-def resolve(ref: str, keyring_allowed: bool = False) -> str:
-    """The value a reference points to, in this process's environment (the daemon's)."""
-    if ref in _AT_START:
-        cached = _AT_START[ref]
-        if isinstance(cached, ResolutionError):
-            raise cached
-        return cached
-    kind, _, rest = ref.partition(":")
-    if kind == "env":
-        value = os.environ.get(rest)
-        if value is None:
-            raise ResolutionError("not set in the daemon's environment")
-    elif kind == "file":
-        try:
-            value = Path(rest).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ResolutionError(f"cannot read {rest}: {exc.strerror}") from None
-        except UnicodeDecodeError:
-            raise ResolutionError(f"{rest} is not text") from None
-    elif kind == "keyring":
-        if not keyring_allowed:
-            raise ResolutionError("keyring references are resolved at start: restart the daemon")
-        value = _from_keyring(ref)
-    else:
-        raise ResolutionError("not a reference")
-    value = value.strip()
-    if not value or not VALUE_RE.match(value):
-        raise ResolutionError("the value it gives is empty or not one token")
-    return value
-
-
-def _from_keyring(ref: str) -> str:
-    # Imported here: only the root supervisor resolves keyring references (before the fork, so
-    # the worker never needs it) and the CLI should not pay for the import.
-    import keyring
-    import keyring.errors
-
-    service, user = keyring_parts(ref) or ("", "")
-    try:
-        value = keyring.get_password(service, user)
-    except keyring.errors.KeyringError as exc:
-        raise ResolutionError(f"keyring error: {type(exc).__name__}: {exc}") from None
-    if value is None:
-        raise ResolutionError(f"no password for service {service!r}, user {user!r} in the keyring")
-    return value
-
-
-def resolve_at_start(state_dir: Path, owner_uid: int, owner_name: str) -> None:
-    """In the supervisor, as root, before the fork: checks the store and resolves its references.
-
-    Failures are kept and reported by the worker, which answers that secret's placeholder with an
-    error; a store with wrong ownership or modes stops the daemon (exit 2, with the fix). Only a
-    store that root alone can write is trusted with root's rights: in any other (the service user
-    wrote it, or could have), no reference is resolved at all, and each says why.
-    """
-    paths = StorePaths.under(state_dir)
-    check_permissions(paths, owner_uid, owner_name)
-    trusted = read_root_only_store(paths) if POSIX_OWNERS else read_store(paths)
-    if trusted is None:
-        untrusted = ResolutionError(
-            f"not resolved with root's rights: {paths.store} can be written by someone other than "
-            f"root; fix: sudo chown root:{owner_name} {paths.directory} {paths.store} && sudo chmod "
-            f"{DIR_MODE:o} {paths.directory} && sudo chmod {FILE_MODE:o} {paths.store}")
-        for item in read_store(paths):
-            if item.ref:
-                _AT_START[item.ref] = untrusted
-        return
-    for item in trusted:
-        if item.ref and item.ref not in _AT_START:
-            try:
-                _AT_START[item.ref] = resolve(item.ref, keyring_allowed=True)
-            except ResolutionError as exc:
-                _AT_START[item.ref] = exc

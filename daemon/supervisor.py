@@ -30,7 +30,7 @@ from llmtap.platform.base import RedirectBackend, RedirectPlan
 from llmtap.platform.linux import gateway
 from llmtap.privileges import ServiceUser, ensure_service_user, require_root
 from llmtap.proxy import LOOPBACK_HOSTS, ProxySettings
-from llmtap.secrets_store import resolve_at_start
+from llmtap.secret_references import resolve_at_start
 
 log = logging.getLogger("llmtap")
 

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Sequence
 from pathlib import Path
 
 from llmtap import keybind
+from llmtap import secret_references as references
 from llmtap import secrets_store as store
 from llmtap.addons import keygate
 from llmtap.addons.echoes import EncodedEchoGuard, StreamScrubber, scrub, scrub_held
@@ -136,12 +137,12 @@ class Credentials:
         value, problem = None, ""
         try:
             if item.ref:
-                value = store.resolve(item.ref)
+                value = references.resolve(item.ref)
             elif item.sealed and key:
                 value = store.unseal(key, item.id, item.sealed)
             else:
                 problem = "its store.key is missing"
-        except store.ResolutionError as exc:
+        except references.ResolutionError as exc:
             problem = f"cannot resolve {item.ref}: {exc}"
         except LlmtapError as exc:
             problem = str(exc)

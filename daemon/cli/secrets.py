@@ -16,7 +16,7 @@ import sys
 from typing import Any
 
 import typer
-from llmtap import hostpatterns, keybind
+from llmtap import hostpatterns, keybind, provider_keys
 from llmtap import secrets_store as store
 from llmtap.cli.options import ConfigOption
 from llmtap.config import Config, load_config
@@ -82,35 +82,48 @@ def open_store(settings: Config) -> tuple[store.StorePaths, ServiceUser | None]:
     return paths, owner
 
 
+# `secrets set`'s options (module-level, as ConfigOption is, so the command reads as its steps).
+HostOption = typer.Option(
+    None, "--host", help="A host the key may be sent to (repeatable; required for a new secret).")
+HeaderOption = typer.Option(
+    None, "--header", help=f"Where llmtap adds the key when it adds it: {', '.join(store.HEADERS)} "
+    "(default: the provider's usual header).")
+WhenAbsentOption = typer.Option(
+    None, "--when-absent/--not-when-absent",
+    help="Add the key to requests that carry no credential at all (needs --for-user).")
+ForUserOption = typer.Option(
+    None, "--for-user", help="With --when-absent: a local user whose requests get the key "
+    "(repeatable; checked against the process that made the request).")
+ReplaceOption = typer.Option(
+    False, "--replace", help="Rotate an existing secret's value, keeping its placeholder.")
+AllowExeOption = typer.Option(
+    None, "--allow-exe", help="Only this executable gets the key (repeatable; its real path: "
+    "a symlink or a copy elsewhere is another program).")
+AllowScriptOption = typer.Option(
+    None, "--allow-script", help="INTERPRETER:SCRIPT: only this interpreter running this "
+    "script as its first argument gets the key (repeatable), e.g. "
+    "/usr/bin/node:/usr/lib/node_modules/@anthropic-ai/claude-code/cli.js.")
+AllowUserOption = typer.Option(
+    None, "--allow-user", help="Only processes of this local user get the key (repeatable).")
+AllowChildrenOption = typer.Option(
+    False, "--allow-children", help="With --allow-exe/--allow-script: a process whose parent "
+    "chain holds the allowed program gets the key too (what it runs, it trusts).")
+UnbindOption = typer.Option(False, "--unbind", help="With --replace: drop the bindings.")
+
+
 @secrets_app.command("set")
 def set_secret(
     name: str = typer.Argument(..., help="A name of your choice, e.g. anthropic."),
-    host: list[str] | None = typer.Option(
-        None, "--host", help="A host the key may be sent to (repeatable; required for a new secret)."),
-    header: str | None = typer.Option(
-        None, "--header", help=f"Where llmtap adds the key when it adds it: {', '.join(store.HEADERS)} "
-        "(default: the provider's usual header)."),
-    when_absent: bool | None = typer.Option(
-        None, "--when-absent/--not-when-absent",
-        help="Add the key to requests that carry no credential at all (needs --for-user)."),
-    for_user: list[str] | None = typer.Option(
-        None, "--for-user", help="With --when-absent: a local user whose requests get the key "
-        "(repeatable; checked against the process that made the request)."),
-    replace: bool = typer.Option(
-        False, "--replace", help="Rotate an existing secret's value, keeping its placeholder."),
-    allow_exe: list[str] | None = typer.Option(
-        None, "--allow-exe", help="Only this executable gets the key (repeatable; its real path: "
-        "a symlink or a copy elsewhere is another program)."),
-    allow_script: list[str] | None = typer.Option(
-        None, "--allow-script", help="INTERPRETER:SCRIPT: only this interpreter running this "
-        "script as its first argument gets the key (repeatable), e.g. "
-        "/usr/bin/node:/usr/lib/node_modules/@anthropic-ai/claude-code/cli.js."),
-    allow_user: list[str] | None = typer.Option(
-        None, "--allow-user", help="Only processes of this local user get the key (repeatable)."),
-    allow_children: bool = typer.Option(
-        False, "--allow-children", help="With --allow-exe/--allow-script: a process whose parent "
-        "chain holds the allowed program gets the key too (what it runs, it trusts)."),
-    unbind: bool = typer.Option(False, "--unbind", help="With --replace: drop the bindings."),
+    host: list[str] | None = HostOption,
+    header: str | None = HeaderOption,
+    when_absent: bool | None = WhenAbsentOption,
+    for_user: list[str] | None = ForUserOption,
+    replace: bool = ReplaceOption,
+    allow_exe: list[str] | None = AllowExeOption,
+    allow_script: list[str] | None = AllowScriptOption,
+    allow_user: list[str] | None = AllowUserOption,
+    allow_children: bool = AllowChildrenOption,
+    unbind: bool = UnbindOption,
     config: str | None = ConfigOption,
 ) -> None:
     """Store a key (read from stdin or a hidden prompt) or a reference env:VAR, file:PATH or
@@ -119,8 +132,8 @@ def set_secret(
     settings = load_config(config)
     store.check_name(name)
     hosts = store.check_hosts(host or [])
-    chosen_header = store.check_header(header, hosts) if header else None
-    binding = _binding(allow_exe, allow_script, allow_user, allow_children, unbind)
+    wanted = _Wanted(hosts, store.check_header(header, hosts) if header else None, when_absent,
+                     for_user, _binding(allow_exe, allow_script, allow_user, allow_children, unbind))
     owner = service_owner(settings, create=True)
     require_writer(owner, "llmtap secrets set")
     if when_absent and not replace:  # before asking for the value
@@ -131,37 +144,63 @@ def set_secret(
     with store.locked(paths):
         store.check_permissions(paths, owner.uid, owner.name)
         items = store.read_store(paths)
-        previous = next((s for s in items if s.name == name), None)
-        if previous and not replace:
-            raise UsageError(f"secret {name!r} already exists: add --replace to rotate its value "
-                             "(the placeholder stays the same)")
-        if not previous and not hosts:
-            raise UsageError("--host is required: name the host(s) this key may be sent to")
-        if clash := next((s.name for s in items if s.placeholder == value), None):
-            raise UsageError(f"that is the placeholder of secret {clash!r}, not a real key")
-        absent = bool(when_absent if when_absent is not None else previous and previous.when_absent)
-        users = for_user if for_user is not None else list(previous.for_users if previous else ())
-        secret = store.new_secret(
-            name,
-            hosts or (previous.hosts if previous else ()),
-            chosen_header or (previous.header if previous else store.check_header(None, hosts)),
-            absent,
-            value,
-            store.ensure_key(paths, owner.gid),
-            previous,
-            store.check_for_users(users, absent),
-        )
-        if binding is not None or previous:
-            secret = dataclasses.replace(secret, **(binding if binding is not None else _bound(previous)))
+        previous = _previous(items, name, replace, hosts, value)
+        secret = _made(name, value, wanted, store.ensure_key(paths, owner.gid), previous)
         items = [secret if s.name == name else s for s in items] if previous else [*items, secret]
         store.write_store(paths, items, owner.gid)
     _warn_non_targets(settings, secret.hosts)
-    verb = "rotated" if previous else "stored"
-    typer.echo(f"{verb} secret {name!r} for {', '.join(secret.hosts)} (header {secret.header})")
+    _say_stored(secret, rotated=previous is not None)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Wanted:
+    """What `secrets set` was told, checked; None or empty: keep the replaced secret's."""
+
+    hosts: tuple[str, ...]
+    header: str | None
+    when_absent: bool | None
+    for_users: list[str] | None
+    binding: dict[str, Any] | None
+
+
+def _previous(items: list[store.Secret], name: str, replace: bool, hosts: tuple[str, ...],
+              value: str) -> store.Secret | None:
+    """The secret `name` replaces, if any; refuses what `secrets set` may not do."""
+    previous = next((s for s in items if s.name == name), None)
+    if previous and not replace:
+        raise UsageError(f"secret {name!r} already exists: add --replace to rotate its value "
+                         "(the placeholder stays the same)")
+    if not previous and not hosts:
+        raise UsageError("--host is required: name the host(s) this key may be sent to")
+    if clash := next((s.name for s in items if s.placeholder == value), None):
+        raise UsageError(f"that is the placeholder of secret {clash!r}, not a real key")
+    return previous
+
+
+def _made(name: str, value: str, wanted: _Wanted, key: bytes,
+          previous: store.Secret | None) -> store.Secret:
+    """The new secret: what was given, else what the replaced one had."""
+    absent = bool(wanted.when_absent if wanted.when_absent is not None
+                  else previous and previous.when_absent)
+    users = wanted.for_users if wanted.for_users is not None else list(
+        previous.for_users if previous else ())
+    hosts = wanted.hosts or (previous.hosts if previous else ())
+    header = wanted.header or (previous.header if previous else store.check_header(None, hosts))
+    secret = store.new_secret(name, hosts, header, absent, value, key, previous,
+                              store.check_for_users(users, absent))
+    if wanted.binding is not None or previous:
+        bindings = wanted.binding if wanted.binding is not None else _bound(previous)
+        secret = dataclasses.replace(secret, **bindings)
+    return secret
+
+
+def _say_stored(secret: store.Secret, rotated: bool) -> None:
+    verb = "rotated" if rotated else "stored"
+    typer.echo(f"{verb} secret {secret.name!r} for {', '.join(secret.hosts)} (header {secret.header})")
     if (rule := _rule(secret)) != "anyone":
         typer.echo(f"bound to: {rule}")
     typer.echo(f"placeholder: {secret.placeholder}")
-    if previous:
+    if rotated:
         typer.echo("the placeholder is unchanged; a running daemon uses the new value from the next request")
 
 
@@ -281,7 +320,7 @@ def env_lines(items: list[store.Secret], shell: str) -> list[str]:
     exports: dict[str, str] = {}
     lines = []
     for secret in items:
-        names = [var for host in secret.hosts for var in store.env_vars(host)]
+        names = [var for host in secret.hosts for var in provider_keys.env_vars(host)]
         for var in names:
             exports.setdefault(var, secret.placeholder)  # the first secret for a provider wins
         if not names:

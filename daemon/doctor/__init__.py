@@ -36,9 +36,10 @@ from llmtap.doctor.probes import (
 from llmtap.errors import LlmtapError, UsageError
 from llmtap.install.linux import LinuxInstaller
 from llmtap.install.runtime_env import parse_profile_script
+from llmtap.platform.linux.app_trust import NssTrustStore
 from llmtap.platform.linux.keeper import DetachedService
 from llmtap.platform.linux.systemd import SystemdService
-from llmtap.platform.linux.trust import NssTrustStore, Which
+from llmtap.platform.linux.trust import Which
 from llmtap.platform.runner import Completed
 
 if TYPE_CHECKING:

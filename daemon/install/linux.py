@@ -25,16 +25,10 @@ from llmtap.install.ready import daemon_answers
 from llmtap.install.runtime_env import ca_bundle, env_values, environment_d, profile_script
 from llmtap.install.secure_path import check_service_command
 from llmtap.platform.base import ServiceManager
+from llmtap.platform.linux.app_trust import JavaTrustStore, NssTrustStore, find_nss_databases, local_homes
 from llmtap.platform.linux.keeper import DetachedService
 from llmtap.platform.linux.systemd import SystemdService, UnitSpec, interpreter_of
-from llmtap.platform.linux.trust import (
-    DistroTrustStore,
-    JavaTrustStore,
-    NssTrustStore,
-    detect_trust_store,
-    find_nss_databases,
-    local_homes,
-)
+from llmtap.platform.linux.trust import DistroTrustStore, detect_trust_store
 from llmtap.platform.linux.users import lookup_user
 
 

@@ -11,8 +11,8 @@ from llmtap.errors import RuntimeFailure, UsageError
 from llmtap.install.files import remove_data, remove_file, remove_run_dir
 from llmtap.install.host import Host
 from llmtap.install.manifest import Manifest
+from llmtap.platform.linux.app_trust import NssTrustStore
 from llmtap.platform.linux.systemd import SystemdService
-from llmtap.platform.linux.trust import NssTrustStore
 from llmtap.platform.linux.users import group_exists, lookup_user, prefix
 
 if TYPE_CHECKING:

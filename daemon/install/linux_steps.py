@@ -18,9 +18,10 @@ from llmtap.install.host import Host
 from llmtap.install.linux_system import CONFIG_TEMPLATE
 from llmtap.install.manifest import Manifest
 from llmtap.install.runtime_env import env_values
+from llmtap.platform.linux.app_trust import JavaTrustStore, NssTrustStore
 from llmtap.platform.linux.keeper import DetachedService
 from llmtap.platform.linux.systemd import SystemdService
-from llmtap.platform.linux.trust import DistroTrustStore, JavaTrustStore, NssTrustStore
+from llmtap.platform.linux.trust import DistroTrustStore
 from llmtap.platform.linux.users import group_exists, lookup_user, prefix, useradd_command
 
 if TYPE_CHECKING:

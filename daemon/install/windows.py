@@ -11,7 +11,6 @@ Every command goes through an injectable Runner, so tests assert the exact comma
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import sys
 from collections.abc import Callable
@@ -22,8 +21,9 @@ from llmtap import ca, redirect
 from llmtap.ca import write_file
 from llmtap.config import DEFAULT_CONFIG_PATH, Config, config_path
 from llmtap.errors import RuntimeFailure, UsageError
+from llmtap.install import windows_removal as removal
 from llmtap.install.engine import DATA_STEPS, Removal, Report, Step, run_recorded, run_removals
-from llmtap.install.files import remove_data, remove_file, remove_run_dir
+from llmtap.install.files import remove_file
 from llmtap.install.manifest import MANIFEST, Manifest, remove_created_dirs
 from llmtap.install.ready import port_in_use, wait_for_daemon
 from llmtap.install.runtime_env import ca_bundle, env_values
@@ -346,69 +346,19 @@ class WindowsInstaller:
 
     def removals(self, manifest: Manifest, purge: bool) -> list[Removal]:
         found = [
-            Removal("service", lambda: self.remove_service(manifest)),
-            Removal("rules", self.remove_rules),
-            Removal("runtime environment", self.remove_env),
-            Removal("firewall rule", self.remove_firewall),
-            Removal("OS trust", self.remove_trust),
-            Removal("public CA files", self.remove_public),
-            Removal("run directory", self.remove_run_dir),
+            Removal("service", lambda: removal.services(self, manifest)),
+            Removal("rules", lambda: removal.rules(self)),
+            Removal("runtime environment", lambda: removal.environment(self)),
+            Removal("firewall rule", lambda: removal.firewall(self)),
+            Removal("OS trust", lambda: removal.os_trust(self)),
+            Removal("public CA files", lambda: removal.public_files(self)),
+            Removal("run directory", lambda: removal.run_dir(self)),
         ]
         if purge:
-            found += [Removal("data", self.remove_data, DATA_STEPS),
-                      Removal("config file", lambda: self.remove_config(manifest))]
+            found += [Removal("data", lambda: removal.data(self), DATA_STEPS),
+                      Removal("config file", lambda: removal.config_file(self, manifest))]
         found.append(Removal("directories", lambda: remove_created_dirs(manifest, purge)))
         return found
-
-    def remove_service(self, manifest: Manifest) -> str | None:
-        service = self.service()
-        if manifest.data.get("service") is None and not service.is_running():
-            return None
-        service.uninstall()
-        kind = "service" if service.name == WindowsService.name else "scheduled task"
-        return f"removed the llmtap {kind}"
-
-    def remove_rules(self) -> str | None:
-        removed = self.system.cleanup_rules()
-        return f"removed llmtap rules ({', '.join(removed)})" if removed else None
-
-    def remove_env(self) -> str | None:
-        ours = [name for name, value in self.env().items() if self.environment.get(name) == value]
-        for name in ours:  # a value someone changed since is theirs now
-            self.environment.delete(name)
-        return f"removed the machine variables {', '.join(ours)}" if ours else None
-
-    def remove_firewall(self) -> str | None:
-        if not self.firewall.present():
-            return None
-        self.firewall.remove()
-        return f"removed the firewall rule {RULE_NAME}"
-
-    def remove_trust(self) -> str | None:
-        if not self.store.present():
-            return None
-        self.store.untrust()
-        return "removed the CA from the machine's Root store (certutil)"
-
-    def remove_public(self) -> str | None:
-        removed = [p for p in (self.public_cert, self.public_bundle) if remove_file(p)]
-        with contextlib.suppress(OSError):
-            self.config.install.public_dir.rmdir()
-        return f"removed {', '.join(map(str, removed))}" if removed else None
-
-    def remove_run_dir(self) -> str | None:
-        return remove_run_dir(self.config.run_dir, ("status.json", "llmtap.pid", "upstream-ca.pem"))
-
-    def remove_data(self) -> str | None:
-        return remove_data(self.config, self.config.install.log_file)
-
-    def remove_config(self, manifest: Manifest) -> str | None:
-        created = manifest.data.get("created_config")
-        if not created or Path(created) != self.config_file or not remove_file(self.config_file):
-            return None  # the user's own file: never ours to delete
-        with contextlib.suppress(OSError):
-            self.config_file.parent.rmdir()
-        return f"deleted {created}"
 
     def rotate(self) -> None:
         raise UsageError("`llmtap ca rotate` is not available on Windows yet: run `llmtap "

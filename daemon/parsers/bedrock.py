@@ -29,8 +29,9 @@ from urllib.parse import unquote
 from llmtap import jsontext
 from llmtap.parsers import anthropic
 from llmtap.parsers.anthropic import AnthropicParser
-from llmtap.parsers.base import Framer, ParseStop, ResponseParser, Usage, as_dict, as_int
+from llmtap.parsers.base import ParseStop, ResponseParser, Usage, as_dict, as_int
 from llmtap.parsers.eventstream import CONTENT_TYPE, EventStreamDecoder, Message
+from llmtap.parsers.framers import Framer
 
 OPERATIONS = ("invoke", "invoke-with-response-stream", "converse", "converse-stream", "count-tokens")
 STREAMS = ("invoke-with-response-stream", "converse-stream")

@@ -7,7 +7,7 @@ import datetime
 from collections import defaultdict
 from typing import Any
 
-from llmtap.dashboard import context_window
+from llmtap.context_windows import context_window
 
 TOP_GROUPS = 8
 BUCKETS = {"minute": 60, "hour": 3600, "day": 86400}

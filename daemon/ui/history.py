@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from llmtap.dashboard import context_window
+from llmtap.context_windows import context_window
 from llmtap.records import store
 from llmtap.records.index import COUNTED, Index
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from llmtap.platform.linux.trust import JavaTrustStore, under
+from llmtap.platform.linux.app_trust import JavaTrustStore
+from llmtap.platform.linux.trust import under
 from llmtap.platform.runner import Runner
 
 JDK_PATTERNS = (

@@ -14,8 +14,9 @@ import streams
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from llmtap.addons import pipeline
+from llmtap.addons.exchange import BodyStream
 from llmtap.addons.pricing import Pricing
-from llmtap.addons.protocols import BodyStream, Protocols
+from llmtap.addons.protocols import Protocols
 from llmtap.addons.streams import Streams, layer_of
 from llmtap.flow import WS_EXCHANGE, fields
 from llmtap.parsers import ResponseParser

@@ -157,7 +157,8 @@ def test_the_webhook_refuses_plain_http():
 
 def test_the_dashboard_shows_budgets_limits_and_alerts():
     from llmtap.config import Config
-    from llmtap.dashboard import State, render
+    from llmtap.dashboard import State
+    from llmtap.dashboard_view import render
     from rich.console import Console
 
     state = State(Config(), connected=True)

@@ -12,7 +12,8 @@ from pathlib import Path
 import keyring
 import keyring.backend
 import pytest
-from llmtap import cli
+from llmtap import cli, provider_keys
+from llmtap import secret_references as references
 from llmtap import secrets_store as store
 
 KEY = "sk-ant-api03-THEREALKEYvalue0123456789wxyz"
@@ -180,11 +181,11 @@ def test_placeholders_are_shaped_like_real_keys_and_unguessable():
         ("bedrock-runtime.eu-west-3.amazonaws.com",): r"ABSK[A-Za-z0-9]{128}",
     }
     for hosts, shape in shapes.items():
-        made = {store.make_placeholder(hosts, None) for _ in range(50)}
+        made = {provider_keys.make_placeholder(hosts, None) for _ in range(50)}
         assert len(made) == 50 and all(re.fullmatch(shape, p) for p in made)
-    assert store.make_placeholder(("gw.example.com",), "sk-ant-api03-x").startswith("sk-ant-api03-")
-    assert store.make_placeholder(("gw.example.com",), "ABSKQmVkcm9jaw").startswith("ABSK")
-    assert store.env_vars("bedrock-runtime.us-east-1.amazonaws.com") == ("AWS_BEARER_TOKEN_BEDROCK",)
+    assert provider_keys.make_placeholder(("gw.example.com",), "sk-ant-api03-x").startswith("sk-ant-api03-")
+    assert provider_keys.make_placeholder(("gw.example.com",), "ABSKQmVkcm9jaw").startswith("ABSK")
+    assert provider_keys.env_vars("bedrock-runtime.us-east-1.amazonaws.com") == ("AWS_BEARER_TOKEN_BEDROCK",)
 
 
 class MemoryKeyring(keyring.backend.KeyringBackend):
@@ -204,7 +205,7 @@ class MemoryKeyring(keyring.backend.KeyringBackend):
 
 
 def test_references_resolve_at_start_and_failures_name_the_reference(tmp_path, monkeypatch):
-    monkeypatch.setattr(store, "_AT_START", {})
+    monkeypatch.setattr(references, "_AT_START", {})
     previous = keyring.get_keyring()
     keyring.set_keyring(MemoryKeyring())
     try:
@@ -220,25 +221,25 @@ def test_references_resolve_at_start_and_failures_name_the_reference(tmp_path, m
                  for i, ref in enumerate(refs)]
         store.write_store(paths, items, os.getgid())
         user = pwd.getpwuid(os.getuid()).pw_name
-        store.resolve_at_start(tmp_path, os.getuid(), user)
+        references.resolve_at_start(tmp_path, os.getuid(), user)
     finally:
         keyring.set_keyring(previous)
     monkeypatch.setenv("LLMTAP_REF_TEST", "changed-after-start")
     key_file.write_text("changed-after-start")
-    assert [store.resolve(r) for r in refs[:3]] == ["sk-from-env", "sk-from-a-file",
+    assert [references.resolve(r) for r in refs[:3]] == ["sk-from-env", "sk-from-a-file",
                                                     "sk-ant-api03-fromTheKeyring"]
     errors = {}
     for ref in refs[3:]:
-        with pytest.raises(store.ResolutionError) as caught:
-            store.resolve(ref)
+        with pytest.raises(references.ResolutionError) as caught:
+            references.resolve(ref)
         errors[ref] = str(caught.value)
     assert errors == {
         "keyring:llmtap/nobody": "no password for service 'llmtap', user 'nobody' in the keyring",
         "env:LLMTAP_REF_UNSET": "not set in the daemon's environment",
         "file:/nonexistent/key": "cannot read /nonexistent/key: No such file or directory",
     }
-    with pytest.raises(store.ResolutionError, match="restart the daemon"):
-        store.resolve("keyring:other/user")  # after the fork the worker cannot reach a keyring
+    with pytest.raises(references.ResolutionError, match="restart the daemon"):
+        references.resolve("keyring:other/user")  # after the fork the worker cannot reach a keyring
 
 
 def test_resolve_at_start_refuses_a_store_with_wrong_permissions(tmp_path):
@@ -247,7 +248,7 @@ def test_resolve_at_start_refuses_a_store_with_wrong_permissions(tmp_path):
     store.write_store(paths, [], os.getgid())
     paths.store.chmod(0o660)  # the group could write it
     with pytest.raises(store.UsageError, match=r"mode 0660 .* fix: sudo chown"):
-        store.resolve_at_start(tmp_path, os.getuid(), "llmtap")
+        references.resolve_at_start(tmp_path, os.getuid(), "llmtap")
 
 
 def test_a_user_who_cannot_read_the_store_is_told_to_use_sudo(run, monkeypatch):
@@ -276,10 +277,10 @@ def test_references_are_resolved_only_from_a_store_only_root_can_write(tmp_path,
     item = store.new_secret("a", ("api.anthropic.com",), "x-api-key", False, "env:LLMTAP_UNIT_KEY",
                             store.ensure_key(paths, 0))
     store.write_store(paths, [item], 0)
-    monkeypatch.setattr(store, "_AT_START", {})
-    store.resolve_at_start(tmp_path, 0, "root")
-    assert store.resolve(item.ref or "") == "sk-unit-resolved-value"  # root's own store: trusted
-    monkeypatch.setattr(store, "_AT_START", {})
+    monkeypatch.setattr(references, "_AT_START", {})
+    references.resolve_at_start(tmp_path, 0, "root")
+    assert references.resolve(item.ref or "") == "sk-unit-resolved-value"  # root's own store: trusted
+    monkeypatch.setattr(references, "_AT_START", {})
     nobody = pwd.getpwnam("nobody").pw_uid
     if tamper == "store owned by the service user":
         os.chown(paths.store, nobody, -1)
@@ -288,9 +289,9 @@ def test_references_are_resolved_only_from_a_store_only_root_can_write(tmp_path,
     else:
         os.chown(paths.directory, nobody, -1)
     try:
-        store.resolve_at_start(tmp_path, nobody, "nobody")
+        references.resolve_at_start(tmp_path, nobody, "nobody")
     except store.UsageError:  # refused outright: resolves nothing either
         assert tamper == "directory group-writable"
         return
-    with pytest.raises(store.ResolutionError, match="not resolved with root's rights"):
-        store.resolve(item.ref or "")
+    with pytest.raises(references.ResolutionError, match="not resolved with root's rights"):
+        references.resolve(item.ref or "")

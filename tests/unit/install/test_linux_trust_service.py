@@ -12,16 +12,14 @@ from pathlib import Path
 import pytest
 from llmtap.ca import create_ca
 from llmtap.errors import RuntimeFailure, UsageError
-from llmtap.platform.linux import trust
+from llmtap.platform.linux import app_trust, trust
+from llmtap.platform.linux.app_trust import NssDatabase, NssTrustStore, find_nss_databases
 from llmtap.platform.linux.systemd import UnitSpec, quote_exec, render_unit
 from llmtap.platform.linux.trust import (
     ArchTrustStore,
     DebianTrustStore,
     FedoraTrustStore,
-    NssDatabase,
-    NssTrustStore,
     detect_trust_store,
-    find_nss_databases,
     parse_trust_list,
 )
 from llmtap.platform.runner import Completed, SubprocessRunner
@@ -180,7 +178,7 @@ def test_os_release_fallback_and_local_homes(tmp_path):
     (tmp_path / "etc/passwd").write_text(
         "root:x:0:0::/root:/bin/sh\nsvc:x:999:999::/var/lib/svc:/usr/sbin/nologin\n"
         "bob:x:1001:1001::/home/bob:/bin/sh\nbroken line\n")
-    assert trust.local_homes(tmp_path) == [(0, 0, tmp_path / "root"),
+    assert app_trust.local_homes(tmp_path) == [(0, 0, tmp_path / "root"),
                                            (1001, 1001, tmp_path / "home/bob")]
 
 

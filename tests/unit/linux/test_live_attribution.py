@@ -19,7 +19,9 @@ from llmtap.addons.attribution import Attribution
 from llmtap.addons.live import Live
 from llmtap.addons.streams import Streams
 from llmtap.config import Config, DashboardConfig
-from llmtap.dashboard import History, State, context_window, render
+from llmtap.context_windows import context_window
+from llmtap.dashboard import History, State
+from llmtap.dashboard_view import render
 from llmtap.flow import fields
 from llmtap.livehub import LiveHub
 from llmtap.platform.linux import sockets
