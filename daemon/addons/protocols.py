@@ -249,7 +249,7 @@ class Protocols:
 
     def request_info(self, flow: http.HTTPFlow) -> RequestInfo | None:
         """What the request asks for (provider, model, max tokens), once `request` has read it."""
-        exchange = self._exchanges.get(flow)
+        exchange: Exchange | None = flow.metadata.get(EXCHANGE)
         return exchange.info if exchange is not None else None
 
     def _exchange(self, flow: http.HTTPFlow) -> Exchange:
