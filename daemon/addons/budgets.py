@@ -323,9 +323,12 @@ class Budgets:
         (which also ends the exchange the protocols stage opened for it)."""
         assert flow.websocket is not None
         message = flow.websocket.messages[-1]
-        if not message.from_client or not message.is_text or message.injected:
+        if not message.from_client or message.injected:  # a binary frame is a call all the same
             return
-        if not (self.policy.budgets or self.policy.limits) or b"response.create" not in message.content:
+        content = message.content
+        # A cheap look first (audio appends are large); a JSON escape can spell the type too.
+        if not (self.policy.budgets or self.policy.limits) or (
+                b"response.create" not in content and b"\\u" not in content):
             return
         asked = ws_request(message.content)
         if asked is None:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_budgets_e2e import policy, remove, set_rule, with_calls
+from test_budgets_e2e import WS_TURN, policy, remove, set_rule, with_calls
 from test_protocols_e2e import client, upstream_seen
 from testbed import Daemon, Testbed, running_daemon, wait_for
 
@@ -53,3 +53,28 @@ def test_a_body_too_large_to_hold_is_checked_before_it_leaves(testbed, tap, tmp_
         assert upstream_seen(testbed, "bud-huge") == []
     finally:
         remove(tap, "budget", "huge")
+
+
+@pytest.mark.parametrize("shape", ["escaped", "binary"])
+def test_a_websocket_response_create_in_another_shape_is_still_held(testbed, tap, tmp_path, shape):
+    """`response.create` spelled with a JSON escape, or sent as a binary frame, is the same call
+    to the upstream."""
+    import streams
+
+    fixture = streams.DIR / "openai_responses_ws_client.json"
+    set_rule(tap, "budget", "wsx", "--daily", "0.03", "--model", "gpt-5*")  # a turn reserves $0.04
+    try:
+        create = fixture.read_text().strip()
+        if shape == "escaped":
+            create = create.replace('"response.create"', '"response\\u002ecreate"', 1)
+        path = tmp_path / "create.json"
+        path.write_text(create)
+        path.chmod(0o644)
+        code = WS_TURN.replace("CREATE", repr(str(path))).replace("t=bud-ws", "t=bud-wsx2")
+        if shape == "binary":
+            code = code.replace("ev.TextMessage(open(", "ev.BytesMessage(open(", 1)
+            code = code.replace(".read().strip()", ".read().strip().encode()", 1)
+        reply = client(testbed, tap, code)
+        assert reply["type"] == "error" and reply["error"]["code"] == "llmtap_budget_exceeded", reply
+    finally:
+        remove(tap, "budget", "wsx")
