@@ -26,6 +26,7 @@ LIVE_PARSER = "llmtap.parser"  # a protocol parser with a live `usage` (protocol
 BODIES = "llmtap.bodies"  # the flow's decoded body views (llmtap.addons.bodies.Views)
 CREDENTIALS = "llmtap.credentials"  # the credentials stage's FlowState (which keys went in)
 DLP_STREAM = "llmtap.dlp_stream"  # the DLP stage's StreamState of a streamed request body
+BUDGETS_EARLY = "llmtap.budgets_early"  # admitted or refused at its headers (a body that may stream)
 DLP_SCRUB = "llmtap.dlp_scrub"  # the sent body with alerted secrets out: kept once it has left
 EXCHANGE = "llmtap.exchange"  # the protocols stage's Exchange: what it knows of the exchange in flight
 

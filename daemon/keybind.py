@@ -62,6 +62,9 @@ class Binding:
         who = describe(process)
         if process.get("shared"):
             return f"the connection is shared with its parent process ({who})"
+        if process.get("held_elsewhere"):
+            return (f"another program (pid {process['held_elsewhere']}) holds the connection "
+                    f"too ({who})")
         if process.get("foreign_root"):
             return f"it came from a process in another root filesystem, a container ({who})"
         if self.users and process.get("user") not in self.users:

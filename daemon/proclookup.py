@@ -30,6 +30,7 @@ from llmtap.platform.linux.sockets import (
     diag_socket_inode,
     holds_socket,
     normalise_ip,
+    other_holder,
     pid_of_inode,
     socket_inode,
 )
@@ -188,6 +189,11 @@ class Lookup:
         # program): who writes on it is not known, and a key bound to the child must not go.
         if any(holds_socket(p["pid"], inode, self.proc) for p in info["parents"]):
             return {**info, "shared": True}
+        # Another program holding it too, outside the chain (it was handed over, or inherited by
+        # a detached child made before the connect): who writes on it is not known either.
+        skip = {pid, *(p["pid"] for p in info["parents"])}
+        if (other := other_holder(inode, _exe_link(pid), skip, self.proc, uid)) is not None:
+            return {**info, "held_elsewhere": other}
         # In another root (a container): its paths name other files than ours.
         if not _same_root(pid, self.proc):
             return {**info, "foreign_root": True}

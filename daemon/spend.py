@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 # DEFAULT_OUTPUT when it names none, priced by the pricing stage's prices.
 BYTES_PER_TOKEN = 4
 DEFAULT_OUTPUT = 4096
+MAX_TOKENS = 10**12  # more than any call can use; caps the estimate's counts so it stays a float
 TOKEN_KEYS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_5m_tokens",
               "cache_write_1h_tokens")  # what a tokens-per-minute limit counts
 
@@ -229,12 +230,12 @@ def rates(pricer: Pricer, model: str | None, host: str, path: str,
 def estimate(pricer: Pricer, info: Any, body_bytes: int, host: str, path: str) -> float:
     """The worst-case cost of a call not yet made, in USD (0 for a model with no price)."""
     output = getattr(info, "max_tokens", None)
-    output = output if isinstance(output, int) and output > 0 else DEFAULT_OUTPUT
+    output = min(output, MAX_TOKENS) if isinstance(output, int) and output > 0 else DEFAULT_OUTPUT
     per_token = rates(pricer, getattr(info, "model", None), host, path,
                       getattr(info, "provider", None))
     if per_token is None:
         return 0.0
-    return body_bytes // BYTES_PER_TOKEN * per_token[0] + output * per_token[1]
+    return min(body_bytes // BYTES_PER_TOKEN, MAX_TOKENS) * per_token[0] + output * per_token[1]
 
 
 def tokens_of(usage: Any) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -30,9 +31,18 @@ from typing import Any
 
 from llmtap import jsontext
 from llmtap.addons.replies import refusal
-from llmtap.budgets import Budget, Limit, Policy, load_policy, next_reset, periods, policy_path
+from llmtap.budgets import (
+    Budget,
+    Limit,
+    Policy,
+    Selectors,
+    load_policy,
+    next_reset,
+    periods,
+    policy_path,
+)
 from llmtap.errors import UsageError
-from llmtap.flow import BLOCKED_HEADER, ProcessLookup, fields
+from llmtap.flow import BLOCKED_HEADER, BUDGETS_EARLY, ProcessLookup, fields
 from llmtap.formatting import money
 from llmtap.parsers.base import as_dict
 from llmtap.pricing import Pricer
@@ -75,6 +85,22 @@ def ws_request(content: bytes) -> Asked | None:
     model, most = body.get("model"), body.get("max_output_tokens")
     return Asked("openai", model if isinstance(model, str) else None,
                  most if isinstance(most, int) and not isinstance(most, bool) else None)
+
+
+def may_stream(request: http.Request) -> bool:
+    """Whether mitmproxy may send this request's body on before the `request` hook: it already
+    chose to (a stated length past stream_large_bodies), or the length is not stated (chunked,
+    or HTTP/2 without content-length), so it streams once the body grows past that."""
+    if request.stream:
+        return True
+    if "content-length" in request.headers or request.method in ("GET", "HEAD", "OPTIONS"):
+        return False
+    return "transfer-encoding" in request.headers or request.is_http2 or request.is_http3
+
+
+def covers(where: Selectors, call: dict[str, Any], any_model: bool) -> bool:
+    """Whether a rule covers the call; with `any_model` (not yet known) whatever its model."""
+    return (dataclasses.replace(where, model=None) if any_model else where).matches(call)
 
 
 class Budgets:
@@ -151,24 +177,36 @@ class Budgets:
 
     # -- request: admit or refuse ------------------------------------------------------------
 
-    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+    def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        """A body mitmproxy may stream (too large to hold, or of no stated length) goes upstream
+        before `request` runs: that call is admitted or refused here, on its headers, its model
+        not yet known (a budget or limit on any model covers it)."""
+        if flow.response is not None or not may_stream(flow.request):
+            return None
+        flow.metadata[BUDGETS_EARLY] = True
+        return self.request(flow, early=True)
+
+    def request(self, flow: http.HTTPFlow, early: bool = False) -> Awaitable[None] | None:
         self.refresh()
         if flow.response is not None or not (self.policy.budgets or self.policy.limits):
             return None
+        if flow.metadata.get(BUDGETS_EARLY) and not early:
+            return None  # decided at its headers
         pending = self.lookup.pending(flow) if self.lookup else None
         if pending is not None and self._needs_process():
-            return self._admit_after(flow, pending)
-        self._admit(flow)
+            return self._admit_after(flow, pending, early)
+        self._admit(flow, early)
         return None
 
     def _needs_process(self) -> bool:
         return any(rule.where.needs_process() for rule in self.policy.budgets) or any(
             rule.where.needs_process() for rule in self.policy.limits)
 
-    async def _admit_after(self, flow: http.HTTPFlow, pending: asyncio.Future[Any]) -> None:
+    async def _admit_after(self, flow: http.HTTPFlow, pending: asyncio.Future[Any],
+                           early: bool) -> None:
         with contextlib.suppress(TimeoutError):  # unknown in time: process selectors miss it
             await asyncio.wait_for(asyncio.shield(pending), ATTRIBUTION_WAIT_S)
-        self._admit(flow)
+        self._admit(flow, early)
 
     def _call(self, flow: http.HTTPFlow) -> dict[str, Any]:
         known = fields(flow)
@@ -177,10 +215,10 @@ class Budgets:
         return {"credential": known.get("credential"), "process": process,
                 "model": known.get("model") or getattr(info, "model", None)}
 
-    def _admit(self, flow: http.HTTPFlow) -> None:
+    def _admit(self, flow: http.HTTPFlow, early: bool = False) -> None:
         call, now = self._call(flow), self.clock()
-        budgets = tuple(b for b in self.policy.budgets if b.where.matches(call))
-        limits = tuple(lim for lim in self.policy.limits if lim.where.matches(call))
+        budgets = tuple(b for b in self.policy.budgets if covers(b.where, call, early))
+        limits = tuple(lim for lim in self.policy.limits if covers(lim.where, call, early))
         if not budgets and not limits:
             return
         policy: dict[str, Any] = {"budgets": [b.name for b in budgets],
@@ -189,6 +227,7 @@ class Budgets:
         cost = self._estimate(flow) if budgets else 0.0
         if (refused := self._verdict(budgets, limits, now, cost)) is not None:
             info = self.request_info(flow) if self.request_info else None
+            flow.request.stream = False  # a response and a streamed request cannot go together
             flow.response = refusal(getattr(info, "provider", None), 429, refused.message,
                                     refused.code, "budgets", refused.headers)
             fields(flow)["error"] = refused.message
@@ -284,9 +323,12 @@ class Budgets:
         (which also ends the exchange the protocols stage opened for it)."""
         assert flow.websocket is not None
         message = flow.websocket.messages[-1]
-        if not message.from_client or not message.is_text or message.injected:
+        if not message.from_client or message.injected:  # a binary frame is a call all the same
             return
-        if not (self.policy.budgets or self.policy.limits) or b"response.create" not in message.content:
+        content = message.content
+        # A cheap look first (audio appends are large); a JSON escape can spell the type too.
+        if not (self.policy.budgets or self.policy.limits) or (
+                b"response.create" not in content and b"\\u" not in content):
             return
         asked = ws_request(message.content)
         if asked is None:

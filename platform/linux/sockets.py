@@ -131,6 +131,23 @@ def holds_socket(pid: int, inode: int, proc: Path = Path("/proc")) -> bool:
     return _pid_has(pid, f"socket:[{inode}]", proc)
 
 
+def other_holder(inode: int, exe: str | None, skip: set[int], proc: Path = Path("/proc"),
+                 uid: int | None = None) -> int | None:
+    """A process of the socket's owner, not in `skip` and running another executable than `exe`
+    (a fork of the same program is the same program), that holds the socket too: it may write on
+    it. A full scan, as pid_of_inode's slow path."""
+    target = f"socket:[{inode}]"
+    for pid in (int(e) for e in os.listdir(proc) if e.isdigit()):
+        if pid in skip:
+            continue
+        with contextlib.suppress(OSError):
+            if uid is not None and os.stat(proc / str(pid)).st_uid != uid:
+                continue
+            if _pid_has(pid, target, proc) and os.readlink(proc / str(pid) / "exe") != exe:
+                return pid
+    return None
+
+
 def pid_of_inode(inode: int, hints: list[int], proc: Path = Path("/proc"), uid: int | None = None
                  ) -> int | None:
     """The process holding the socket; recent ones first, then only those of the socket's owner."""

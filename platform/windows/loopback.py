@@ -182,7 +182,7 @@ class Redirector:
     def quic(self, raw: bytes) -> Verdict:
         """UDP/443 toward a target: dropped, so the client falls back to TCP."""
         version = raw[0] >> 4 if raw else 0
-        if version not in (4, 6):
+        if len(raw) < {4: 20, 6: 40}.get(version, 65536):  # no whole IP header: not ours to judge
             return Action.PASS
         dst = str(ipaddress.ip_address(raw[16:20] if version == 4 else raw[24:40]))
         return Action.DROP if self.targets.is_target(dst) else Action.PASS

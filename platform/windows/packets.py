@@ -83,7 +83,7 @@ def parse_tcp(raw: bytes) -> TcpPacket | None:
         src, dst = raw[8:24], raw[24:40]
     else:
         return None
-    if len(raw) < offset + 20 or end > len(raw):
+    if len(raw) < offset + 20 or not offset + 20 <= end <= len(raw):  # the TCP header inside it
         return None
     sport, dport = struct.unpack_from("!HH", raw, offset)
     return TcpPacket(
