@@ -15,8 +15,10 @@ import select
 import signal
 import threading
 import time
+from pathlib import Path
 
 from llmtap import proclookup
+from llmtap import secrets_store as store
 from llmtap.errors import RuntimeFailure
 from llmtap.healing import HEARTBEAT_TIMEOUT_S
 from llmtap.lifecycle import READY_TIMEOUT_S, EventHandler
@@ -25,6 +27,32 @@ from llmtap.privileges import ServiceUser
 from llmtap.proxy import ProxySettings
 from llmtap.spawner import WorkerSpawner
 from llmtap.worker import WorkerHandle
+
+
+class AnyBoundSecret:
+    """Whether the secret store holds a key bound to programs or users, re-read when it changes.
+    Unreadable or unknown counts as bound: the checks then run, as they would for a bound key."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.paths = store.StorePaths.under(state_dir)
+        self._seen: tuple[int, int] | None = None
+        self._bound = True
+
+    def __call__(self) -> bool:
+        try:
+            info = self.paths.store.stat()
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True
+        if (info.st_mtime_ns, info.st_ino) != self._seen:
+            try:
+                secrets = store.read_store(self.paths)
+            except Exception:
+                return True
+            self._bound = any(s.allow_exes or s.allow_scripts or s.allow_users for s in secrets)
+            self._seen = (info.st_mtime_ns, info.st_ino)
+        return self._bound
 
 REAP_WAIT_S = 0.5  # how long trouble() waits for a dead worker's exit status, for the log
 READY_POLL_S = 0.05  # how often a start looks whether a stop came
@@ -48,7 +76,9 @@ class ForkedWorkerHost:
                 plan: RedirectPlan) -> RedirectBackend | None:
         assert self.user is not None
         self._channel = backend_cls.original_addr_channel()  # made before the fork, like the lookup
-        self._lookup = proclookup.LookupService()  # the worker asks it which process connects
+        # the worker asks it which process connects; the costly checks only while a key is bound
+        deep = AnyBoundSecret(settings.state_dir) if settings.state_dir else (lambda: True)
+        self._lookup = proclookup.LookupService(deep=deep)
         settings = dataclasses.replace(
             settings, original_addr=self._channel.lookup if self._channel else None,
             process_lookup=self._lookup.client)

@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -147,8 +148,11 @@ def _safe(getter: Any) -> Any:
 class Lookup:
     """Local address -> process, with a short cache per address and recent pids tried first."""
 
-    def __init__(self, proc: Path = Path("/proc")) -> None:
+    def __init__(self, proc: Path = Path("/proc"), deep: Callable[[], bool] = lambda: True) -> None:
         self.proc = proc
+        # Whether to look for other holders of the socket (the parents' descriptors, then every
+        # process of its user): a bound key needs it, and it costs ~10 ms a connection.
+        self.deep = deep
         self._cache: OrderedDict[tuple[str, int, int], tuple[float, dict[str, Any] | None]] = OrderedDict()
         self._recent: deque[int] = deque(maxlen=16)
         # pid -> (when, description): a client opening 50 connections is described once.
@@ -185,6 +189,8 @@ class Lookup:
         # be another's now) and what was described is not who connected.
         if not holds_socket(pid, inode, self.proc):
             return None
+        if not self.deep():
+            return {**info, "foreign_root": True} if not _same_root(pid, self.proc) else info
         # A parent holding the same socket handed it to this child (fork, exec of another
         # program): who writes on it is not known, and a key bound to the child must not go.
         if any(holds_socket(p["pid"], inode, self.proc) for p in info["parents"]):
@@ -258,9 +264,9 @@ def _id(message: bytes) -> Any:
 class LookupService:
     """The supervisor's side. Make it before forking the worker, `start()` it after."""
 
-    def __init__(self) -> None:
+    def __init__(self, deep: Callable[[], bool] = lambda: True) -> None:
         self.server, self.client = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.lookup = Lookup()
+        self.lookup = Lookup(deep=deep)
         # The worker keeps only its own end (a forked child must not hold ours).
         os.register_at_fork(after_in_child=self._child_closes_server_end)
         self._thread: threading.Thread | None = None
