@@ -20,22 +20,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmtap import jsontext
+from llmtap.addons.budget_calls import Refused, covers, may_stream, ws_request
 from llmtap.addons.replies import refusal
 from llmtap.budgets import (
     Budget,
     Limit,
     Policy,
-    Selectors,
     load_policy,
     next_reset,
     periods,
@@ -44,7 +41,6 @@ from llmtap.budgets import (
 from llmtap.errors import UsageError
 from llmtap.flow import BLOCKED_HEADER, BUDGETS_EARLY, ProcessLookup, fields
 from llmtap.formatting import money
-from llmtap.parsers.base import as_dict
 from llmtap.pricing import Pricer
 from llmtap.spend import Ledger, Reservation, Windows, estimate, seconds, tokens_of
 from mitmproxy import ctx, http
@@ -55,52 +51,6 @@ RECHECK_S = 2.0  # how often budgets.json is looked at (a stat)
 ATTRIBUTION_WAIT_S = 1.0  # a process or user selector waits this long for the process
 STALE_S = 3600.0  # a reservation whose flow never ended is dropped after this
 Events = Callable[[dict[str, Any]], None]
-
-
-@dataclass(frozen=True)
-class Refused:
-    message: str
-    code: str  # llmtap_budget_exceeded | llmtap_rate_limited
-    headers: dict[str, str]
-    decision: dict[str, Any]  # for the record's `policy`
-
-
-@dataclass(frozen=True)
-class Asked:
-    """A response.create on a WebSocket, as the estimate reads a request."""
-
-    provider: str
-    model: str | None
-    max_tokens: int | None
-
-
-def ws_request(content: bytes) -> Asked | None:
-    try:
-        obj = as_dict(jsontext.parse(content))
-    except ValueError:
-        return None
-    if obj.get("type") != "response.create":
-        return None
-    body = as_dict(obj.get("response")) or obj
-    model, most = body.get("model"), body.get("max_output_tokens")
-    return Asked("openai", model if isinstance(model, str) else None,
-                 most if isinstance(most, int) and not isinstance(most, bool) else None)
-
-
-def may_stream(request: http.Request) -> bool:
-    """Whether mitmproxy may send this request's body on before the `request` hook: it already
-    chose to (a stated length past stream_large_bodies), or the length is not stated (chunked,
-    or HTTP/2 without content-length), so it streams once the body grows past that."""
-    if request.stream:
-        return True
-    if "content-length" in request.headers or request.method in ("GET", "HEAD", "OPTIONS"):
-        return False
-    return "transfer-encoding" in request.headers or request.is_http2 or request.is_http3
-
-
-def covers(where: Selectors, call: dict[str, Any], any_model: bool) -> bool:
-    """Whether a rule covers the call; with `any_model` (not yet known) whatever its model."""
-    return (dataclasses.replace(where, model=None) if any_model else where).matches(call)
 
 
 class Budgets:
