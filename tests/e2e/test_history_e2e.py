@@ -291,9 +291,10 @@ def test_dashboard_in_tmux(testbed, llmtap):
     try:
         tmux.start([LLMTAP, "dashboard", "--config", str(daemon.config_path)])
         tmux.wait_for("llmtap · live", "Latest calls", "claude-sonnet-4-5")
+        # 15 s of chunks: on a busy machine the panel may take a while to show it with its process.
         slow = subprocess.Popen(["ip", "netns", "exec", testbed.client_ns, "curl", "-sS", "-N",
                                  "--cacert", str(daemon.ca_pem), "-d", '{"stream": true}',
-                                 "https://api.anthropic.com/v1/messages?bench=stream&n=60&gap_ms=100"],
+                                 "https://api.anthropic.com/v1/messages?bench=stream&n=150&gap_ms=100"],
                                 stdout=subprocess.DEVNULL)
         try:
             screen = tmux.wait_for("Active requests (1)", "curl[", "/v1/messages", "chunks")
@@ -302,7 +303,7 @@ def test_dashboard_in_tmux(testbed, llmtap):
             if os.environ.get("LLMTAP_SAVE_SCREENSHOT"):  # refreshes the one in docs/
                 (DOCS / "dashboard-screenshot.txt").write_text(screen)
         finally:
-            slow.wait(timeout=30)
+            slow.wait(timeout=45)
         after = tmux.wait_for("no requests in flight", "calls")
         assert "Cost per process" in after and "Context window" in after
         if priced.get("cost_usd") is not None:  # pricing priced it: the tiny budget is blown
