@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from llmtap import proclookup
+from llmtap import keybind, proclookup
 from llmtap import secrets_store as store
 from llmtap.errors import RuntimeFailure
 from llmtap.healing import HEARTBEAT_TIMEOUT_S
@@ -50,7 +50,7 @@ class AnyBoundSecret:
                 secrets = store.read_store(self.paths)
             except Exception:
                 return True
-            self._bound = any(s.allow_exes or s.allow_scripts or s.allow_users for s in secrets)
+            self._bound = any(keybind.of_secret(secret).bound for secret in secrets)
             self._seen = (info.st_mtime_ns, info.st_ino)
         return self._bound
 

@@ -22,11 +22,14 @@ with a user of its own is the hard line.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmtap.errors import UsageError
+
+if TYPE_CHECKING:
+    from llmtap.secrets_store import Secret
 
 MAX_RULES = 32  # per kind: a binding is a short list a person wrote
 
@@ -93,11 +96,11 @@ def describe(process: Mapping[str, Any]) -> str:
     return f"{exe}{script} (pid {process.get('pid')}, user {process.get('user') or '?'})"
 
 
-def from_stored(exes: Iterable[str], scripts: Iterable[Iterable[str]], users: Iterable[str],
-                children: bool) -> Binding:
-    pairs = (tuple(pair) for pair in scripts)
-    return Binding(frozenset(exes), frozenset((p[0], p[1]) for p in pairs if len(p) == 2),
-                   frozenset(users), children)
+def of_secret(secret: Secret) -> Binding:
+    """The binding a stored secret carries (unbound when it names no program or user)."""
+    pairs = (tuple(pair) for pair in secret.allow_scripts)
+    return Binding(frozenset(secret.allow_exes), frozenset((p[0], p[1]) for p in pairs if len(p) == 2),
+                   frozenset(secret.allow_users), secret.allow_children)
 
 
 # --- checks of what `llmtap secrets set` is given (each failure is one line naming the flag) ---

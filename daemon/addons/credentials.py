@@ -151,10 +151,8 @@ class Credentials:
         if item.when_absent and not item.for_users:
             self._report(f"secret {item.name!r}: --when-absent is not applied without --for-user; "
                          f"set it again with --when-absent --for-user USER")
-        binding = keybind.from_stored(item.allow_exes, item.allow_scripts, item.allow_users,
-                                      item.allow_children)
         return Entry(item.name, item.id, frozenset(item.hosts), item.header, item.when_absent,
-                     item.placeholder, value, problem, frozenset(item.for_users), binding)
+                     item.placeholder, value, problem, frozenset(item.for_users), keybind.of_secret(item))
 
     def _report(self, message: str) -> None:
         # A warning: mitmproxy's startup check stops the proxy at any error logged while it

@@ -227,8 +227,7 @@ def _bound(secret: store.Secret | None) -> dict[str, Any]:
 
 
 def _rule(secret: store.Secret) -> str:
-    return keybind.from_stored(secret.allow_exes, secret.allow_scripts, secret.allow_users,
-                               secret.allow_children).rule()
+    return keybind.of_secret(secret).rule()
 
 
 def _warn_non_targets(settings: Config, hosts: tuple[str, ...]) -> None:
