@@ -13,7 +13,7 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -135,27 +135,13 @@ def _given[T](value: T | None, old: T) -> T:
 @budget_app.command("rm")
 def budget_rm(name: str = NameArg, config: str | None = ConfigOption) -> None:
     """Remove a budget."""
-    settings = load_config(config)
-    with _changing(settings, "llmtap budget rm") as held:
-        if not any(b.name == check_name(name) for b in held[0].budgets):
-            raise UsageError(f"no budget {name!r} (see `llmtap budget list`)")
-        held[0] = dataclasses.replace(held[0], budgets=tuple(
-            b for b in held[0].budgets if b.name != name))
-    typer.echo(f"budget {name} removed")
+    _remove(load_config(config), "budget", name)
 
 
 @budget_app.command("list")
 def budget_list(as_json: bool = JsonOpt, config: str | None = ConfigOption) -> None:
     """Budgets with their spend today and this month (and in flight, from the daemon)."""
-    settings = load_config(config)
-    rows = [r for r in _usage(settings) if r["kind"] == "budget"]
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2))
-        return
-    if not rows:
-        typer.echo("no budgets (add one with `sudo llmtap budget set NAME --daily USD`)")
-    for row in rows:
-        typer.echo(budget_line(row))
+    _list(load_config(config), "budget", as_json, budget_line, "--daily USD")
 
 
 # -- limit --------------------------------------------------------------------------------------
@@ -187,27 +173,36 @@ def limit_set(
 @limit_app.command("rm")
 def limit_rm(name: str = NameArg, config: str | None = ConfigOption) -> None:
     """Remove a rate limit."""
-    settings = load_config(config)
-    with _changing(settings, "llmtap limit rm") as held:
-        if not any(lim.name == check_name(name) for lim in held[0].limits):
-            raise UsageError(f"no limit {name!r} (see `llmtap limit list`)")
-        held[0] = dataclasses.replace(held[0], limits=tuple(
-            lim for lim in held[0].limits if lim.name != name))
-    typer.echo(f"limit {name} removed")
+    _remove(load_config(config), "limit", name)
 
 
 @limit_app.command("list")
 def limit_list(as_json: bool = JsonOpt, config: str | None = ConfigOption) -> None:
     """Rate limits with their use in the last minute (from the daemon)."""
-    settings = load_config(config)
-    rows = [r for r in _usage(settings) if r["kind"] == "limit"]
+    _list(load_config(config), "limit", as_json, limit_line, "--rpm N")
+
+
+def _remove(settings: Config, kind: str, name: str) -> None:
+    """`budget rm` and `limit rm`: the rule of that kind and name goes, or one line says there is none."""
+    field = f"{kind}s"  # Policy.budgets or Policy.limits
+    with _changing(settings, f"llmtap {kind} rm") as held:
+        rules = getattr(held[0], field)
+        if not any(rule.name == check_name(name) for rule in rules):
+            raise UsageError(f"no {kind} {name!r} (see `llmtap {kind} list`)")
+        held[0] = dataclasses.replace(held[0], **{field: tuple(r for r in rules if r.name != name)})
+    typer.echo(f"{kind} {name} removed")
+
+
+def _list(settings: Config, kind: str, as_json: bool, line: Callable[[dict[str, Any]], str],
+          example: str) -> None:
+    rows = [r for r in _usage(settings) if r["kind"] == kind]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
     if not rows:
-        typer.echo("no limits (add one with `sudo llmtap limit set NAME --rpm N`)")
+        typer.echo(f"no {kind}s (add one with `sudo llmtap {kind} set NAME {example}`)")
     for row in rows:
-        typer.echo(limit_line(row))
+        typer.echo(line(row))
 
 
 # -- use -----------------------------------------------------------------------------------------
