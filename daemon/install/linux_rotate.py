@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from llmtap import ca
-from llmtap.ca import write_file
 from llmtap.errors import RuntimeFailure
+from llmtap.install.ca_files import CaFiles
 from llmtap.install.engine import Step
 from llmtap.install.files import FileChangeSet
 
@@ -15,18 +13,13 @@ if TYPE_CHECKING:
     from llmtap.install.linux import LinuxInstaller
 
 
-class Rotation:
+class Rotation(CaFiles):
     """`llmtap ca rotate` as steps: every place that trusted the old CA trusts the new one."""
 
     def __init__(self, installer: LinuxInstaller) -> None:
-        self.installer = installer
         config, layout = installer.config, installer.layout
-        self.hosts = config.targets.all_hosts
-        self.key_file = config.ca_dir / ca.KEY_AND_CERT
-        self.cert_file = ca.public_cert_path(config.ca_dir)
-        self.old_cert_file = config.ca_dir / "previous-ca.pem"
-        self.uid, self.gid = installer.user()
-        self.old = (self.key_file.read_bytes(), self.cert_file.read_bytes())
+        super().__init__(config, config.ca_dir / "previous-ca.pem", installer.user())
+        self.installer = installer
         self.published = layout.public_cert.exists()
         self.store = installer.trusted_store(layout.public_cert if self.published
                                              else self.cert_file)
@@ -38,7 +31,6 @@ class Rotation:
         self.service = installer.service(kind) if kind else None
         self.running = bool(self.service and self.service.is_running())
         self.unmanaged_daemon = not self.running and installer.daemon_answers()
-        self.new = ca.create_ca(self.hosts)
         self.public = FileChangeSet(installer.public_files)
         self.restarted = False
 
@@ -58,22 +50,6 @@ class Rotation:
         if self.running:
             steps.append(Step("service restart", lambda: True, self.restart_step, lambda: None))
         return steps
-
-    def write(self, key_file: bytes, cert: bytes) -> None:
-        write_file(self.key_file, key_file, 0o600, self.uid, self.gid)
-        write_file(self.cert_file, cert, 0o644, self.uid, self.gid)
-
-    def restore_old(self) -> None:
-        self.write(*self.old)
-
-    def write_new(self) -> str:
-        key, cert = self.new
-        self.write(key + cert, cert)
-        return f"issued a new CA, name-constrained to {len(self.hosts)} target domains"
-
-    def old_cert(self) -> Path:
-        write_file(self.old_cert_file, self.old[1], 0o644)
-        return self.old_cert_file
 
     def retrust_os(self) -> str:
         assert self.store is not None

@@ -6,9 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from llmtap import ca
-from llmtap.ca import write_file
 from llmtap.errors import RuntimeFailure
+from llmtap.install.ca_files import CaFiles
 from llmtap.install.engine import Step
 from llmtap.install.files import FileChangeSet
 
@@ -16,22 +15,15 @@ if TYPE_CHECKING:
     from llmtap.install.macos import MacInstaller
 
 
-class MacRotation:
+class MacRotation(CaFiles):
     def __init__(self, installer: MacInstaller, old_cert_file: Path) -> None:
+        super().__init__(installer.config, old_cert_file, installer.user())
         self.inst = installer
-        config = installer.config
-        self.hosts = config.targets.all_hosts
-        self.key_file = config.ca_dir / ca.KEY_AND_CERT
-        self.cert_file = ca.public_cert_path(config.ca_dir)
-        self.old_cert_file = old_cert_file
-        self.uid, self.gid = installer.user()
-        self.old = (self.key_file.read_bytes(), self.cert_file.read_bytes())
         self.public_cert = installer.layout.public_cert
         self.trusted = bool(installer.store.found())
         self.jdks = [store for store in installer.jdk_stores() if store.holds()]
         self.service = installer.service()
         self.running = self.service.is_running()
-        self.new = ca.create_ca(self.hosts)
         self.public = FileChangeSet(installer.public_files)
         self.restarted = False
 
@@ -46,22 +38,6 @@ class MacRotation:
         if self.running:
             steps.append(Step("service restart", lambda: True, self.restart_step, lambda: None))
         return steps
-
-    def write(self, key_file: bytes, cert: bytes) -> None:
-        write_file(self.key_file, key_file, 0o600, self.uid, self.gid)
-        write_file(self.cert_file, cert, 0o644, self.uid, self.gid)
-
-    def restore_old(self) -> None:
-        self.write(*self.old)
-
-    def write_new(self) -> str:
-        key, cert = self.new
-        self.write(key + cert, cert)
-        return f"issued a new CA, name-constrained to {len(self.hosts)} target domains"
-
-    def old_cert(self) -> Path:
-        write_file(self.old_cert_file, self.old[1], 0o644)
-        return self.old_cert_file
 
     def trust_only(self, cert: Path) -> None:
         self.inst.store.untrust()  # every llmtap CA, by SHA-1
