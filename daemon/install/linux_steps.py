@@ -97,8 +97,9 @@ def dirs_step(inst: Host, manifest: Manifest) -> Step:
     return Step("directories", needed, apply, undo)
 
 
-def config_step(inst: LinuxInstaller, manifest: Manifest) -> Step:
-    change = FileChange(inst.layout.config_file, CONFIG_TEMPLATE.encode(), 0o644)
+def config_step(inst: Host, manifest: Manifest, template: str = CONFIG_TEMPLATE) -> Step:
+    """The default config (the OS's own `template`: its paths), written only where none is."""
+    change = FileChange(inst.layout.config_file, template.encode(), 0o644)
 
     def apply() -> str:
         change.apply()

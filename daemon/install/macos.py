@@ -32,6 +32,7 @@ from llmtap.install.files import FileChange
 from llmtap.install.linux_system import Layout, make_layout, validate_for_install
 from llmtap.install.macos_rotate import MacRotation
 from llmtap.install.macos_system import (
+    CONFIG_TEMPLATE,
     MIN_MACOS,
     SW_VERS,
     MacPaths,
@@ -162,7 +163,7 @@ class MacInstaller:
                       ) -> list[Step]:
         planned = [macos_steps.account_step(self, manifest), linux_steps.dirs_step(self, manifest)]
         if self.layout.explicit_config is None:
-            planned.append(macos_steps.config_step(self, manifest))
+            planned.append(linux_steps.config_step(self, manifest, CONFIG_TEMPLATE))
         planned += [linux_steps.ca_step(self), linux_steps.public_step(self)]
         if trust:
             planned.append(macos_steps.keychain_step(self, self.store))

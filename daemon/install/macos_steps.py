@@ -10,7 +10,6 @@ from llmtap.ca import write_file
 from llmtap.errors import RuntimeFailure
 from llmtap.install.engine import Step
 from llmtap.install.files import FileChange, make_dirs, remove_dirs, remove_file
-from llmtap.install.macos_system import CONFIG_TEMPLATE
 from llmtap.install.manifest import Manifest
 from llmtap.platform.macos import environment
 from llmtap.platform.macos.environment import GuiSession
@@ -42,22 +41,6 @@ def account_step(inst: MacInstaller, manifest: Manifest) -> Step:
 
     return Step(f"service account {account.name}", lambda: directory.lookup(account) is None,
                 apply, undo, "system user")
-
-
-def config_step(inst: MacInstaller, manifest: Manifest) -> Step:
-    change = FileChange(inst.layout.config_file, CONFIG_TEMPLATE.encode(), 0o644)
-
-    def apply() -> str:
-        change.apply()
-        manifest.add_dirs(change.created_dirs)
-        manifest.data["created_config"] = str(inst.layout.config_file_real)
-        return f"wrote the default config {inst.layout.config_file_real}"
-
-    def undo() -> None:
-        change.undo()
-        manifest.data.pop("created_config", None)
-
-    return Step("config file", lambda: not inst.layout.config_file.exists(), apply, undo)
 
 
 def keychain_step(inst: MacInstaller, store: KeychainTrustStore) -> Step:
