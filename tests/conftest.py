@@ -13,6 +13,8 @@ import pytest
 from testbed import Daemon, Testbed, new_testbed, start_daemon
 
 ROOT_TOOLS = ("ip", "nft", "iptables", "curl")
+DAEMONS = pytest.StashKey[list[Daemon]]()
+LOG_LINES = 80  # of each daemon's log, added to a failed test's report
 
 
 def root_skip_reason() -> str | None:
@@ -31,6 +33,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "root" in item.keywords:
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A failed test's report ends with its daemons' logs: CI's output is all there is."""
+    report = yield
+    if report.when == "call" and report.failed:
+        for n, daemon in enumerate(item.stash.get(DAEMONS, [])):
+            lines = daemon.stderr().splitlines()[-LOG_LINES:]
+            report.sections.append((f"llmtap daemon {n} log (last {len(lines)} lines)",
+                                    "\n".join(lines)))
+    return report
 
 
 @pytest.fixture
@@ -59,9 +73,10 @@ def testbed() -> Iterator[Testbed]:
 
 
 @pytest.fixture
-def llmtap(testbed: Testbed) -> Iterator[Callable[..., Daemon]]:
+def llmtap(testbed: Testbed, request: pytest.FixtureRequest) -> Iterator[Callable[..., Daemon]]:
     """Starts `llmtap run` in the client namespace (ready); always stopped and cleaned after."""
     daemons: list[Daemon] = []
+    request.node.stash[DAEMONS] = daemons
 
     def start(wait: bool = True, extra_toml: str = "", **redirect: Any) -> Daemon:
         daemon = start_daemon(testbed, extra_toml, **redirect)

@@ -308,8 +308,10 @@ def test_dashboard_in_tmux(testbed, llmtap):
         assert "Cost per process" in after and "Context window" in after
         if priced.get("cost_usd") is not None:  # pricing priced it: the tiny budget is blown
             assert "budget alert" in after
-        archived = list((daemon.records_dir / "archive").glob(f"*_{priced['id']}.json.gz"))
-        assert archived and len(list(daemon.records_dir.glob("*.json"))) == 1
+        # The writer rotates after it writes, on its own time: on a busy machine, later.
+        rotated = wait_until(lambda: list((daemon.records_dir / "archive").glob(f"*_{priced['id']}.json.gz"))
+                             and len(list(daemon.records_dir.glob("*.json"))) == 1)
+        assert rotated, sorted(p.name for p in daemon.records_dir.rglob("*"))
         shown = json.loads(daemon.llmtap("show", priced["id"], "--json").stdout)
         assert shown["id"] == priced["id"]  # found in the archive through the index
         daemon.stop()

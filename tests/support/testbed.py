@@ -288,7 +288,7 @@ class Daemon:
             self.proc.send_signal(sig)
         return self.proc.wait(timeout=timeout)
 
-    def records(self, expected: int = 0, timeout: float = 10) -> list[dict[str, Any]]:
+    def records(self, expected: int = 0, timeout: float = 30) -> list[dict[str, Any]]:
         """The JSON records, waiting (the writer is asynchronous) until there are `expected`."""
         deadline = time.monotonic() + timeout
         while True:
