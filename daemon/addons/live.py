@@ -71,6 +71,9 @@ class Live:
         self.counters = Counters()
         self.pending: list[dict[str, Any]] = []
         self._updates: dict[str, dict[str, Any]] = {}  # the latest update per flow, coalesced
+        # Flows that started before their process was known (its lookup answers later on a
+        # busy machine): their next update carries it, so a live view can name who streams.
+        self._unnamed: set[str] = set()
 
     def client_connected(self, client: connection.Client) -> None:
         self.counters.connections += 1
@@ -85,12 +88,15 @@ class Live:
     def request(self, flow: http.HTTPFlow) -> None:
         known = fields(flow)
         request = as_dict(known.get("request"))
+        process = self._process(flow)
+        if process is None:
+            self._unnamed.add(flow.id)
         self._queue({
             "type": "start", "id": flow.id, "ts": flow.request.timestamp_start,
             "host": flow.request.pretty_host, "method": flow.request.method,
             "path": flow.request.path.split("?", 1)[0], "model": known.get("model"),
             "provider": known.get("provider"), "api": known.get("api"),
-            "max_tokens": request.get("max_tokens"), "process": self._process(flow),
+            "max_tokens": request.get("max_tokens"), "process": process,
         })
 
     def response_layer(self, flow: http.HTTPFlow) -> StreamMeter | None:
@@ -101,6 +107,9 @@ class Live:
         event: dict[str, Any] = {"type": "update", "id": flow.id, "ts": time.time(),
                                  "chunks": meter.chunks, "bytes": meter.bytes,
                                  "output_tokens_estimate": meter.data_lines}
+        if flow.id in self._unnamed and (process := self._process(flow)) is not None:
+            self._unnamed.discard(flow.id)
+            event["process"] = process
         parser = flow.metadata.get(LIVE_PARSER)
         usage = getattr(parser, "usage", None)
         if usage is not None:
@@ -123,6 +132,7 @@ class Live:
         started = flow.request.timestamp_start
         ended = (flow.response.timestamp_end if flow.response else None) or time.time()
         self._updates.pop(flow.id, None)
+        self._unnamed.discard(flow.id)
         meter = layer_of(flow.response.stream, StreamMeter) if flow.response is not None else None
         self._queue({
             "type": "end", "id": flow.id, "ts": ended,

@@ -267,3 +267,51 @@ def test_exact_netlink_lookup_finds_the_same_socket_as_proc(host):
             found = diag_socket_inode(local, remote)
             assert found is not None and found == socket_inode(*local)
             assert diag_socket_inode(local, (remote[0], remote[1] + 1 or 1)) is None
+
+
+def test_a_stream_that_started_before_its_process_was_known_names_it_in_an_update(monkeypatch):
+    """On a busy machine the lookup answers after the request: the live views must not show
+    "unknown process" for the whole stream."""
+    clock = [100.0]
+    monkeypatch.setattr("llmtap.addons.live.time.monotonic", lambda: clock[0])
+    live = Live()
+    flow = tflow.tflow(resp=True)
+    with taddons.context(live):
+        live.requestheaders(flow)
+        live.request(flow)
+        flow.response.stream = True
+        Streams(response=(live,)).responseheaders(flow)
+        flow.response.stream(b"data: {}\n\n")
+        fields(flow)["process"] = {"pid": 5, "name": "curl"}  # the answer arrives
+        clock[0] += 1
+        flow.response.stream(b"data: {}\n\n")
+        first = live.drain()
+        clock[0] += 1
+        flow.response.stream(b"data: {}\n\n")
+        later = live.drain()
+    assert first[0]["type"] == "start" and first[0]["process"] is None
+    assert [e.get("process", {}).get("name") for e in first[1:]] == ["curl"]
+    assert all("process" not in e for e in later)  # said once
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may lower a niceness")
+def test_the_lookup_thread_runs_ahead_of_user_processes():
+    """Its answers race short-lived clients: on a busy machine a late one names nobody."""
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    service = proclookup.LookupService()
+    worker_end = service.client.dup()  # the worker's: the service serves while it is open
+    service.start()
+    thread = service._thread
+    assert thread is not None and thread.native_id is not None
+    stat = Path(f"/proc/self/task/{thread.native_id}/stat")
+
+    def nice() -> int:
+        return int(stat.read_text().rsplit(")", 1)[1].split()[16])
+
+    deadline = time.monotonic() + 5
+    while nice() != proclookup.LOOKUP_NICE and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert nice() == proclookup.LOOKUP_NICE
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine  # that thread only
+    worker_end.close()
+    service.close()
