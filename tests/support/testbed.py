@@ -87,6 +87,9 @@ def new_testbed() -> Testbed:
     return Testbed(tag=str(os.getpid()), subnet=os.getpid() % 200 + 10, workdir=make_workdir())
 
 
+CURL_BAD_CERT = 60  # curl's "SSL certificate problem"
+
+
 @dataclass
 class Testbed:
     __test__ = False  # not a test class, whatever pytest thinks of its name
@@ -212,8 +215,17 @@ class Testbed:
 
     def curl(self, url: str, cacert: Path, *extra: str, check: bool = True
              ) -> subprocess.CompletedProcess[str]:
-        return self.client("curl", "-sS", "--max-time", "20", "--cacert", str(cacert), *extra,
-                           url, check=check)
+        result = self.client("curl", "-sS", "--max-time", "20", "--cacert", str(cacert), *extra,
+                             url, check=False)
+        if check and result.returncode == CURL_BAD_CERT:  # whose certificate, and was it redirected?
+            seen = self.client("sh", "-c", f"curl -sSvk --max-time 5 {url} 2>&1 >/dev/null | "
+                               "grep -iE 'subject:|issuer:|connected'", check=False).stdout
+            rules = self.ns_exec(self.client_ns, "nft", "list", "ruleset", check=False).stdout
+            raise AssertionError(f"curl {url} exited {CURL_BAD_CERT}: {result.stderr}\n"
+                                 f"a second try saw:\n{seen}\nthe client's rules:\n{rules}")
+        if check and result.returncode != 0:
+            raise AssertionError(f"curl {url} exited {result.returncode}:\n{result.stderr}")
+        return result
 
     def python(self, code: str, env: dict[str, str] | None = None, check: bool = True
                ) -> subprocess.CompletedProcess[str]:
