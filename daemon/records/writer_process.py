@@ -11,7 +11,7 @@ import pickle
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.sharedctypes import RawArray  # at import: the worker cannot import later
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -32,6 +32,7 @@ STARVED_S = 2.0
 CAUGHT_UP_S = 0.5
 # RLIMIT_NICE lets an unprivileged process leave SCHED_IDLE for nice 0 (and nothing higher).
 NICE_LIMIT = 20
+FIXED_NICE = 10  # where that is not granted: never idle (see BackgroundPriority)
 SHARED_COUNTERS = ("records_written", "records_dropped", "records_index_errors", "export_spans",
                    "export_dropped", "export_spooled",
                    *(f"export_{store}_{what}" for store in ("otlp_traces", "otlp_metrics", "loki",
@@ -48,6 +49,7 @@ class Pickled:
     data: bytes
     count: int
     offset: int = 0  # how much of it the pipe has taken
+    at: float = field(default_factory=time.monotonic)  # when it was collected
 
     def unsent(self) -> memoryview:
         return memoryview(self.data)[self.offset:]
@@ -207,6 +209,19 @@ class RecordWriterProcess:
         while self._sent and self._sent[0].sequence < handled:
             self._sent.popleft()
 
+    def _unstarve(self) -> None:
+        """Gives the writer process its fair share when its oldest batch has waited STARVED_S.
+        Idle-scheduled on a machine busy with builds it gets almost no CPU, not even enough to
+        see that it lags; we run at normal priority. It goes back to idle itself once caught up
+        (permitted across processes of one user by the RLIMIT_NICE it inherited)."""
+        oldest = self._sent[0] if self._sent else (self._waiting[0] if self._waiting else None)
+        if (oldest is None or time.monotonic() - oldest.at < STARVED_S or self._fd is None
+                or not hasattr(os, "SCHED_IDLE")):
+            return
+        with contextlib.suppress(OSError):
+            if os.sched_getscheduler(self._pid) == os.SCHED_IDLE:
+                os.sched_setscheduler(self._pid, os.SCHED_OTHER, os.sched_param(0))
+
     def check(self) -> bool:
         """True once the writer process has died and the writer thread has taken over."""
         if self.fallback is not None:
@@ -255,7 +270,10 @@ class RecordWriterProcess:
             self._draining = None
 
     def counters(self) -> dict[str, int]:
-        self.check()
+        """Asked every half second by the worker's reporter: also when a lag is noticed."""
+        if not self.check():
+            self._forget_handled()
+            self._unstarve()
         counters = dict(zip(SHARED_COUNTERS, self._shared[: len(SHARED_COUNTERS)], strict=True))
         counters["records_dropped"] += self.dropped
         if self.fallback is not None:
@@ -301,13 +319,31 @@ class BackgroundPriority:
 
     def __init__(self) -> None:
         self.idle = False
+        self.fixed = hasattr(os, "SCHED_IDLE") and not _can_leave_idle()
+        if self.fixed:
+            # Idle would then be for good: on a machine busy with builds, almost no CPU at all,
+            # and records pile up until they are dropped. A high nice yields to the proxy and
+            # still takes a share (~10% of a core against busy ones).
+            with contextlib.suppress(OSError):
+                os.nice(FIXED_NICE)
+            return
         self._set(idle=True)
 
     def adjust(self, lag_s: float) -> None:
-        if self.idle and lag_s > STARVED_S:
+        if self.fixed:
+            return
+        idle = self._is_idle()
+        if idle and lag_s > STARVED_S:
             self._set(idle=False)
-        elif not self.idle and lag_s < CAUGHT_UP_S:
+        elif not idle and lag_s < CAUGHT_UP_S:
             self._set(idle=True)
+
+    def _is_idle(self) -> bool:
+        """As the kernel has it: the worker may have raised us (RecordWriterProcess._unstarve)."""
+        if hasattr(os, "SCHED_IDLE"):
+            with contextlib.suppress(OSError):
+                return os.sched_getscheduler(0) == os.SCHED_IDLE
+        return self.idle
 
     def _set(self, idle: bool) -> None:
         if not hasattr(os, "SCHED_IDLE"):  # macOS: no SCHED_IDLE; a higher nice is the closest
@@ -321,6 +357,17 @@ class BackgroundPriority:
             self.idle = idle
         except OSError:  # no RLIMIT_NICE to leave idle with: stay as we are
             pass
+
+
+def _can_leave_idle() -> bool:
+    """Whether this process may return from SCHED_IDLE to nice 0: root, or RLIMIT_NICE 20 (a
+    root without CAP_SYS_RESOURCE, as in some containers, cannot grant it)."""
+    try:
+        import resource
+
+        return os.geteuid() == 0 or resource.getrlimit(resource.RLIMIT_NICE)[0] >= NICE_LIMIT
+    except (ImportError, AttributeError, ValueError, OSError):
+        return False
 
 
 def allow_leaving_idle_priority() -> None:

@@ -605,7 +605,8 @@ def can_raise_limits() -> bool:
 def test_the_record_writer_idles_and_takes_its_fair_share_only_when_starved(nice_limit,
                                                                            leaves_idle):
     """As the unprivileged worker's child: SCHED_IDLE; back to nice 0 when batches arrive late,
-    which only RLIMIT_NICE (set by root before the drop) permits; idle again once caught up."""
+    which only RLIMIT_NICE (set by root before the drop) permits; idle again once caught up.
+    Without RLIMIT_NICE it would be idle for good: it stays at nice 10 instead."""
     import os
     import resource
 
@@ -623,13 +624,13 @@ def test_the_record_writer_idles_and_takes_its_fair_share_only_when_starved(nice
             os.setgid(65534)
             os.setuid(65534)
             priority = BackgroundPriority()
-            policies = [os.sched_getscheduler(0)]
+            policies = [(os.sched_getscheduler(0), os.nice(0))]
             priority.adjust(5.0)  # a batch five seconds late: starved
-            policies.append(os.sched_getscheduler(0))
+            policies.append((os.sched_getscheduler(0), os.nice(0)))
             priority.adjust(0.1)
-            policies.append(os.sched_getscheduler(0))
-            expected = [os.SCHED_IDLE, os.SCHED_OTHER if leaves_idle else os.SCHED_IDLE,
-                        os.SCHED_IDLE]
+            policies.append((os.sched_getscheduler(0), os.nice(0)))
+            idle, fair, fixed = (os.SCHED_IDLE, 0), (os.SCHED_OTHER, 0), (os.SCHED_OTHER, 10)
+            expected = [idle, fair, idle] if leaves_idle else [fixed, fixed, fixed]
             code = 0 if policies == expected else 3
         finally:
             os._exit(code)
@@ -702,3 +703,59 @@ def test_a_client_gone_before_its_process_lookup_answers_still_gets_its_process(
     theirs.close()
     [written] = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
     assert written["process"] == process
+
+
+def test_a_starved_writer_process_is_given_its_fair_share_by_the_worker(tmp_path):
+    """Idle-scheduled on a machine busy with builds, the writer gets almost no CPU: not even
+    enough to see it lags. The worker (normal priority, unprivileged, the same user) raises it
+    once a batch has waited STARVED_S; the writer goes back to idle itself once caught up."""
+    import os
+    import resource
+    import signal
+
+    from llmtap.addons.recorder import capture_exchange
+    from llmtap.flow import build_record
+    from llmtap.records.writer_process import HANDLED, STARVED_S, RecordWriterProcess
+
+    if resource.getrlimit(resource.RLIMIT_NICE)[1] < 20 and not can_raise_limits():
+        pytest.skip("this root cannot raise RLIMIT_NICE (no CAP_SYS_RESOURCE in this container)")
+    tmp_path.chmod(0o777)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            resource.setrlimit(resource.RLIMIT_NICE, (20, 20))  # as the supervisor sets it
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            writer = RecordWriterProcess(tmp_path, WriterSettings())
+            for _ in range(200):  # it makes itself idle first thing
+                if os.sched_getscheduler(writer._pid) == os.SCHED_IDLE:
+                    break
+                time.sleep(0.01)
+            os.kill(writer._pid, signal.SIGSTOP)  # starved: it handles nothing
+            flow = anthropic_flow()
+            writer.submit(build_record(flow), capture_exchange(flow, 1 << 16))  # sent at once
+            writer.counters()
+            steps = [os.sched_getscheduler(writer._pid)]  # not late yet: left idle
+            writer._sent[0].at -= STARVED_S + 1
+            writer.counters()
+            steps.append(os.sched_getscheduler(writer._pid))  # late: raised
+            os.kill(writer._pid, signal.SIGCONT)
+            for _ in range(500):
+                if writer._shared[HANDLED] >= 1:
+                    break
+                time.sleep(0.01)
+            flow = anthropic_flow()
+            writer.submit(build_record(flow), capture_exchange(flow, 1 << 16))  # on time
+            for _ in range(500):
+                if writer._shared[HANDLED] >= 2:
+                    break
+                time.sleep(0.01)
+            steps.append(os.sched_getscheduler(writer._pid))  # caught up: idle again
+            writer.close()
+            code = 0 if steps == [os.SCHED_IDLE, os.SCHED_OTHER, os.SCHED_IDLE] else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
