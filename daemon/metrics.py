@@ -35,6 +35,10 @@ WORKER_COUNTERS = {
     "records_written": ("llmtap_records_written_total", "Records written."),
     "records_dropped": ("llmtap_records_dropped_total", "Records lost (queue full, disk error)."),
     "records_index_errors": ("llmtap_records_index_errors_total", "Records not indexed."),
+    "upstream_kept": ("llmtap_upstream_connections_kept_total",
+                      "Verified upstream connections kept for a later client when theirs left."),
+    "upstream_reused": ("llmtap_upstream_connections_reused_total",
+                        "Server connections taken from those kept (no TCP or TLS handshake)."),
 }
 STORES = ("otlp_traces", "otlp_metrics", "loki", "clickhouse")  # llmtap.records.export's sinks
 

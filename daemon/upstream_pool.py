@@ -119,6 +119,11 @@ class UpstreamPool:
         self.reused = 0
         self.released = 0
 
+    def counters(self) -> dict[str, int]:
+        """For `llmtap status` and /metrics."""
+        return {"upstream_reused": self.reused, "upstream_kept": self.released,
+                "upstream_idle": self.idle_count()}
+
     def idle_count(self) -> int:
         return sum(len(entries) for entries in self._idle.values())
 

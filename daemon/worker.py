@@ -33,6 +33,7 @@ from llmtap.platform.linux.proc import parent_death_signal
 from llmtap.privileges import ServiceUser, drop_privileges
 from llmtap.proxy import ProxySettings, build_master
 from llmtap.records.writer_process import RecordWriterProcess, allow_leaving_idle_priority
+from llmtap.upstream_pool import UpstreamPool
 from mitmproxy import ctx
 
 log = logging.getLogger("llmtap.worker")
@@ -185,6 +186,7 @@ class Reporter:
         self.recorder = addons.stage(stages, Recorder)
         self.attribution = addons.stage(stages, Attribution)
         self.budgets = addons.stage(stages, Budgets)
+        self.pool: UpstreamPool | None = None  # found when running: build_master adds it
         self._task: asyncio.Task[None] | None = None
 
     def _send(self, event: dict[str, Any]) -> None:
@@ -194,6 +196,7 @@ class Reporter:
     async def running(self) -> None:
         server = ctx.master.addons.get("proxyserver")
         listening = [f"{h}:{p}" for h, p, *_ in server.listen_addrs()]
+        self.pool = getattr(ctx.master.addons.get("upstreamreuse"), "pool", None)
         self._send({"event": "ready", "listening": listening, "pid": os.getpid()})
         self._task = asyncio.create_task(self._report_forever())
 
@@ -208,6 +211,8 @@ class Reporter:
                 counters.update(recorder.counters() if recorder else {})
                 if attribution:
                     counters["attribution_unanswered"] = attribution.unanswered
+                if self.pool is not None:
+                    counters |= self.pool.counters()
                 if self.budgets and (policy := self.budgets.snapshot()):
                     counters["policy"] = policy  # budgets and limits with their use
                 self._send({"event": "counters", "counters": counters})

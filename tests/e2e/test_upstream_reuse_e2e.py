@@ -67,6 +67,9 @@ def test_fresh_clients_one_after_another_share_one_upstream_connection(testbed, 
     ports = upstream_ports(testbed)
     assert len(ports) == 3 and len(set(ports)) == 1, ports
     assert wait_for(lambda: upstream_connections(testbed) == 1)
+    # `llmtap status` (and /metrics) count them: two requests took the one kept connection
+    assert wait_for(lambda: {k: v for k, v in daemon.status()["counters"].items() if "upstream" in k}
+                    == {"upstream_reused": 2, "upstream_kept": 3, "upstream_idle": 1}), daemon.status()
 
 
 def test_a_connection_idle_past_the_limit_is_closed(testbed, daemon_with):

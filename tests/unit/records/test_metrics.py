@@ -67,14 +67,15 @@ def test_blocks_injections_and_calls_that_are_not_billed():
 
 def test_worker_counters_add_up_across_worker_restarts():
     m = Metrics()
-    m.update_counters({"records_written": 5, "export_spooled": 3, "export_loki_sent": 4},
-                      worker_pid=10)
+    m.update_counters({"records_written": 5, "export_spooled": 3, "export_loki_sent": 4,
+                       "upstream_reused": 9, "upstream_idle": 2}, worker_pid=10)
     m.update_counters({"records_written": 7, "export_spooled": 2, "export_loki_sent": 6},
                       worker_pid=10)
     m.update_counters({"records_written": 1, "export_spooled": 0, "export_loki_sent": 1},
                       worker_pid=11)  # a new worker starts at zero
     got = samples(m.render(lambda: STATE))
     assert got["llmtap_records_written_total"] == 8
+    assert got["llmtap_upstream_connections_reused_total"] == 9  # the pool's (llmtap.upstream_pool)
     assert got['llmtap_export_sent_total{store="loki"}'] == 7
     assert 'llmtap_export_sent_total{store="clickhouse"}' not in got  # not configured
     assert got["llmtap_export_spooled"] == 0
