@@ -14,6 +14,7 @@ from typing import Any
 from cryptography import x509
 from llmtap import addons, hostpatterns
 from llmtap.addons.scope import allow_patterns
+from llmtap.early_replies import EarlyReplies
 from llmtap.parsers.classify import normalise_host
 from llmtap.platform.base import OriginalAddrLookup
 from llmtap.upstream_pool import UpstreamPool, UpstreamReuse
@@ -259,7 +260,7 @@ def build_master(settings: ProxySettings, with_pipeline: bool = True,
     if with_pipeline:
         if stages is None:
             stages = addons.pipeline(lookup=settings.process_lookup)
-        proxy.addons.add(*stages)
+        proxy.addons.add(EarlyReplies(), *stages)
     else:
         proxy.addons.add(StreamEverything())
     opts.update(

@@ -80,11 +80,6 @@ def test_a_websocket_response_create_in_another_shape_is_still_held(testbed, tap
         remove(tap, "budget", "wsx")
 
 
-@pytest.mark.xfail(strict=True, reason="known, not fixed: a response set at requestheaders for a body "
-                   "past 4 MB makes mitmproxy's late stream_large_bodies check raise 'Can't set a "
-                   "response and enable streaming at the same time' (logged with a traceback) once "
-                   "the body grows past it; the refusal has gone out and nothing went upstream. "
-                   "A credentials refusal of such a body likely does too (not checked).")
 def test_no_addon_failed_along_the_way(tap):
     assert "Addon error" not in tap.stderr()
     assert "Traceback" not in tap.stderr()

@@ -1,0 +1,50 @@
+"""A reply set at a request's headers while its body still arrives (llmtap.early_replies)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+from llmtap.early_replies import EarlyReplies
+from mitmproxy.http import Response
+from mitmproxy.proxy.layers.http import HttpStream
+from mitmproxy.test import tflow
+
+
+def run(generator: Any) -> Any:
+    """Drives a mitmproxy command generator that yields nothing; its return value."""
+    try:
+        next(generator)
+    except StopIteration as stop:
+        return stop.value
+    raise AssertionError("it yielded a command")
+
+
+def stream_of(flow: Any, buffered: bytes) -> Any:
+    options = SimpleNamespace(stream_large_bodies="4m", body_size_limit=None)
+    return SimpleNamespace(flow=flow, request_body_buf=bytearray(buffered), stream_id=1,
+                           context=SimpleNamespace(options=options),
+                           start_request_stream=lambda: iter(()), handle_event=lambda _: iter(()))
+
+
+def test_a_refused_requests_body_is_dropped_as_it_comes_and_never_streamed():
+    addon = EarlyReplies()
+    original = HttpStream.check_body_size
+    addon.load(None)
+    try:
+        assert HttpStream.check_body_size is not original
+        refused = tflow.tflow()
+        refused.response = Response.make(429, b"{}")
+        refused.request.stream = False
+        stream = stream_of(refused, b"x" * (5 << 20))  # past stream_large_bodies
+        assert run(HttpStream.check_body_size(stream, True)) is False
+        assert not stream.request_body_buf and refused.request.stream is False
+
+        relayed = tflow.tflow()  # no reply: mitmproxy's own check, which streams it
+        stream = stream_of(relayed, b"x" * (5 << 20))
+        assert run(HttpStream.check_body_size(stream, True)) is False
+        assert relayed.request.stream is True
+        EarlyReplies().load(None)  # a second Master: put in once only
+    finally:
+        addon.done()
+    assert HttpStream.check_body_size is original
