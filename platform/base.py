@@ -26,6 +26,14 @@ class TargetAddresses:
         return len(self.v4) + len(self.v6)
 
 
+# The conntrack zone of the proxy's own connections (the service user's), in their original
+# direction: the clients' connections and the proxy's share one tuple space (this machine to the
+# API, port 443), and a new connection whose tuple an old entry still holds takes that entry's
+# NAT decision; in separate zones a client can never take one of the proxy's (and go direct,
+# unintercepted), nor the proxy a client's (and be redirected into itself).
+OWN_CONNTRACK_ZONE = 3857
+
+
 @dataclass(frozen=True)
 class RedirectPlan:
     """What to redirect, independent of the mechanism."""

@@ -13,7 +13,7 @@ import shutil
 from dataclasses import dataclass
 from typing import ClassVar
 
-from llmtap.platform.base import RedirectBackend, RedirectPlan, TargetAddresses
+from llmtap.platform.base import OWN_CONNTRACK_ZONE, RedirectBackend, RedirectPlan, TargetAddresses
 from llmtap.platform.runner import Runner, SubprocessRunner
 
 TAG = "llmtap"
@@ -22,7 +22,8 @@ QUIC_CHAIN = "LLMTAP_QUIC"
 GW_NAT_CHAIN = "LLMTAP_GW"  # gateway mode: forwarded IPv4 TCP, DNATed to the loopback proxy
 GW_FWD_CHAIN = "LLMTAP_GW_FWD"  # gateway mode: forwarded IPv6 TCP and QUIC to targets, rejected
 GW_IN_CHAIN = "LLMTAP_GW_IN"  # gateway mode: packets for 127.0.0.0/8 we did not DNAT, dropped
-OWN_CHAINS = (NAT_CHAIN, QUIC_CHAIN, GW_NAT_CHAIN, GW_FWD_CHAIN, GW_IN_CHAIN)
+ZONE_CHAIN = "LLMTAP_ZONE"  # the proxy's own connections, in a conntrack zone of their own
+OWN_CHAINS = (NAT_CHAIN, QUIC_CHAIN, GW_NAT_CHAIN, GW_FWD_CHAIN, GW_IN_CHAIN, ZONE_CHAIN)
 
 
 class IptablesError(RuntimeError):
@@ -86,7 +87,12 @@ def render_restore(plan: RedirectPlan, addresses: frozenset[str], family: Family
     if plan.gateway_interfaces and (family is IPV6 or plan.block_quic):
         filter_chains.append(GW_FWD_CHAIN)
         filters += _gateway_rejects(plan, addresses, family, ports, jumps)
-    lines = ["*nat", *(f":{chain} - [0:0]" for chain in nat_chains), *nat, "COMMIT"]
+    raw = [f"-A {ZONE_CHAIN} -m owner --uid-owner {plan.service_uid} "
+           f"-j CT --zone-orig {OWN_CONNTRACK_ZONE}"]
+    if jumps:
+        raw.append(f'-A OUTPUT -m comment --comment "{TAG}" -j {ZONE_CHAIN}')
+    lines = ["*raw", f":{ZONE_CHAIN} - [0:0]", *raw, "COMMIT",
+             "*nat", *(f":{chain} - [0:0]" for chain in nat_chains), *nat, "COMMIT"]
     if filter_chains:
         lines += ["*filter", *(f":{chain} - [0:0]" for chain in filter_chains), *filters, "COMMIT"]
     return "\n".join(lines) + "\n"

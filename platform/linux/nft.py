@@ -18,7 +18,7 @@ import tempfile
 import threading
 from typing import ClassVar
 
-from llmtap.platform.base import RedirectBackend, RedirectPlan, TargetAddresses
+from llmtap.platform.base import OWN_CONNTRACK_ZONE, RedirectBackend, RedirectPlan, TargetAddresses
 from llmtap.platform.linux.proc import parent_death_signal
 from llmtap.platform.runner import Runner, Starter, SubprocessRunner, start_interactive
 
@@ -45,6 +45,10 @@ def render_ruleset(plan: RedirectPlan) -> str:
         "\tflags owner",
         "\tset targets4 { type ipv4_addr; }",
         "\tset targets6 { type ipv6_addr; }",
+        "\tchain zone_own {",
+        "\t\ttype filter hook output priority raw; policy accept;",
+        f"\t\tmeta skuid {plan.service_uid} ct original zone set {OWN_CONNTRACK_ZONE}",
+        "\t}",
         "\tchain redirect_output {",
         "\t\ttype nat hook output priority -100; policy accept;",
         f"\t\tmeta skuid {plan.service_uid} return",

@@ -26,6 +26,10 @@ table inet llmtap {
 \tflags owner
 \tset targets4 { type ipv4_addr; }
 \tset targets6 { type ipv6_addr; }
+\tchain zone_own {
+\t\ttype filter hook output priority raw; policy accept;
+\t\tmeta skuid 999 ct original zone set 3857
+\t}
 \tchain redirect_output {
 \t\ttype nat hook output priority -100; policy accept;
 \t\tmeta skuid 999 return
@@ -78,6 +82,11 @@ def test_nft_set_update_deletes_only_what_is_there():
 def test_iptables_batch_for_ipv4_with_jumps():
     batch = render_restore(PLAN, frozenset({"10.0.0.2", "10.0.0.1"}), IPV4, jumps=True)
     assert batch == (
+        "*raw\n"
+        ":LLMTAP_ZONE - [0:0]\n"
+        "-A LLMTAP_ZONE -m owner --uid-owner 999 -j CT --zone-orig 3857\n"
+        '-A OUTPUT -m comment --comment "llmtap" -j LLMTAP_ZONE\n'
+        "COMMIT\n"
         "*nat\n"
         ":LLMTAP - [0:0]\n"
         "-A LLMTAP -m owner --uid-owner 999 -j RETURN\n"
@@ -198,6 +207,11 @@ def test_nft_gateway_in_scope_all_without_quic_block():
 def test_iptables_gateway_batch_for_ipv4():
     batch = render_restore(GATEWAY, frozenset({"10.0.0.1"}), IPV4, jumps=True)
     assert batch == (
+        "*raw\n"
+        ":LLMTAP_ZONE - [0:0]\n"
+        "-A LLMTAP_ZONE -m owner --uid-owner 999 -j CT --zone-orig 3857\n"
+        '-A OUTPUT -m comment --comment "llmtap" -j LLMTAP_ZONE\n'
+        "COMMIT\n"
         "*nat\n"
         ":LLMTAP - [0:0]\n"
         ":LLMTAP_GW - [0:0]\n"
