@@ -98,9 +98,16 @@ def profile_arm(arm: Arm, requests: int, rate: int, keep: Path | None = None) ->
     return places, functions, total
 
 
-def tables(results: dict[str, Profile]) -> list[str]:
+def tables(results: dict[str, Profile], requests: int, rate: int) -> list[str]:
     names = [name for name, _ in PLACES] + ["other (interpreter, GC, idle)"]
-    lines = ["| where the worker's samples were | " + " | ".join(results) + " |",
+    bare, mine = results["bare"][2], results["llmtap"][2]
+    lines = [f"## Where the proxy worker's time goes (`bench/profile.py`, {requests} kept-alive "
+             "requests from one client)", "",
+             f"py-spy sampled each arm's worker {rate} times a second while it was busy (waiting "
+             f"in epoll is not counted). llmtap's worker was busy {mine / max(bare, 1):.2f}x as "
+             "long as bare mitmproxy's for the same requests. A sample counts where its "
+             "innermost recognised frame is.", "",
+             "| where the worker's samples were | " + " | ".join(results) + " |",
              "|---|" + "---|" * len(results)]
     for name in names:
         cells = [f"{100 * p[name] / t:.1f}%" if t else "n/a" for p, _, t in results.values()]
@@ -139,7 +146,7 @@ def main() -> None:
                     daemon.stop()
     finally:
         bed.destroy()
-    text = "\n".join(tables(results))
+    text = "\n".join(tables(results, args.requests, args.rate))
     print(text)
     if args.out:
         with args.out.open("a") as out:
