@@ -21,6 +21,15 @@ from llmtap.platform.runner import Completed, start_interactive
 
 PLAN = RedirectPlan(proxy_port=8443, service_uid=999, ports=(443,), scope="targets")
 
+# The raw table's part of every iptables batch: the service user's connections in their own zone
+IPTABLES_ZONE = (
+    "*raw\n"
+    ":LLMTAP_ZONE - [0:0]\n"
+    "-A LLMTAP_ZONE -m owner --uid-owner 999 -j CT --zone-orig 3857\n"
+    '-A OUTPUT -m comment --comment "llmtap" -j LLMTAP_ZONE\n'
+    "COMMIT\n"
+)
+
 NFT_TARGETS = """\
 table inet llmtap {
 \tflags owner
@@ -82,12 +91,8 @@ def test_nft_set_update_deletes_only_what_is_there():
 def test_iptables_batch_for_ipv4_with_jumps():
     batch = render_restore(PLAN, frozenset({"10.0.0.2", "10.0.0.1"}), IPV4, jumps=True)
     assert batch == (
-        "*raw\n"
-        ":LLMTAP_ZONE - [0:0]\n"
-        "-A LLMTAP_ZONE -m owner --uid-owner 999 -j CT --zone-orig 3857\n"
-        '-A OUTPUT -m comment --comment "llmtap" -j LLMTAP_ZONE\n'
-        "COMMIT\n"
-        "*nat\n"
+        IPTABLES_ZONE
+        + "*nat\n"
         ":LLMTAP - [0:0]\n"
         "-A LLMTAP -m owner --uid-owner 999 -j RETURN\n"
         "-A LLMTAP -m addrtype --dst-type LOCAL -j RETURN\n"
@@ -207,12 +212,8 @@ def test_nft_gateway_in_scope_all_without_quic_block():
 def test_iptables_gateway_batch_for_ipv4():
     batch = render_restore(GATEWAY, frozenset({"10.0.0.1"}), IPV4, jumps=True)
     assert batch == (
-        "*raw\n"
-        ":LLMTAP_ZONE - [0:0]\n"
-        "-A LLMTAP_ZONE -m owner --uid-owner 999 -j CT --zone-orig 3857\n"
-        '-A OUTPUT -m comment --comment "llmtap" -j LLMTAP_ZONE\n'
-        "COMMIT\n"
-        "*nat\n"
+        IPTABLES_ZONE
+        + "*nat\n"
         ":LLMTAP - [0:0]\n"
         ":LLMTAP_GW - [0:0]\n"
         "-A LLMTAP -m owner --uid-owner 999 -j RETURN\n"
