@@ -9,6 +9,7 @@ import queue
 import socket
 import sqlite3
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,8 @@ class RecordWriter:
         self.exporter = exporters(self.settings.export,
                                   self.settings.spool_dir or directory / ".otlp-spool")
         self._index: Index | None = None
+        self._unindexed: list[tuple[Any, ...]] | None = None  # a batch's rows, not yet indexed
+        self._index_failures = 0  # index writes that failed (a batch's rows fail together)
         self._live = 0  # records in the directory (for rotation)
         self._thread = threading.Thread(target=self._run, name="llmtap-recorder", daemon=True)
         if threaded:
@@ -124,6 +127,17 @@ class RecordWriter:
         while (item := self._queue.get()) is not None:
             self.handle(*item)
         self.finish()
+
+    def handle_batch(self, items: Iterable[tuple[dict[str, Any], Exchange | None]]) -> None:
+        """Records in one go: each written to its files, then all indexed in one transaction
+        (one per record cost the writer process a sixth of its time)."""
+        self._unindexed = []
+        try:
+            for record, exchange in items:
+                self.handle(record, exchange)
+        finally:
+            self._index_pending()
+            self._unindexed = None
 
     def handle(self, record: dict[str, Any], exchange: Exchange | None) -> None:
         try:
@@ -173,14 +187,29 @@ class RecordWriter:
     def _index_add(self, record: dict[str, Any], location: str) -> None:
         if self._index is None:
             return
+        if self._unindexed is not None:  # within a batch: indexed at its end
+            self._unindexed.append(row_of(record, location))
+            return
+        self._index_rows([row_of(record, location)])
+
+    def _index_pending(self) -> None:
+        if self._unindexed:
+            rows, self._unindexed = self._unindexed, []
+            self._index_rows(rows)
+
+    def _index_rows(self, rows: list[tuple[Any, ...]]) -> None:
+        assert self._index is not None
         try:
-            self._index.add([row_of(record, location)])
+            self._index.add(rows)
         except sqlite3.Error as exc:
-            self.index_errors += 1
-            if self.index_errors % LOG_EVERY == 1:
-                log.warning("record %s not indexed: %s", record["id"], exc)
+            self.index_errors += len(rows)
+            self._index_failures += 1
+            if self._index_failures % LOG_EVERY == 1:
+                log.warning("%d record(s) not indexed: %s (%d so far)", len(rows), exc,
+                            self.index_errors)
 
     def _rotate(self) -> None:
+        self._index_pending()  # rotation moves indexed rows: the batch's are indexed first
         try:
             moves = rotation.rotate(self.directory, self._policy)
         except OSError as exc:

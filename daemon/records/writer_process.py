@@ -137,8 +137,7 @@ class RecordWriterProcess:
                 except (EOFError, pickle.UnpicklingError):
                     break
                 priority.adjust(time.monotonic() - sent_at)
-                for record, exchange in batch:
-                    writer.handle(record, exchange)
+                writer.handle_batch(batch)
                 self._publish(writer)
                 self._shared[HANDLED] += 1
         writer.finish()

@@ -259,6 +259,28 @@ def test_rotation_archives_oldest_fifth_and_folds_months(tmp_path):
     assert {row["id"]: row["location"] for row in index.calls()} == located
 
 
+def test_a_batch_is_indexed_in_one_go_even_when_it_rotates_midway(tmp_path):
+    """The writer process hands records over in batches; their index rows are written at the
+    batch's end, except that rotation (which moves indexed rows) indexes those before it first."""
+    writer = RecordWriter(tmp_path, WriterSettings(RecordsConfig(max_files=40, archive_after_days=0)),
+                          threaded=False)
+    writer.start()
+    start = datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC)
+    batch = [({"id": f"rec{n:05d}", "model": "gpt-4.1", "host": "api.openai.com",
+               "started_at": (start + datetime.timedelta(hours=n)).isoformat().replace("+00:00", "Z"),
+               "usage": {"input_tokens": n}}, None) for n in range(60)]
+    writer.handle_batch(batch)
+    indexed = {row["id"]: row["location"] for row in Index.open_reader(tmp_path).calls()}
+    assert writer.written == 60 and writer.index_errors == 0
+    assert indexed == {r["id"]: loc for loc, r in store.iter_records(tmp_path)}  # as a reindex says
+    assert any(loc.startswith("archive/") for loc in indexed.values())
+    assert writer._index is not None
+    writer._index.conn.execute("DROP TABLE calls")  # the index breaks: a batch's rows fail together
+    writer.handle_batch(batch[:5])
+    assert (writer.written, writer.index_errors) == (65, 5)
+    writer.finish()
+
+
 def live_name(directory: Path, record_id: str) -> str:
     for location in store.iter_locations(directory):
         if record_id in location:
