@@ -17,6 +17,7 @@ from llmtap.addons.scope import allow_patterns
 from llmtap.early_replies import EarlyReplies
 from llmtap.parsers.classify import normalise_host
 from llmtap.platform.base import OriginalAddrLookup
+from llmtap.upstream_http import needs_h2_upstream
 from llmtap.upstream_pool import UpstreamPool, UpstreamReuse
 from mitmproxy import addonmanager, certs, ctx, exceptions, hooks, http, master, options, tls
 from mitmproxy.addons import core, disable_h2c, errorcheck, next_layer, proxyserver, tlsconfig
@@ -42,10 +43,9 @@ class NameOnlyTlsConfig(tlsconfig.TlsConfig):
         super().tls_clienthello(tls_clienthello)
         if leaf_refusal(tls_clienthello.context):
             tls_clienthello.establish_server_tls_first = False  # nothing goes upstream either
-        elif offers_h2(tls_clienthello.context):
-            # The client gets the protocol its server chose, as with connection_strategy eager.
-            # Lazy (upstream reuse) would leave the choice to mitmproxy, which takes the client's
-            # first preference: http/1.1 for httpx, which lists it before h2; servers choose h2.
+        elif needs_h2_upstream(tls_clienthello.context.client):
+            # A client speaking only HTTP/2 (gRPC) gets its server's HTTP/2 as with connection
+            # strategy eager, and no pooled HTTP/1.1 connection (llmtap.upstream_pool).
             tls_clienthello.establish_server_tls_first = tls_clienthello.context.server.tls
 
     def tls_start_client(self, tls_start: tls.TlsData) -> None:
@@ -60,11 +60,6 @@ class NameOnlyTlsConfig(tlsconfig.TlsConfig):
         sni = conn_context.client.sni
         assert sni  # leaf_refusal turned away every connection without one
         return self.certstore.get_cert(sni, [x509.DNSName(sni)])
-
-
-def offers_h2(conn_context: context.Context) -> bool:
-    """The client could speak HTTP/2 with us (offers it, and mitmproxy's http2 option is on)."""
-    return bool(ctx.options.http2) and b"h2" in conn_context.client.alpn_offers
 
 
 def leaf_refusal(conn_context: context.Context) -> str | None:

@@ -9,9 +9,14 @@ closed; the next client connection to the same address and server name adopts it
 the socket in place of a TCP connect (UpstreamHandler.open_connection) and the established TLS
 object in place of a handshake (UpstreamReuse.tls_start_server), and goes on exactly as with a
 connection it made itself. Everything else (HTTP/2 upstreams, WebSockets, CONNECT tunnels,
-responses read to EOF, Connection: close) is never pooled and closes as before. A client offering
-HTTP/2 never takes a pooled connection: its first one is made during its handshake, whose ALPN it
-mirrors (llmtap.proxy.NameOnlyTlsConfig.tls_clienthello).
+responses read to EOF, Connection: close) is never pooled and closes as before.
+
+So that HTTP/2 clients (curl, Codex's reqwest, Chromium) gain too, upstream connections speak
+HTTP/1.1: a client offering h2 speaks HTTP/2 with the proxy (what its server would have chosen),
+and mitmproxy translates each of its streams to an HTTP/1.1 connection upstream, pooled as any
+other. A client that offers h2 without http/1.1 (gRPC) cannot be served over HTTP/1.1: it gets
+its own connection, made during its handshake with the server's HTTP/2, and never a pooled one
+(needs_h2_upstream; llmtap.proxy.NameOnlyTlsConfig.tls_clienthello).
 
 Bounds: at most `per_host` idle connections per (address, port, server name), `total` in all;
 an idle connection is closed after `idle_s`, or as soon as its server sends anything or closes.
@@ -26,10 +31,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from llmtap.upstream_http import http1_client, http1_idle, needs_h2_upstream
 from mitmproxy import connection, ctx, http, tls
 from mitmproxy.proxy import commands, context, events, mode_servers, server, server_hooks
-from mitmproxy.proxy.layers.http import HttpLayer
-from mitmproxy.proxy.layers.http._http1 import Http1Client
 from mitmproxy.utils import human
 from OpenSSL import SSL
 
@@ -87,24 +91,6 @@ def verified(tls_conn: SSL.Connection) -> bool:
     fails the handshake otherwise, as ssl_insecure is never set)."""
     result = SSL._lib.SSL_get_verify_result(tls_conn._ssl)  # type: ignore[attr-defined]
     return bool(result == X509_V_OK) and not ctx.options.ssl_insecure
-
-
-def http1_client(conn_context: context.Context, conn: connection.Server) -> Http1Client | None:
-    """The HTTP/1 client layer speaking on `conn`: under the HTTP layer's entry for it (directly,
-    or below the TLS layer of a connection it opened itself)."""
-    http = next((x for x in reversed(conn_context.layers) if isinstance(x, HttpLayer)), None)
-    layer: object = http.connections.get(conn) if http else None
-    while layer is not None and not isinstance(layer, Http1Client):
-        layer = getattr(layer, "child_layer", None)
-    return layer
-
-
-def http1_idle(conn_context: context.Context, conn: connection.Server) -> bool:
-    """The connection's HTTP/1 client layer sits between two exchanges with nothing buffered."""
-    layer = http1_client(conn_context, conn)
-    return (layer is not None and layer.stream_id is None and not layer.buf
-            and layer.request is None and layer.response is None
-            and layer.state == layer.read_headers)
 
 
 class UpstreamPool:
@@ -173,8 +159,11 @@ class UpstreamPool:
                 or not isinstance(writer, asyncio.StreamWriter) or writer.is_closing()):
             return False
         tls_conn, conn_context = held
-        if not http1_idle(conn_context, conn) or tls_conn.pending() or tls_conn.get_shutdown():
+        layer = http1_client(conn_context, conn)
+        if not http1_idle(layer) or tls_conn.pending() or tls_conn.get_shutdown():
             return False
+        if conn.id not in self.last_response and layer and layer.response:  # before its response hook
+            self.responded(conn, layer.response.headers.get("keep-alive"))
         if len(self._idle.get(key, ())) >= self.per_host or self.idle_count() >= self.total:
             return False
         since, keep_s = self.last_response.get(conn.id, (time.monotonic(), self.idle_s))
@@ -245,10 +234,9 @@ def handler_class(pool: UpstreamPool) -> type[mode_servers.ProxyConnectionHandle
         def _pool_key(self, conn: connection.Connection) -> Key | None:
             """The pool a TLS connection may be taken from. Its server name is the one the TLS
             config would give it (the client's, when none is set yet). None for a client that
-            offers HTTP/2: its ALPN mirrors the first connection's (opened during its handshake,
-            llmtap.proxy.NameOnlyTlsConfig), and a pooled one would make it HTTP/1.1."""
+            needs an HTTP/2 upstream: it has its own, made during its handshake."""
             if (not isinstance(conn, connection.Server) or not conn.tls
-                    or b"h2" in self.client.alpn_offers):
+                    or needs_h2_upstream(self.client)):
                 return None
             sni = conn.sni or self.client.sni
             if conn.address is None or not sni or conn.transport_protocol != "tcp":
@@ -295,14 +283,27 @@ def handler_class(pool: UpstreamPool) -> type[mode_servers.ProxyConnectionHandle
                 self._release_idle()  # before mitmproxy closes whatever the client leaves open
             await super().handle_hook(hook)
 
+        def close_connection(self, conn: connection.Connection, half_close: bool = False) -> None:
+            """An HTTP/2 client's upstream connection, closed by mitmproxy after one request,
+            goes to the pool instead when sound (http1_idle): its next stream may take it back."""
+            if half_close or self.client.alpn != b"h2" or not self._release(conn):
+                super().close_connection(conn, half_close)
+
         def _release_idle(self) -> None:
-            for conn, io in list(self.transports.items()):
-                if conn is self.client or not isinstance(conn, connection.Server):
-                    continue
-                if io.handler is not None and pool.release(conn, io):
-                    self.transports[conn] = server.ConnectionIO(
-                        handler=io.handler, reader=io.reader, writer=DetachedWriter())  # type: ignore[arg-type]
-                    io.handler.cancel("kept for the next client")
+            for conn in list(self.transports):
+                if conn is not self.client:
+                    self._release(conn)
+
+        def _release(self, conn: connection.Connection) -> bool:
+            io = self.transports.get(conn)
+            if not isinstance(conn, connection.Server) or io is None or io.handler is None:
+                return False
+            if not pool.release(conn, io):
+                return False
+            self.transports[conn] = server.ConnectionIO(
+                handler=io.handler, reader=io.reader, writer=DetachedWriter())  # type: ignore[arg-type]
+            io.handler.cancel("kept for the next client")
+            return True
 
     return UpstreamHandler
 
@@ -322,10 +323,23 @@ class UpstreamReuse:
         self._original = mode_servers.ProxyConnectionHandler
         mode_servers.ProxyConnectionHandler = handler_class(self.pool)  # type: ignore[misc]
 
+    def tls_start_client(self, tls_start: tls.TlsData) -> None:
+        """A client offering HTTP/2 speaks it with us, whatever its order of preference (httpx
+        lists http/1.1 first and speaks HTTP/2 only when told to): what its server would choose.
+        mitmproxy translates between it and the HTTP/1.1 upstream."""
+        client = tls_start.context.client
+        if (isinstance(tls_start.conn, connection.Client) and ctx.options.http2 and client.alpn is None
+                and b"h2" in client.alpn_offers and not needs_h2_upstream(client)):
+            client.alpn = b"h2"  # mitmproxy's TLS config answers the client's ALPN with it
+
     def tls_start_server(self, tls_start: tls.TlsData) -> None:
         conn = tls_start.conn
-        if isinstance(conn, connection.Server) and (adopted := self.pool.adopted_tls(conn)):
+        if not isinstance(conn, connection.Server):
+            return
+        if adopted := self.pool.adopted_tls(conn):
             tls_start.ssl_conn = adopted  # established: mitmproxy's handshake step is a no-op
+        elif b"h2" in (client := tls_start.context.client).alpn_offers and not needs_h2_upstream(client):
+            conn.alpn_offers = (b"http/1.1",)  # not the client's offers: so that it can be pooled
 
     def tls_established_server(self, data: tls.TlsData) -> None:
         conn = data.conn

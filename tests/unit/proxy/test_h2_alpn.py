@@ -1,12 +1,14 @@
-"""A client offering HTTP/2 has its server connection made during its handshake, even with the
-lazy connection strategy of upstream reuse, so that it gets the ALPN its server chose (h2) and
-not mitmproxy's pick from the client's list (http/1.1 for httpx, which lists it first)."""
+"""ALPN with upstream reuse (lazy connection strategy): a client offering HTTP/2 speaks it with
+the proxy, whatever its order of preference, over HTTP/1.1 upstream connections that can be
+pooled; a client offering h2 without http/1.1 (gRPC) has its server connection made during its
+handshake and mirrors its server's HTTP/2."""
 
 from __future__ import annotations
 
 import pytest
 from llmtap.addons.scope import Scope
 from llmtap.proxy import NameOnlyTlsConfig
+from llmtap.upstream_pool import UpstreamPool, UpstreamReuse
 from mitmproxy import tls
 from mitmproxy.addons import proxyserver
 from mitmproxy.proxy import context, mode_specs
@@ -35,14 +37,41 @@ def server_first(data: tls.ClientHelloData, strategy: str = "lazy", http2: bool 
     return data.establish_server_tls_first
 
 
-@pytest.mark.parametrize("offers", [HTTPX_H2, [b"h2", b"http/1.1"], [b"h2"]])
-def test_a_client_offering_h2_has_its_server_connection_first(offers):
+@pytest.mark.parametrize("offers", [[b"h2"], [b"grpc-exp", b"h2"]])
+def test_a_client_offering_only_h2_has_its_server_connection_first(offers):
     assert server_first(hello(offers)) is True
 
 
-@pytest.mark.parametrize("offers", [[b"http/1.1"], [], [b"spdy/3"]])
-def test_a_client_without_h2_stays_lazy_for_the_pool(offers):
+@pytest.mark.parametrize("offers", [HTTPX_H2, [b"h2", b"http/1.1"], [b"http/1.1"], [], [b"spdy/3"]])
+def test_a_client_that_can_be_served_over_http1_stays_lazy_for_the_pool(offers):
     assert server_first(hello(offers)) is False
+
+
+def alpn_choices(offers: list[bytes], http2: bool = True) -> tuple[bytes | None, list[bytes]]:
+    """(the ALPN the client is answered with, the offers upstream) as upstream reuse sets them."""
+    data = hello(offers)
+    reuse = UpstreamReuse(UpstreamPool())
+    with taddons.context(reuse) as tctx:
+        tctx.options.update(http2=http2)
+        conn_context = data.context
+        reuse.tls_start_client(tls.TlsData(conn_context.client, conn_context))
+        reuse.tls_start_server(tls.TlsData(conn_context.server, conn_context))
+    return conn_context.client.alpn, list(conn_context.server.alpn_offers)
+
+
+@pytest.mark.parametrize("offers", [HTTPX_H2, [b"h2", b"http/1.1"]])
+def test_an_h2_client_speaks_http2_with_the_proxy_and_http1_upstream(offers):
+    assert alpn_choices(offers) == (b"h2", [b"http/1.1"])
+
+
+@pytest.mark.parametrize("offers", [[b"h2"], [b"http/1.1"], []])
+def test_other_clients_are_left_to_mitmproxy(offers):
+    """h2 only: mirrored (its server connection comes first); the rest offer no h2 upstream."""
+    assert alpn_choices(offers) == (None, [])
+
+
+def test_without_http2_no_client_is_given_it():
+    assert alpn_choices(HTTPX_H2, http2=False) == (None, [b"http/1.1"])  # mitmproxy's offers too
 
 
 def test_without_http2_nobody_needs_the_server_first():

@@ -5,12 +5,15 @@ tests/e2e/test_upstream_reuse_e2e.py)."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from llmtap.config import load_config
 from llmtap.errors import UsageError
+from llmtap.upstream_http import finished_for_h2
 from llmtap.upstream_pool import UpstreamPool, key_of
 from mitmproxy import connection
+from mitmproxy.test import tutils
 
 
 def server(address: tuple[str, int] | None = ("10.0.0.1", 443), sni: str | None = "api.anthropic.com"
@@ -47,3 +50,21 @@ def test_the_pool_bounds_are_checked(tmp_path: Path) -> None:
         path.write_text(f"[upstream]\n{bad}\n")
         with pytest.raises(UsageError, match=message):
             load_config(path)
+
+
+@pytest.mark.parametrize(("request_version", "response_headers", "poolable"), [
+    ("HTTP/2.0", {"content-length": "7"}, True),
+    ("HTTP/2.0", {"transfer-encoding": "chunked"}, True),
+    ("HTTP/2.0", {"content-length": "7", "connection": "close"}, False),  # the server says close
+    ("HTTP/2.0", {}, False),  # no length: read until the server closes
+    ("HTTP/1.1", {"content-length": "7"}, False),  # not the one-request rule: the idle check's case
+])
+def test_an_http2_clients_connection_is_kept_only_when_nothing_else_would_close_it(
+        request_version: str, response_headers: dict[str, str], poolable: bool) -> None:
+    """mitmproxy closes the HTTP/1.1 connection of an HTTP/2 client's request after it; the pool
+    takes it only when that one-request rule is the only reason."""
+    response = tutils.tresp(content=b"x" * 7)
+    response.headers.clear()
+    response.headers.update(response_headers)
+    layer = SimpleNamespace(request=tutils.treq(http_version=request_version), response=response)
+    assert finished_for_h2(layer) is poolable  # type: ignore[arg-type]
