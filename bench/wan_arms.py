@@ -91,7 +91,6 @@ def wan_table(arms: dict[str, Any], summary: Callable[[list[float]], dict[str, f
               for a in ("direct", "bare", "llmtap")}
     lines.append(f"| fresh httpx clients that failed (both links) | {failed['direct']} | "
                  f"{failed['bare']} | {failed['llmtap']} | | |")
-    lines += ["", "curl offers HTTP/2: its upstream connection is made during its handshake, so "
-              "that it gets the protocol the provider chose, and HTTP/2 connections are not kept "
-              "for the next client (llmtap.upstream_pool): curl gains nothing from reuse."]
+    lines += ["", "curl offers HTTP/2 and speaks it with llmtap; its request goes upstream on a "
+              "pooled HTTP/1.1 connection like httpx's (llmtap.upstream_pool)."]
     return lines
