@@ -170,6 +170,7 @@ def measure_round(arm: Arm, quick: bool, rounds: int) -> None:
         requests = max(concurrency * (2 if quick else 6) // rounds, concurrency,
                        (50 if quick else 240) // rounds)
         cpu_before = cpu_seconds(pids) if pids else 0.0
+        worker_before = cpu_seconds([arm.worker_pid()]) if pids else 0.0
         with PeakPss(pids) as memory:
             load = arm.client("load", f"{TARGET}/v1/messages?bench=stream&n=10&gap_ms=5",
                               arm.cacert, "--concurrency", str(concurrency),
@@ -177,11 +178,13 @@ def measure_round(arm: Arm, quick: bool, rounds: int) -> None:
         if pids:
             r["peak_pss_mb"] = max(r.get("peak_pss_mb", 0.0), memory.peak)
         total = r.setdefault(f"load{concurrency}", {"requests": 0, "seconds": 0.0, "failures": 0,
-                                                    "cpu_s": 0.0, "chunk_delay_ms": []})
+                                                    "cpu_s": 0.0, "worker_cpu_s": 0.0,
+                                                    "chunk_delay_ms": []})
         total["requests"] += load["requests"]
         total["seconds"] += load["seconds"]
         total["failures"] += load["failures"]
         total["cpu_s"] += cpu_seconds(pids) - cpu_before if pids else float("nan")
+        total["worker_cpu_s"] += cpu_seconds([arm.worker_pid()]) - worker_before if pids else float("nan")
         total["chunk_delay_ms"].extend(load["chunk_delay_ms"])
     if arm.daemon:
         rss = sum(peak_rss_mb(pid) for pid in arm.daemon_pids())
@@ -193,6 +196,7 @@ def measure_round(arm: Arm, quick: bool, rounds: int) -> None:
 def load_row(load: dict[str, Any]) -> dict[str, float]:
     return {"req_per_s": load["requests"] / load["seconds"],
             "cpu_s_per_1000": load["cpu_s"] / load["requests"] * 1000,
+            "worker_cpu_s_per_1000": load["worker_cpu_s"] / load["requests"] * 1000,
             "max_chunk_delay_ms": max(load["chunk_delay_ms"], default=float("nan"))}
 
 
@@ -284,6 +288,8 @@ def table(arms: dict[str, Arm], extra: dict[str, Any]) -> list[str]:
             {a: load[a]["max_chunk_delay_ms"] for a in ARMS})
         row(f"{c} concurrent streams: daemon CPU s / 1000 requests",
             {a: load[a]["cpu_s_per_1000"] for a in ARMS})
+        row(f"{c} concurrent streams: of which the proxy worker",
+            {a: load[a]["worker_cpu_s_per_1000"] for a in ARMS})
     row("daemon peak PSS under load, all its processes (MB)",
         {a: arms[a].results.get("peak_pss_mb", float("nan")) for a in ARMS})
     row("daemon idle PSS, all its processes (MB, median)",
