@@ -4,7 +4,7 @@ over a pooled HTTP/1.1 connection (llmtap.upstream_pool)."""
 
 from __future__ import annotations
 
-from mitmproxy import connection, ctx
+from mitmproxy import connection, ctx, http
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import context
 from mitmproxy.proxy.layers.http import HttpLayer
@@ -44,10 +44,43 @@ def finished_for_h2(layer: Http1Client) -> bool:
     the headers say (mitmproxy.proxy.layers.http._http1, mark_done); this one ended its exchange
     whole, and nothing else would close it: its response had a length and did not say close."""
     request, response = layer.request, layer.response
-    if not (request and response and request.is_http2):
+    if not (request and response and request.is_http2 and framed(request)):
         return False
     try:
         read_to_eof = http1.expected_http_body_size(request, response) == -1
     except ValueError:
         return False
     return not read_to_eof and not http1.connection_close(response.http_version, response.headers)
+
+
+def framed(request: http.Request) -> bool:
+    """An HTTP/2 request went out over HTTP/1.1 with its body's exact length (or no body): had
+    the upstream read any of its bytes as another request, a pooled connection would carry that
+    request's rest to another client (request smuggling). A streamed body is never counted sound."""
+    body = request.raw_content
+    if body is None or request.trailers or "transfer-encoding" in request.headers:
+        return False
+    declared = request.headers.get("content-length")
+    return declared == str(len(body)) if declared is not None else not body
+
+
+BODYLESS_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+def frame_for_http1(request: http.Request, body_known: bool) -> None:
+    """HTTP/2 frames a body itself; over HTTP/1.1 a body needs its length or chunks, or the
+    upstream takes it for the next request. mitmproxy sends an HTTP/2 request's headers as they
+    are. At the headers (`body_known` False) a request that may have a body and states no length
+    is marked chunked, which mitmproxy then applies to a body it streams; once the whole body is
+    known, chunks give way to its exact length."""
+    headers = request.headers
+    if not body_known:
+        if "content-length" not in headers and request.method.upper() not in BODYLESS_METHODS:
+            headers["transfer-encoding"] = "chunked"
+        return
+    body = request.raw_content or b""
+    if headers.get("transfer-encoding") == "chunked":
+        del headers["transfer-encoding"]
+        headers["content-length"] = str(len(body))
+    elif body and "content-length" not in headers:
+        headers["content-length"] = str(len(body))

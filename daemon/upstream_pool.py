@@ -16,7 +16,11 @@ HTTP/1.1: a client offering h2 speaks HTTP/2 with the proxy (what its server wou
 and mitmproxy translates each of its streams to an HTTP/1.1 connection upstream, pooled as any
 other. A client that offers h2 without http/1.1 (gRPC) cannot be served over HTTP/1.1: it gets
 its own connection, made during its handshake with the server's HTTP/2, and never a pooled one
-(needs_h2_upstream; llmtap.proxy.NameOnlyTlsConfig.tls_clienthello).
+(needs_h2_upstream; llmtap.proxy.NameOnlyTlsConfig.tls_clienthello). HTTP/2 frames a body by
+itself, HTTP/1.1 does not: each such request gets its body's length (or chunks, when streamed)
+before it goes out, and a connection is pooled only after a request framed exactly (otherwise the
+upstream could read part of a body as a request of its own, whose rest would be the next client's
+request: upstream_http.framed).
 
 Bounds: at most `per_host` idle connections per (address, port, server name), `total` in all;
 an idle connection is closed after `idle_s`, or as soon as its server sends anything or closes.
@@ -31,7 +35,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from llmtap.upstream_http import http1_client, http1_idle, needs_h2_upstream
+from llmtap.upstream_http import frame_for_http1, http1_client, http1_idle, needs_h2_upstream
 from mitmproxy import connection, ctx, http, tls
 from mitmproxy.proxy import commands, context, events, mode_servers, server, server_hooks
 from mitmproxy.utils import human
@@ -345,6 +349,15 @@ class UpstreamReuse:
         conn = data.conn
         if isinstance(conn, connection.Server) and data.ssl_conn is not None and verified(data.ssl_conn):
             self.pool.live[conn.id] = (data.ssl_conn, data.context)
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.request.is_http2 and not needs_h2_upstream(flow.client_conn):
+            frame_for_http1(flow.request, body_known=False)
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        """Before a held body goes out (a streamed one has gone: its headers were final)."""
+        if flow.request.is_http2 and not flow.request.stream and not needs_h2_upstream(flow.client_conn):
+            frame_for_http1(flow.request, body_known=True)
 
     def response(self, flow: http.HTTPFlow) -> None:
         if flow.server_conn.id in self.pool.live and flow.response is not None:

@@ -4,8 +4,9 @@ client, one after another stream of its own too; a client offering h2 without ht
 its server's HTTP/2 and never a pooled connection.
 
 Attacks: a stream the client resets halfway must not leave the rest of its response on a
-connection another request (or client) then reads; an HTTP/2 request naming another host than
-its TLS did gets no key.
+connection another request (or client) then reads; a body sent without a length (HTTP/2 needs
+none) must not reach an HTTP/1.1 upstream as a request of its own (smuggling), nor a large one be
+cut; an HTTP/2 request naming another host than its TLS did gets no key.
 """
 
 from __future__ import annotations
@@ -66,6 +67,38 @@ RAW_H2 = """
         results.append(body.decode(errors="replace"))
     sock.close()
     print(json.dumps(results))
+"""
+# A raw HTTP/2 POST whose body (argv 3, or argv 4 bytes of "a") is sent without content-length,
+# in DATA frames of at most 16 KB; prints the response body.
+H2_POST = """
+    import socket, ssl, sys
+    import h2.config, h2.connection, h2.events
+    host, cacert, text, size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    body = text.encode() if text else b"a" * size
+    context = ssl.create_default_context(cafile=cacert)
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    sock = context.wrap_socket(socket.create_connection((host, 443), timeout=30), server_hostname=host)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.send_headers(1, [(":method", "POST"), (":path", "/v1/upload"), (":authority", host),
+                          (":scheme", "https"), ("content-type", "text/plain")])
+    sent, got, done, ended = 0, b"", False, False
+    while not done:
+        while sent < len(body) and conn.local_flow_control_window(1) > 0:
+            piece = body[sent:sent + min(16384, conn.local_flow_control_window(1))]
+            conn.send_data(1, piece)
+            sent += len(piece)
+        if sent == len(body) and not ended:
+            conn.end_stream(1)
+            ended = True
+        sock.sendall(conn.data_to_send())
+        for event in conn.receive_data(sock.recv(65536)):
+            if isinstance(event, h2.events.DataReceived):
+                got += event.data
+                conn.acknowledge_received_data(event.flow_controlled_length, 1)
+            done = done or isinstance(event, h2.events.StreamEnded)
+        sock.sendall(conn.data_to_send())
+    print(got.decode())
 """
 SLOW_STREAM = "/llmtap-test/echo-headers?stream=1&pause=0.3"  # awkward chunks, for seconds
 
@@ -135,3 +168,34 @@ def test_an_h2_request_naming_another_host_than_its_tls_gets_no_key(testbed, dae
     assert status == "403 2", out.stdout
     assert "llmtap_credential_blocked" in body
     assert testbed.upstream_requests()[start:] == []
+
+
+def h2_post(testbed, daemon, text: str = "", size: int = 0) -> str:  # type: ignore[no-untyped-def]
+    return testbed.client(sys.executable, "-c", textwrap.dedent(H2_POST), ANTHROPIC_HOST,
+                          str(daemon.ca_pem), text, str(size)).stdout
+
+
+SMUGGLED = (f"GET /llmtap-test/smuggled HTTP/1.1\r\nHost: {ANTHROPIC_HOST}\r\n"
+            "Content-Length: 400\r\n\r\n")  # would swallow the next client's request, key and all
+
+
+def test_a_body_without_a_length_never_reaches_the_upstream_as_a_request(testbed, daemon_with):  # noqa: F811
+    daemon = daemon_with()
+    fresh_client(testbed, daemon)  # the pool holds a connection: the POST takes it, then gives it back
+    answer = json.loads(h2_post(testbed, daemon, text=SMUGGLED))
+    assert answer["path"] == "/v1/upload"
+    fresh_client(testbed, daemon)  # after it, on the connection it gave back
+    requests = testbed.upstream_requests()
+    assert [r["path"] for r in requests] == ["/llmtap-test/echo-headers", "/v1/upload",
+                                             "/llmtap-test/echo-headers"], requests
+    assert requests[1]["body"] == SMUGGLED  # the body, whole, as a body
+    assert requests[1]["headers"]["content-length"] == str(len(SMUGGLED))
+
+
+def test_a_large_body_without_a_length_is_streamed_upstream_whole(testbed, daemon_with):  # noqa: F811
+    """Past 4 MB mitmproxy streams a body (its headers gone before the body is known): chunked."""
+    daemon = daemon_with()
+    size = 5 * 1024 * 1024
+    assert json.loads(h2_post(testbed, daemon, size=size))["path"] == "/v1/upload"
+    [upload] = [r for r in testbed.upstream_requests() if r["path"] == "/v1/upload"]
+    assert len(upload["body"]) == size and upload["headers"]["transfer-encoding"] == "chunked"

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 from llmtap.config import load_config
 from llmtap.errors import UsageError
-from llmtap.upstream_http import finished_for_h2
+from llmtap.upstream_http import finished_for_h2, frame_for_http1, framed
 from llmtap.upstream_pool import UpstreamPool, key_of
 from mitmproxy import connection
 from mitmproxy.test import tutils
@@ -68,3 +68,45 @@ def test_an_http2_clients_connection_is_kept_only_when_nothing_else_would_close_
     response.headers.update(response_headers)
     layer = SimpleNamespace(request=tutils.treq(http_version=request_version), response=response)
     assert finished_for_h2(layer) is poolable  # type: ignore[arg-type]
+
+
+def h2_request(method: str = "POST", body: bytes | None = b"", **headers: str):  # type: ignore[no-untyped-def]
+    request = tutils.treq(method=method.encode(), http_version=b"HTTP/2.0", content=b"")
+    request.headers.clear()
+    request.headers.update(headers)
+    request.raw_content = body  # as mitmproxy stores it: no header changed
+    return request
+
+
+def test_an_http2_body_gets_its_length_before_it_goes_out_over_http1() -> None:
+    """Chunked at the headers (a streamed body goes out so), its exact length once it is whole."""
+    post = h2_request(body=None)
+    frame_for_http1(post, body_known=False)
+    assert post.headers.get("transfer-encoding") == "chunked"
+    post.raw_content = b'{"model": "m"}'
+    frame_for_http1(post, body_known=True)
+    assert "transfer-encoding" not in post.headers and post.headers["content-length"] == "14"
+    assert framed(post)
+    empty = h2_request(body=None)
+    frame_for_http1(empty, body_known=False)
+    empty.raw_content = b""
+    frame_for_http1(empty, body_known=True)
+    assert empty.headers["content-length"] == "0" and framed(empty)
+    get = h2_request("GET", body=None)
+    frame_for_http1(get, body_known=False)
+    assert "transfer-encoding" not in get.headers  # a GET has no body to frame
+    stated = h2_request(body=None, **{"content-length": "3"})
+    frame_for_http1(stated, body_known=False)
+    assert "transfer-encoding" not in stated.headers
+
+
+@pytest.mark.parametrize(("body", "headers", "sound"), [
+    (b"abc", {"content-length": "3"}, True),
+    (b"", {}, True),
+    (b"abc", {}, False),  # no length: the upstream would read it as the next request
+    (b"abcdef", {"content-length": "3"}, False),  # a length that is not the body's
+    (None, {"transfer-encoding": "chunked"}, False),  # streamed: never counted sound
+])
+def test_only_an_exactly_framed_request_leaves_its_connection_poolable(
+        body: bytes | None, headers: dict[str, str], sound: bool) -> None:
+    assert framed(h2_request(body=body, **headers)) is sound
