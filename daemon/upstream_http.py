@@ -46,6 +46,8 @@ def finished_for_h2(layer: Http1Client) -> bool:
     request, response = layer.request, layer.response
     if not (request and response and request.is_http2 and framed(request)):
         return False
+    if response.status_code < 200:  # a 100 or 103 taken for the response: the real one is to come
+        return False
     try:
         read_to_eof = http1.expected_http_body_size(request, response) == -1
     except ValueError:
@@ -64,23 +66,24 @@ def framed(request: http.Request) -> bool:
     return declared == str(len(body)) if declared is not None else not body
 
 
-BODYLESS_METHODS = ("GET", "HEAD", "OPTIONS")
-
-
 def frame_for_http1(request: http.Request, body_known: bool) -> None:
     """HTTP/2 frames a body itself; over HTTP/1.1 a body needs its length or chunks, or the
     upstream takes it for the next request. mitmproxy sends an HTTP/2 request's headers as they
-    are. At the headers (`body_known` False) a request that may have a body and states no length
-    is marked chunked, which mitmproxy then applies to a body it streams; once the whole body is
-    known, chunks give way to its exact length."""
+    are. At the headers (`body_known` False) a request stating no length is marked chunked,
+    whatever its method (a GET can carry a body too), which mitmproxy then applies to a body it
+    streams; once the whole body is known, chunks give way to its exact length (none for an
+    empty body). Trailers cannot follow over HTTP/1.1 here: mitmproxy's HTTP/1.1 client has no
+    way to send them, and fails on them."""
     headers = request.headers
     if not body_known:
-        if "content-length" not in headers and request.method.upper() not in BODYLESS_METHODS:
+        if "content-length" not in headers:
             headers["transfer-encoding"] = "chunked"
         return
     body = request.raw_content or b""
     if headers.get("transfer-encoding") == "chunked":
         del headers["transfer-encoding"]
-        headers["content-length"] = str(len(body))
+        if body:
+            headers["content-length"] = str(len(body))
     elif body and "content-length" not in headers:
         headers["content-length"] = str(len(body))
+    request.trailers = None

@@ -106,6 +106,9 @@ class UpstreamPool:
         self.live: dict[str, tuple[SSL.Connection, context.Context]] = {}
         # server.id -> (monotonic time of its last response, seconds its server keeps it idle)
         self.last_response: dict[str, tuple[float, float]] = {}
+        # server.id of connections that had an informational (1xx) answer taken for a response:
+        # mitmproxy reads a 100 or 103 as final, and the real response is still to come on it.
+        self.unsound: set[str] = set()
         self.reused = 0
         self.released = 0
 
@@ -167,19 +170,24 @@ class UpstreamPool:
         if not http1_idle(layer) or tls_conn.pending() or tls_conn.get_shutdown():
             return False
         if conn.id not in self.last_response and layer and layer.response:  # before its response hook
-            self.responded(conn, layer.response.headers.get("keep-alive"))
+            self.responded(conn, layer.response)
+        if conn.id not in self.last_response or conn.id in self.unsound:  # unseen, or a 1xx
+            return False
         if len(self._idle.get(key, ())) >= self.per_host or self.idle_count() >= self.total:
             return False
-        since, keep_s = self.last_response.get(conn.id, (time.monotonic(), self.idle_s))
+        since, keep_s = self.last_response[conn.id]
         self.released += 1
         self._keep(Idle(key, reader, writer, tls_conn, since, min(self.idle_s, keep_s), io.handler))
         return True
 
-    def responded(self, conn: connection.Server, keep_alive: str | None) -> None:
+    def responded(self, conn: connection.Server, response: http.Response) -> None:
         """A response has ended on `conn`: its idle time counts from now, for at most what its
-        server says it keeps an idle connection (Keep-Alive: timeout=N), less a second."""
+        server says it keeps an idle connection (Keep-Alive: timeout=N), less a second. An
+        informational one leaves the connection never to be pooled."""
+        if response.status_code < 200:
+            self.unsound.add(conn.id)
         keep_s = self.idle_s
-        for part in (keep_alive or "").split(","):
+        for part in (response.headers.get("keep-alive") or "").split(","):
             name, _, value = part.strip().partition("=")
             if name.lower() == "timeout" and value.strip().isdigit():
                 keep_s = max(0.0, int(value) - 1.0)
@@ -361,11 +369,12 @@ class UpstreamReuse:
 
     def response(self, flow: http.HTTPFlow) -> None:
         if flow.server_conn.id in self.pool.live and flow.response is not None:
-            self.pool.responded(flow.server_conn, flow.response.headers.get("keep-alive"))
+            self.pool.responded(flow.server_conn, flow.response)
 
     def server_disconnected(self, data: server_hooks.ServerConnectionHookData) -> None:
         self.pool.live.pop(data.server.id, None)
         self.pool.last_response.pop(data.server.id, None)
+        self.pool.unsound.discard(data.server.id)
 
     def done(self) -> None:
         if self._original is not None:

@@ -30,8 +30,25 @@ def server(address: tuple[str, int] | None = ("10.0.0.1", 443), sni: str | None 
 def test_a_server_keep_alive_hint_shortens_the_idle_limit(header: str | None, keep_s: float) -> None:
     pool = UpstreamPool(idle_s=30)
     conn = server()
-    pool.responded(conn, header)
+    response = tutils.tresp()
+    if header is not None:
+        response.headers["keep-alive"] = header
+    pool.responded(conn, response)
     assert pool.last_response[conn.id][1] == keep_s
+    assert conn.id not in pool.unsound
+
+
+@pytest.mark.parametrize("status", [100, 103])
+def test_an_informational_answer_taken_for_the_response_leaves_the_connection_unpoolable(status: int) -> None:
+    """mitmproxy reads a 100 (`Expect: 100-continue, x` passes it by) or a 103 as the final
+    response; the real one is still to come on that connection."""
+    pool = UpstreamPool()
+    conn = server()
+    pool.responded(conn, tutils.tresp(status_code=status))
+    assert conn.id in pool.unsound
+    layer = SimpleNamespace(request=tutils.treq(http_version=b"HTTP/2.0"),
+                            response=tutils.tresp(status_code=status))
+    assert finished_for_h2(layer) is False  # type: ignore[arg-type]
 
 
 def test_connections_are_filed_by_address_port_and_verified_name() -> None:
@@ -91,10 +108,13 @@ def test_an_http2_body_gets_its_length_before_it_goes_out_over_http1() -> None:
     frame_for_http1(empty, body_known=False)
     empty.raw_content = b""
     frame_for_http1(empty, body_known=True)
-    assert empty.headers["content-length"] == "0" and framed(empty)
+    assert "content-length" not in empty.headers and framed(empty)  # no body, no framing needed
     get = h2_request("GET", body=None)
     frame_for_http1(get, body_known=False)
-    assert "transfer-encoding" not in get.headers  # a GET has no body to frame
+    assert get.headers["transfer-encoding"] == "chunked"  # a GET may carry a body too
+    get.raw_content = b""
+    frame_for_http1(get, body_known=True)
+    assert "transfer-encoding" not in get.headers and "content-length" not in get.headers
     stated = h2_request(body=None, **{"content-length": "3"})
     frame_for_http1(stated, body_known=False)
     assert "transfer-encoding" not in stated.headers
